@@ -1,0 +1,87 @@
+"""Inference wrapper in the original repo's shape: `CLIP(**overrides).detect_image(image, texts)`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nets import build_model, get_config
+from utils.device import PRECISIONS, resolve_device, resolve_precision
+from utils.errors import UserError
+from utils.images import eval_transform, to_rgb
+from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
+from utils.weights import load_model
+
+
+class CLIP(object):
+    _defaults = {
+        # Any supported weight file or transformers folder (see README, "Weights"); '' = random weights.
+        "model_path": "model_data/ViT-B-32-OpenAI.pth",
+        # A name from nets/configs.py MODEL_CONFIGS, or 'auto' to read the architecture from the weights.
+        "phi": "openai/VIT-B-32",
+        # Letterbox keeps the whole image on a grey canvas; otherwise resize + centre crop, as OpenAI.
+        "letterbox_image": False,
+        # None: use CUDA when available.
+        "cuda": None,
+        # 'fp32', 'fp16' (CUDA) or 'bf16'; None: fp16 on CUDA, fp32 on the CPU.
+        "precision": None,
+        # WordPiece vocabulary for the Chinese BERT towers.
+        "bert_vocab_path": str(DEFAULT_BERT_VOCAB_PATH),
+    }
+
+    @classmethod
+    def get_defaults(cls, name: str):
+        if name not in cls._defaults:
+            raise UserError(f"unrecognised attribute name {name!r}; known: {', '.join(cls._defaults)}")
+        return cls._defaults[name]
+
+    def __init__(self, **kwargs):
+        for name, value in {**self._defaults, **kwargs}.items():
+            self.get_defaults(name)
+            setattr(self, name, value)
+        self.generate()
+
+    def generate(self) -> None:
+        if self.model_path:
+            self.net, self.phi = load_model(self.model_path, self.phi)
+        elif self.phi == "auto":
+            raise UserError("phi='auto' reads the architecture from model_path, which is empty")
+        else:
+            self.net = build_model(get_config(self.phi))
+        config = self.net.config
+        text_kind = "bert" if config.text.is_bert else "openai"
+        self.tokenizer = build_tokenizer(text_kind, config.text.context_length,
+                                         self.bert_vocab_path if text_kind == "bert" else None)
+        self.transform = eval_transform(config.vision.image_size, self.letterbox_image)
+        self.device = resolve_device(self.cuda)
+        self.precision = resolve_precision(self.precision, self.device)
+        self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        images = [images] if isinstance(images, Image.Image) else images
+        return torch.stack([self.transform(to_rgb(image)) for image in images])
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    @torch.inference_mode()
+    def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities (1, len(texts)) that each caption describes the image."""
+        image_features, text_features, scale = self.net(self.preprocess(image).to(self.device),
+                                                        self.tokenize(texts).to(self.device))
+        logits = scale * image_features @ text_features.t()
+        return logits.float().softmax(dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def detect_image_for_eval(self, images=None, texts=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Unnormalised features of `images` (PIL images or a preprocessed batch) and `texts` (strings)."""
+        image_features = text_features = None
+        if images is not None:
+            pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+            image_features = self.net.encode_image(pixels.to(self.device))
+        if texts is not None:
+            tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+            text_features = self.net.encode_text(tokens.to(self.device))
+        return image_features, text_features

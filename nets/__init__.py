@@ -1,0 +1,5 @@
+from .clip import CLIP, build_model
+from .configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_config, infer_config, phi_of
+
+__all__ = ["CLIP", "build_model", "MODEL_CONFIGS", "CLIPConfig", "TextConfig", "VisionConfig", "get_config",
+           "infer_config", "phi_of"]

@@ -1,0 +1,72 @@
+"""CLIP: an image tower, a text tower and the temperature that compares them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import CLIPConfig
+from .text_bert import BertTextTower
+from .text_openai import OpenAITextTower
+from .vit import VisionTransformer
+
+TEXT_PREFIX = "text."
+
+
+def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
+    # OpenAI's checkpoints keep the text tower at the top level (`token_embedding`, `transformer`,
+    # `ln_final`, ...); `text.` is only how this code groups it, so it never reaches a file.
+    inner = prefix + TEXT_PREFIX
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        state_dict[prefix + key[len(inner):] if key.startswith(inner) else key] = value
+
+
+def _add_text_prefix(module, state_dict, prefix, *args) -> None:
+    own = {prefix + "visual.", prefix + "logit_scale"}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if not any(key.startswith(o) for o in own):
+            state_dict[prefix + TEXT_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision, config.embed_dim)
+        tower = BertTextTower if config.text.is_bert else OpenAITextTower
+        self.text = tower(config.text, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.register_state_dict_post_hook(_drop_text_prefix)
+        self.register_load_state_dict_pre_hook(_add_text_prefix)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.set_grad_checkpointing(enable)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text(tokens)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised image and text features and the temperature `logit_scale.exp()`.
+
+        Logits are `scale * image_features @ text_features.T`; the loss lives in `utils/loss.py`
+        so that it can gather features across processes.
+        """
+        image_features = F.normalize(self.encode_image(pixels), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()
+
+
+def build_model(config: CLIPConfig) -> CLIP:
+    return CLIP(config)

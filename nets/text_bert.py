@@ -1,0 +1,52 @@
+"""BERT text towers built on `transformers.BertModel` (keys under `transformer.`).
+
+`bert-pooler` is bubbliiiing's self-cn math: pooler output -> ln_final -> text_projection.
+`bert-cls` is Chinese-CLIP's: the [CLS] hidden state -> text_projection, with no pooler and no ln_final.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from .configs import TextConfig
+
+
+def bert_config(config: TextConfig) -> BertConfig:
+    return BertConfig(vocab_size=config.vocab_size, hidden_size=config.width, num_hidden_layers=config.layers,
+                      num_attention_heads=config.heads, intermediate_size=config.intermediate_size,
+                      max_position_embeddings=config.max_position_embeddings,
+                      type_vocab_size=config.type_vocab_size, pad_token_id=0)
+
+
+class BertTextTower(nn.Module):
+    pad_token_id = 0
+
+    def __init__(self, config: TextConfig, embed_dim: int):
+        super().__init__()
+        pooled = config.kind == "bert-pooler"
+        self.context_length = config.context_length
+        self.transformer = BertModel(bert_config(config), add_pooling_layer=pooled)
+        self.ln_final = nn.LayerNorm(config.width) if pooled else nn.Identity()
+        self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
+        self.pooled = pooled
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.text_projection, std=self.transformer.config.hidden_size ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        if enable:
+            self.transformer.gradient_checkpointing_enable()
+        else:
+            self.transformer.gradient_checkpointing_disable()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, L) WordPiece ids, [CLS] first, padded with 0."""
+        mask = tokens != self.pad_token_id
+        # Padding is masked out of attention and pooling reads position 0, so trimming is exact.
+        length = int(mask.sum(dim=1).max())
+        tokens, mask = tokens[:, :length], mask[:, :length]
+        out = self.transformer(input_ids=tokens, attention_mask=mask.long(), token_type_ids=torch.zeros_like(tokens))
+        pooled = out.pooler_output if self.pooled else out.last_hidden_state[:, 0]
+        return self.ln_final(pooled) @ self.text_projection

@@ -1,0 +1,39 @@
+"""OpenAI's causal text transformer: BPE tokens in, the EOT token's state projected out."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configs import TextConfig
+from .transformer import Transformer
+
+
+class OpenAITextTower(nn.Module):
+    def __init__(self, config: TextConfig, embed_dim: int):
+        super().__init__()
+        self.context_length = config.context_length
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.transformer = Transformer(config.width, config.layers, config.heads, causal=True)
+        self.ln_final = nn.LayerNorm(config.width)
+        self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+        self.transformer.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, L) BPE ids, zero-padded after EOT, the largest id in each row."""
+        eot = tokens.argmax(dim=-1)
+        # The mask is causal, so positions after a row's EOT never reach it: trimming the batch to
+        # its longest caption is exact and saves most of the work on short captions.
+        length = int(eot.max()) + 1
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
+        x = self.ln_final(self.transformer(x))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection

@@ -1,0 +1,48 @@
+"""Shared builders: tiny CLIP configs, random token batches, reference models with the same weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nets import CLIPConfig, TextConfig, VisionConfig, build_model
+from tests.reference_openai import ReferenceCLIP
+
+SMALL = CLIPConfig(embed_dim=48, vision=VisionConfig(image_size=32, patch_size=8, width=128, layers=2, heads=2),
+                   text=TextConfig(kind="openai", context_length=77, vocab_size=1000, width=128, layers=2, heads=2))
+SMALL_BERT = dict(vocab_size=21128, width=128, layers=2, heads=2, intermediate_size=256,
+                  max_position_embeddings=96, type_vocab_size=2)
+
+
+def bert_config(kind: str, context_length: int) -> CLIPConfig:
+    return CLIPConfig(embed_dim=48, vision=SMALL.vision, text=TextConfig(kind=kind, context_length=context_length,
+                                                                         **SMALL_BERT))
+
+
+def random_tokens(n: int, vocab_size: int, context_length: int = 77, seed: int = 0, max_len: int = 30):
+    """OpenAI-style ids: SOT = vocab-2, EOT = vocab-1 (the largest id), zero padding after EOT."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, context_length, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(0, max_len, (1,), generator=g))
+        tokens[i, 0] = vocab_size - 2
+        tokens[i, 1:length + 1] = torch.randint(1, vocab_size - 2, (length,), generator=g)
+        tokens[i, length + 1] = vocab_size - 1
+    return tokens
+
+
+def reference_for(config: CLIPConfig) -> ReferenceCLIP:
+    v, t = config.vision, config.text
+    return ReferenceCLIP(embed_dim=config.embed_dim, image_size=v.image_size, vision_layers=v.layers,
+                         vision_width=v.width, patch=v.patch_size, context_length=t.context_length,
+                         vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+                         vision_heads=v.heads).eval()
+
+
+@pytest.fixture
+def small_pair():
+    """(our model, reference model) holding the same random weights."""
+    torch.manual_seed(0)
+    reference = reference_for(SMALL)
+    ours = build_model(SMALL).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return ours, reference

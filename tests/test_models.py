@@ -1,0 +1,169 @@
+"""Tower forwards and exact parity with OpenAI's architecture and `transformers` on random weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from nets import MODEL_CONFIGS, build_model, get_config, infer_config, phi_of
+from nets.text_bert import bert_config as to_bert_config
+from tests.conftest import SMALL, bert_config, random_tokens, reference_for
+from utils.convert import openai_to_transformers
+
+TOL = 1e-5
+
+
+def test_every_phi_in_the_table_builds_a_consistent_config():
+    for phi in MODEL_CONFIGS:
+        config = get_config(phi)
+        assert config.vision.image_size % config.vision.patch_size == 0
+        assert config.vision.width % config.vision.heads == 0 and config.text.width % config.text.heads == 0
+
+
+def test_unknown_phi_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        get_config("openai/VIT-B-99")
+    assert "openai/VIT-B-99" in str(err.value) and "tiny/VIT-T-8" in str(err.value)
+
+
+@pytest.mark.parametrize("phi", ["tiny/VIT-T-8", "tiny-cn/VIT-T-8"])
+def test_tiny_towers_forward_shapes_and_auto_config(phi):
+    model = build_model(get_config(phi)).eval()
+    config = model.config
+    pixels = torch.randn(3, 3, config.vision.image_size, config.vision.image_size)
+    tokens = torch.zeros(2, config.text.context_length, dtype=torch.long)
+    tokens[:, :3] = torch.tensor([101, 872, 102] if config.text.is_bert else [49406, 320, 49407])
+    image_features, text_features, scale = model(pixels, tokens)
+    assert image_features.shape == (3, config.embed_dim) and text_features.shape == (2, config.embed_dim)
+    assert torch.allclose(image_features.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert phi_of(infer_config(model.state_dict())) == phi
+
+
+def test_state_dict_keys_are_openai_keys(small_pair):
+    ours, reference = small_pair
+    assert list(ours.state_dict()) == list(ours.state_dict())  # deterministic order
+    assert set(ours.state_dict()) == set(reference.state_dict()) - {
+        k for k in reference.state_dict() if k.endswith("attn_mask")}
+    assert not any(k.startswith("text.") for k in ours.state_dict())
+
+
+def test_parity_with_openai_reference_including_trimming(small_pair):
+    ours, reference = small_pair
+    pixels = torch.randn(4, 3, 32, 32)
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
+    with torch.no_grad():
+        assert (ours.encode_image(pixels) - reference.encode_image(pixels)).abs().max() < TOL
+        assert (ours.encode_text(tokens) - reference.encode_text(tokens)).abs().max() < TOL
+        # A full-length caption exercises the untrimmed path too.
+        long = random_tokens(2, SMALL.text.vocab_size, seed=2, max_len=76)
+        long[0, 1:76], long[0, 76] = 5, SMALL.text.vocab_size - 1
+        assert (ours.encode_text(long) - reference.encode_text(long)).abs().max() < TOL
+        image_features, text_features, scale = ours(pixels, tokens)
+        logits, _ = reference(pixels, tokens)
+        assert (scale * image_features @ text_features.t() - logits).abs().max() < 1e-4
+
+
+def test_text_features_do_not_depend_on_batch_companions(small_pair):
+    ours, _ = small_pair
+    tokens = random_tokens(5, SMALL.text.vocab_size, seed=3)
+    with torch.no_grad():
+        batch = ours.encode_text(tokens)
+        alone = torch.cat([ours.encode_text(tokens[i:i + 1]) for i in range(5)])
+    assert (batch - alone).abs().max() < TOL
+
+
+def _hf_clip(config, state_dict):
+    v, t = config.vision, config.text
+    hf_config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                         max_position_embeddings=t.context_length, hidden_act="quick_gelu",
+                         bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1),
+        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act="quick_gelu"),
+        projection_dim=config.embed_dim)
+    hf = transformers.CLIPModel(hf_config).eval()
+    missing, unexpected = hf.load_state_dict(openai_to_transformers(state_dict), strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    return hf
+
+
+@pytest.mark.parametrize("which", ["small", "openai/VIT-B-32"])
+def test_parity_with_transformers_clip(which):
+    torch.manual_seed(0)
+    config = SMALL if which == "small" else get_config(which)
+    ours = build_model(config).eval()
+    for p in ours.parameters():  # biases and gains away from their 0/1 init
+        if p.dim() == 1:
+            nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
+    hf = _hf_clip(config, ours.state_dict())
+    pixels = torch.randn(2, 3, config.vision.image_size, config.vision.image_size)
+    tokens = random_tokens(3, config.text.vocab_size, seed=4)
+    with torch.no_grad():
+        assert (ours.encode_image(pixels) - hf.get_image_features(pixel_values=pixels).pooler_output).abs().max() < TOL
+        assert (ours.encode_text(tokens) - hf.get_text_features(input_ids=tokens).pooler_output).abs().max() < TOL
+
+
+def bert_tokens(n: int, context_length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, context_length, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, context_length - 2, (1,), generator=g))
+        tokens[i, 0], tokens[i, length + 1] = 101, 102
+        tokens[i, 1:length + 1] = torch.randint(670, 8000, (length,), generator=g)
+    return tokens
+
+
+def test_parity_with_transformers_chinese_clip():
+    torch.manual_seed(0)
+    config = bert_config("bert-cls", 52)
+    ours = build_model(config).eval()
+    for p in ours.visual.parameters():
+        if p.dim() == 1:
+            nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
+    v = config.vision
+    text_config = to_bert_config(config.text).to_dict()
+    hf = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig(
+        text_config=text_config,
+        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act="quick_gelu"),
+        projection_dim=config.embed_dim)).eval()
+    missing, unexpected = hf.load_state_dict(openai_to_transformers(ours.state_dict()), strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    pixels = torch.randn(2, 3, v.image_size, v.image_size)
+    tokens = bert_tokens(4, 52)
+    with torch.no_grad():
+        hf_text = hf.get_text_features(input_ids=tokens, attention_mask=(tokens != 0).long(),
+                                       token_type_ids=torch.zeros_like(tokens)).pooler_output
+        assert (ours.encode_image(pixels) - hf.get_image_features(pixel_values=pixels).pooler_output).abs().max() < TOL
+        assert (ours.encode_text(tokens) - hf_text).abs().max() < TOL
+
+
+def test_self_cn_is_bert_pooler_then_layernorm_then_projection():
+    torch.manual_seed(0)
+    config = bert_config("bert-pooler", 77)
+    ours = build_model(config).eval()
+    nn.init.normal_(ours.text.ln_final.weight, 1.0, 0.1)
+    nn.init.normal_(ours.text.ln_final.bias, 0.0, 0.1)
+    sd = ours.state_dict()
+    bert = transformers.BertModel(to_bert_config(config.text)).eval()
+    bert.load_state_dict({k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")})
+    tokens = bert_tokens(4, 77, seed=1)
+    with torch.no_grad():
+        pooled = bert(input_ids=tokens, attention_mask=(tokens != 0).long()).pooler_output
+        by_hand = nn.functional.layer_norm(pooled, (config.text.width,), sd["ln_final.weight"], sd["ln_final.bias"])
+        assert (ours.encode_text(tokens) - by_hand @ sd["text_projection"]).abs().max() < TOL
+
+
+def test_reference_matches_torchscript_trace_used_by_weight_tests():
+    # Guards the TorchScript round trip: tracing must not change the reference's numbers.
+    torch.manual_seed(0)
+    reference = reference_for(SMALL)
+    pixels, tokens = torch.randn(1, 3, 32, 32), random_tokens(2, SMALL.text.vocab_size)
+    traced = torch.jit.trace(reference, (pixels, tokens), check_trace=False)
+    with torch.no_grad():
+        assert torch.equal(traced(pixels, tokens)[0], reference(pixels, tokens)[0])

@@ -1,0 +1,131 @@
+"""Maps every supported checkpoint layout onto OpenAI's state-dict key names, and back to `transformers`.
+
+Layouts: OpenAI's own (original repo `.pth`, OpenAI TorchScript, open_clip, this project's outputs),
+`transformers` CLIPModel and ChineseCLIPModel. Containers (`{"state_dict": ...}`, `{"model": ...}`) and
+the `module.` / `_orig_mod.` prefixes of DDP and torch.compile are unwrapped first.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+# (transformers prefix, OpenAI prefix); per-block names below apply inside the `layers.N.` prefixes.
+_CLIP_PREFIXES = [
+    ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+    ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+    ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight"),
+    ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+    ("vision_model.pre_layrnorm.", "visual.ln_pre."),
+    ("vision_model.post_layernorm.", "visual.ln_post."),
+    ("visual_projection.weight", "visual.proj"),
+    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.final_layer_norm.", "ln_final."),
+    ("text_projection.weight", "text_projection"),
+    ("logit_scale", "logit_scale"),
+]
+# ChineseCLIP's text model is a BertModel, whose keys this project keeps as they are under `transformer.`.
+_BERT_PREFIX = ("text_model.", "transformer.")
+_BLOCK_NAMES = [
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+]
+# transformers stores these as nn.Linear weights (out, in); OpenAI as matrices applied on the right.
+_TRANSPOSED = {"visual.proj", "text_projection"}
+_QKV = re.compile(r"(.*\.)self_attn\.([qkv])_proj\.(weight|bias)$")
+_FUSED_QKV = re.compile(r"(.*\.)attn\.in_proj_(weight|bias)$")
+# Buffers some writers saved that carry no learned state.
+_NOT_WEIGHTS = re.compile(r"(^|\.)(position_ids|attn_mask)$|^(input_resolution|context_length|vocab_size)$")
+
+
+def unwrap(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
+    """The state dict inside a checkpoint container, without DDP / torch.compile prefixes."""
+    for key in ("state_dict", "model"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for key, value in checkpoint.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    if "text_model.embeddings.word_embeddings.weight" in state_dict:
+        return "transformers-chinese-clip"
+    if any(k.startswith("vision_model.") for k in state_dict):
+        return "transformers-clip"
+    return "openai"
+
+
+def _is_stack(prefix: str) -> bool:
+    return prefix.endswith(("layers.", "resblocks."))
+
+
+def _rename_stack(layer_prefix: str, prefixes: list[tuple[str, str]]) -> str | None:
+    """'visual.transformer.resblocks.3.' <-> 'vision_model.encoder.layers.3.'"""
+    return next((new + layer_prefix[len(old):] for old, new in prefixes
+                 if _is_stack(old) and layer_prefix.startswith(old)), None)
+
+
+def _rename(key: str, prefixes: list[tuple[str, str]], block_names: list[tuple[str, str]]) -> str | None:
+    for old, new in prefixes:
+        if key.startswith(old):
+            if not _is_stack(old):
+                return new + key[len(old):]
+            layer, _, name = key[len(old):].partition(".")
+            return next((f"{new}{layer}.{b_new}{name[len(b_old):]}"
+                         for b_old, b_new in block_names if name.startswith(b_old)), None)
+    return None
+
+
+def to_openai(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict with OpenAI key names, name of the layout it came in)."""
+    layout = detect_layout(state_dict)
+    weights = {k: v for k, v in state_dict.items() if not _NOT_WEIGHTS.search(k)}
+    if layout == "openai":
+        return weights, layout
+    prefixes = _CLIP_PREFIXES + ([_BERT_PREFIX] if layout == "transformers-chinese-clip" else [])
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if (m := _QKV.match(key)) and (layer := _rename_stack(m.group(1), prefixes)):
+            qkv.setdefault(f"{layer}attn.in_proj_{m.group(3)}", {})[m.group(2)] = value
+            continue
+        new = _rename(key, prefixes, _BLOCK_NAMES)
+        if new is None:
+            out[key] = value  # left as is, so the mismatch report names it
+        else:
+            out[new] = value.t() if new in _TRANSPOSED else value
+    for fused, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"checkpoint has only the {sorted(parts)} projections of {fused}")
+        out[fused] = torch.cat([parts[p] for p in "qkv"])  # OpenAI fuses q, k, v in this order
+    return out, layout
+
+
+def openai_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI layout -> `transformers` CLIPModel / ChineseCLIPModel keys (those with a BERT tower)."""
+    bert = "transformer.embeddings.word_embeddings.weight" in state_dict
+    inverse = [(new, old) for old, new in _CLIP_PREFIXES] + ([_BERT_PREFIX[::-1]] if bert else [])
+    block_names = [(new, old) for old, new in _BLOCK_NAMES]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if m := _FUSED_QKV.match(key):
+            layer = _rename_stack(m.group(1), inverse)
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{layer}self_attn.{name}_proj.{m.group(2)}"] = part
+            continue
+        new = _rename(key, inverse, block_names)
+        if new is None:
+            raise KeyError(f"no transformers name for {key}")
+        out[new] = value.t() if key in _TRANSPOSED else value
+    return out

@@ -1,0 +1,31 @@
+"""Choosing the device and inference dtype, falling back with a warning where the machine can't comply."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import UserError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(cuda: bool | None) -> torch.device:
+    """cuda=None uses CUDA when present; cuda=True without CUDA warns and runs on the CPU."""
+    available = torch.cuda.is_available()
+    if cuda and not available:
+        warnings.warn("Cuda=True but no CUDA device is visible; running on the CPU", stacklevel=2)
+    return torch.device("cuda" if (available and cuda is not False) else "cpu")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """None means fp16 on CUDA and fp32 on the CPU; fp16 on the CPU falls back to fp32 with a warning."""
+    if precision is None:
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn("precision='fp16' needs CUDA; using fp32 on the CPU (bf16 is the fast CPU option)",
+                      stacklevel=2)
+        return "fp32"
+    return precision

@@ -1,0 +1,218 @@
+"""Text tokenizers for the CLIP text towers.
+
+`BPETokenizer` reproduces OpenAI CLIP's byte-level BPE exactly (same cleaning, same
+pre-tokenisation regex, same ids), so OpenAI weights see the ids they were trained on.
+`BertTokenizer` wraps the `transformers` WordPiece tokenizer for Chinese BERT text towers.
+Both return a zero-padded (N, context_length) LongTensor from `__call__`.
+"""
+
+import gzip
+import html
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+
+MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
+DEFAULT_BPE_PATH = MODEL_DATA / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_BERT_VOCAB_PATH = MODEL_DATA / "bert-base-chinese-vocab.txt"
+
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# OpenAI trained with 49408 ids: 512 byte tokens, the merges, then SOT and EOT. The merges
+# file holds more merges than that, so only the first 49152 - 256 - 2 are used.
+NUM_MERGES = 49152 - 256 - 2
+
+# OpenAI's pre-tokenisation pattern, verbatim: the special tokens, common English
+# contractions, runs of letters, single digits, and runs of other non-space characters.
+_WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Map every byte to a printable character, so BPE can work on strings without
+    whitespace or control characters. Printable latin-1 bytes map to themselves; the
+    rest are shifted to code points 256 and up. The insertion order (printable bytes
+    first) is the order of the first 256 vocabulary ids, so id 0 is "!"."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's cleaning: repair mojibake and entities, collapse whitespace, lowercase."""
+    text = ftfy.fix_text(text)
+    # Scraped captions are often escaped twice ("&amp;amp;"), hence two passes.
+    text = html.unescape(html.unescape(text))
+    return _WHITESPACE.sub(" ", text.strip()).strip().lower()
+
+
+def _as_text_list(texts: str | Sequence[str]) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"expected str or a sequence of str, got elements of type {bad[0]}")
+    return texts
+
+
+def _check_context_length(context_length: int) -> int:
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 to hold the start and end tokens, got {context_length}")
+    return context_length
+
+
+class BPETokenizer:
+    """OpenAI CLIP's byte-level BPE tokenizer; ids match `clip.tokenize(..., truncate=True)`."""
+
+    def __init__(self, vocab_path: str | Path | None = None, context_length: int = 77) -> None:
+        self.context_length = _check_context_length(context_length)
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {char: b for b, char in self.byte_encoder.items()}
+
+        with gzip.open(vocab_path or DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
+            # Line 0 is a version header, not a merge.
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1 : NUM_MERGES + 1]]
+        byte_chars = list(self.byte_encoder.values())
+        vocab = byte_chars + [c + END_OF_WORD for c in byte_chars]
+        vocab += ["".join(pair) for pair in merges] + [SOT_TOKEN, EOT_TOKEN]
+
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.merge_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.vocab_size = len(vocab)
+        self.sot_token_id = self.encoder[SOT_TOKEN]
+        self.eot_token_id = self.encoder[EOT_TOKEN]
+        # Id 0 is also the "!" token; padding is told apart only by coming after EOT.
+        self.pad_token_id = 0
+        # Caption vocabularies are small, so every word's ids are kept once computed.
+        # The special tokens are seeded so that their literal text in a caption maps to
+        # their ids, as OpenAI's code does.
+        self._word_cache: dict[str, tuple[int, ...]] = {
+            SOT_TOKEN: (self.sot_token_id,),
+            EOT_TOKEN: (self.eot_token_id,),
+        }
+
+    def _bpe(self, byte_chars: str) -> tuple[int, ...]:
+        """Ids for one pre-tokenised word, given as byte characters."""
+        parts = [*byte_chars[:-1], byte_chars[-1] + END_OF_WORD]
+        while len(parts) > 1:
+            pairs = zip(parts, parts[1:])
+            best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
+            if best not in self.merge_ranks:
+                break
+            # Merge every occurrence left to right; in "a a a" only the first two join.
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(self.encoder[part] for part in parts)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for `text`, without the start and end tokens."""
+        ids: list[int] = []
+        for word in _WORD_PATTERN.findall(clean_text(text)):
+            word_ids = self._word_cache.get(word)
+            if word_ids is None:
+                byte_chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                word_ids = self._word_cache[word] = self._bpe(byte_chars)
+            ids.extend(word_ids)
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """Text for `ids`. The start token is skipped and everything from the first end
+        token on is dropped, so a padded row from `__call__` decodes to its caption."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        tokens = []
+        for i in ids:
+            if i == self.eot_token_id:
+                break
+            if i != self.sot_token_id:
+                tokens.append(self.decoder[i])
+        raw = bytes(self.byte_decoder[c] for c in "".join(tokens))
+        # A word may be cut mid-character by truncation, so undecodable bytes are replaced.
+        return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        """(N, context_length) ids: SOT, text, EOT, then zeros. Over-long texts are cut
+        and their last kept token replaced by EOT, which the text tower pools at."""
+        texts = _as_text_list(texts)
+        context_length = _check_context_length(self.context_length if context_length is None else context_length)
+        rows = []
+        for text in texts:
+            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            if len(ids) > context_length:
+                ids = ids[:context_length]
+                ids[-1] = self.eot_token_id
+            rows.append(ids + [self.pad_token_id] * (context_length - len(ids)))
+        # One tensor from padded lists is several times faster than filling rows one by one.
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)
+
+
+class BertTokenizer:
+    """WordPiece tokenizer for Chinese BERT text towers, built from a local vocab file."""
+
+    def __init__(self, vocab_path: str | Path | None = None, context_length: int = 77) -> None:
+        # Imported here so that OpenAI-only runs do not pay for importing transformers.
+        from transformers import BertTokenizerFast
+
+        self.context_length = _check_context_length(context_length)
+        with open(vocab_path or DEFAULT_BERT_VOCAB_PATH, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        # transformers 5 ignores `vocab_file=` outside `from_pretrained` and silently builds
+        # a 5-token vocabulary, so the vocabulary is passed in as a dict.
+        self.tokenizer = BertTokenizerFast(vocab=vocab)
+        if len(self.tokenizer) != len(vocab):
+            raise RuntimeError(f"BERT tokenizer has {len(self.tokenizer)} tokens, vocab file has {len(vocab)}")
+        self.vocab_size = len(self.tokenizer)
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.cls_token_id = self.tokenizer.cls_token_id
+        self.sep_token_id = self.tokenizer.sep_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for `text`, without [CLS] and [SEP]."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        """(N, context_length) ids: [CLS], text, [SEP], then [PAD]; over-long texts keep [SEP] last."""
+        texts = _as_text_list(texts)
+        context_length = _check_context_length(self.context_length if context_length is None else context_length)
+        if not texts:
+            return torch.zeros(0, context_length, dtype=torch.long)
+        encoded = self.tokenizer(
+            texts, max_length=context_length, truncation=True, padding="max_length", return_tensors="pt"
+        )
+        return encoded["input_ids"]
+
+
+TOKENIZERS = {"openai": BPETokenizer, "bert": BertTokenizer}
+
+
+def build_tokenizer(
+    kind: str, context_length: int, vocab_path: str | Path | None = None
+) -> BPETokenizer | BertTokenizer:
+    """The tokenizer for a text tower: "openai" (byte-level BPE) or "bert" (WordPiece).
+    `vocab_path` defaults to the matching file in model_data/."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind](vocab_path, context_length)
