@@ -66,7 +66,7 @@ class CLIP(object):
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         return self.tokenizer(texts)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (1, len(texts)) that each caption describes the image."""
         image_features, text_features, scale = self.net(self.preprocess(image).to(self.device),
@@ -74,7 +74,7 @@ class CLIP(object):
         logits = scale * image_features @ text_features.t()
         return logits.float().softmax(dim=-1).cpu().numpy()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def detect_image_for_eval(self, images=None, texts=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Unnormalised features of `images` (PIL images or a preprocessed batch) and `texts` (strings)."""
         image_features = text_features = None

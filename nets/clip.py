@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import CLIPConfig
-from .text_bert import BertTextTower
 from .text_openai import OpenAITextTower
 from .vit import VisionTransformer
 
@@ -37,8 +36,12 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.visual = VisionTransformer(config.vision, config.embed_dim)
-        tower = BertTextTower if config.text.is_bert else OpenAITextTower
-        self.text = tower(config.text, config.embed_dim)
+        if config.text.is_bert:
+            from .text_bert import BertTextTower  # importing transformers' BERT costs seconds; only when used
+
+            self.text = BertTextTower(config.text, config.embed_dim)
+        else:
+            self.text = OpenAITextTower(config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_state_dict_post_hook(_drop_text_prefix)
         self.register_load_state_dict_pre_hook(_add_text_prefix)

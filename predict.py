@@ -1,0 +1,59 @@
+"""Zero-shot prediction: type an image path, get one probability per caption.
+
+    python predict.py                              # the loop: "Input image path:", Ctrl-D or empty line to quit
+    python predict.py --image img/example.jpg      # answer once
+    python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
+"""
+from clip import CLIP
+from utils.config import config_block, parse_overrides
+from utils.errors import run_main
+from utils.images import open_rgb
+
+# Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
+model_path = "model_data/ViT-B-32-OpenAI.pth"
+# Architecture name from nets/configs.py, or "auto" to read it from the weights.
+phi = "openai/VIT-B-32"
+# Captions to score; edit here or pass --captions "..." "...".
+captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", "a green triangle"]
+# Answer for this image once instead of asking in a loop.
+image = ""
+letterbox_image = False
+# None: use CUDA when available.
+Cuda = None
+# "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
+precision = None
+
+
+def answer(model: CLIP, path: str, texts: list[str]) -> bool:
+    try:
+        picture = open_rgb(path)
+    except Exception as e:  # any unreadable path (missing, directory, not an image, too large) gets a retry
+        print(f"cannot open {path!r} ({type(e).__name__}: {e}), try again")
+        return False
+    probs = model.detect_image(picture, texts)[0]
+    for p, text in sorted(zip(probs, texts), key=lambda pair: -pair[0]):
+        print(f"{p:.4f}  {text}")
+    return True
+
+
+def main(config: dict) -> None:
+    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
+                 cuda=config["Cuda"], precision=config["precision"])
+    texts = list(config["captions"])
+    if config["image"]:
+        if not answer(model, config["image"], texts):
+            raise SystemExit(1)
+        return
+    while True:
+        try:
+            path = input("Input image path:").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not path:
+            return
+        answer(model, path, texts)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_overrides(config_block(globals())))

@@ -1,0 +1,79 @@
+"""predict.py driven as a user would: through stdin, with bad paths first."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clip import CLIP
+from nets import build_model, get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.pth"
+    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
+    return path
+
+
+def _predict(args, stdin="", cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "truncated.jpg").write_bytes((ROOT / "img" / "example.jpg").read_bytes()[:300])
+    stdin = "\n".join([str(tmp_path / "missing.jpg"), str(tmp_path), str(tmp_path / "notes.txt"),
+                       str(tmp_path / "truncated.jpg"), str(ROOT / "img" / "example.jpg")]) + "\n"
+    result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--captions", "a red circle", "a blue square"],
+                      stdin)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("cannot open") == 4
+    assert result.stdout.count("Input image path:") == 6  # five answers, then EOF
+    probs = [float(p) for p in re.findall(r"^(?:Input image path:)?(\d\.\d{4})  ", result.stdout, re.M)]
+    assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-4)
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_line_exits_and_image_flag_answers_once(tiny_weights):
+    assert _predict(["--model_path", tiny_weights, "--phi", "tiny/VIT-T-8"], "\n").returncode == 0
+    once = _predict(["--model_path", tiny_weights, "--phi", "tiny/VIT-T-8", "--image", ROOT / "img" / "example.jpg"])
+    assert once.returncode == 0 and len(once.stdout.strip().splitlines()) == 4
+
+
+def test_missing_weights_is_one_clear_line(tmp_path):
+    result = _predict(["--model_path", tmp_path / "none.pth"])
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_detect_image_matches_features_by_hand(tiny_weights):
+    model = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    texts = ["a red circle", "two blue squares", ""]
+    probs = model.detect_image(picture, texts)
+    assert probs.shape == (1, 3)
+    image_features, text_features = model.detect_image_for_eval([picture], texts)
+    with torch.no_grad():
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        expected = (model.net.logit_scale.exp() * image_features @ text_features.t()).softmax(-1)
+    assert np.allclose(probs, expected.numpy(), atol=1e-6)
+
+
+def test_bf16_inference_is_close_to_fp32(tiny_weights):
+    pixels = torch.randn(4, 3, 64, 64)
+    fp32 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False).detect_image_for_eval(pixels)[0]
+    bf16 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False,
+                precision="bf16").detect_image_for_eval(pixels)[0]
+    assert bf16.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(fp32, bf16.float()).min() > 0.99
