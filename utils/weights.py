@@ -144,3 +144,66 @@ def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     model = build_model(config)
     load_into(model, checkpoint, phi)
     return model.float(), phi
+
+
+def _load_bert_folder(model: CLIP, bert_path: str | Path) -> None:
+    """Copy a local Hugging Face BERT (e.g. bert-base-chinese) into the text tower of a BERT-text CLIP."""
+    from transformers import BertModel
+
+    folder = Path(bert_path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"phi needs BERT weights for its text tower, but {folder} holds no transformers model "
+                        "(config.json + weights). Download bert-base-chinese there, set bert_path to your copy, "
+                        "or set bert_path='' to start the text tower from random weights.")
+    bert = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=model.text.pooled)
+    tower = model.text.transformer
+    given = {k: tuple(v.shape) for k, v in bert.state_dict().items()}
+    wanted = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    if given != wanted:
+        diff = [k for k in wanted if given.get(k) != wanted[k]][:5]
+        raise UserError(f"BERT at {folder} does not fit phi's text tower; first differences: {diff}")
+    tower.load_state_dict(bert.state_dict())
+
+
+def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> tuple[CLIP, str, list[str]]:
+    """Model for training: a full checkpoint, or its image tower plus BERT from `bert_path`, or random.
+
+    Returns (model, resolved phi, lines saying where each tower came from). Partial loads happen only
+    when the checkpoint's image tower fits exactly; anything else is the usual mismatch error.
+    """
+    if not model_path:
+        if phi == "auto":
+            raise UserError("phi='auto' reads the architecture from model_path, which is empty")
+        model = build_model(get_config(phi))
+        text = "random"
+        if model.config.text.is_bert and bert_path:
+            _load_bert_folder(model, bert_path)
+            text = f"BERT {bert_path}"
+        return model, phi, ["image tower: random", f"text tower: {text}"]
+    checkpoint = read_checkpoint(model_path)
+    config = config_of(checkpoint) if phi == "auto" else get_config(phi)
+    phi = (phi_of(config) or "custom") if phi == "auto" else phi
+    model = build_model(config)
+    visual = {k: v for k, v in checkpoint.state_dict.items() if k.startswith("visual.")}
+    own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
+    if not config.text.is_bert or own_text or not bert_path:
+        load_into(model, checkpoint, phi)
+        return model.float(), phi, [f"image and text towers: {model_path} ({checkpoint.layout} layout)"]
+    partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
+                         checkpoint.layout, checkpoint.path)
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
+    check_fits(_Subset(expected), partial, phi)
+    model.load_state_dict({**model.state_dict(), **partial.state_dict}, strict=True)
+    _load_bert_folder(model, bert_path)
+    return model.float(), phi, [f"image tower + logit_scale: {model_path} (its text tower is not used)",
+                                f"text tower: BERT {bert_path}, projection random"]
+
+
+class _Subset:
+    """A state-dict holder, so check_fits can compare a checkpoint with part of a model."""
+
+    def __init__(self, state_dict: dict):
+        self._state_dict = state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict

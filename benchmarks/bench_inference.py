@@ -1,0 +1,224 @@
+"""Time our CLIP's encoders against open_clip (and transformers) with the same weights, in one process.
+
+    python benchmarks/bench_inference.py [--phi openai/VIT-B-32] [--reps 3] [--threads N] [--quick]
+
+Rows: text (captions of Flickr length, encoded in batches), images in fp32 (a batch and a single image),
+and our model cast to bf16 as `CLIP(precision="bf16")` does. Each time is the median of --reps runs after
+warm-up runs; "x" columns are speed-ups, peer time / our time, so above 1 means ours is faster. The last
+column is the largest absolute difference from the peer's features (fp32) or the smallest cosine
+similarity to our fp32 features (bf16). Peers that are not installed are skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from nets import CLIPConfig, MODEL_CONFIGS, build_model, get_config  # noqa: E402
+from utils.tokenizer import BPETokenizer  # noqa: E402
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+# Flickr8k captions average about 12 words; these parts combine into 8-20 words with a similar mean.
+_SUBJECTS = ["a dog", "a brown dog", "two dogs", "a black and white dog", "a little girl", "a young boy",
+             "a man", "a woman", "an old man", "a woman in a red jacket", "a man wearing a black hat",
+             "a group of people", "three children", "a little girl in a pink dress", "a skier", "a surfer",
+             "a cyclist", "a boy in a blue shirt", "two young men", "a crowd of people", "a climber"]
+_PLURAL = {"two dogs", "a group of people", "three children", "two young men", "a crowd of people"}
+_ACTIONS = ["running", "jumping", "playing", "walking", "sitting", "standing", "riding a bike",
+            "climbing a rock wall", "swimming", "throwing a ball", "looking at the camera",
+            "holding a stick", "splashing", "catching a frisbee", "smiling"]
+_PLACES = ["on the beach", "in the snow", "through the grass", "down a dirt road", "in front of a building",
+           "near the water", "on a busy city street", "in a park", "at the top of a hill", "in a field",
+           "on a wooden bench", "in a swimming pool", "along the shore", "across a river"]
+_EXTRAS = ["", "", "", "", "while another dog watches", "with a tennis ball in its mouth", "under a clear blue sky",
+           "at sunset", "with trees in the background", "as people watch", "next to a red car",
+           "while wearing sunglasses", "on a cold winter day"]
+
+
+def flickr_like_captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    captions: list[str] = []
+    while len(captions) < n:
+        subject = rng.choice(_SUBJECTS)
+        verb = "are" if subject in _PLURAL else "is"
+        words = " ".join([subject, verb] + [rng.choice(part) for part in (_ACTIONS, _PLACES, _EXTRAS)]).split()
+        if 8 <= len(words) <= 20:
+            captions.append(" ".join(words).capitalize() + " .")  # Flickr's captions end in a spaced full stop
+    return captions
+
+
+def open_clip_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    v, t = config.vision, config.text
+    peer = open_clip.model.CLIP(
+        embed_dim=config.embed_dim,
+        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                        head_width=v.width // v.heads),
+        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                      layers=t.layers),
+        quick_gelu=True)
+    # Same key names as OpenAI's; open_clip's causal mask is a non-persistent buffer, so strict holds.
+    peer.load_state_dict(state_dict, strict=True)
+    return peer.eval()
+
+
+def transformers_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from utils.convert import openai_to_transformers
+
+    v, t = config.vision, config.text
+    peer = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                         max_position_embeddings=t.context_length, hidden_act="quick_gelu",
+                         bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1),
+        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act="quick_gelu"),
+        projection_dim=config.embed_dim))
+    missing, unexpected = peer.load_state_dict(openai_to_transformers(state_dict), strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    return peer.eval()
+
+
+def _features(output) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected features.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _encode_all(encode: Encoder, batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([_features(encode(batch)).float() for batch in batches])
+
+
+def side_by_side(encoders: dict[str, Encoder], batches: list[torch.Tensor], reps: int,
+                 warmup: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Median seconds to encode all `batches`, and the features, for every encoder.
+
+    Warm-up runs see the first batch only: they pay first-call costs (allocator growth, oneDNN
+    primitive creation), not the workload. Repetitions interleave the encoders, so that load from
+    other processes falls on all of them alike.
+    """
+    for encode in encoders.values():
+        for _ in range(warmup):
+            _encode_all(encode, batches[:1])
+    timings: dict[str, list[float]] = {name: [] for name in encoders}
+    features: dict[str, torch.Tensor] = {}
+    for _ in range(reps):
+        for name, encode in encoders.items():
+            start = time.perf_counter()
+            features[name] = _encode_all(encode, batches)
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in timings.items()}, features
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1e3:.0f} ms"
+
+
+def _speed_up(peer: float | None, ours: float) -> str:
+    return "-" if peer is None else f"{peer / ours:.2f}x"
+
+
+def main() -> None:
+    openai_text_phis = [phi for phi in MODEL_CONFIGS if not get_config(phi).text.is_bert]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phi", default="openai/VIT-B-32", choices=openai_text_phis,
+                        help="an architecture with OpenAI's text tower, which both peers implement")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per encoder first")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    parser.add_argument("--quick", action="store_true", help="a fast sanity run: 128 captions, images 4 and 1")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    args = parser.parse_args()
+    n_captions, text_batch, image_batches = (128, 64, (4, 1)) if args.quick else (1024, 256, (32, 1))
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = get_config(args.phi)
+    ours = build_model(config).eval()
+    for p in ours.parameters():  # biases and gains off their 0/1 init, so that every parameter counts
+        if p.dim() == 1:
+            nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
+    state_dict = ours.state_dict()
+    peers = {"open_clip": open_clip_peer(config, state_dict)}
+    if not args.no_transformers:
+        peers["transformers"] = transformers_peer(config, state_dict)
+    notes = [f"{name} is not installed: its columns are skipped" for name, peer in peers.items() if peer is None]
+    peers = {name: peer for name, peer in peers.items() if peer is not None}
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # what CLIP(precision="bf16") runs
+
+    captions = flickr_like_captions(n_captions)
+    tokens = BPETokenizer()(captions)
+    lengths = tokens.argmax(dim=-1) + 1  # SOT .. EOT
+    text_batches = list(tokens.split(text_batch))
+    size = config.vision.image_size
+    pixels = torch.randn(max(image_batches), 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    text_encoders: dict[str, Encoder] = {"ours": ours.encode_text}
+    image_encoders: dict[str, Encoder] = {"ours": ours.encode_image}
+    for name, peer in peers.items():
+        if name == "transformers":
+            text_encoders[name] = lambda t, peer=peer: peer.get_text_features(input_ids=t)
+            image_encoders[name] = lambda p, peer=peer: peer.get_image_features(pixel_values=p)
+        else:
+            text_encoders[name], image_encoders[name] = peer.encode_text, peer.encode_image
+
+    rows = []
+    with torch.inference_mode():
+        label = f"text {n_captions} captions, batch {text_batch}"
+        times, features = side_by_side(text_encoders, text_batches, args.reps, args.warmup)
+        rows.append((label, times, {n: (features[n] - features["ours"]).abs().max().item() for n in peers}))
+        for batch in image_batches:
+            images = [pixels[:batch]]
+            times, features = side_by_side(image_encoders, images, args.reps, args.warmup)
+            fp32_features = features["ours"]
+            rows.append((f"image fp32, batch {batch}", times,
+                         {n: (features[n] - fp32_features).abs().max().item() for n in peers}))
+            bf16_times, bf16_features = side_by_side({"ours": ours_bf16.encode_image}, images, args.reps,
+                                                     args.warmup)
+            cosine = F.cosine_similarity(bf16_features["ours"], fp32_features, dim=-1).min().item()
+            rows.append((f"image bf16 (peers fp32), batch {batch}", {**times, "ours": bf16_times["ours"]},
+                         {"min cosine to our fp32": cosine}))
+
+    print(f"{args.phi}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+          f"({torch.backends.cpu.get_cpu_capability()}), median of {args.reps} after {args.warmup} warm-up")
+    print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
+          f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
+          f"{tokens.shape[1]} positions")
+    header = f"{'workload':<36}{'ours':>10}" + "".join(f"{name:>14}{'x':>8}" for name in peers) + "   agreement"
+    print(header)
+    print("-" * len(header))
+    for label, times, agreement in rows:
+        line = f"{label:<36}{_seconds(times['ours']):>10}"
+        line += "".join(f"{_seconds(times.get(n)):>14}{_speed_up(times.get(n), times['ours']):>8}" for n in peers)
+        if "min cosine to our fp32" in agreement:
+            line += f"   min cosine to our fp32 {agreement['min cosine to our fp32']:.6f}"
+        else:
+            line += "   max|diff| " + ", ".join(f"{n} {d:.1e}" for n, d in agreement.items())
+        print(line)
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()

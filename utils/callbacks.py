@@ -1,0 +1,94 @@
+"""What a run leaves behind for people: a JSON-lines history, PNG curves and TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .evaluation import evaluate  # noqa: E402
+
+
+class LossHistory:
+    """One record per epoch in `history.jsonl`; curves redrawn from it, so a resumed run continues them."""
+
+    def __init__(self, log_dir: str | Path, tensorboard: bool = True):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.log_dir / "history.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+        self.plot()
+
+    def step_scalars(self, global_step: int, **scalars: float) -> None:
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"step/{key}", value, global_step)
+
+    def plot(self) -> None:
+        records = self.records()
+        if not records:
+            return
+        epochs = [r["epoch"] for r in records]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+            if any(key in r for r in records):
+                ax.plot([r["epoch"] for r in records if key in r], [r[key] for r in records if key in r],
+                        marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel="loss", xlim=(min(epochs) - 0.5, max(epochs) + 0.5))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.log_dir / "epoch_loss.png")
+        plt.close(fig)
+        evals = [r for r in records if "r_mean" in r]
+        if evals:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for key in ("txt_r1", "img_r1", "r_mean"):
+                ax.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+            ax.set(xlabel="epoch", ylabel="recall (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.log_dir / "epoch_recall.png")
+            plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class EvalCallback:
+    """Recall@K on the validation set every `period` epochs, through the same code as eval.py."""
+
+    def __init__(self, entries, root, transform: Callable, tokenizer: Callable, batch_size: int, num_workers: int,
+                 device, dtype, period: int, enabled: bool = True):
+        self.args = (entries, root, transform, tokenizer, batch_size, num_workers, device, dtype)
+        self.period, self.enabled = period, enabled and period > 0
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        return self.enabled and (epoch % self.period == 0 or epoch == last_epoch)
+
+    def __call__(self, model) -> dict[str, float]:
+        return evaluate(model, *self.args)

@@ -1,0 +1,71 @@
+"""Encoding a captioned set once and scoring retrieval: the one path used by eval.py and during training."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .dataloader import ImageDataset
+from .metrics import retrieval_metrics
+
+
+def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[list[int]]]:
+    """(all captions in order, txt2img, img2txt) for the original's multi-caption retrieval."""
+    captions, txt2img, img2txt = [], [], []
+    for image_id, entry in enumerate(entries):
+        img2txt.append(list(range(len(captions), len(captions) + len(entry["caption"]))))
+        for caption in entry["caption"]:
+            captions.append(caption)
+            txt2img.append(image_id)
+    return captions, txt2img, img2txt
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
+                  num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                  progress: bool = True) -> torch.Tensor:
+    loader = DataLoader(ImageDataset(entries, root, transform), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    features = []
+    with _autocast(device, dtype):
+        for pixels in tqdm(loader, desc="images", disable=not progress, leave=False):
+            features.append(F.normalize(model.encode_image(pixels.to(device, non_blocking=True)).float(), dim=-1))
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_size: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
+    tokens = tokenizer(list(captions))
+    # Batches of similar length trim almost no padding away in the text tower: sort by token count.
+    order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+    features = torch.empty(len(captions), model.config.embed_dim)
+    with _autocast(device, dtype):
+        for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress, leave=False):
+            rows = order[start:start + batch_size]
+            features[rows] = F.normalize(model.encode_text(tokens[rows].to(device)).float(), dim=-1).cpu()
+    return features
+
+
+def evaluate(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
+             batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
+             progress: bool = True) -> dict[str, float]:
+    """The original's recall dict (plus ranks) for image<->text retrieval over `entries`."""
+    was_training = model.training
+    model.eval()
+    captions, txt2img, img2txt = caption_index(entries)
+    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress)
+    text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
+    model.train(was_training)
+    return retrieval_metrics(image_features, text_features, txt2img, img2txt, device=device)
