@@ -54,6 +54,8 @@ datasets_val_json_path = "datasets/en_val.json"
 # Training augmentation (random resized crop, flip, AutoAugment); False: resize + centre crop (or letterbox).
 datasets_random = True
 letterbox_image = False
+# Drop entries whose JSON or image is unusable (each is listed) instead of stopping before work starts.
+skip_bad_samples = False
 # Freeze a tower (LiT); trade compute for memory.
 lock_image = False
 lock_text = False

@@ -39,8 +39,12 @@ def train_args(toy: Path, save_dir: Path, phi: str = "tiny/VIT-T-8", lang: str =
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
+# One thread: bitwise-comparable runs (thread count changes float summation order), and no oversubscription.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_train(args: list[str], launcher: list[str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = TRAIN_ENV
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env, **kwargs)
 

@@ -14,12 +14,24 @@ STATE_PATTERN = re.compile(r"^state_step(\d+)\.pt$")
 
 
 def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to `path` atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _atomic_write(path: str | Path, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write in {path.parent} ({e.strerror or e}); choose a writable save_dir") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +41,16 @@ def atomic_save(obj, path: str | Path) -> None:
             raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose another "
                             "save_dir. Earlier checkpoints are untouched.") from e
         raise
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not at the first save hours later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"save_dir {folder} is not writable ({e.strerror or e}); choose another save_dir") from e
 
 
 def state_path(save_dir: str | Path, global_step: int) -> Path:

@@ -13,8 +13,7 @@ from .errors import UserError
 from .images import open_rgb
 
 
-def load_annotations(json_path: str | Path) -> list[dict]:
-    """Entries `{"image": str, "caption": [str, ...]}`; a caption given as one string is one caption."""
+def read_json_list(json_path: str | Path) -> list:
     json_path = Path(json_path)
     if not json_path.is_file():
         raise UserError(f"annotation file {json_path} does not exist; check datasets_*_json_path")
@@ -27,20 +26,36 @@ def load_annotations(json_path: str | Path) -> list[dict]:
     if not isinstance(entries, list):
         raise UserError(f"{json_path} must hold a JSON list of {{\"image\": ..., \"caption\": [...]}} entries, "
                         f"not a {type(entries).__name__}")
-    out = []
+    return entries
+
+
+def entry_problem(entry) -> str | None:
+    """Why an annotation entry is unusable, or None."""
+    if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+        return f"needs both \"image\" and \"caption\" keys, got {str(entry)[:80]}"
+    if not isinstance(entry["image"], str) or not entry["image"]:
+        return "\"image\" must be a relative path string"
+    captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+    if not isinstance(captions, list) or not captions:
+        return "\"caption\" must be a string or a non-empty list of strings"
+    if not all(isinstance(c, str) for c in captions):
+        return f"every caption must be text, got {str(captions)[:80]}"
+    return None
+
+
+def normalise(entry: dict) -> dict:
+    """A caption given as one string is one caption."""
+    captions = entry["caption"]
+    return {"image": entry["image"], "caption": [captions] if isinstance(captions, str) else list(captions)}
+
+
+def load_annotations(json_path: str | Path) -> list[dict]:
+    """Entries `{"image": str, "caption": [str, ...]}`, refusing the file at its first bad entry."""
+    entries = read_json_list(json_path)
     for i, entry in enumerate(entries):
-        where = f"{json_path} entry {i}"
-        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-            raise UserError(f"{where} needs both \"image\" and \"caption\" keys, got {str(entry)[:120]}")
-        captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
-        if not isinstance(captions, list) or not captions:
-            raise UserError(f"{where} ({entry['image']}): \"caption\" must be a string or a non-empty list of strings")
-        if not all(isinstance(c, str) for c in captions):
-            raise UserError(f"{where} ({entry['image']}): every caption must be text, got {captions!r:.120}")
-        if not isinstance(entry["image"], str) or not entry["image"]:
-            raise UserError(f"{where}: \"image\" must be a relative path string")
-        out.append({"image": entry["image"], "caption": captions})
-    return out
+        if problem := entry_problem(entry):
+            raise UserError(f"{json_path} entry {i}: {problem}")
+    return [normalise(e) for e in entries]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

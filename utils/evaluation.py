@@ -58,14 +58,28 @@ def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_s
     return features
 
 
+def encode_set(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
+               batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised features of every image and every caption of `entries`, each encoded once."""
+    was_training = model.training
+    model.eval()
+    captions, _, _ = caption_index(entries)
+    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress)
+    text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
+    model.train(was_training)
+    return image_features, text_features
+
+
+def score(entries: Sequence[dict], image_features: torch.Tensor, text_features: torch.Tensor,
+          device: torch.device | None = None) -> dict[str, float]:
+    _, txt2img, img2txt = caption_index(entries)
+    return retrieval_metrics(image_features, text_features, txt2img, img2txt, device=device)
+
+
 def evaluate(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
              batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
              progress: bool = True) -> dict[str, float]:
     """The original's recall dict (plus ranks) for image<->text retrieval over `entries`."""
-    was_training = model.training
-    model.eval()
-    captions, txt2img, img2txt = caption_index(entries)
-    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress)
-    text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
-    model.train(was_training)
-    return retrieval_metrics(image_features, text_features, txt2img, img2txt, device=device)
+    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress)
+    return score(entries, *features, device=device)

@@ -16,14 +16,15 @@ from tqdm import tqdm
 from nets import CLIPConfig, build_model
 
 from .callbacks import EvalCallback, LossHistory
-from .checkpoint import atomic_save, load_state, newest_state, prune_states, state_path
-from .dataloader import CaptionDataset, EpochSampler, load_annotations
+from .checkpoint import atomic_save, check_writable, load_state, newest_state, prune_states, state_path
+from .dataloader import CaptionDataset, EpochSampler
 from .device import PRECISIONS, resolve_device
 from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_across
 from .errors import UserError
 from .images import eval_transform, train_transform
 from .loss import ClipLoss
 from .optim import build_optimizer, build_scheduler, scaled_lrs
+from .preflight import preflight
 from .tokenizer import build_tokenizer
 from .weights import init_model
 
@@ -177,6 +178,8 @@ def run_training(cfg: dict) -> dict:
 def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     precision = resolve_training_precision(cfg, device)
     save_dir = Path(cfg["save_dir"])
+    if info.is_main:
+        check_writable(save_dir)
     resume_path = newest_state(save_dir) if cfg["resume"] == "auto" else (Path(cfg["resume"]) if cfg["resume"] else None)
     if cfg["resume"] == "auto" and resume_path is None and info.is_main:
         print(f"resume='auto': no training state in {save_dir}, starting fresh")
@@ -200,8 +203,9 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     if not root.is_dir():
         raise UserError(f"datasets_path {root} does not exist; point it at the folder the JSON image paths are "
                         "relative to")
-    train_entries = load_annotations(cfg["datasets_train_json_path"])
-    val_entries = load_annotations(cfg["datasets_val_json_path"])
+    train_entries, val_entries = (
+        preflight(cfg[name], root, cfg["num_workers"], cfg["skip_bad_samples"], quiet=not info.is_main)
+        for name in ("datasets_train_json_path", "datasets_val_json_path"))
     local_batch = cfg["batch_size"] // info.world_size
     _check_batch("training", len(train_entries), cfg["batch_size"], info, cfg["datasets_train_json_path"])
     size = config.vision.image_size

@@ -1,0 +1,55 @@
+"""Evaluation features on disk, keyed by everything that determines them, so a repeat run skips encoding."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .checkpoint import atomic_write_bytes
+
+_CHUNK = 1 << 20
+
+
+def _file_digest(path: Path, h) -> None:
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+
+
+def cache_key(model_path: str | Path, phi: str, json_path: str | Path, root: str | Path, entries: list[dict],
+              preprocessing: dict) -> str:
+    """sha256 over the weights' bytes, phi, the dataset file's bytes, each image's size and mtime, and preprocessing."""
+    h = hashlib.sha256()
+    weights = Path(model_path)
+    for path in sorted(weights.rglob("*")) if weights.is_dir() else [weights]:
+        if path.is_file():
+            h.update(path.name.encode())
+            _file_digest(path, h)
+    _file_digest(Path(json_path), h)
+    for entry in entries:
+        stat = (Path(root) / entry["image"]).stat()
+        h.update(f"{entry['image']}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    h.update(json.dumps({"phi": phi, **preprocessing}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def load_features(cache_dir: str | Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        return tensors["image_features"], tensors["text_features"]
+    except Exception:  # a damaged cache is only a cache: encode again
+        return None
+
+
+def save_features(cache_dir: str | Path, key: str, image_features: torch.Tensor, text_features: torch.Tensor) -> Path:
+    path = Path(cache_dir) / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(save({"image_features": image_features.contiguous(),
+                             "text_features": text_features.contiguous()}), path)
+    return path

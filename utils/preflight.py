@@ -1,0 +1,66 @@
+"""A pass over a dataset before any work starts: every bad entry or image reported at once, or skipped."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from .dataloader import entry_problem, normalise, read_json_list
+from .errors import UserError
+
+SHOWN = 20
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be trained on, or None. Decodes it (JPEG at 1/8 scale), so truncation shows."""
+    if not path.is_file():
+        return "image file missing" if not path.exists() else "image path is not a file"
+    if path.stat().st_size == 0:
+        return "image file is empty (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            if image.width == 0 or image.height == 0:
+                return "image has zero width or height"
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Image.DecompressionBombError as e:
+        return f"image is too large to decode safely ({e})"
+    except Exception as e:  # PIL raises many types for unreadable or truncated files
+        return f"image cannot be decoded ({type(e).__name__}: {e})"
+    return None
+
+
+def preflight(json_path: str | Path, root: str | Path, workers: int = 4, skip_bad: bool = False,
+              quiet: bool = False) -> list[dict]:
+    """Usable entries of `json_path`; raises UserError listing problems unless `skip_bad`."""
+    raw = read_json_list(json_path)
+    root = Path(root)
+    problems: list[tuple[int, str, str]] = []
+    candidates = []
+    for i, entry in enumerate(raw):
+        if problem := entry_problem(entry):
+            problems.append((i, str(entry.get("image", "?")) if isinstance(entry, dict) else "?", problem))
+        else:
+            candidates.append((i, normalise(entry)))
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+        verdicts = list(pool.map(lambda item: image_problem(root / item[1]["image"]), candidates))
+    good = []
+    for (i, entry), problem in zip(candidates, verdicts):
+        if problem:
+            problems.append((i, entry["image"], f"{problem}: {root / entry['image']}"))
+        else:
+            good.append(entry)
+    if problems:
+        problems.sort()
+        listing = "\n".join(f"  entry {i} ({image}): {why}" for i, image, why in problems[:SHOWN])
+        more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        summary = f"{json_path}: {len(problems)} of {len(raw)} entries are unusable"
+        if not skip_bad:
+            raise UserError(f"{summary}:\n{listing}{more}\nFix or remove them, or set skip_bad_samples=True to "
+                            "go on without them.")
+        if not quiet:
+            print(f"{summary}; skipping them (skip_bad_samples=True):\n{listing}{more}")
+    if not good:
+        raise UserError(f"{json_path}: no usable entries")
+    return good
