@@ -1,0 +1,172 @@
+"""Training-step throughput and peak memory: this repo's model + loss + optimiser vs open_clip's, same weights.
+
+    python benchmarks/bench_train.py [--phi tiny/VIT-T-8 openai/VIT-B-32] [--batch 32] [--steps 5]
+
+Speed is measured in one process, the two steps interleaved so both see the same machine load. Peak memory
+is measured in a fresh child process per implementation (CUDA: max_memory_allocated; CPU: the growth of the
+process's peak RSS over the steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nets import build_model, get_config  # noqa: E402
+from utils.loss import ClipLoss  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+
+
+def inputs(config, batch: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    tokens = torch.zeros(batch, config.text.context_length, dtype=torch.long)
+    for i in range(batch):  # Flickr-length captions: 10-20 BPE tokens
+        n = int(torch.randint(10, 21, (1,), generator=g))
+        tokens[i, 0], tokens[i, 1:n + 1], tokens[i, n + 1] = 49406, torch.randint(1, 49000, (n,), generator=g), 49407
+    return pixels.to(device), tokens.to(device)
+
+
+def open_clip_model(config):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    v, t = config.vision, config.text
+    return open_clip.model.CLIP(
+        config.embed_dim,
+        CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, patch_size=v.patch_size,
+                      image_size=v.image_size),
+        CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                    layers=t.layers),
+        quick_gelu=True)
+
+
+def ours_step(phi: str, device: torch.device):
+    model = build_model(get_config(phi)).to(device).train()
+    optimizer = build_optimizer(model, "adamw", 1e-5, 0.9, 0.1)
+    loss_fn = ClipLoss()
+
+    def step(pixels, tokens):
+        loss = loss_fn(*model(pixels, tokens))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def peer_step(phi: str, device: torch.device, state_dict):
+    import open_clip
+
+    model = open_clip_model(get_config(phi))
+    model.load_state_dict(state_dict, strict=False)
+    model = model.to(device).train()
+    # open_clip's trainer: AdamW with the same no-decay split, torch's default (foreach) implementation.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+
+    def step(pixels, tokens):
+        image_features, text_features, scale = model(pixels, tokens)
+        loss = loss_fn(image_features, text_features, scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def peak_memory_child(impl: str, phi: str, batch: int, steps: int, device: str) -> float:
+    """MiB of peak memory for `steps` training steps of `impl`, measured in a fresh process."""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train as b; "
+            f"print(b.measure_memory({impl!r}, {phi!r}, {batch}, {steps}, {device!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str) -> float:
+    device = torch.device(device)
+    torch.manual_seed(0)
+    state = build_model(get_config(phi)).state_dict()
+    model, step = ours_step(phi, device) if impl == "ours" else peer_step(phi, device, state)
+    del state
+    pixels, tokens = inputs(model.config if impl == "ours" else get_config(phi), batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(steps):
+        step(pixels, tokens)
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phi", nargs="+", default=["tiny/VIT-T-8", "openai/VIT-B-32"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        print("open_clip is not installed (pip install -r benchmarks/requirements.txt): nothing to compare with")
+        return
+    rows = []
+    for phi in args.phi:
+        torch.manual_seed(0)
+        ours, step_ours = ours_step(phi, device)
+        _, step_peer = peer_step(phi, device, ours.state_dict())
+        pixels, tokens = inputs(ours.config, args.batch, device)
+        times = {"ours": [], "open_clip": []}
+        for i in range(args.steps + 1):
+            for name, step in (("ours", step_ours), ("open_clip", step_peer)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step(pixels, tokens)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # the first step is warm-up
+                    times[name].append(time.perf_counter() - start)
+        row = {"phi": phi, "batch": args.batch, "device": str(device)}
+        for name in times:
+            row[f"{name}_samples_per_s"] = args.batch / statistics.median(times[name])
+        row["speed_ratio"] = row["ours_samples_per_s"] / row["open_clip_samples_per_s"]
+        del ours, step_ours, step_peer
+        if not args.no_memory:
+            for name in ("ours", "open_clip"):
+                row[f"{name}_peak_mib"] = peak_memory_child(name, phi, args.batch, 2, args.device)
+            row["memory_ratio"] = row["ours_peak_mib"] / row["open_clip_peak_mib"]
+        rows.append(row)
+        print(json.dumps(row))
+    print(f"\n{'phi':<18}{'batch':>6}{'ours/s':>10}{'open_clip/s':>13}{'speed x':>9}{'ours MiB':>10}"
+          f"{'open_clip MiB':>15}{'mem x':>7}")
+    for r in rows:
+        print(f"{r['phi']:<18}{r['batch']:>6}{r['ours_samples_per_s']:>10.1f}{r['open_clip_samples_per_s']:>13.1f}"
+              f"{r['speed_ratio']:>9.2f}{r.get('ours_peak_mib', float('nan')):>10.0f}"
+              f"{r.get('open_clip_peak_mib', float('nan')):>15.0f}{r.get('memory_ratio', float('nan')):>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""eval.py: the original's dict and table, JSON output, a feature cache that knows when it is stale,
+and the same numbers as the EvalCallback during training."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.make_toy import make_toy_dataset
+from nets import build_model, get_config
+from tests.test_training import ROOT, TRAIN_ENV, run_train, train_args
+from utils.eval_run import RECALL_KEYS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for one epoch, with the recall its EvalCallback reported."""
+    root = tmp_path_factory.mktemp("eval")
+    make_toy_dataset(root / "toy", n_train=24, n_val=8, seed=2)
+    result = run_train(train_args(root / "toy", root / "run", Epoch=1, eval_period=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads(next((root / "run").glob("loss_*/history.jsonl")).read_text().splitlines()[-1])
+    return root, history
+
+
+def run_eval(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["--model_path", str(root / "run" / "last_epoch_weights.pth"), "--phi", "auto",
+            "--datasets_path", str(root / "toy"), "--datasets_val_json_path", str(root / "toy" / "en_val.json"),
+            "--num_workers", "0", "--batch_size", "3", "--cache_dir", str(root / "cache"),
+            "--output", str(root / "result.json"), *extra]
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                            env=TRAIN_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_eval_prints_the_original_dict_a_table_and_writes_json(trained):
+    root, history = trained
+    result = run_eval(root)
+    printed = eval(next(line for line in result.stdout.splitlines() if line.startswith("{'txt_r1'")))
+    assert list(printed) == list(RECALL_KEYS)
+    assert "image -> text" in result.stdout and "median rank" in result.stdout
+    saved = json.loads((root / "result.json").read_text())
+    assert saved["phi"] == "tiny/VIT-T-8" and saved["images"] == 8 and saved["captions"] == 40
+    # The training-time EvalCallback and eval.py are one code path: identical numbers.
+    for key in RECALL_KEYS + ("txt_mean_rank", "img_median_rank"):
+        assert saved["metrics"][key] == pytest.approx(history[key], abs=1e-9), key
+
+
+def test_feature_cache_is_reused_and_invalidated(trained, tmp_path):
+    root, _ = trained
+    for path in (root / "cache").glob("*"):
+        path.unlink()
+    assert "using cached features" not in run_eval(root).stdout
+    first = json.loads((root / "result.json").read_text())["metrics"]
+    assert len(list((root / "cache").glob("*.safetensors"))) == 1
+    again = run_eval(root)
+    assert "using cached features" in again.stdout
+    assert json.loads((root / "result.json").read_text())["metrics"] == first
+    # Any change of weights, preprocessing or dataset file misses the cache.
+    assert "using cached features" not in run_eval(root, "--letterbox_image", "true").stdout
+    entries = json.loads((root / "toy" / "en_val.json").read_text())
+    changed = tmp_path / "val.json"
+    changed.write_text(json.dumps(entries[:-1]))
+    result = run_eval(root, "--datasets_val_json_path", str(changed))
+    assert "using cached features" not in result.stdout and "7 images" in result.stdout
+    other = tmp_path / "other.pth"
+    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), other)
+    assert "using cached features" not in run_eval(root, "--model_path", str(other)).stdout
+    count = len(list((root / "cache").glob("*.safetensors")))
+    run_eval(root, "--feature_cache", "false")
+    assert len(list((root / "cache").glob("*.safetensors"))) == count
