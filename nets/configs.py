@@ -74,7 +74,7 @@ _VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12)
 _VIT_B_16 = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12)
 _VIT_L_14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16)
 # 64 px, patch 8: an 8x8 grid. Head width 64 as in every published model, so phi="auto" recovers it.
-_VIT_T_8 = dict(image_size=64, patch_size=8, width=128, layers=4, heads=2)
+_VIT_T_8 = dict(image_size=64, patch_size=8, width=128, layers=3, heads=2)
 
 MODEL_CONFIGS: dict[str, dict] = {
     "openai/VIT-B-32": dict(embed_dim=512, vision=_VIT_B_32, text=_openai_text(512, 12, 8)),
@@ -84,9 +84,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     # The original repo feeds BERT untruncated captions, so its context is BERT's own 512 positions.
     "self-cn/VIT-B-32": dict(embed_dim=512, vision=_VIT_B_32, text=_bert_base_chinese("bert-pooler", 512)),
     "cn-clip/VIT-B-16": dict(embed_dim=512, vision=_VIT_B_16, text=_bert_base_chinese("bert-cls", 52)),
-    "tiny/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8, text=_openai_text(128, 4, 2)),
+    "tiny/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8, text=_openai_text(128, 3, 2)),
     "tiny-cn/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8,
-                            text=dict(kind="bert-pooler", context_length=77, vocab_size=21128, width=128, layers=4,
+                            text=dict(kind="bert-pooler", context_length=77, vocab_size=21128, width=128, layers=3,
                                       heads=2, intermediate_size=512, max_position_embeddings=128,
                                       type_vocab_size=2)),
 }

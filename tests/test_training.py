@@ -241,3 +241,24 @@ def test_fp16_saved_weights_load_back(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.half().float())
     assert math.isclose(loaded.logit_scale.item(), model.logit_scale.detach().half().item(), rel_tol=0)
+
+
+def test_partial_init_image_tower_from_checkpoint_text_tower_from_bert_folder(tmp_path):
+    from transformers import BertModel
+
+    from nets.text_bert import bert_config
+    from utils.weights import init_model
+
+    openai_tiny = build_model(get_config("tiny/VIT-T-8"))
+    torch.save(openai_tiny.state_dict(), tmp_path / "vit.pth")
+    bert = BertModel(bert_config(get_config("tiny-cn/VIT-T-8").text))
+    bert.save_pretrained(tmp_path / "bert")
+    model, phi, sources = init_model("tiny-cn/VIT-T-8", tmp_path / "vit.pth", tmp_path / "bert")
+    assert phi == "tiny-cn/VIT-T-8" and "image tower" in sources[0] and "BERT" in sources[1]
+    for key, value in openai_tiny.state_dict().items():
+        if key.startswith("visual.") or key == "logit_scale":
+            assert torch.equal(model.state_dict()[key], value), key
+    for key, value in bert.state_dict().items():
+        assert torch.equal(model.state_dict()[f"transformer.{key}"], value), key
+    with pytest.raises(UserError, match="holds no transformers model"):
+        init_model("tiny-cn/VIT-T-8", tmp_path / "vit.pth", tmp_path / "no_bert_here")

@@ -7,9 +7,9 @@ from .errors import UserError
 
 TOY_ROOT = "datasets/toy/"
 # Settings that make a tiny CLIP learn the toy set on 2 CPU cores in minutes.
-_COMMON = dict(model_path="", datasets_path=TOY_ROOT, Epoch=12, batch_size=128, Init_lr=1e-3, Min_lr=1e-5,
+_COMMON = dict(model_path="", datasets_path=TOY_ROOT, Epoch=10, batch_size=128, Init_lr=1e-3, Min_lr=1e-5,
                scale_lr=False, warmup_ratio=0.05, weight_decay=0.1, datasets_random=False, eval_period=1000,
-               save_period=1000, num_workers=2, precision="fp32", Cuda=None)
+               save_period=1000, num_workers=1, precision="fp32", Cuda=None)
 DEMO_PRESETS = {
     "en": dict(_COMMON, phi="tiny/VIT-T-8", datasets_train_json_path=TOY_ROOT + "en_train.json",
                datasets_val_json_path=TOY_ROOT + "en_val.json", save_dir="logs/demo_en"),
