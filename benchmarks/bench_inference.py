@@ -213,7 +213,7 @@ def main() -> None:
         line += "".join(f"{_seconds(times.get(n)):>14}{_speed_up(times.get(n), times['ours']):>8}" for n in peers)
         if "min cosine to our fp32" in agreement:
             line += f"   min cosine to our fp32 {agreement['min cosine to our fp32']:.6f}"
-        else:
+        elif agreement:
             line += "   max|diff| " + ", ".join(f"{n} {d:.1e}" for n, d in agreement.items())
         print(line)
     for note in notes:

@@ -28,4 +28,8 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         warnings.warn("precision='fp16' needs CUDA; using fp32 on the CPU (bf16 is the fast CPU option)",
                       stacklevel=2)
         return "fp32"
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # Without AVX-512 bf16 / AMX, PyTorch runs generic bf16 kernels: memory halves, speed drops ~10x.
+        warnings.warn("precision='bf16' on a CPU without bf16 units runs PyTorch's fallback kernels, several "
+                      "times slower than fp32 (it still halves memory); fp32 is the fast choice here", stacklevel=2)
     return precision
