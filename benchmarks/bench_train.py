@@ -4,7 +4,7 @@
 
 Speed is measured in one process, the two steps interleaved so both see the same machine load. Peak memory
 is measured in a fresh child process per implementation (CUDA: max_memory_allocated; CPU: the growth of the
-process's peak RSS over the steps).
+process's peak RSS from after the imports: model, gradients, optimiser state and activations).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def peer_step(phi: str, device: torch.device, state_dict):
     import open_clip
 
     model = open_clip_model(get_config(phi))
-    model.load_state_dict(state_dict, strict=False)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=False)
     model = model.to(device).train()
     # open_clip's trainer: AdamW with the same no-decay split, torch's default (foreach) implementation.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -100,17 +101,16 @@ def peak_memory_child(impl: str, phi: str, batch: int, steps: int, device: str) 
 
 def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str) -> float:
     device = torch.device(device)
+    # The baseline is the process after imports, before the model: both sides then count weights, gradients,
+    # optimiser state and activations. Values do not change memory, so neither side loads the other's weights.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
-    state = build_model(get_config(phi)).state_dict()
-    model, step = ours_step(phi, device) if impl == "ours" else peer_step(phi, device, state)
-    del state
-    pixels, tokens = inputs(model.config if impl == "ours" else get_config(phi), batch, device)
+    model, step = ours_step(phi, device) if impl == "ours" else peer_step(phi, device, None)
+    pixels, tokens = inputs(get_config(phi), batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base = 0
     for _ in range(steps):
         step(pixels, tokens)
     if device.type == "cuda":
@@ -157,7 +157,7 @@ def main() -> None:
         if not args.no_memory:
             for name in ("ours", "open_clip"):
                 row[f"{name}_peak_mib"] = peak_memory_child(name, phi, args.batch, 2, args.device)
-            row["memory_ratio"] = row["ours_peak_mib"] / row["open_clip_peak_mib"]
+            row["memory_ratio"] = row["ours_peak_mib"] / max(row["open_clip_peak_mib"], 1e-9)
         rows.append(row)
         print(json.dumps(row))
     print(f"\n{'phi':<18}{'batch':>6}{'ours/s':>10}{'open_clip/s':>13}{'speed x':>9}{'ours MiB':>10}"
