@@ -33,13 +33,16 @@ def _predict(args, stdin="", cwd=ROOT):
 def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "truncated.jpg").write_bytes((ROOT / "img" / "example.jpg").read_bytes()[:300])
+    # 196M pixels: over twice PIL's bomb limit, so opening it is refused instead of eating the memory.
+    Image.new("1", (14000, 14000)).save(tmp_path / "huge.png")
     stdin = "\n".join([str(tmp_path / "missing.jpg"), str(tmp_path), str(tmp_path / "notes.txt"),
-                       str(tmp_path / "truncated.jpg"), str(ROOT / "img" / "example.jpg")]) + "\n"
+                       str(tmp_path / "truncated.jpg"), str(tmp_path / "huge.png"),
+                       str(ROOT / "img" / "example.jpg")]) + "\n"
     result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--captions", "a red circle", "a blue square"],
                       stdin)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("cannot open") == 4
-    assert result.stdout.count("Input image path:") == 6  # five answers, then EOF
+    assert result.stdout.count("cannot open") == 5 and "DecompressionBombError" in result.stdout
+    assert result.stdout.count("Input image path:") == 7  # six answers, then EOF
     probs = [float(p) for p in re.findall(r"^(?:Input image path:)?(\d\.\d{4})  ", result.stdout, re.M)]
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-4)
     assert "Traceback" not in result.stderr
