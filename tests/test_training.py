@@ -178,10 +178,6 @@ def test_lock_flags_freeze_what_they_say(toy, tmp_path, flag, frozen, trained):
     assert any(not torch.equal(before[k], after[k]) for k in before if prefix_of.get(k, k).startswith(trained))
 
 
-class _Loader(list):
-    pass
-
-
 def _nan_setup(nan_steps):
     model = build_model(get_config("tiny/VIT-T-8"))
     optimizer = build_optimizer(model, "adamw", 1e-3, 0.9, 0.0)
@@ -196,7 +192,7 @@ def _nan_setup(nan_steps):
 
     tokens = torch.zeros(2, 77, dtype=torch.long)
     tokens[:, 0], tokens[:, 1] = 49406, 49407
-    loader = _Loader([(torch.randn(2, 3, 64, 64), tokens)] * 6)
+    loader = [(torch.randn(2, 3, 64, 64), tokens)] * 6
     state = {"global_step": 0, "step": 0, "bad_steps": 0, "bad_in_a_row": 0, "run_start_step": 0,
              "epoch_loss_sum": 0.0, "epoch_loss_count": 0}
     cfg = {"Epoch": 1, "lock_image": False, "lock_text": False, "max_bad_steps": 3, "grad_clip": 0.0,

@@ -49,15 +49,6 @@ def normalise(entry: dict) -> dict:
     return {"image": entry["image"], "caption": [captions] if isinstance(captions, str) else list(captions)}
 
 
-def load_annotations(json_path: str | Path) -> list[dict]:
-    """Entries `{"image": str, "caption": [str, ...]}`, refusing the file at its first bad entry."""
-    entries = read_json_list(json_path)
-    for i, entry in enumerate(entries):
-        if problem := entry_problem(entry):
-            raise UserError(f"{json_path} entry {i}: {problem}")
-    return [normalise(e) for e in entries]
-
-
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
