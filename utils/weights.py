@@ -103,9 +103,9 @@ def config_of(checkpoint: Checkpoint) -> CLIPConfig:
                         "cannot infer its architecture") from e
 
 
-def check_fits(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
-    """Refuse a checkpoint whose keys or shapes differ from the model's, naming the first differences."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_fits(wanted: Mapping[str, torch.Tensor], checkpoint: Checkpoint, phi: str) -> None:
+    """Refuse a checkpoint whose keys or shapes differ from `wanted` (a model's state dict, or part of it)."""
+    expected = {k: tuple(v.shape) for k, v in wanted.items()}
     given = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
@@ -126,7 +126,7 @@ def check_fits(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
 
 
 def load_into(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
-    check_fits(model, checkpoint, phi)
+    check_fits(model.state_dict(), checkpoint, phi)
     model.load_state_dict(checkpoint.state_dict, strict=True)
 
 
@@ -192,18 +192,9 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
-    check_fits(_Subset(expected), partial, phi)
+    check_fits(expected, partial, phi)
     model.load_state_dict({**model.state_dict(), **partial.state_dict}, strict=True)
     _load_bert_folder(model, bert_path)
     return model.float(), phi, [f"image tower + logit_scale: {model_path} (its text tower is not used)",
                                 f"text tower: BERT {bert_path}, projection random"]
 
-
-class _Subset:
-    """A state-dict holder, so check_fits can compare a checkpoint with part of a model."""
-
-    def __init__(self, state_dict: dict):
-        self._state_dict = state_dict
-
-    def state_dict(self) -> dict:
-        return self._state_dict
