@@ -82,18 +82,9 @@ def transformers_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
         import transformers
     except ImportError:
         return None
-    from utils.convert import openai_to_transformers
+    from utils.convert import openai_to_transformers, transformers_config
 
-    v, t = config.vision, config.text
-    peer = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
-                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                         max_position_embeddings=t.context_length, hidden_act="quick_gelu",
-                         bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1),
-        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act="quick_gelu"),
-        projection_dim=config.embed_dim))
+    peer = transformers.CLIPModel(transformers_config(config))
     missing, unexpected = peer.load_state_dict(openai_to_transformers(state_dict), strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
     return peer.eval()

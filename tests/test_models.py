@@ -9,7 +9,7 @@ from torch import nn
 from nets import MODEL_CONFIGS, build_model, get_config, infer_config, phi_of
 from nets.text_bert import bert_config as to_bert_config
 from tests.conftest import SMALL, bert_config, random_tokens, reference_for
-from utils.convert import openai_to_transformers
+from utils.convert import openai_to_transformers, transformers_config
 
 TOL = 1e-5
 
@@ -75,17 +75,7 @@ def test_text_features_do_not_depend_on_batch_companions(small_pair):
 
 
 def _hf_clip(config, state_dict):
-    v, t = config.vision, config.text
-    hf_config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
-                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                         max_position_embeddings=t.context_length, hidden_act="quick_gelu",
-                         bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1),
-        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act="quick_gelu"),
-        projection_dim=config.embed_dim)
-    hf = transformers.CLIPModel(hf_config).eval()
+    hf = transformers.CLIPModel(transformers_config(config)).eval()
     missing, unexpected = hf.load_state_dict(openai_to_transformers(state_dict), strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing)
     return hf
@@ -125,13 +115,7 @@ def test_parity_with_transformers_chinese_clip():
         if p.dim() == 1:
             nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
     v = config.vision
-    text_config = to_bert_config(config.text).to_dict()
-    hf = transformers.ChineseCLIPModel(transformers.ChineseCLIPConfig(
-        text_config=text_config,
-        vision_config=dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
-                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act="quick_gelu"),
-        projection_dim=config.embed_dim)).eval()
+    hf = transformers.ChineseCLIPModel(transformers_config(config)).eval()
     missing, unexpected = hf.load_state_dict(openai_to_transformers(ours.state_dict()), strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing)
     pixels = torch.randn(2, 3, v.image_size, v.image_size)
