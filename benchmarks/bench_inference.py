@@ -1,12 +1,13 @@
 """Time our CLIP's encoders against open_clip (and transformers) with the same weights, in one process.
 
-    python benchmarks/bench_inference.py [--phi openai/VIT-B-32] [--reps 3] [--threads N] [--quick]
+    python benchmarks/bench_inference.py [--phi openai/VIT-B-32] [--reps 3] [--threads N] [--quick] [--device cuda]
 
 Rows: text (captions of Flickr length, encoded in batches), images in fp32 (a batch and a single image),
-and our model cast to bf16 as `CLIP(precision="bf16")` does. Each time is the median of --reps runs after
-warm-up runs; "x" columns are speed-ups, peer time / our time, so above 1 means ours is faster. The last
-column is the largest absolute difference from the peer's features (fp32) or the smallest cosine
-similarity to our fp32 features (bf16). Peers that are not installed are skipped with a note.
+and our model cast to bf16 as `CLIP(precision="bf16")` does (on CUDA, fp16 too). Each time is the median
+of --reps runs after warm-up runs; "x" columns are speed-ups, peer time / our time, so above 1 means ours
+is faster. The last column is the largest absolute difference from the peer's features (fp32) or the
+smallest cosine similarity to our fp32 features (bf16, fp16). Peers that are not installed are skipped
+with a note.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def side_by_side(encoders: dict[str, Encoder], batches: list[torch.Tensor], reps
         for name, encode in encoders.items():
             start = time.perf_counter()
             features[name] = _encode_all(encode, batches)
+            if features[name].is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+                torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in timings.items()}, features
 
@@ -140,13 +143,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
     parser.add_argument("--quick", action="store_true", help="a fast sanity run: 128 captions, images 4 and 1")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     n_captions, text_batch, image_batches = (128, 64, (4, 1)) if args.quick else (1024, 256, (32, 1))
+    if args.device == "cuda" and not args.quick:
+        image_batches = (256, 32, 1)
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = get_config(args.phi)
-    ours = build_model(config).eval()
+    ours = build_model(config).eval().to(device)
     for p in ours.parameters():  # biases and gains off their 0/1 init, so that every parameter counts
         if p.dim() == 1:
             nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
@@ -155,15 +162,17 @@ def main() -> None:
     if not args.no_transformers:
         peers["transformers"] = transformers_peer(config, state_dict)
     notes = [f"{name} is not installed: its columns are skipped" for name, peer in peers.items() if peer is None]
-    peers = {name: peer for name, peer in peers.items() if peer is not None}
-    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # what CLIP(precision="bf16") runs
+    peers = {name: peer.to(device) for name, peer in peers.items() if peer is not None}
+    # What CLIP(precision=...) runs: the whole model cast. fp16 is offered on CUDA only.
+    low_precision = [torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16]
+    cast = {dtype: copy.deepcopy(ours).to(dtype) for dtype in low_precision}
 
     captions = flickr_like_captions(n_captions)
     tokens = BPETokenizer()(captions)
     lengths = tokens.argmax(dim=-1) + 1  # SOT .. EOT
-    text_batches = list(tokens.split(text_batch))
+    text_batches = list(tokens.to(device).split(text_batch))
     size = config.vision.image_size
-    pixels = torch.randn(max(image_batches), 3, size, size, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(max(image_batches), 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
 
     text_encoders: dict[str, Encoder] = {"ours": ours.encode_text}
     image_encoders: dict[str, Encoder] = {"ours": ours.encode_image}
@@ -185,14 +194,18 @@ def main() -> None:
             fp32_features = features["ours"]
             rows.append((f"image fp32, batch {batch}", times,
                          {n: (features[n] - fp32_features).abs().max().item() for n in peers}))
-            bf16_times, bf16_features = side_by_side({"ours": ours_bf16.encode_image}, images, args.reps,
-                                                     args.warmup)
-            cosine = F.cosine_similarity(bf16_features["ours"], fp32_features, dim=-1).min().item()
-            rows.append((f"image bf16 (peers fp32), batch {batch}", {**times, "ours": bf16_times["ours"]},
-                         {"min cosine to our fp32": cosine}))
+            for dtype, model in cast.items():
+                low_times, low_features = side_by_side(
+                    {"ours": lambda p, model=model, dtype=dtype: model.encode_image(p.to(dtype))}, images,
+                    args.reps, args.warmup)
+                cosine = F.cosine_similarity(low_features["ours"], fp32_features, dim=-1).min().item()
+                name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+                rows.append((f"image {name} (peers fp32), batch {batch}", {**times, "ours": low_times["ours"]},
+                             {"min cosine to our fp32": cosine}))
 
-    print(f"{args.phi}, {torch.get_num_threads()} threads, torch {torch.__version__} "
-          f"({torch.backends.cpu.get_cpu_capability()}), median of {args.reps} after {args.warmup} warm-up")
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{args.phi}, {hardware}, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
     print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
           f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
           f"{tokens.shape[1]} positions")

@@ -1,6 +1,9 @@
 """Training-step throughput and peak memory: this repo's model + loss + optimiser vs open_clip's, same weights.
 
     python benchmarks/bench_train.py [--phi tiny/VIT-T-8 openai/VIT-B-32] [--batch 32] [--steps 5]
+                                     [--device cuda] [--precision fp32|fp16|bf16]
+
+Both sides train under the same precision: fp32, or autocast to fp16 (with a GradScaler, CUDA) or bf16.
 
 Speed is measured in one process, the two steps interleaved so both see the same machine load. Peak memory
 is measured in a fresh child process per implementation (CUDA: max_memory_allocated; CPU: the growth of the
@@ -51,22 +54,29 @@ def open_clip_model(config):
         quick_gelu=True)
 
 
-def ours_step(phi: str, device: torch.device):
-    model = build_model(get_config(phi)).to(device).train()
-    optimizer = build_optimizer(model, "adamw", 1e-5, 0.9, 0.1)
-    loss_fn = ClipLoss()
+def training_step(model, optimizer, loss_fn, device: torch.device, precision: str):
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(pixels, tokens):
-        loss = loss_fn(*model(pixels, tokens))
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(*model(pixels, tokens))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return model, step
+    return step
 
 
-def peer_step(phi: str, device: torch.device, state_dict):
+def ours_step(phi: str, device: torch.device, precision: str = "fp32"):
+    model = build_model(get_config(phi)).to(device).train()
+    optimizer = build_optimizer(model, "adamw", 1e-5, 0.9, 0.1)
+    return model, training_step(model, optimizer, ClipLoss(), device, precision)
+
+
+def peer_step(phi: str, device: torch.device, state_dict, precision: str = "fp32"):
     import open_clip
 
     model = open_clip_model(get_config(phi))
@@ -78,34 +88,24 @@ def peer_step(phi: str, device: torch.device, state_dict):
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
-
-    def step(pixels, tokens):
-        image_features, text_features, scale = model(pixels, tokens)
-        loss = loss_fn(image_features, text_features, scale)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return model, step
+    return model, training_step(model, optimizer, open_clip.ClipLoss(), device, precision)
 
 
-def peak_memory_child(impl: str, phi: str, batch: int, steps: int, device: str) -> float:
+def peak_memory_child(impl: str, phi: str, batch: int, steps: int, device: str, precision: str) -> float:
     """MiB of peak memory for `steps` training steps of `impl`, measured in a fresh process."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train as b; "
-            f"print(b.measure_memory({impl!r}, {phi!r}, {batch}, {steps}, {device!r}))")
+            f"print(b.measure_memory({impl!r}, {phi!r}, {batch}, {steps}, {device!r}, {precision!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str) -> float:
+def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str, precision: str = "fp32") -> float:
     device = torch.device(device)
     # The baseline is the process after imports, before the model: both sides then count weights, gradients,
     # optimiser state and activations. Values do not change memory, so neither side loads the other's weights.
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
-    model, step = ours_step(phi, device) if impl == "ours" else peer_step(phi, device, None)
+    model, step = ours_step(phi, device, precision) if impl == "ours" else peer_step(phi, device, None, precision)
     pixels, tokens = inputs(get_config(phi), batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -135,8 +136,8 @@ def main() -> None:
     rows = []
     for phi in args.phi:
         torch.manual_seed(0)
-        ours, step_ours = ours_step(phi, device)
-        _, step_peer = peer_step(phi, device, ours.state_dict())
+        ours, step_ours = ours_step(phi, device, args.precision)
+        _, step_peer = peer_step(phi, device, ours.state_dict(), args.precision)
         pixels, tokens = inputs(ours.config, args.batch, device)
         times = {"ours": [], "open_clip": []}
         for i in range(args.steps + 1):
@@ -149,18 +150,19 @@ def main() -> None:
                     torch.cuda.synchronize()
                 if i:  # the first step is warm-up
                     times[name].append(time.perf_counter() - start)
-        row = {"phi": phi, "batch": args.batch, "device": str(device)}
+        row = {"phi": phi, "batch": args.batch, "device": str(device), "precision": args.precision}
         for name in times:
             row[f"{name}_samples_per_s"] = args.batch / statistics.median(times[name])
         row["speed_ratio"] = row["ours_samples_per_s"] / row["open_clip_samples_per_s"]
         del ours, step_ours, step_peer
         if not args.no_memory:
             for name in ("ours", "open_clip"):
-                row[f"{name}_peak_mib"] = peak_memory_child(name, phi, args.batch, 2, args.device)
+                row[f"{name}_peak_mib"] = peak_memory_child(name, phi, args.batch, 2, args.device, args.precision)
             row["memory_ratio"] = row["ours_peak_mib"] / max(row["open_clip_peak_mib"], 1e-9)
         rows.append(row)
         print(json.dumps(row))
-    print(f"\n{'phi':<18}{'batch':>6}{'ours/s':>10}{'open_clip/s':>13}{'speed x':>9}{'ours MiB':>10}"
+    print(f"\n{args.device}, {args.precision}, median of {args.steps} steps after 1 warm-up")
+    print(f"{'phi':<18}{'batch':>6}{'ours/s':>10}{'open_clip/s':>13}{'speed x':>9}{'ours MiB':>10}"
           f"{'open_clip MiB':>15}{'mem x':>7}")
     for r in rows:
         print(f"{r['phi']:<18}{r['batch']:>6}{r['ours_samples_per_s']:>10.1f}{r['open_clip_samples_per_s']:>13.1f}"

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .configs import TextConfig
-from .transformer import Transformer
+from .transformer import Packing, Transformer
 
 
 class OpenAITextTower(nn.Module):
@@ -31,9 +31,12 @@ class OpenAITextTower(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) BPE ids, zero-padded after EOT, the largest id in each row."""
         eot = tokens.argmax(dim=-1)
-        # The mask is causal, so positions after a row's EOT never reach it: trimming the batch to
-        # its longest caption is exact and saves most of the work on short captions.
+        # The mask is causal, so positions after a row's EOT never reach it: dropping them is exact.
+        # The rest are packed, so padding costs attention alone, not the linear layers.
         length = int(eot.max()) + 1
-        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]
-        x = self.ln_final(self.transformer(x))
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        packing = Packing(torch.arange(length, device=tokens.device) <= eot[:, None])  # keep: N, length
+        x = packing.pack(self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length])  # T, width
+        x = self.transformer(x, packing)
+        # Rows are packed in order, so each row's EOT is the last of its tokens.
+        last = (eot + 1).cumsum(dim=0) - 1
+        return self.ln_final(x[last]) @ self.text_projection

@@ -20,6 +20,26 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class Packing:
+    """Rows of different lengths packed as (T, width) tokens, and back to zero-padded (N, L, width).
+
+    Only attention needs the padded layout; every other op runs on the T real tokens.
+    """
+
+    def __init__(self, keep: torch.Tensor):
+        self.shape = keep.shape  # N, L
+        self.index = keep.flatten().nonzero().squeeze(1)  # the one host sync, not one per layer
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1]).index_copy(0, self.index, x)
+        return padded.view(*self.shape, x.shape[-1])
+
+    unpad = pack
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -30,12 +50,15 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        n, length, width = x.shape
+    def forward(self, x: torch.Tensor, causal: bool, packing: Packing | None = None) -> torch.Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if packing is not None:
+            qkv = packing.pad(qkv)
+        n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+        out = out.transpose(1, 2).reshape(n, length, width)
+        return self.out_proj(out if packing is None else packing.unpad(out))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -50,8 +73,8 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, packing)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -63,13 +86,13 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, L, width), batch first."""
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """x: (N, L, width), batch first; or (T, width), the tokens that `packing` kept."""
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.causal, use_reentrant=False)
+                x = checkpoint(block, x, self.causal, packing, use_reentrant=False)
             else:
-                x = block(x, self.causal)
+                x = block(x, self.causal, packing)
         return x
 
     def init_weights(self) -> None:

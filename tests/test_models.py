@@ -74,6 +74,26 @@ def test_text_features_do_not_depend_on_batch_companions(small_pair):
     assert (batch - alone).abs().max() < TOL
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_text_gradients_match_the_reference(small_pair, checkpointing):
+    # Packing drops every position after each row's EOT; training must see the same gradients as the
+    # reference's full 77 positions, with and without gradient checkpointing.
+    ours, reference = small_pair
+    ours.set_grad_checkpointing(checkpointing)
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=5)
+    weights = torch.randn(6, SMALL.embed_dim)
+    for model in (ours, reference):
+        model.zero_grad()
+        (model.encode_text(tokens) * weights).sum().backward()
+    grads = dict(reference.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        if p.grad is not None:
+            assert (p.grad - grads[name.removeprefix("text.")].grad).abs().max() < TOL, name
+            checked += 1
+    assert checked > 10
+
+
 def _hf_clip(config, state_dict):
     hf = transformers.CLIPModel(transformers_config(config)).eval()
     missing, unexpected = hf.load_state_dict(openai_to_transformers(state_dict), strict=False)

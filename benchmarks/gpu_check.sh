@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: the CUDA tests, the inference and training benchmarks on CUDA
+# (fp32, fp16, bf16) and the English demo. Each part's output is also written to OUT_DIR.
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]      (default logs/gpu_check; open_clip installed for the peers)
+#
+# PARTS="tests inference train demo" (the default) picks the parts to run.
+set -uo pipefail
+out=${1:-logs/gpu_check}
+parts=" ${PARTS:-tests inference train demo} "
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
+$py -c "import torch, torchvision, transformers, open_clip; print('torch', torch.__version__, 'torchvision',
+torchvision.__version__, 'transformers', transformers.__version__, 'open_clip', open_clip.__version__)" \
+    2>&1 | tee -a "$out/gpu.txt"
+
+[[ $parts == *" tests "* ]] && $py -m pytest -q -rs tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu 2>&1 | tee "$out/tests.txt"
+
+[[ $parts == *" inference "* ]] && $py benchmarks/bench_inference.py --device cuda --reps 5 --warmup 2 2>&1 | tee "$out/bench_inference.txt"
+
+[[ $parts == *" train "* ]] && for precision in fp32 fp16 bf16; do
+    $py benchmarks/bench_train.py --device cuda --precision "$precision" --phi openai/VIT-B-32 --batch 256 \
+        --steps 10 2>&1 | tee "$out/bench_train_$precision.txt"
+done
+
+[[ $parts == *" demo "* ]] && { time $py train.py --demo en --Cuda true ; } 2>&1 | tail -40 | tee "$out/demo_en.txt"
+exit 0

@@ -1,0 +1,76 @@
+"""CUDA: device parity, fp16/bf16 inference and AMP training through train.py. Skipped without a GPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip import CLIP
+from nets import build_model, get_config
+from tests.conftest import SMALL, random_tokens
+from tests.test_predict import tiny_weights  # noqa: F401  (a fixture)
+from tests.test_training import run_train, step_losses, toy, train_args  # noqa: F401  (toy is a fixture)
+from utils.checkpoint import load_state, newest_state
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cuda_fp32_matches_the_cpu_reference(small_pair):
+    ours, reference = small_pair
+    pixels = torch.randn(4, 3, 32, 32)
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
+    cuda = ours.cuda()
+    # TF32 would round the patch convolution to 10 mantissa bits; parity is about the math, not the format.
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert (cuda.encode_image(pixels.cuda()).cpu() - reference.encode_image(pixels)).abs().max() < 1e-5
+        assert (cuda.encode_text(tokens.cuda()).cpu() - reference.encode_text(tokens)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_inference_is_close_to_fp32(tiny_weights, precision):  # noqa: F811
+    pixels = torch.randn(8, 3, 64, 64)
+    texts = ["a red circle", "two blue squares above a green triangle", ""]
+    fp32 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=True, precision="fp32")
+    half = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=True, precision=precision)
+    assert half.device.type == "cuda"
+    for a, b in zip(fp32.detect_image_for_eval(pixels, texts), half.detect_image_for_eval(pixels, texts)):
+        assert b.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        assert F.cosine_similarity(a.float(), b.float()).min() > 0.999
+
+
+def test_amp_training_follows_fp32_and_resumes_with_its_scaler(toy, tmp_path):  # noqa: F811
+    losses = {}
+    for precision in ("fp32", "fp16", "bf16"):
+        result = run_train(train_args(toy, tmp_path / precision, Cuda="true", precision=precision, Epoch=1,
+                                      datasets_random="false"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "device=cuda" in result.stdout and f"precision={precision}" in result.stdout
+        losses[precision] = step_losses(tmp_path / precision)
+        weights = torch.load(tmp_path / precision / "last_epoch_weights.pth", weights_only=True)
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(math.isfinite(x) for run in losses.values() for x in run)
+    # Same data and initial weights: the first step's loss differs by rounding only.
+    for precision in ("fp16", "bf16"):
+        assert losses[precision][0] == pytest.approx(losses["fp32"][0], abs=0.05), losses
+    state = load_state(newest_state(tmp_path / "fp16"))
+    assert state["scaler"] and state["scaler"]["scale"] > 0
+
+    first = run_train(train_args(toy, tmp_path / "resumed", Cuda="true", precision="fp16", Epoch=1,
+                                 datasets_random="false", stop_after_steps=2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(train_args(toy, tmp_path / "resumed", Cuda="true", precision="fp16", Epoch=1,
+                                  datasets_random="false", resume="auto"))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    # GPU kernels may reduce in a different order from run to run, so equal within rounding, not bitwise.
+    assert step_losses(tmp_path / "resumed") == pytest.approx(losses["fp16"], abs=1e-3)
+
+
+def test_training_state_of_a_cuda_run_loads_on_the_cpu(toy, tmp_path):  # noqa: F811
+    result = run_train(train_args(toy, tmp_path, Cuda="true", precision="bf16", Epoch=1, eval_flag="false"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = build_model(get_config("tiny/VIT-T-8"))
+    model.load_state_dict(torch.load(tmp_path / "last_epoch_weights.pth", map_location="cpu", weights_only=True))
+    state = load_state(newest_state(tmp_path))
+    assert state["config"]["phi"] == "tiny/VIT-T-8"
