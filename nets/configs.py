@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 import torch
@@ -41,6 +41,10 @@ class TextConfig:
     intermediate_size: int = 0
     max_position_embeddings: int = 0
     type_vocab_size: int = 0
+    # BERT-only training settings (bert-base-chinese's by default). They shape no tensor, so a checkpoint
+    # cannot tell them and equality (phi_of, infer_config) ignores them.
+    dropout: float = field(default=0.1, compare=False)
+    initializer_range: float = field(default=0.02, compare=False)
 
     @property
     def is_bert(self) -> bool:
@@ -85,10 +89,12 @@ MODEL_CONFIGS: dict[str, dict] = {
     "self-cn/VIT-B-32": dict(embed_dim=512, vision=_VIT_B_32, text=_bert_base_chinese("bert-pooler", 512)),
     "cn-clip/VIT-B-16": dict(embed_dim=512, vision=_VIT_B_16, text=_bert_base_chinese("bert-cls", 52)),
     "tiny/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8, text=_openai_text(128, 3, 2)),
+    # Chinese-CLIP's [CLS] head: from scratch, self-cn's pooler head lets this small BERT collapse to one
+    # text feature for every caption on some seeds. Dropout 0 and a wider init let it learn in minutes.
     "tiny-cn/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8,
-                            text=dict(kind="bert-pooler", context_length=77, vocab_size=21128, width=128, layers=3,
+                            text=dict(kind="bert-cls", context_length=52, vocab_size=21128, width=128, layers=3,
                                       heads=2, intermediate_size=512, max_position_embeddings=128,
-                                      type_vocab_size=2)),
+                                      type_vocab_size=2, dropout=0.0, initializer_range=0.05)),
 }
 
 

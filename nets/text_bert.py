@@ -16,7 +16,9 @@ def bert_config(config: TextConfig) -> BertConfig:
     return BertConfig(vocab_size=config.vocab_size, hidden_size=config.width, num_hidden_layers=config.layers,
                       num_attention_heads=config.heads, intermediate_size=config.intermediate_size,
                       max_position_embeddings=config.max_position_embeddings,
-                      type_vocab_size=config.type_vocab_size, pad_token_id=0)
+                      type_vocab_size=config.type_vocab_size, pad_token_id=0,
+                      hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
+                      initializer_range=config.initializer_range)
 
 
 class BertTextTower(nn.Module):

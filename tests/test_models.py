@@ -41,6 +41,16 @@ def test_tiny_towers_forward_shapes_and_auto_config(phi):
     assert phi_of(infer_config(model.state_dict())) == phi
 
 
+def test_bert_training_settings_reach_bert_but_not_the_architecture_match():
+    config = get_config("tiny-cn/VIT-T-8")
+    bert = build_model(config).text.transformer.config
+    assert bert.hidden_dropout_prob == bert.attention_probs_dropout_prob == config.text.dropout == 0.0
+    assert bert.initializer_range == config.text.initializer_range == 0.05
+    # A checkpoint cannot tell dropout or the init scale, so the table entry is still recognised.
+    inferred = infer_config(build_model(config).state_dict())
+    assert inferred.text.dropout == 0.1 and phi_of(inferred) == "tiny-cn/VIT-T-8"
+
+
 def test_state_dict_keys_are_openai_keys(small_pair):
     ours, reference = small_pair
     assert list(ours.state_dict()) == list(ours.state_dict())  # deterministic order

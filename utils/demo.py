@@ -13,7 +13,9 @@ _COMMON = dict(model_path="", datasets_path=TOY_ROOT, Epoch=10, batch_size=128, 
 DEMO_PRESETS = {
     "en": dict(_COMMON, phi="tiny/VIT-T-8", datasets_train_json_path=TOY_ROOT + "en_train.json",
                datasets_val_json_path=TOY_ROOT + "en_val.json", save_dir="logs/demo_en"),
-    "cn": dict(_COMMON, phi="tiny-cn/VIT-T-8", bert_path="", datasets_train_json_path=TOY_ROOT + "cn_train.json",
+    # The post-LayerNorm BERT needs a longer warmup than OpenAI's pre-LayerNorm text tower.
+    "cn": dict(_COMMON, phi="tiny-cn/VIT-T-8", bert_path="", warmup_ratio=0.1,
+               datasets_train_json_path=TOY_ROOT + "cn_train.json",
                datasets_val_json_path=TOY_ROOT + "cn_val.json", save_dir="logs/demo_cn"),
 }
 EXAMPLES = {
