@@ -23,7 +23,8 @@ class QuickGELU(nn.Module):
 class Packing:
     """Rows of different lengths packed as (T, width) tokens, and back to zero-padded (N, L, width).
 
-    Only attention needs the padded layout; every other op runs on the T real tokens.
+    Only attention needs the padded layout; every other op runs on the T real tokens. Exact where each
+    row keeps a prefix and attention is causal: the zeros padded in after a prefix never reach it.
     """
 
     def __init__(self, keep: torch.Tensor):
