@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from nets import CLIPConfig, MODEL_CONFIGS, build_model, get_config  # noqa: E402
 from utils.tokenizer import BPETokenizer  # noqa: E402
 
+from peers import open_clip_model  # noqa: E402  (benchmarks/, this script's folder)
+
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 # Flickr8k captions average about 12 words; these parts combine into 8-20 words with a similar mean.
@@ -62,17 +64,9 @@ def flickr_like_captions(n: int, seed: int = 0) -> list[str]:
 
 def open_clip_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
     try:
-        import open_clip
+        peer = open_clip_model(config)
     except ImportError:
         return None
-    v, t = config.vision, config.text
-    peer = open_clip.model.CLIP(
-        embed_dim=config.embed_dim,
-        vision_cfg=dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
-                        head_width=v.width // v.heads),
-        text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                      layers=t.layers),
-        quick_gelu=True)
     # Same key names as OpenAI's; open_clip's causal mask is a non-persistent buffer, so strict holds.
     peer.load_state_dict(state_dict, strict=True)
     return peer.eval()

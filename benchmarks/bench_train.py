@@ -28,6 +28,8 @@ from nets import build_model, get_config  # noqa: E402
 from utils.loss import ClipLoss  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 
+from peers import open_clip_model  # noqa: E402  (benchmarks/, this script's folder)
+
 
 def inputs(config, batch: int, device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -38,20 +40,6 @@ def inputs(config, batch: int, device: torch.device, seed: int = 0):
         n = int(torch.randint(10, 21, (1,), generator=g))
         tokens[i, 0], tokens[i, 1:n + 1], tokens[i, n + 1] = 49406, torch.randint(1, 49000, (n,), generator=g), 49407
     return pixels.to(device), tokens.to(device)
-
-
-def open_clip_model(config):
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    v, t = config.vision, config.text
-    return open_clip.model.CLIP(
-        config.embed_dim,
-        CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, patch_size=v.patch_size,
-                      image_size=v.image_size),
-        CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                    layers=t.layers),
-        quick_gelu=True)
 
 
 def training_step(model, optimizer, loss_fn, device: torch.device, precision: str):
