@@ -7,13 +7,12 @@ Both sides train under the same precision: fp32, or autocast to fp16 (with a Gra
 
 Speed is measured in one process, the two steps interleaved so both see the same machine load. Peak memory
 is measured in a fresh child process per implementation (CUDA: max_memory_allocated; CPU: the growth of the
-process's peak RSS from after the imports: model, gradients, optimiser state and activations).
+process's peak RSS (VmHWM) from after the imports: model, gradients, optimiser state and activations).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -87,11 +86,18 @@ def peak_memory_child(impl: str, phi: str, batch: int, steps: int, device: str, 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _peak_rss_mib() -> float:
+    # VmHWM belongs to this process's memory map, which exec replaces. ru_maxrss does not start afresh: a
+    # child inherits its parent's peak, which would hide the child's own growth under the parent's.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str, precision: str = "fp32") -> float:
     device = torch.device(device)
     # The baseline is the process after imports, before the model: both sides then count weights, gradients,
     # optimiser state and activations. Values do not change memory, so neither side loads the other's weights.
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _peak_rss_mib()
     torch.manual_seed(0)
     model, step = ours_step(phi, device, precision) if impl == "ours" else peer_step(phi, device, None, precision)
     pixels, tokens = inputs(get_config(phi), batch, device)
@@ -103,7 +109,7 @@ def measure_memory(impl: str, phi: str, batch: int, steps: int, device: str, pre
         step(pixels, tokens)
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return _peak_rss_mib() - base
 
 
 def main() -> None:
