@@ -1,6 +1,7 @@
 """Choosing the device and inference dtype, falling back with a warning where the machine can't comply."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -33,3 +34,10 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         warnings.warn("precision='bf16' on a CPU without bf16 units runs PyTorch's fallback kernels, several "
                       "times slower than fp32 (it still halves memory); fp32 is the fast choice here", stacklevel=2)
     return precision
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for `dtype`; fp32 runs as it is, without an autocast region."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

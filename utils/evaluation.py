@@ -1,7 +1,6 @@
 """Encoding a captioned set once and scoring retrieval: the one path used by eval.py and during training."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .dataloader import ImageDataset
+from .device import autocast
 from .metrics import retrieval_metrics
 
 
@@ -25,12 +25,6 @@ def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[l
     return captions, txt2img, img2txt
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
                   num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -38,7 +32,7 @@ def encode_images(model, entries: Sequence[dict], root: str | Path, transform: C
     loader = DataLoader(ImageDataset(entries, root, transform), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         for pixels in tqdm(loader, desc="images", disable=not progress, leave=False):
             features.append(F.normalize(model.encode_image(pixels.to(device, non_blocking=True)).float(), dim=-1))
     return torch.cat(features)
@@ -51,7 +45,7 @@ def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_s
     # Batches of similar length trim almost no padding away in the text tower: sort by token count.
     order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
     features = torch.empty(len(captions), model.config.embed_dim)
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress, leave=False):
             rows = order[start:start + batch_size]
             features[rows] = F.normalize(model.encode_text(tokens[rows].to(device)).float(), dim=-1).cpu()

@@ -1,7 +1,6 @@
 """The training run behind train.py: setup, the epoch loop, checkpoints, resume and interruption."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -18,7 +17,7 @@ from nets import CLIPConfig, build_model
 from .callbacks import EvalCallback, LossHistory
 from .checkpoint import atomic_save, check_writable, load_state, newest_state, prune_states, state_path
 from .dataloader import CaptionDataset, EpochSampler
-from .device import PRECISIONS, resolve_device
+from .device import PRECISIONS, autocast, resolve_device
 from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_across
 from .errors import UserError
 from .images import eval_transform, train_transform
@@ -60,12 +59,6 @@ def resolve_training_precision(cfg: dict, device: torch.device) -> str:
     return precision
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
 def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -95,7 +88,7 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
                dynamic_ncols=True)
     for step, (pixels, tokens) in enumerate(bar, start=start_step):
         pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        with _autocast(device, precision):
+        with autocast(device, PRECISIONS[precision]):
             image_features, text_features, scale = model(pixels, tokens)
             loss = criterion(image_features, text_features, scale)
         if not all_true(bool(torch.isfinite(loss)), info, device):
@@ -142,7 +135,7 @@ def validation_loss(model, criterion, loader, device, precision: str, info: Dist
     model.eval()
     losses = []
     for pixels, tokens in loader:
-        with _autocast(device, precision):
+        with autocast(device, PRECISIONS[precision]):
             losses.append(criterion(*model(pixels.to(device), tokens.to(device))).float())
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device)
     return float(mean_across(mean, info))
