@@ -34,8 +34,11 @@ def image_problem(path: Path) -> str | None:
 def preflight(json_path: str | Path, root: str | Path, workers: int = 4, skip_bad: bool = False,
               quiet: bool = False) -> list[dict]:
     """Usable entries of `json_path`; raises UserError listing problems unless `skip_bad`."""
-    raw = read_json_list(json_path)
     root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"datasets_path {root} does not exist; point it at the folder the JSON image paths are "
+                        "relative to")
+    raw = read_json_list(json_path)
     problems: list[tuple[int, str, str]] = []
     candidates = []
     for i, entry in enumerate(raw):

@@ -193,9 +193,6 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     tokenizer = build_tokenizer("bert" if config.text.is_bert else "openai", config.text.context_length,
                                 cfg["bert_vocab_path"] if config.text.is_bert else None)
     root = Path(cfg["datasets_path"])
-    if not root.is_dir():
-        raise UserError(f"datasets_path {root} does not exist; point it at the folder the JSON image paths are "
-                        "relative to")
     train_entries, val_entries = (
         preflight(cfg[name], root, cfg["num_workers"], cfg["skip_bad_samples"], quiet=not info.is_main)
         for name in ("datasets_train_json_path", "datasets_val_json_path"))
