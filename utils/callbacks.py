@@ -14,7 +14,8 @@ from .evaluation import evaluate  # noqa: E402
 
 
 class LossHistory:
-    """One record per epoch in `history.jsonl`; curves redrawn from it, so a resumed run continues them."""
+    """One record per epoch in `history.jsonl`; curves redrawn from it, so a resumed run continues them.
+    One record per step in `steps.jsonl`."""
 
     def __init__(self, log_dir: str | Path, tensorboard: bool = True):
         self.log_dir = Path(log_dir)
@@ -41,7 +42,10 @@ class LossHistory:
             self.writer.flush()
         self.plot()
 
-    def step_scalars(self, global_step: int, **scalars: float) -> None:
+    def log_step(self, global_step: int, epoch: int, **scalars: float) -> None:
+        """One line per step in `steps.jsonl`, and TensorBoard's step/ curves."""
+        with (self.log_dir / "steps.jsonl").open("a") as f:
+            f.write(json.dumps({"global_step": global_step, "epoch": epoch, **scalars}) + "\n")
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"step/{key}", value, global_step)

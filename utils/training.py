@@ -1,7 +1,6 @@
 """The training run behind train.py: setup, the epoch loop, checkpoints, resume and interruption."""
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -120,10 +119,7 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
             state["epoch_loss_count"] += int(math.isfinite(shown))
             bar.set_postfix(loss=f"{state['epoch_loss_sum'] / max(state['epoch_loss_count'], 1):.3f}", lr=f"{lr:.2e}")
             if history is not None:
-                history.step_scalars(state["global_step"], loss=shown, lr=lr)
-                with (history.log_dir / "steps.jsonl").open("a") as f:
-                    f.write(json.dumps({"global_step": state["global_step"], "epoch": epoch, "loss": shown, "lr": lr})
-                            + "\n")
+                history.log_step(state["global_step"], epoch, loss=shown, lr=lr)
         if step + 1 < total and stop_requested(stop, state, cfg, info, device):
             return False
     bar.close()
