@@ -54,27 +54,26 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class CaptionDataset(Dataset):
-    """Training pairs: one image and one of its captions, chosen afresh each epoch."""
+    """Training pairs: one image and one of its captions, chosen afresh each epoch.
+
+    Indexed by (epoch, index), as EpochSampler yields them: persistent workers keep their own copy of
+    the dataset, so the epoch travels with each index rather than being set on the dataset.
+    """
 
     def __init__(self, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
-                 seed: int = 0, random_caption: bool = True):
+                 seed: int = 0):
         self.entries, self.root = entries, Path(root)
         self.transform, self.tokenizer = transform, tokenizer
-        self.seed, self.random_caption = seed, random_caption
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        # With persistent workers each keeps its own copy; the sampler passes the epoch along with the index.
-        self.epoch = epoch
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, item) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = item
         entry = self.entries[index]
         rng = sample_rng(self.seed, epoch, index)
-        caption = entry["caption"][rng.integers(len(entry["caption"])) if self.random_caption else 0]
+        caption = entry["caption"][rng.integers(len(entry["caption"]))]
         image = open_rgb(self.root / entry["image"])
         # torchvision's random transforms draw from torch's global generator: seed it per sample, locally.
         with torch.random.fork_rng(devices=[]):
