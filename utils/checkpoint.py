@@ -57,15 +57,19 @@ def state_path(save_dir: str | Path, global_step: int) -> Path:
     return Path(save_dir) / f"state_step{global_step:08d}.pt"
 
 
+def _states(save_dir: str | Path) -> list[Path]:
+    """Training states in `save_dir`, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(save_dir).glob("state_step*.pt") if (m := STATE_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def newest_state(save_dir: str | Path) -> Path | None:
-    states = [(int(m.group(1)), p) for p in Path(save_dir).glob("state_step*.pt") if (m := STATE_PATTERN.match(p.name))]
-    return max(states)[1] if states else None
+    states = _states(save_dir)
+    return states[-1] if states else None
 
 
 def prune_states(save_dir: str | Path, keep: int) -> None:
-    states = sorted((int(m.group(1)), p) for p in Path(save_dir).glob("state_step*.pt")
-                    if (m := STATE_PATTERN.match(p.name)))
-    for _, path in states[:-keep]:
+    for path in _states(save_dir)[:-keep]:
         path.unlink(missing_ok=True)
 
 
