@@ -1,40 +1,46 @@
-"""Image<->text retrieval recall@1/5/10 on a JSON caption set (the original's metric and keys).
+r"""Image<->text retrieval recall@1/5/10 on a JSON caption set (the original's metric and keys).
 
     python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --datasets_path datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json
 
-Every variable below is also a --flag of the same name (booleans: true/false).
+Every variable below is also a --flag of the same name; --help lists them.
 """
-from utils.config import config_block, parse_overrides
-from utils.errors import run_main
+from utils.config import run_script
 
+# Weights: any supported file or transformers folder (README, "Weights").
 model_path = "model_data/ViT-B-32-OpenAI.pth"
 # Architecture name from nets/configs.py, or "auto" to read it from the weights.
 phi = "openai/VIT-B-32"
+# The folder the JSON's image paths are relative to.
 datasets_path = "datasets/"
+# The captions to retrieve: a JSON list of {"image": ..., "caption": [...]}.
 datasets_val_json_path = "datasets/en_val.json"
+# Images (or captions) encoded at a time.
 batch_size = 64
-num_workers = 4
-# None: use CUDA when available.
+# Image loading processes; None: as many as this machine's cores, at most 4.
+num_workers = None
+# Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
+# Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
 # Drop entries whose JSON or image is unusable (each is listed) instead of stopping before work starts.
 skip_bad_samples = False
+# WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
 # Results as JSON; "" = logs/eval_<weights>_<dataset>.json.
 output = ""
-# Reuse features encoded earlier with the same weights, phi, dataset and preprocessing.
+# Reuse features encoded earlier with the same weights, phi, dataset and preprocessing...
 feature_cache = True
+# ...kept in this folder.
 cache_dir = "logs/eval_cache"
 
-
-def main(config: dict) -> None:
+def main(config: dict, explicit: dict) -> None:
     from utils.eval_run import run_eval
 
     run_eval(config)
 
 
 if __name__ == "__main__":
-    run_main(main, parse_overrides(config_block(globals())))
+    run_script(globals(), main)

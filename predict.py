@@ -4,10 +4,9 @@
     python predict.py --image img/example.jpg      # answer once
     python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
 """
-from clip import CLIP
-from utils.config import config_block, parse_overrides
-from utils.errors import run_main
-from utils.images import open_rgb
+from __future__ import annotations
+
+from utils.config import run_script
 
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -17,32 +16,37 @@ phi = "openai/VIT-B-32"
 captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", "a green triangle"]
 # Answer for this image once instead of asking in a loop.
 image = ""
+# Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
-# None: use CUDA when available.
+# Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
 
+def answer(model, path: str, texts: list[str]) -> str | None:
+    """Print each caption's probability for the image at `path`; or return why the image cannot be read."""
+    from utils.images import open_rgb
 
-def answer(model: CLIP, path: str, texts: list[str]) -> bool:
     try:
         picture = open_rgb(path)
-    except Exception as e:  # any unreadable path (missing, directory, not an image, too large) gets a retry
-        print(f"cannot open {path!r} ({type(e).__name__}: {e}), try again")
-        return False
+    except Exception as e:  # any unreadable path (missing, directory, not an image, too large)
+        return f"cannot open {path!r} ({type(e).__name__}: {e})"
     probs = model.detect_image(picture, texts)[0]
     for p, text in sorted(zip(probs, texts), key=lambda pair: -pair[0]):
         print(f"{p:.4f}  {text}")
-    return True
+    return None
 
 
-def main(config: dict) -> None:
+def main(config: dict, explicit: dict) -> None:
+    from clip import CLIP
+    from utils.errors import UserError
+
     model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                  cuda=config["Cuda"], precision=config["precision"])
     texts = list(config["captions"])
     if config["image"]:
-        if not answer(model, config["image"], texts):
-            raise SystemExit(1)
+        if problem := answer(model, config["image"], texts):
+            raise UserError(problem)
         return
     while True:
         try:
@@ -52,8 +56,8 @@ def main(config: dict) -> None:
             return
         if not path:
             return
-        answer(model, path, texts)
-
+        if problem := answer(model, path, texts):
+            print(f"{problem}, try again")
 
 if __name__ == "__main__":
-    run_main(main, parse_overrides(config_block(globals())))
+    run_script(globals(), main)

@@ -4,68 +4,95 @@
     python train.py --model_path model_data/ViT-B-32-OpenAI.pth --datasets_path datasets/flickr8k/ ...
     torchrun --nproc_per_node 4 train.py --distributed true ...
 
-Every variable below is also a --flag of the same name (booleans: true/false).
+Every variable below is also a --flag of the same name; --help lists them.
 """
-from utils.config import config_block, parse_overrides
-from utils.errors import run_main
+from utils.config import run_script
 
-# Cuda: use the GPU (None: when available). distributed: DDP under torchrun (nccl on GPUs, gloo on CPUs).
+# Use the GPU; None: when one is available.
 Cuda = None
+# DDP under torchrun: one process per GPU (nccl), or CPU processes (gloo).
 distributed = False
-# fp16: CUDA mixed precision, as in the original. precision overrides it: "fp32", "fp16" (CUDA AMP), "bf16".
+# CUDA mixed precision, as in the original; `precision` overrides it.
 fp16 = False
+# "fp32", "fp16" (CUDA AMP) or "bf16"; "" = fp16 when fp16=True, else fp32.
 precision = ""
-# Starting weights: any supported weight file or transformers folder; "" = random init (see README).
+# Starting weights: any supported weight file or transformers folder; "" = random init (README, "Weights").
 model_path = "model_data/ViT-B-32-OpenAI.pth"
+# Architecture: a name from nets/configs.py (README, "Models").
 phi = "openai/VIT-B-32"
 # self-cn / cn-clip: a local transformers BERT folder for the text tower when model_path holds only a ViT.
 bert_path = "model_data/bert-base-chinese"
+# WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
-# batch_size is global: with N processes each takes batch_size / N, and the loss still spans all of it.
+# Global batch: with N processes each takes batch_size / N, and the loss still spans all of it.
 batch_size = 64
+# First epoch to run (epochs before it count as done, for the schedule too).
 Init_Epoch = 0
+# Last epoch.
 Epoch = 100
-# Learning rates before the original's batch-size scaling (batch_size / 64, clamped); scale_lr=False uses them as is.
+# Peak learning rate, before the original's batch-size scaling (see scale_lr).
 Init_lr = 1e-4
+# Final learning rate of the decay.
 Min_lr = Init_lr * 0.01
+# The original's rule: multiply both rates by batch_size / 64, then clamp (Adam/AdamW: Init_lr at most 1e-4).
 scale_lr = True
+# "adamw", "adam" or "sgd".
 optimizer_type = "adamw"
+# Adam's beta1, or SGD's momentum.
 momentum = 0.9
+# Decoupled weight decay (AdamW; L2 for Adam); never on gains, biases, embeddings or logit_scale.
 weight_decay = 1e-2
-# "cos" or "step", per step, after a linear warmup over warmup_ratio of all steps.
+# "cos" or "step" decay to Min_lr, per step, after the warmup.
 lr_decay_type = "cos"
+# Linear warmup over this share of all steps.
 warmup_ratio = 0.05
+# Clip the gradient norm to this; 0 = no clipping.
 grad_clip = 0.0
-# Save weights every save_period epochs; full training states (for resume) every epoch, keeping keep_states.
+# Save weights every save_period epochs (and the last epoch).
 save_period = 1
+# Where weights, training states and the log folder go.
 save_dir = "logs"
+# Full training states (for resume) are saved every epoch; keep this many.
 keep_states = 2
-# resume: "" (fresh), a state file, or "auto" = the newest state in save_dir.
+# "" (fresh), a state file, or "auto" = the newest state in save_dir.
 resume = ""
 # Stop (resumably) after this many optimiser steps in this invocation; 0 = no limit.
 stop_after_steps = 0
-# Recall@K on the validation set every eval_period epochs.
+# Recall@K on the validation set during training...
 eval_flag = True
+# ...every eval_period epochs (and after the last).
 eval_period = 5
-num_workers = 4
+# Data loading processes; None: as many as this machine's cores, at most 4.
+num_workers = None
+# The folder the JSON's image paths are relative to.
 datasets_path = "datasets/"
+# Training captions: a JSON list of {"image": "relative/path.jpg", "caption": ["...", ...]}.
 datasets_train_json_path = "datasets/en_train.json"
+# Validation captions, same format.
 datasets_val_json_path = "datasets/en_val.json"
-# Training augmentation (random resized crop, flip, AutoAugment); False: resize + centre crop (or letterbox).
+# Training augmentation: "light" (random resized crop of 90-100% of the image), "none" (resize + centre crop,
+# or letterbox) or "strong" (crop of 50-100%, flips that swap left/right in the caption, colour changes only
+# for captions that name no colour). See README, "Augmentation".
+augment = "light"
+# The original's switch: False turns augmentation off (augment="none").
 datasets_random = True
+# Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
 # Drop entries whose JSON or image is unusable (each is listed) instead of stopping before work starts.
 skip_bad_samples = False
-# Freeze a tower (LiT); trade compute for memory.
+# Freeze the image tower (LiT).
 lock_image = False
+# Freeze the text tower.
 lock_text = False
+# Recompute activations in the backward pass: less memory, more compute.
 grad_checkpointing = False
+# Seed of the initialisation, shuffle order, caption choice and augmentation.
 seed = 11
 # Stop after this many non-finite losses in a row (each is skipped).
 max_bad_steps = 5
-# "en" or "cn": the CPU demo on the generated toy set (its settings in utils/demo.py override the ones above).
+# "en" or "cn": the CPU demo on the generated toy set (its settings in utils/demo.py replace the defaults
+# above; flags given on the command line still win).
 demo = ""
-
 
 def main(config: dict, explicit: dict) -> None:
     from utils.demo import run_demo
@@ -80,6 +107,4 @@ def main(config: dict, explicit: dict) -> None:
 
 
 if __name__ == "__main__":
-    defaults = config_block(globals())
-    overrides = parse_overrides(defaults)
-    run_main(main, overrides, {k: v for k, v in overrides.items() if v != defaults[k]})
+    run_script(globals(), main)

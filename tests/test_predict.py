@@ -80,3 +80,10 @@ def test_bf16_inference_is_close_to_fp32(tiny_weights):
                 precision="bf16").detect_image_for_eval(pixels)[0]
     assert bf16.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(fp32, bf16.float()).min() > 0.99
+
+
+def test_image_flag_with_an_unreadable_image_says_what_failed_and_exits_2(tiny_weights, tmp_path):
+    result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--image", tmp_path / "missing.jpg"])
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: cannot open '{tmp_path / 'missing.jpg'}' (FileNotFoundError")
+    assert "try again" not in result.stderr

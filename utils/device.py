@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -41,3 +42,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def loader_workers(requested: int | None, cap: int = 4) -> int:
+    """DataLoader processes: the requested number, or (None) one per core this process may use, at most `cap`.
+
+    More workers than cores only adds switching, and PyTorch warns about it on every loader it builds.
+    """
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores))

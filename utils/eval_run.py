@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+from .device import loader_workers
 from .evaluation import encode_set, score
 from .feature_cache import cache_key, load_features, save_features
 from .preflight import preflight
@@ -31,6 +32,7 @@ def default_output(model_path: str, json_path: str) -> Path:
 def run_eval(cfg: dict) -> dict:
     from clip import CLIP
 
+    cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"])
     started = time.time()
