@@ -39,9 +39,9 @@ class BertTextTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool) -> None:
         if enable:
-            self.transformer.gradient_checkpointing_enable()
+            self.transformer.activation_checkpointing_enable()
         else:
-            self.transformer.gradient_checkpointing_disable()
+            self.transformer.activation_checkpointing_disable()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) WordPiece ids, [CLS] first, padded with 0."""

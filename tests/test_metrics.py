@@ -204,6 +204,52 @@ def test_cuda_matches_cpu():
     assert itm_eval(scores, scores.T, torch.tensor(txt2img).cuda(), img2txt) == expected
 
 
+def _original_dataset_indices(annotations: list[dict]) -> tuple[dict, dict]:
+    """txt2img and img2txt built as the original's ClipDataset builds them: dicts filled in one pass over
+    the annotation list, caption ids counted across images."""
+    txt2img, img2txt = {}, {}
+    txt_id = 0
+    for img_id, ann in enumerate(annotations):
+        img2txt[img_id] = []
+        for _caption in ann["caption"]:
+            img2txt[img_id].append(txt_id)
+            txt2img[txt_id] = img_id
+            txt_id += 1
+    return txt2img, img2txt
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_originals_dict_indices_give_the_same_metrics_as_lists(seed):
+    rng = np.random.default_rng(seed)
+    annotations = [{"image": f"{i}.jpg", "caption": [f"c{i}.{k}" for k in range(rng.integers(1, 6))]}
+                   for i in range(40)]
+    txt2img, img2txt = _original_dataset_indices(annotations)
+    assert isinstance(txt2img, dict) and isinstance(img2txt, dict)
+    scores = rng.normal(size=(len(img2txt), len(txt2img)))
+    expected = _loop_reference(scores, scores.T, txt2img, img2txt)
+    as_lists = itm_eval(scores, scores.T, [txt2img[c] for c in range(len(txt2img))],
+                        [img2txt[i] for i in range(len(img2txt))])
+    from_dicts = itm_eval(scores, scores.T, txt2img, img2txt)
+    assert from_dicts == as_lists and {k: from_dicts[k] for k in CORE_KEYS} == expected
+    # Keys as a JSON round trip leaves them, arrays, tensors and dicts built in another order agree too.
+    import json
+    assert itm_eval(scores, scores.T, json.loads(json.dumps(txt2img)), json.loads(json.dumps(img2txt))) == as_lists
+    reversed_img2txt = {i: np.array(img2txt[i]) for i in reversed(range(len(img2txt)))}
+    assert itm_eval(torch.tensor(scores), torch.tensor(scores.T), torch.tensor(list(txt2img.values())),
+                    reversed_img2txt) == as_lists
+    features = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(len(img2txt) + len(txt2img), 8))),
+                                             dim=1)
+    images, texts = features[:len(img2txt)], features[len(img2txt):]
+    assert retrieval_metrics(images, texts, txt2img, img2txt) == \
+        retrieval_metrics(images, texts, list(txt2img.values()), list(img2txt.values()))
+
+
+def test_an_image_with_one_caption_may_list_it_bare():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.7]])
+    assert itm_eval(scores, scores.T, {0: 0, 1: 1, 2: 1}, {0: 0, 1: [1, 2]}) == \
+        itm_eval(scores, scores.T, [0, 1, 1], [[0], [1, 2]])
+
+
 _SCORES = np.zeros((2, 3))
 _GOOD = dict(scores_i2t=_SCORES, scores_t2i=_SCORES.T, txt2img=[0, 1, 1], img2txt=[[0], [1, 2]])
 
@@ -221,6 +267,9 @@ _GOOD = dict(scores_i2t=_SCORES, scores_t2i=_SCORES.T, txt2img=[0, 1, 1], img2tx
     (dict(img2txt=[[0, 1, 2], []]), "image 1 has no captions"),
     (dict(img2txt=[[0], [1, 3]]), r"outside \[0, 3\)"),
     (dict(img2txt=[[0.0], [1.0, 2.0]]), "integer caption indices"),
+    (dict(txt2img={0: 0, 2: 1, 3: 1}), "id 1 is missing"),
+    (dict(img2txt={0: [0], 1: [1], 2: [2]}), r"ids outside \[0, 2\) are present"),
+    (dict(img2txt={"a": [0], "b": [1, 2]}), "keys must be integer ids"),
 ])
 def test_itm_eval_rejects_bad_inputs(override, message):
     with pytest.raises(ValueError, match=message):

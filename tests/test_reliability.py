@@ -18,8 +18,9 @@ from PIL import Image
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.test_training import ROOT, TRAIN_ENV, run_train, step_losses, train_args
+from utils.augment import CaptionAugment
 from utils.checkpoint import atomic_save, newest_state
-from utils.dataloader import CaptionDataset
+from utils.dataloader import CaptionDataset, ImageDataset
 from utils.errors import UserError
 from utils.images import eval_transform
 from utils.preflight import preflight
@@ -121,8 +122,8 @@ def test_unusual_but_valid_images_just_work(tmp_path):
                                              " ".join(["word"] * 300)]} for p in paths]
     (tmp_path / "set.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     assert len(preflight(tmp_path / "set.json", tmp_path)) == len(paths)
-    for kind in ("openai", "bert"):
-        dataset = CaptionDataset(entries, tmp_path, eval_transform(64), build_tokenizer(kind, 77))
+    for kind, level in (("openai", "none"), ("bert", "strong")):
+        dataset = CaptionDataset(entries, tmp_path, CaptionAugment(64, level), build_tokenizer(kind, 77))
         for index in range(len(entries)):
             for epoch in range(5):  # each epoch picks another caption
                 pixels, tokens = dataset[(epoch, index)]
@@ -249,3 +250,16 @@ def test_sigterm_saves_a_resumable_state_and_says_how_to_resume(toy, tmp_path):
     resumed = run_train(args + ["--resume", str(state), "--stop_after_steps", "1"])
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
     assert len(step_losses(tmp_path / "run")) >= 2
+
+
+def test_windows_backslash_paths_load_on_every_platform(tmp_path):
+    (tmp_path / "images" / "cats").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "images" / "cats" / "001.jpg")
+    # As json.dump writes it on Windows: "images\\cats\\001.jpg" in the file, images\cats\001.jpg as the string.
+    (tmp_path / "set.json").write_text('[{"image": "images\\\\cats\\\\001.jpg", "caption": ["a red picture"]}]')
+    assert json.loads((tmp_path / "set.json").read_text())[0]["image"] == "images\\cats\\001.jpg"
+    entries = preflight(tmp_path / "set.json", tmp_path)
+    assert entries == [{"image": "images/cats/001.jpg", "caption": ["a red picture"]}]
+    pixels, tokens = CaptionDataset(entries, tmp_path, CaptionAugment(32, "light"), build_tokenizer("openai", 77))[(0, 0)]
+    assert pixels.shape == (3, 32, 32) and tokens.shape == (77,)
+    assert ImageDataset(entries, tmp_path, eval_transform(32))[0].shape == (3, 32, 32)

@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .errors import UserError
@@ -44,9 +45,11 @@ def entry_problem(entry) -> str | None:
 
 
 def normalise(entry: dict) -> dict:
-    """A caption given as one string is one caption."""
+    """A caption given as one string is one caption; a backslash in the image path is a separator, as in
+    JSON written on Windows ("images\\001.jpg"), on every platform."""
     captions = entry["caption"]
-    return {"image": entry["image"], "caption": [captions] if isinstance(captions, str) else list(captions)}
+    return {"image": entry["image"].replace("\\", "/"),
+            "caption": [captions] if isinstance(captions, str) else list(captions)}
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -54,13 +57,15 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 class CaptionDataset(Dataset):
-    """Training pairs: one image and one of its captions, chosen afresh each epoch.
+    """Training pairs: one image and one of its captions, chosen afresh each epoch, through a transform of
+    the pair (utils/augment.CaptionAugment), so that augmentation can keep the caption true.
 
     Indexed by (epoch, index), as EpochSampler yields them: persistent workers keep their own copy of
     the dataset, so the epoch travels with each index rather than being set on the dataset.
     """
 
-    def __init__(self, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
+    def __init__(self, entries: Sequence[dict], root: str | Path,
+                 transform: Callable[[Image.Image, str], tuple[torch.Tensor, str]], tokenizer: Callable,
                  seed: int = 0):
         self.entries, self.root = entries, Path(root)
         self.transform, self.tokenizer = transform, tokenizer
@@ -78,7 +83,7 @@ class CaptionDataset(Dataset):
         # torchvision's random transforms draw from torch's global generator: seed it per sample, locally.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2 ** 63)))
-            pixels = self.transform(image)
+            pixels, caption = self.transform(image, caption)
         return pixels, self.tokenizer(caption)[0]
 
 

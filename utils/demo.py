@@ -49,23 +49,46 @@ def run_demo(config: dict, explicit: dict) -> dict:
     metrics = summary["metrics"]
     print(f"\ndemo ({cfg['demo']}): r_mean {metrics.get('r_mean', float('nan')):.2f} on the toy val split "
           f"(chance is about 1), {time.time() - started:.0f} s in all")
-    _predict_example(cfg, Path(cfg["save_dir"]) / "last_epoch_weights.pth")
+    entry = _predict_example(cfg, Path(cfg["save_dir"]) / "last_epoch_weights.pth")
+    print(next_steps(cfg, summary, entry))
     return summary
 
 
-def _predict_example(cfg: dict, weights: Path) -> None:
+def _predict_example(cfg: dict, weights: Path) -> dict:
+    """Score the first val image against its own caption and the examples; returns that entry."""
     import json
 
     from clip import CLIP
+
+    from .images import open_rgb
 
     entry = json.loads(Path(cfg["datasets_val_json_path"]).read_text(encoding="utf-8"))[0]
     image_path = Path(cfg["datasets_path"]) / entry["image"]
     model = CLIP(model_path=str(weights), phi=cfg["phi"], cuda=cfg["Cuda"], precision="fp32")
     captions = [entry["caption"][0]] + EXAMPLES[cfg["demo"]]
-    from .images import open_rgb
-
     probs = model.detect_image(open_rgb(image_path), captions)[0]
     print(f"\npredict example: {image_path}")
     for p, caption in sorted(zip(probs, captions), key=lambda pair: -pair[0]):
         print(f"  {p:.4f}  {caption}")
-    print(f"try your own: python predict.py --model_path {weights} --phi {cfg['phi']} --captions \"...\" \"...\"")
+    return entry
+
+
+def next_steps(cfg: dict, summary: dict, entry: dict) -> str:
+    """What the demo wrote and the commands to run next, with the paths and captions of this run."""
+    from shlex import quote
+
+    save_dir, log_dir = Path(summary["save_dir"]), Path(summary["log_dir"])
+    weights = save_dir / "last_epoch_weights.pth"
+    plots = ", ".join(p.name for p in sorted(log_dir.glob("*.png")))
+    captions = " ".join(quote(c) for c in [entry["caption"][0], *EXAMPLES[cfg["demo"]][:2]])
+    model = f"--model_path {quote(str(weights))} --phi {cfg['phi']}"
+    return "\n".join([
+        f"\nwritten: weights {weights} (and best_epoch_weights.pth, ep*.pth, full training states state_step*.pt)",
+        f"         log folder {log_dir}/ ({plots}, history.jsonl, steps.jsonl, TensorBoard scalars)",
+        "next:",
+        f"  python predict.py {model} --image {quote(str(Path(cfg['datasets_path']) / entry['image']))} "
+        f"--captions {captions}",
+        f"  python eval.py {model} --datasets_path {quote(cfg['datasets_path'])} "
+        f"--datasets_val_json_path {quote(cfg['datasets_val_json_path'])}",
+        f"  tensorboard --logdir {quote(str(save_dir))}",
+    ])

@@ -48,23 +48,12 @@ class Letterbox(torch.nn.Module):
         return canvas
 
 
-def _to_tensor() -> list:
+def to_tensor() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_MEAN, OPENAI_STD)]
 
 
 def eval_transform(size: int, letterbox: bool = False) -> v2.Compose:
     """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox."""
     if letterbox:
-        return v2.Compose([Letterbox(size), *_to_tensor()])
-    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(size), *_to_tensor()])
-
-
-def train_transform(size: int, augment: bool, letterbox: bool = False) -> v2.Compose:
-    if not augment:
-        return eval_transform(size, letterbox)
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
-        v2.RandomHorizontalFlip(),
-        v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
-        *_to_tensor(),
-    ])
+        return v2.Compose([Letterbox(size), *to_tensor()])
+    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(size), *to_tensor()])

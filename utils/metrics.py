@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,10 @@ _ITM_EVAL_BLOCK_ELEMENTS = 2**22
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 Scores = np.ndarray | torch.Tensor
-Indices = Sequence[int] | np.ndarray | torch.Tensor
+# txt2img[c] = caption c's image; img2txt[i] = image i's captions: sequences, arrays, tensors, or the
+# original's dicts keyed by id.
+Indices = Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, int]
+CaptionLists = Sequence[Sequence[int]] | np.ndarray | torch.Tensor | Mapping[int, Sequence[int]]
 
 
 class _CaptionPairs(NamedTuple):
@@ -35,12 +38,30 @@ class _CaptionPairs(NamedTuple):
     offsets: np.ndarray
 
 
-def _caption_pairs(img2txt: Sequence[Sequence[int]] | np.ndarray | torch.Tensor, n_images: int, n_captions: int,
-                   device: torch.device) -> _CaptionPairs:
-    if isinstance(img2txt, torch.Tensor):
-        img2txt = img2txt.cpu().numpy()
+def _indexed(ids: Mapping | Sequence | np.ndarray | torch.Tensor, n: int, name: str) -> Sequence:
+    """A dict keyed 0..n-1 (the original's {caption_id: image_id} / {image_id: [caption_ids]}, keys also as
+    the strings a JSON round trip leaves) as the list of its values in key order; anything else as it is."""
+    if isinstance(ids, torch.Tensor):
+        return ids.cpu().numpy()
+    if not isinstance(ids, Mapping):
+        return ids
+    try:
+        by_key = {int(key): value for key, value in ids.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}'s keys must be integer ids, got {next(iter(ids))!r}") from None
+    missing = sorted(set(range(n)) - set(by_key))
+    if missing or len(by_key) != n:
+        detail = f"id {missing[0]} is missing" if missing else f"ids outside [0, {n}) are present"
+        raise ValueError(f"{name} must have one key per id 0..{n - 1}: {detail}")
+    return [by_key[key] for key in range(n)]
+
+
+def _caption_pairs(img2txt: CaptionLists, n_images: int, n_captions: int, device: torch.device) -> _CaptionPairs:
+    img2txt = _indexed(img2txt, n_images, "img2txt")
     if len(img2txt) != n_images:
         raise ValueError(f"img2txt has {len(img2txt)} entries for {n_images} images")
+    # An image with a single caption may list it as a bare id.
+    img2txt = [np.atleast_1d(np.asarray(captions)) for captions in img2txt]
     counts = np.array([len(captions) for captions in img2txt], dtype=np.int64)
     if (counts == 0).any():
         raise ValueError(f"image {int(np.argmin(counts))} has no captions, so it has no rank")
@@ -55,7 +76,7 @@ def _caption_pairs(img2txt: Sequence[Sequence[int]] | np.ndarray | torch.Tensor,
 
 
 def _caption_images(txt2img: Indices, n_captions: int, n_images: int, device: torch.device) -> torch.Tensor:
-    caption_images = torch.as_tensor(txt2img)
+    caption_images = torch.as_tensor(np.asarray(_indexed(txt2img, n_captions, "txt2img")))
     if caption_images.shape != (n_captions,):
         raise ValueError(f"txt2img has shape {tuple(caption_images.shape)}, expected ({n_captions},)")
     if caption_images.dtype not in _INDEX_DTYPES:
@@ -125,12 +146,12 @@ def _copied_blocks(scores: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, buffer[:len(source)].copy_(source)
 
 
-def itm_eval(scores_i2t: Scores, scores_t2i: Scores, txt2img: Indices,
-             img2txt: Sequence[Sequence[int]] | np.ndarray | torch.Tensor) -> dict[str, float]:
+def itm_eval(scores_i2t: Scores, scores_t2i: Scores, txt2img: Indices, img2txt: CaptionLists) -> dict[str, float]:
     """Recall@1/5/10 of image->text (txt_*) and text->image (img_*) retrieval from full score matrices.
 
     scores_i2t is (n_images, n_captions), scores_t2i is (n_captions, n_images), numpy or torch, on any
-    device; txt2img[c] is caption c's image and img2txt[i] lists image i's captions. Returns the original's
+    device; txt2img[c] is caption c's image and img2txt[i] lists image i's captions (lists, arrays, tensors, or
+    the original's dicts {caption_id: image_id} and {image_id: [caption_ids]}). Returns the original's
     keys (percentages) plus 1-based mean and median ranks; see the module docstring for how ties rank.
     """
     scores_i2t = torch.as_tensor(scores_i2t)
@@ -171,8 +192,8 @@ def _score_blocks(queries: torch.Tensor, candidates: torch.Tensor,
 
 
 @torch.no_grad()
-def retrieval_metrics(image_features: Scores, text_features: Scores, txt2img: Indices,
-                      img2txt: Sequence[Sequence[int]] | np.ndarray | torch.Tensor, chunk_size: int = 1024,
+def retrieval_metrics(image_features: Scores, text_features: Scores, txt2img: Indices, img2txt: CaptionLists,
+                      chunk_size: int = 1024,
                       device: torch.device | str | None = None) -> dict[str, float]:
     """itm_eval's metrics with scores = image_features @ text_features.T, never holding the full matrix.
 

@@ -21,6 +21,23 @@ def scaled_lrs(init_lr: float, min_lr: float, batch_size: int, optimizer_type: s
     return init, low
 
 
+def _short(rate: float) -> str:
+    """3e-4, not 0.0003 or 3.000e-04."""
+    mantissa, exponent = f"{rate:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def scaling_note(wanted: tuple[float, float], scaled: tuple[float, float], batch_size: int,
+                 optimizer_type: str) -> str | None:
+    """What the batch-size scaling did to the rates the user set, or None when it left them as they were."""
+    changes = [f"{name} {_short(a)} -> {_short(b)}" for name, a, b in zip(("Init_lr", "Min_lr"), wanted, scaled)
+               if not math.isclose(a, b, rel_tol=1e-9)]
+    if not changes:
+        return None
+    return (f"{', '.join(changes)} by the original's batch-size scaling (x {batch_size}/{NOMINAL_BATCH}, clamped "
+            f"for {optimizer_type}); --scale_lr false keeps yours")
+
+
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     # Gains, biases, embeddings and the temperature are not weights that decay should pull to zero.
     # `embedding` covers OpenAI's token/positional/class embeddings and BERT's `embeddings.*_embeddings`;

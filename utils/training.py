@@ -13,15 +13,16 @@ from tqdm import tqdm
 
 from nets import CLIPConfig, build_model
 
+from .augment import CaptionAugment, augment_level
 from .callbacks import EvalCallback, LossHistory
 from .checkpoint import atomic_save, check_writable, load_state, newest_state, prune_states, state_path
 from .dataloader import CaptionDataset, EpochSampler
-from .device import PRECISIONS, autocast, resolve_device
+from .device import PRECISIONS, autocast, loader_workers, resolve_device
 from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_across
 from .errors import UserError
-from .images import eval_transform, train_transform
+from .images import eval_transform
 from .loss import ClipLoss
-from .optim import build_optimizer, build_scheduler, scaled_lrs
+from .optim import build_optimizer, build_scheduler, scaled_lrs, scaling_note
 from .preflight import preflight
 from .tokenizer import build_tokenizer
 from .weights import init_model
@@ -154,6 +155,7 @@ def _check_batch(name: str, n: int, global_batch: int, info: DistInfo, json_path
 
 def run_training(cfg: dict) -> dict:
     """Everything train.py does. Returns a summary: last metrics, checkpoint paths, and whether it was interrupted."""
+    cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     device = resolve_device(cfg["Cuda"])
     info = init_distributed(cfg["distributed"], device.type == "cuda")
     if info.enabled and device.type == "cuda":
@@ -195,9 +197,10 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     local_batch = cfg["batch_size"] // info.world_size
     _check_batch("training", len(train_entries), cfg["batch_size"], info, cfg["datasets_train_json_path"])
     size = config.vision.image_size
-    train_set = CaptionDataset(train_entries, root, train_transform(size, cfg["datasets_random"], cfg["letterbox_image"]),
-                               tokenizer, seed=cfg["seed"])
-    val_set = CaptionDataset(val_entries, root, eval_transform(size, cfg["letterbox_image"]), tokenizer, seed=cfg["seed"])
+    augment = CaptionAugment(size, augment_level(cfg["augment"], cfg["datasets_random"]), cfg["letterbox_image"])
+    train_set = CaptionDataset(train_entries, root, augment, tokenizer, seed=cfg["seed"])
+    val_set = CaptionDataset(val_entries, root, CaptionAugment(size, "none", cfg["letterbox_image"]), tokenizer,
+                             seed=cfg["seed"])
     train_sampler = EpochSampler(train_set, local_batch, info.world_size, info.rank, seed=cfg["seed"])
     val_batch = min(cfg["batch_size"], len(val_entries)) // info.world_size
     val_sampler = EpochSampler(val_set, max(val_batch, 1), info.world_size, info.rank, seed=cfg["seed"], shuffle=False)
@@ -239,6 +242,9 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
         print(f"phi={phi}  device={device}  precision={precision}  processes={info.world_size}")
         for line in sources:
             print(line)
+        if cfg["scale_lr"] and (note := scaling_note((cfg["Init_lr"], cfg["Min_lr"]), (init_lr, min_lr),
+                                                      cfg["batch_size"], cfg["optimizer_type"])):
+            print(note)
         print(f"{len(train_entries)} train / {len(val_entries)} val images, {steps_per_epoch} steps per epoch, "
               f"lr {init_lr:.2e} -> {min_lr:.2e} ({cfg['lr_decay_type']})")
         if resumed:
@@ -257,7 +263,7 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
         prune_states(save_dir, cfg["keep_states"])
         return path
 
-    summary = {"interrupted": 0, "phi": phi, "metrics": {}, "save_dir": str(save_dir)}
+    summary = {"interrupted": 0, "phi": phi, "metrics": {}, "save_dir": str(save_dir), "log_dir": state["log_dir"]}
 
     def interrupted(path: Path | None) -> dict:
         summary.update(interrupted=stop.signum or -1, state=str(path))
