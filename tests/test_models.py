@@ -181,3 +181,14 @@ def test_reference_matches_torchscript_trace_used_by_weight_tests():
     traced = torch.jit.trace(reference, (pixels, tokens), check_trace=False)
     with torch.no_grad():
         assert torch.equal(traced(pixels, tokens)[0], reference(pixels, tokens)[0])
+
+
+def test_bert_activation_checkpointing_switches_without_deprecation_warnings():
+    import warnings
+
+    model = build_model(get_config("tiny-cn/VIT-T-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5 deprecates gradient_checkpointing_* (FutureWarning)
+        for enable in (True, False, True):
+            model.set_grad_checkpointing(enable)
+            assert model.text.transformer.is_activation_checkpointing is enable

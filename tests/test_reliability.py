@@ -140,6 +140,11 @@ def test_unusual_but_valid_images_just_work(tmp_path):
     (dict(datasets_path="/nonexistent/data"), ["datasets_path /nonexistent/data does not exist"]),
     (dict(precision="fp16"), ["fp16", "no CUDA device"]),
     (dict(optimizer_type="lion"), ["optimizer_type 'lion'"]),
+    (dict(lr_decay_type="linear"), ["lr_decay_type 'linear' is not one of cos, step"]),
+    (dict(augment="heavy"), ["augment 'heavy' is not one of light, none, strong"]),
+    (dict(Init_Epoch=2), ["Init_Epoch 2 leaves no epoch to train", "below Epoch 2"]),
+    (dict(demo="fr"), ["demo 'fr' is not one of en, cn"]),
+    (dict(precision="fp8"), ["precision 'fp8' is not one of fp32, fp16, bf16"]),
 ])
 def test_bad_configuration_is_one_clear_message(toy, tmp_path, extra, fragments):
     _user_error(run_train(train_args(toy, tmp_path / "run", **extra)), *fragments)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def step_losses(save_dir: Path) -> list[float]:
 def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang):
     result = run_train(train_args(toy, tmp_path, phi=phi, lang=lang))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # no deprecated calls of ours, no bad defaults
     assert result.stdout.count("Total Loss:") == 2 and "|| Val Loss:" in result.stdout
     assert "r_mean" in result.stdout
     names = {p.name for p in tmp_path.iterdir()}
@@ -76,6 +78,32 @@ def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang):
     assert found == phi
     state = load_state(newest_state(tmp_path))
     assert state["config"]["phi"] == phi and state["epoch"] == 1
+
+
+@pytest.mark.parametrize("lang", ["en", "cn"])
+def test_demo_prints_what_it_wrote_and_next_commands_that_run(toy, tmp_path, lang):
+    save_dir = tmp_path / "demo"
+    data = ["--datasets_path", str(toy), "--datasets_train_json_path", str(toy / f"{lang}_train.json"),
+            "--datasets_val_json_path", str(toy / f"{lang}_val.json")]
+    result = run_train(["--demo", lang, "--Epoch", "1", "--batch_size", "8", "--num_workers", "0",
+                        "--save_dir", str(save_dir), *data])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    assert f"written: weights {save_dir / 'last_epoch_weights.pth'}" in result.stdout
+    log_dir = next(save_dir.glob("loss_*"))
+    assert f"log folder {log_dir}/ (epoch_loss.png, epoch_recall.png," in result.stdout
+    predict, evaluate, board = (shlex.split(line) for line in result.stdout.split("next:\n")[1].splitlines()[:3])
+    assert board == ["tensorboard", "--logdir", str(save_dir)]
+    assert predict[:2] == ["python", "predict.py"] and evaluate[:2] == ["python", "eval.py"]
+    captions = predict[predict.index("--captions") + 1:]
+    assert len(captions) == 3 and "..." not in captions
+    answer = subprocess.run([sys.executable, *predict[1:]], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert answer.returncode == 0 and len(answer.stdout.splitlines()) == 3, answer.stderr
+    scores = subprocess.run([sys.executable, *evaluate[1:], "--output", str(tmp_path / "eval.json"),
+                             "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert scores.returncode == 0 and "r_mean" in scores.stdout, scores.stderr
+    assert "Warning" not in answer.stderr + scores.stderr
 
 
 def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path):

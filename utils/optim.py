@@ -21,6 +21,17 @@ def scaled_lrs(init_lr: float, min_lr: float, batch_size: int, optimizer_type: s
     return init, low
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_DECAYS = ("cos", "step")
+
+
+def check_schedule_choices(optimizer_type: str, lr_decay_type: str) -> None:
+    if optimizer_type not in OPTIMIZERS:
+        raise UserError(f"optimizer_type {optimizer_type!r} is not one of {', '.join(OPTIMIZERS)}")
+    if lr_decay_type not in LR_DECAYS:
+        raise UserError(f"lr_decay_type {lr_decay_type!r} is not one of {', '.join(LR_DECAYS)}")
+
+
 def _short(rate: float) -> str:
     """3e-4, not 0.0003 or 3.000e-04."""
     mantissa, exponent = f"{rate:.2e}".split("e")
@@ -67,7 +78,7 @@ def build_optimizer(model: nn.Module, optimizer_type: str, lr: float, momentum: 
         return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.98), eps=1e-6, fused=fused)
     if optimizer_type == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    raise UserError(f"optimizer_type {optimizer_type!r} is not one of adamw, adam, sgd")
+    raise UserError(f"optimizer_type {optimizer_type!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, lr_decay_type: str, total_steps: int, warmup_steps: int,
@@ -82,7 +93,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, lr_decay_type: str, total_
         decay = StepLR(optimizer, step_size=max(math.ceil(decay_steps / stages), 1),
                        gamma=(min_lr / lr) ** (1 / (stages - 1)) if lr > 0 and min_lr > 0 else 0.1)
     else:
-        raise UserError(f"lr_decay_type {lr_decay_type!r} is not one of cos, step")
+        raise UserError(f"lr_decay_type {lr_decay_type!r} is not one of {', '.join(LR_DECAYS)}")
     if warmup_steps == 0:
         return decay
     warmup = LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup_steps)

@@ -22,7 +22,7 @@ from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_acr
 from .errors import UserError
 from .images import eval_transform
 from .loss import ClipLoss
-from .optim import build_optimizer, build_scheduler, scaled_lrs, scaling_note
+from .optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from .preflight import preflight
 from .tokenizer import build_tokenizer
 from .weights import init_model
@@ -166,8 +166,18 @@ def run_training(cfg: dict) -> dict:
         cleanup(info)
 
 
+def _check_settings(cfg: dict) -> str:
+    """Settings that name a choice, checked before any file is read; returns the augmentation level."""
+    check_schedule_choices(cfg["optimizer_type"], cfg["lr_decay_type"])
+    if cfg["Init_Epoch"] >= cfg["Epoch"]:
+        raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
+                        f"{cfg['Epoch']}")
+    return augment_level(cfg["augment"], cfg["datasets_random"])
+
+
 def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     precision = resolve_training_precision(cfg, device)
+    augment = _check_settings(cfg)
     save_dir = Path(cfg["save_dir"])
     if info.is_main:
         check_writable(save_dir)
@@ -197,8 +207,8 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     local_batch = cfg["batch_size"] // info.world_size
     _check_batch("training", len(train_entries), cfg["batch_size"], info, cfg["datasets_train_json_path"])
     size = config.vision.image_size
-    augment = CaptionAugment(size, augment_level(cfg["augment"], cfg["datasets_random"]), cfg["letterbox_image"])
-    train_set = CaptionDataset(train_entries, root, augment, tokenizer, seed=cfg["seed"])
+    train_set = CaptionDataset(train_entries, root, CaptionAugment(size, augment, cfg["letterbox_image"]), tokenizer,
+                               seed=cfg["seed"])
     val_set = CaptionDataset(val_entries, root, CaptionAugment(size, "none", cfg["letterbox_image"]), tokenizer,
                              seed=cfg["seed"])
     train_sampler = EpochSampler(train_set, local_batch, info.world_size, info.rank, seed=cfg["seed"])
