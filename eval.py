@@ -13,8 +13,11 @@ model_path = "model_data/ViT-B-32-OpenAI.pth"
 phi = "openai/VIT-B-32"
 # The folder the JSON's image paths are relative to.
 datasets_path = "datasets/"
-# The captions to retrieve: a JSON list of {"image": ..., "caption": [...]}.
+# The captions to retrieve: a JSON list of {"image": ..., "caption": [...]}, JSON Lines, or CSV/TSV.
 datasets_val_json_path = "datasets/en_val.json"
+# .csv / .tsv caption files: the image and caption columns (open_clip's names by default).
+csv_image_column = "filepath"
+csv_caption_column = "title"
 # Images (or captions) encoded at a time.
 batch_size = 64
 # Image loading processes; None: as many as this machine's cores, at most 4.

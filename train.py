@@ -66,10 +66,14 @@ eval_period = 5
 num_workers = None
 # The folder the JSON's image paths are relative to.
 datasets_path = "datasets/"
-# Training captions: a JSON list of {"image": "relative/path.jpg", "caption": ["...", ...]}.
+# Training captions: a JSON list of {"image": "relative/path.jpg", "caption": ["...", ...]}, or the same as
+# JSON Lines (.jsonl), or a CSV/TSV file with one image and caption per row (rows of one image merge).
 datasets_train_json_path = "datasets/en_train.json"
-# Validation captions, same format.
+# Validation captions, in any of the same formats.
 datasets_val_json_path = "datasets/en_val.json"
+# .csv / .tsv caption files: the image and caption columns (open_clip's names by default).
+csv_image_column = "filepath"
+csv_caption_column = "title"
 # Training augmentation: "light" (random resized crop of 90-100% of the image), "none" (resize + centre crop,
 # or letterbox) or "strong" (crop of 50-100%, flips that swap left/right in the caption, colour changes only
 # for captions that name no colour). See README, "Augmentation".

@@ -289,3 +289,25 @@ def test_partial_init_image_tower_from_checkpoint_text_tower_from_bert_folder(tm
         assert torch.equal(bert.state_dict()[key], value), key
     with pytest.raises(UserError, match="holds no transformers model"):
         init_model("tiny-cn/VIT-T-8", tmp_path / "vit.pth", tmp_path / "no_bert_here")
+
+
+def test_num_workers_auto_is_the_cores_this_process_may_use(monkeypatch):
+    from utils.device import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(None) == 2  # 4 on 2 cores made PyTorch warn on every loader
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert loader_workers(None) == 4
+    assert loader_workers(0) == 0 and loader_workers(7) == 7  # a number the user gave is kept
+
+
+def test_lr_scaling_says_what_it_changed():
+    from utils.optim import scaling_note
+
+    wanted = (3e-4, 3e-6)
+    assert scaling_note(wanted, scaled_lrs(*wanted, 64, "adamw"), 64, "adamw") == (
+        "Init_lr 3e-4 -> 1e-4, Min_lr 3e-6 -> 1e-6 by the original's batch-size scaling (x 64/64, clamped for "
+        "adamw); --scale_lr false keeps yours")
+    assert scaling_note((1e-4, 1e-6), scaled_lrs(1e-4, 1e-6, 64, "adamw"), 64, "adamw") is None  # the defaults
+    assert scaling_note((1e-4, 1e-6), scaled_lrs(1e-4, 1e-6, 32, "adamw"), 32, "adamw").startswith(
+        "Init_lr 1e-4 -> 5e-5, Min_lr 1e-6 -> 5e-7 by")

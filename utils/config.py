@@ -11,6 +11,7 @@ import argparse
 import ast
 import difflib
 import io
+import os
 import sys
 import textwrap
 import tokenize
@@ -23,14 +24,15 @@ _PLAIN = (bool, int, float, str, list, tuple, type(None))
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _NONE = {"none", "null", "auto"}
 
-# Values the scripts share that a type alone does not rule out; checked after parsing, also for values
-# edited into a config block: {name: (test, what the value must be)}.
+
 def _number(test: Callable[[float], bool]) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v)
 
 
 _AT_LEAST_1 = (_number(lambda v: v >= 1), "at least 1")
 _NOT_NEGATIVE = (_number(lambda v: v >= 0), "0 or more")
+# Values the scripts share that a type alone does not rule out, checked after parsing (values edited into
+# a config block too): {name: (test, what the value must be)}.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _AT_LEAST_1, "Epoch": _AT_LEAST_1, "save_period": _AT_LEAST_1, "eval_period": _AT_LEAST_1,
     "keep_states": _AT_LEAST_1, "max_bad_steps": _AT_LEAST_1, "Init_Epoch": _NOT_NEGATIVE,
@@ -42,6 +44,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_workers": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                     "a whole number, 0 or more, or auto"),
 }
+
 
 def config_block(namespace: Mapping[str, Any]) -> dict[str, Any]:
     """The plain-typed, non-underscore module variables of a script: its config block."""
@@ -239,7 +242,8 @@ def parse_config(namespace: Mapping[str, Any], argv: Sequence[str] | None = None
     defaults = config_block(namespace)
     script = Path(namespace.get("__file__") or "script.py")
     comments = config_comments(script.read_text(encoding="utf-8")) if script.is_file() else {}
-    explicit = parse_overrides(defaults, argv, comments, prog=f"python {script.name}",
+    shown = Path(os.path.relpath(script)) if script.is_absolute() else script
+    explicit = parse_overrides(defaults, argv, comments, prog=f"python {shown if '..' not in shown.parts else script.name}",
                                description=(namespace.get("__doc__") or "").strip())
     config = {**defaults, **explicit}
     _check_rules(config)

@@ -34,7 +34,8 @@ def run_eval(cfg: dict) -> dict:
 
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
-    entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"])
+    entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
+                        columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
     started = time.time()
     clip = CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
                 cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])

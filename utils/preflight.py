@@ -31,14 +31,33 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def read_annotations(path: str | Path, skip_bad: bool = False,
+                     columns: tuple[str, str] = ("filepath", "title")) -> list:
+    """A caption file's entries: the original's JSON list, or JSON Lines / CSV / TSV (image and caption
+    `columns`, open_clip's names by default), read as datasets/convert.py reads them; rows naming one image merge."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        return read_json_list(path)
+    from .sources.records import Source
+    from .sources.tabular import read_csv, read_jsonl
+
+    source = Source(input=Path(path), images=Path(), work_dir=Path(), image_column=columns[0],
+                    caption_column=columns[1])
+    entries = [{"image": record.image.as_posix(), "caption": record.captions}
+               for record in (read_jsonl if suffix == ".jsonl" else read_csv)(source)]
+    source.problems.report(str(path), skip_bad, switch="skip_bad_samples")
+    return entries
+
+
 def preflight(json_path: str | Path, root: str | Path, workers: int = 4, skip_bad: bool = False,
-              quiet: bool = False) -> list[dict]:
-    """Usable entries of `json_path`; raises UserError listing problems unless `skip_bad`."""
+              quiet: bool = False, columns: tuple[str, str] = ("filepath", "title")) -> list[dict]:
+    """Usable entries of `json_path` (JSON, JSON Lines, CSV or TSV); raises UserError listing problems unless
+    `skip_bad`."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"datasets_path {root} does not exist; point it at the folder the JSON image paths are "
                         "relative to")
-    raw = read_json_list(json_path)
+    raw = read_annotations(json_path, skip_bad, columns)
     problems: list[tuple[int, str, str]] = []
     candidates = []
     for i, entry in enumerate(raw):

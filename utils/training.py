@@ -202,7 +202,8 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
                                 cfg["bert_vocab_path"] if config.text.is_bert else None)
     root = Path(cfg["datasets_path"])
     train_entries, val_entries = (
-        preflight(cfg[name], root, cfg["num_workers"], cfg["skip_bad_samples"], quiet=not info.is_main)
+        preflight(cfg[name], root, cfg["num_workers"], cfg["skip_bad_samples"], quiet=not info.is_main,
+                  columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
         for name in ("datasets_train_json_path", "datasets_val_json_path"))
     local_batch = cfg["batch_size"] // info.world_size
     _check_batch("training", len(train_entries), cfg["batch_size"], info, cfg["datasets_train_json_path"])

@@ -1,0 +1,26 @@
+"""Images with a same-name .txt beside them, one caption per line (img2dataset, clip-retrieval, diffusion sets)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..errors import UserError
+from .records import Record, Source
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def read_folder(source: Source) -> Iterator[Record]:
+    if not source.input.is_dir():
+        raise UserError(f"{source.input} is not a folder; point input at the folder of images and .txt files")
+    for image in sorted(p for p in source.input.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        text = image.with_suffix(".txt")
+        if not text.is_file():
+            source.problems.uncaptioned.append(image)
+            continue
+        try:
+            lines = text.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            source.problems.add(str(text), f"not UTF-8 text ({e})")
+            continue
+        yield Record(image.resolve(), source.captions([line for line in lines if line.strip()], str(text)), None,
+                     str(text))

@@ -1,0 +1,73 @@
+"""What datasets/convert.py does: read a source, split, check, write, pre-flight the result, summarise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .records import Source
+from .write import SPLITS, assign_splits, summary, usable, write_json, write_shards
+
+TARGETS = ("json", "wds")
+
+
+def _too_long(phi: str, bert_vocab_path: str):
+    """caption -> whether it exceeds the context of phi's text tower (counting the start and end tokens)."""
+    from nets import get_config
+
+    from ..tokenizer import build_tokenizer
+
+    text = get_config(phi).text
+    tokenizer = build_tokenizer("bert" if text.is_bert else "openai", text.context_length,
+                                bert_vocab_path if text.is_bert else None)
+    return lambda caption: len(tokenizer.encode(caption)) + 2 > text.context_length
+
+
+def convert(cfg: dict) -> dict:
+    from . import SOURCES
+
+    if cfg["source"] not in SOURCES:
+        raise UserError(f"source {cfg['source']!r} is not one of {', '.join(SOURCES)}")
+    if cfg["to"] not in TARGETS:
+        raise UserError(f"to {cfg['to']!r} is not one of {', '.join(TARGETS)}")
+    if not 0 <= cfg["val_ratio"] + cfg["test_ratio"] < 1 or min(cfg["val_ratio"], cfg["test_ratio"]) < 0:
+        raise UserError("val_ratio and test_ratio must be 0 or more, with room left for train (sum below 1)")
+    if not cfg["name"]:
+        raise UserError("name must not be empty: it starts every output file name")
+    input_path = Path(cfg["input"])
+    if not input_path.exists() and cfg["source"] != "wds":
+        raise UserError(f"input {input_path} does not exist")
+    output_dir = Path(cfg["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images = Path(cfg["images"]) if cfg["images"] else (input_path if input_path.is_dir() else input_path.parent)
+    source = Source(input=input_path, images=images, work_dir=output_dir / cfg["name"],
+                    image_column=cfg["image_column"], caption_column=cfg["caption_column"],
+                    separator=cfg["separator"])
+    records = list(SOURCES[cfg["source"]](source))
+    source.problems.report(f"{cfg['source']} source {input_path}", cfg["skip_malformed"])
+    if not records:
+        raise UserError(f"{input_path} holds no images with captions for source {cfg['source']!r}")
+
+    splits, problems, captionless = usable(assign_splits(records, cfg["val_ratio"], cfg["test_ratio"], cfg["seed"]))
+    if not any(splits.values()):
+        raise UserError(f"none of the {len(records)} images of {input_path} is usable:\n  " + "\n  ".join(problems[:20]))
+    if cfg["to"] == "json":
+        written = write_json(splits, output_dir, cfg["name"], cfg["overwrite"])
+        from ..preflight import preflight
+
+        for path in written.values():  # what training will read must pass what training checks
+            preflight(path, output_dir, quiet=True)
+    else:
+        written = write_shards(splits, output_dir, cfg["name"], cfg["shard_size"], cfg["overwrite"])
+    print(f"{cfg['source']} {input_path} -> {output_dir}")
+    print(summary(splits, _too_long(cfg["phi"], cfg["bert_vocab_path"]), problems, captionless,
+                  source.problems.empty_captions, source.problems.uncaptioned))
+    for split in SPLITS:
+        if split in written:
+            target = written[split]
+            shown = target if isinstance(target, Path) else f"{target[0].parent}/{{00000..{len(target) - 1:05d}}}.tar"
+            print(f"  wrote {shown}")
+    if cfg["to"] == "json" and "train" in written:
+        val = f" --datasets_val_json_path {written['val']}" if "val" in written else ""
+        print(f"train with: python train.py --datasets_path {output_dir} --datasets_train_json_path "
+              f"{written['train']}{val}")
+    return {"splits": {s: len(splits[s]) for s in SPLITS}, "written": written, "problems": problems}
