@@ -74,3 +74,15 @@ def test_feature_cache_is_reused_and_invalidated(trained, tmp_path):
     count = len(list((root / "cache").glob("*.safetensors")))
     run_eval(root, "--feature_cache", "false")
     assert len(list((root / "cache").glob("*.safetensors"))) == count
+
+
+def test_an_unwritable_output_is_refused_before_encoding(trained, tmp_path):
+    root, _ = trained
+    (tmp_path / "file").write_text("not a folder")
+    args = ["--model_path", str(root / "run" / "last_epoch_weights.pth"), "--phi", "auto", "--datasets_path",
+            str(root / "toy"), "--datasets_val_json_path", str(root / "toy" / "en_val.json"),
+            "--output", str(tmp_path / "file" / "result.json")]
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                            env=TRAIN_ENV, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: output {tmp_path / 'file'} is not writable") and "images:" not in result.stderr

@@ -43,14 +43,14 @@ def _atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before training, not at the first save hours later."""
+def check_writable(folder: Path, setting: str = "save_dir") -> None:
+    """Fail before the work, not at the first save hours later; `setting` names the variable to change."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"save_dir {folder} is not writable ({e.strerror or e}); choose another save_dir") from e
+        raise UserError(f"{setting} {folder} is not writable ({e.strerror or e}); choose another {setting}") from e
 
 
 def state_path(save_dir: str | Path, global_step: int) -> Path:

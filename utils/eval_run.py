@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint import atomic_write_bytes, check_writable
 from .device import loader_workers
 from .evaluation import encode_set, score
 from .feature_cache import cache_key, load_features, save_features
@@ -36,6 +37,8 @@ def run_eval(cfg: dict) -> dict:
     root = Path(cfg["datasets_path"])
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
                         columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
+    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
+    check_writable(output.parent, "output")
     started = time.time()
     clip = CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
                 cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
@@ -58,11 +61,9 @@ def run_eval(cfg: dict) -> dict:
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})
     print(format_table(metrics))
     print(f"{len(entries)} images, {features[1].shape[0]} captions, {seconds:.1f} s")
-    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"metrics": metrics, "model_path": cfg["model_path"], "phi": clip.phi,
+    atomic_write_bytes(json.dumps({"metrics": metrics, "model_path": cfg["model_path"], "phi": clip.phi,
                                   "dataset": cfg["datasets_val_json_path"], "images": len(entries),
                                   "captions": int(features[1].shape[0]), "precision": clip.precision,
-                                  "seconds": seconds}, indent=2))
+                                  "seconds": seconds}, indent=2).encode("utf-8"), output)
     print(f"results written to {output}")
     return metrics
