@@ -66,10 +66,13 @@ eval_period = 5
 num_workers = None
 # The folder the JSON's image paths are relative to.
 datasets_path = "datasets/"
-# Training captions: a JSON list of {"image": "relative/path.jpg", "caption": ["...", ...]}, or the same as
-# JSON Lines (.jsonl), or a CSV/TSV file with one image and caption per row (rows of one image merge).
+# Training captions: a JSON list of {"image": "relative/path.jpg", "caption": ["...", ...]}, the same as JSON
+# Lines (.jsonl), a CSV/TSV file with one image and caption per row (rows of one image merge), or WebDataset
+# shards for data too big for a list: shards/{00000..00127}.tar, a .tar, or a .shards file listing them.
 datasets_train_json_path = "datasets/en_train.json"
-# Validation captions, in any of the same formats.
+# Shards only: an epoch is what every process is sure to get from its share of shards; N > 0 caps it at N samples.
+train_samples_per_epoch = 0
+# Validation captions, in any of the caption-file formats.
 datasets_val_json_path = "datasets/en_val.json"
 # .csv / .tsv caption files: the image and caption columns (open_clip's names by default).
 csv_image_column = "filepath"

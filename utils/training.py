@@ -24,6 +24,7 @@ from .images import eval_transform
 from .loss import ClipLoss
 from .optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from .preflight import preflight
+from .sources.stream import ShardStream, is_shard_source
 from .tokenizer import build_tokenizer
 from .weights import init_model
 
@@ -201,21 +202,35 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     tokenizer = build_tokenizer("bert" if config.text.is_bert else "openai", config.text.context_length,
                                 cfg["bert_vocab_path"] if config.text.is_bert else None)
     root = Path(cfg["datasets_path"])
-    train_entries, val_entries = (
-        preflight(cfg[name], root, cfg["num_workers"], cfg["skip_bad_samples"], quiet=not info.is_main,
-                  columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
-        for name in ("datasets_train_json_path", "datasets_val_json_path"))
+    columns = (cfg["csv_image_column"], cfg["csv_caption_column"])
+    val_entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
+                            quiet=not info.is_main, columns=columns)
     local_batch = cfg["batch_size"] // info.world_size
-    _check_batch("training", len(train_entries), cfg["batch_size"], info, cfg["datasets_train_json_path"])
     size = config.vision.image_size
-    train_set = CaptionDataset(train_entries, root, CaptionAugment(size, augment, cfg["letterbox_image"]), tokenizer,
-                               seed=cfg["seed"])
+    train_augment = CaptionAugment(size, augment, cfg["letterbox_image"])
+    if is_shard_source(cfg["datasets_train_json_path"]):
+        # The stream is its own sampler: set_epoch(epoch, start_batch) and batches_per_epoch().
+        train_sampler = ShardStream(cfg["datasets_train_json_path"], train_augment, tokenizer, local_batch,
+                                    cfg["seed"], info.rank, info.world_size, cfg["num_workers"],
+                                    cfg["train_samples_per_epoch"])
+        n_train = train_sampler.total_samples()
+        _check_batch("training", n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
+        # Not persistent: each epoch's workers must see the stream's new epoch.
+        train_loader = DataLoader(train_sampler, batch_size=None, num_workers=cfg["num_workers"],
+                                  pin_memory=device.type == "cuda",
+                                  worker_init_fn=_ignore_sigint if cfg["num_workers"] > 0 else None)
+    else:
+        train_entries = preflight(cfg["datasets_train_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
+                                  quiet=not info.is_main, columns=columns)
+        n_train = len(train_entries)
+        _check_batch("training", n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
+        train_set = CaptionDataset(train_entries, root, train_augment, tokenizer, seed=cfg["seed"])
+        train_sampler = EpochSampler(train_set, local_batch, info.world_size, info.rank, seed=cfg["seed"])
+        train_loader = _loader(train_set, train_sampler, local_batch, cfg, device)
     val_set = CaptionDataset(val_entries, root, CaptionAugment(size, "none", cfg["letterbox_image"]), tokenizer,
                              seed=cfg["seed"])
-    train_sampler = EpochSampler(train_set, local_batch, info.world_size, info.rank, seed=cfg["seed"])
     val_batch = min(cfg["batch_size"], len(val_entries)) // info.world_size
     val_sampler = EpochSampler(val_set, max(val_batch, 1), info.world_size, info.rank, seed=cfg["seed"], shuffle=False)
-    train_loader = _loader(train_set, train_sampler, local_batch, cfg, device)
     val_loader = _loader(val_set, val_sampler, max(val_batch, 1), cfg, device)
 
     steps_per_epoch = train_sampler.batches_per_epoch()
@@ -256,7 +271,7 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
         if cfg["scale_lr"] and (note := scaling_note((cfg["Init_lr"], cfg["Min_lr"]), (init_lr, min_lr),
                                                       cfg["batch_size"], cfg["optimizer_type"])):
             print(note)
-        print(f"{len(train_entries)} train / {len(val_entries)} val images, {steps_per_epoch} steps per epoch, "
+        print(f"{n_train} train / {len(val_entries)} val images, {steps_per_epoch} steps per epoch, "
               f"lr {init_lr:.2e} -> {min_lr:.2e} ({cfg['lr_decay_type']})")
         if resumed:
             print(f"resumed from {resume_path} at epoch {state['epoch'] + 1}, step {state['step']}")

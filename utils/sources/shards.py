@@ -21,7 +21,7 @@ def shard_paths(pattern: str | Path) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
         paths = sorted(path.glob("*.tar"))
-    elif path.suffix in (".txt", ".list") and path.is_file():
+    elif path.suffix in (".txt", ".list", ".shards", ".shardlist") and path.is_file():
         paths = [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         paths = [Path(p) for p in braceexpand(pattern)]
