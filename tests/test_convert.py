@@ -79,9 +79,11 @@ def test_karpathy_splits_restval_windows_paths_missing_images_and_empty_captions
 def test_coco_merges_an_images_captions_and_names_bad_annotations(tmp_path):
     for name in ("1.jpg", "2.jpg"):
         _image(tmp_path / "val2017" / name)
-    coco = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+    coco = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"},
+                       {"id": 3, "file_name": "3.jpg"}],  # 3.jpg is missing
             "annotations": [{"image_id": 1, "caption": "a red thing"}, {"image_id": 2, "caption": "two"},
-                            {"image_id": 1, "caption": "something red"}, {"image_id": 2, "caption": ""}]}
+                            {"image_id": 1, "caption": "something red"}, {"image_id": 2, "caption": ""},
+                            {"image_id": 3, "caption": "gone"}]}
     path = tmp_path / "captions_val2017.json"
     path.write_text(json.dumps(coco))
     written = _convert("coco", path, tmp_path, images=str(tmp_path / "val2017"), val_ratio=0.5)
@@ -92,7 +94,7 @@ def test_coco_merges_an_images_captions_and_names_bad_annotations(tmp_path):
         {"image": "val2017/2.jpg", "caption": ["two"]}]
     coco["annotations"].append({"image_id": 1})
     path.write_text(json.dumps(coco))
-    assert "annotations[4]: needs \"image_id\" and \"caption\"" in _error("coco", path, tmp_path / "o",
+    assert "annotations[5]: needs \"image_id\" and \"caption\"" in _error("coco", path, tmp_path / "o",
                                                                           images=str(tmp_path / "val2017"))
 
 
@@ -102,7 +104,8 @@ def test_flickr8k_token_file_with_its_split_lists(tmp_path):
     text = tmp_path / "Flickr8k_text"
     text.mkdir()
     (text / "Flickr8k.token.txt").write_text("1000.jpg#0\tA child in pink .\n1000.jpg#1\tA girl .\n"
-                                             "2000.jpg#0\tTwo dogs .\n3000.jpg#0\tA man .\n")
+                                             "2000.jpg#0\tTwo dogs .\n2000.jpg#1\t \n3000.jpg#0\tA man .\n"
+                                             "5000.jpg#0\tno such picture .\n")
     (text / "Flickr_8k.trainImages.txt").write_text("1000.jpg\n")
     (text / "Flickr_8k.devImages.txt").write_text("2000.jpg\n")
     (text / "Flickr_8k.testImages.txt").write_text("3000.jpg\n")
@@ -112,7 +115,7 @@ def test_flickr8k_token_file_with_its_split_lists(tmp_path):
                        "test": [{"image": "Flicker8k_Dataset/3000.jpg", "caption": ["A man ."]}]}
     with (text / "Flickr8k.token.txt").open("a") as f:
         f.write("4000.jpg#0 no tab here\n")
-    assert f"{text / 'Flickr8k.token.txt'}, line 5: expected name.jpg#k<TAB>caption" in _error(
+    assert f"{text / 'Flickr8k.token.txt'}, line 7: expected name.jpg#k<TAB>caption" in _error(
         "flickr8k", text / "Flickr8k.token.txt", tmp_path / "o", images=str(tmp_path / "Flicker8k_Dataset"))
 
 
