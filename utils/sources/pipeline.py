@@ -19,7 +19,10 @@ def _too_long(phi: str, bert_vocab_path: str):
     text = get_config(phi).text
     tokenizer = build_tokenizer("bert" if text.is_bert else "openai", text.context_length,
                                 bert_vocab_path if text.is_bert else None)
-    return lambda caption: len(tokenizer.encode(caption)) + 2 > text.context_length
+    room = text.context_length - 2
+    # A token covers at least one byte (BPE) or character (WordPiece), so shorter captions need no tokenizing.
+    measure = len if text.is_bert else (lambda caption: len(caption.encode("utf-8")))
+    return lambda caption: measure(caption) > room and len(tokenizer.encode(caption)) > room
 
 
 def convert(cfg: dict) -> dict:
