@@ -112,10 +112,12 @@ def test_samples_per_epoch_caps_an_epoch_and_corrupt_samples_are_skipped(shards,
     assert "skipped sample 000000001" in capsys.readouterr().err
 
 
-def test_too_few_shards_for_the_processes_is_refused(shards):
+def test_too_few_shards_or_samples_for_the_processes_is_refused(shards):
     from utils.errors import UserError
     with pytest.raises(UserError, match="8 shards cannot feed 2 process"):
         _stream(shards, rank=0, world_size=2, workers=5)
+    with pytest.raises(UserError, match="may get fewer than 16 samples"):
+        _stream(shards, rank=0, world_size=2, workers=2, batch=16)
 
 
 def test_two_gloo_processes_train_from_shards_and_resume_exactly(shards, tmp_path):

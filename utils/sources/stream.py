@@ -5,14 +5,16 @@ its loader worker w of W every W-th of those, so within an epoch every sample is
 Each worker shuffles its samples in a buffer seeded by (seed, epoch, rank, worker) and yields whole batches;
 the DataLoader takes them from the workers in turn. All of that is fixed by the seed and the per-shard sample
 counts (read once and cached beside the shards), so every rank knows in advance how many batches the epoch
-has (the fewest any rank can make, so that DDP's processes step together) and a resumed run skips exactly
-the batches already trained, without decoding them.
+has (the batches every rank is sure of, so that DDP's processes step together), and a resumed run replays
+the interrupted epoch and drops the batches it already trained, landing on the same next batch.
 """
 from __future__ import annotations
 
 import io
 import json
 import sys
+import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 from ..images import to_rgb
-from .shards import IMAGE_EXTENSIONS, sample_captions, samples, shard_paths
+from .shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
 
 COUNTS_FILE = ".clip_sample_counts.json"
 SHUFFLE_BUFFER = 1000
@@ -51,18 +54,14 @@ def shard_counts(shards: list[Path]) -> list[int]:
             changed = True
         counts.append(cache[key])
     if changed:
-        try:
-            cache_path.write_text(json.dumps(cache))
-        except OSError:
+        try:  # atomic: DDP's processes count at the same time
+            atomic_write_bytes(json.dumps(cache).encode("utf-8"), cache_path)
+        except (OSError, UserError):
             pass  # a read-only shard folder just counts again next time
     return counts
 
 
 def _keys(shard: Path):
-    import tarfile
-
-    from .shards import member_key
-
     try:
         with tarfile.open(shard) as tar:
             last = None
@@ -100,6 +99,10 @@ class ShardStream(IterableDataset):
                             "loader worker(s) without reading a sample twice; write smaller shards (convert.py "
                             "--to wds --shard_size) or lower num_workers")
         self.epoch, self.start_batch = 0, 0
+        if self.batches_per_epoch() == 0:
+            raise UserError(f"{pattern}: some of the {self.world_size} x {self.workers} loader workers may get fewer "
+                            f"than {local_batch} samples (one batch per process) in an epoch; lower num_workers or "
+                            "batch_size, or cap less with train_samples_per_epoch")
 
     def total_samples(self) -> int:
         return sum(self.counts)
@@ -197,6 +200,4 @@ class ShardStream(IterableDataset):
 
 def hash_key(key: str) -> int:
     """A stable (unlike hash()) integer of a sample key, for its caption choice and augmentation."""
-    import zlib
-
     return zlib.crc32(key.encode("utf-8"))
