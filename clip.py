@@ -5,6 +5,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
@@ -73,6 +74,22 @@ class CLIP(object):
                                                         self.tokenize(texts).to(self.device))
         logits = scale * image_features @ text_features.t()
         return logits.float().softmax(dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def class_embeddings(self, labels: Sequence[str], templates: str = "") -> torch.Tensor:
+        """(len(labels), dim) unit vectors, each the ensemble of its prompt templates (utils/zeroshot.py)."""
+        from utils.zeroshot import class_embeddings, load_templates
+
+        language = "cn" if self.net.config.text.is_bert else "en"
+        return class_embeddings(self.net.encode_text, self.tokenizer, list(labels), load_templates(templates, language),
+                                self.device)
+
+    @torch.no_grad()
+    def classify(self, image: Image.Image, class_embeddings: torch.Tensor) -> np.ndarray:
+        """Probabilities (1, classes) over the classes of `class_embeddings()`."""
+        image_features = F.normalize(self.net.encode_image(self.preprocess(image).to(self.device)).float(), dim=-1)
+        logits = self.net.logit_scale.exp().float() * image_features @ class_embeddings.t()
+        return logits.softmax(dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def detect_image_for_eval(self, images=None, texts=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -1,23 +1,33 @@
-r"""Image<->text retrieval recall@1/5/10 on a JSON caption set (the original's metric and keys).
+r"""Image<->text retrieval recall@1/5/10 on a caption set (the original's metric and keys), or zero-shot
+classification of an image-folder tree (eval_type zeroshot).
 
     python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --datasets_path datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json
+    python eval.py --eval_type zeroshot --datasets_path my_classes/ --model_path ... --output results.json
 
 Every variable below is also a --flag of the same name; --help lists them.
 """
 from utils.config import run_script
 
+# "retrieval" (image<->text recall@K, the original's) or "zeroshot" (classification: README, "Zero-shot").
+eval_type = "retrieval"
 # Weights: any supported file or transformers folder (README, "Weights").
 model_path = "model_data/ViT-B-32-OpenAI.pth"
 # Architecture name from nets/configs.py, or "auto" to read it from the weights.
 phi = "openai/VIT-B-32"
-# The folder the JSON's image paths are relative to.
+# The folder the JSON's image paths are relative to; zeroshot: the image-folder tree, one subfolder per class.
 datasets_path = "datasets/"
-# The captions to retrieve: a JSON list of {"image": ..., "caption": [...]}, JSON Lines, or CSV/TSV.
+# The captions to retrieve: a JSON list of {"image": ..., "caption": [...]}, JSON Lines, or CSV/TSV; zeroshot:
+# when this file exists and its entries carry an integer "label" (names from classnames), it replaces the tree.
 datasets_val_json_path = "datasets/en_val.json"
 # .csv / .tsv caption files: the image and caption columns (open_clip's names by default).
 csv_image_column = "filepath"
 csv_caption_column = "title"
+# zeroshot: a file with one class name per line, in sorted-folder (or label) order; "" = the folder names.
+classnames = ""
+# zeroshot: prompt templates with {c} for the class name: a JSON list file, one template, or "" = OpenAI's 80
+# ImageNet templates (English) or model_data/templates_cn.json (Chinese text towers).
+templates = ""
 # Images (or captions) encoded at a time.
 batch_size = 64
 # Image loading processes; None: as many as this machine's cores, at most 4.

@@ -14,6 +14,11 @@ model_path = "model_data/ViT-B-32-OpenAI.pth"
 phi = "openai/VIT-B-32"
 # Captions to score; edit here or pass --captions "..." "...".
 captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", "a green triangle"]
+# Zero-shot classes: when given, each label is scored through the prompt templates (ensembled) instead of captions.
+labels = []
+# Prompt templates with {c} for the label: a JSON list file, one template, or "" = OpenAI's 80 ImageNet templates
+# (model_data/templates_cn.json for Chinese text towers).
+templates = ""
 # Answer for this image once instead of asking in a loop.
 image = ""
 # Fit the whole image on a grey canvas instead of cropping its centre.
@@ -23,17 +28,16 @@ Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
 
-def answer(model, path: str, texts: list[str]) -> str | None:
-    """Print each caption's probability for the image at `path`; or return why the image cannot be read."""
+def answer(score, path: str, names: list[str]) -> str | None:
+    """Print each name's probability for the image at `path`; or return why the image cannot be read."""
     from utils.images import open_rgb
 
     try:
         picture = open_rgb(path)
     except Exception as e:  # any unreadable path (missing, directory, not an image, too large)
         return f"cannot open {path!r} ({type(e).__name__}: {e})"
-    probs = model.detect_image(picture, texts)[0]
-    for p, text in sorted(zip(probs, texts), key=lambda pair: -pair[0]):
-        print(f"{p:.4f}  {text}")
+    for p, name in sorted(zip(score(picture)[0], names), key=lambda pair: -pair[0]):
+        print(f"{p:.4f}  {name}")
     return None
 
 
@@ -43,9 +47,15 @@ def main(config: dict, explicit: dict) -> None:
 
     model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                  cuda=config["Cuda"], precision=config["precision"])
-    texts = list(config["captions"])
+    if config["labels"]:
+        names = list(config["labels"])
+        classes = model.class_embeddings(names, config["templates"])
+        score = lambda picture: model.classify(picture, classes)  # noqa: E731
+    else:
+        names = list(config["captions"])
+        score = lambda picture: model.detect_image(picture, names)  # noqa: E731
     if config["image"]:
-        if problem := answer(model, config["image"], texts):
+        if problem := answer(score, config["image"], names):
             raise UserError(problem)
         return
     while True:
@@ -56,7 +66,7 @@ def main(config: dict, explicit: dict) -> None:
             return
         if not path:
             return
-        if problem := answer(model, path, texts):
+        if problem := answer(score, path, names):
             print(f"{problem}, try again")
 
 if __name__ == "__main__":

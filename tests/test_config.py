@@ -119,7 +119,7 @@ def test_help_lists_every_variable_with_its_default_and_comment(script):
             shown = entry.group(2)
             assert shown == (f"{default:g}" if isinstance(default, float) else
                              repr(default) if isinstance(default, str) else
-                             " ".join(map(repr, default)) if isinstance(default, list) else str(default))
+                             (" ".join(map(repr, default)) or "(empty)") if isinstance(default, list) else str(default))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

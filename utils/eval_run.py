@@ -5,11 +5,16 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from .checkpoint import atomic_write_bytes, check_writable
 from .device import loader_workers
-from .evaluation import encode_set, score
+from .errors import UserError
+from .evaluation import encode_images, encode_set, score
 from .feature_cache import cache_key, load_features, save_features
-from .preflight import preflight
+from .preflight import image_problem, preflight, read_annotations
+from .zeroshot import (class_embeddings, folder_dataset, format_classes, labelled_json, load_templates,
+                       plot_confusion, zeroshot_metrics)
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
 
@@ -30,9 +35,99 @@ def default_output(model_path: str, json_path: str) -> Path:
     return Path("logs") / f"eval_{weights}_{Path(json_path).stem}.json"
 
 
+EVAL_TYPES = ("retrieval", "zeroshot")
+
+
 def run_eval(cfg: dict) -> dict:
+    if cfg["eval_type"] not in EVAL_TYPES:
+        raise UserError(f"eval_type {cfg['eval_type']!r} is not one of {', '.join(EVAL_TYPES)}")
+    if cfg["eval_type"] == "zeroshot":
+        return run_zeroshot(cfg)
+    return run_retrieval(cfg)
+
+
+def _cached(cfg: dict, clip, json_path, root: Path, entries: list[dict], preprocessing: dict, encode) -> tuple:
+    """(image features, text features) from the feature cache, or from `encode()` and then cached."""
+    key = None
+    if cfg["feature_cache"] and cfg["model_path"]:
+        key = cache_key(cfg["model_path"], clip.phi, json_path, root, entries, preprocessing)
+        features = load_features(cfg["cache_dir"], key)
+        if features is not None:
+            print(f"using cached features ({cfg['cache_dir']}/{key}.safetensors)")
+            return features
+    features = encode()
+    if key is not None:
+        save_features(cfg["cache_dir"], key, *features)
+    return features
+
+
+def _load_clip(cfg: dict):
     from clip import CLIP
 
+    return CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
+                cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
+
+
+def _zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
+    """Class names, entries and the JSON file (None for an image-folder tree) of a zero-shot evaluation: the
+    labelled JSON at datasets_val_json_path when it exists and carries "label"s, else the folder tree."""
+    json_path = Path(cfg["datasets_val_json_path"])
+    root = Path(cfg["datasets_path"])
+    if json_path.is_file():
+        raw = read_annotations(json_path)
+        if raw and isinstance(raw[0], dict) and "label" in raw[0]:
+            names, entries = labelled_json(raw, json_path, cfg["classnames"])
+            missing = [e["image"] for e in entries if image_problem(root / e["image"])]
+            if missing and not cfg["skip_bad_samples"]:
+                raise UserError(f"{json_path}: {len(missing)} images are missing or unreadable under {root}, e.g. "
+                                f"{missing[0]}; fix them or set skip_bad_samples=True")
+            return names, [e for e in entries if e["image"] not in set(missing)], json_path
+    names, entries = folder_dataset(root, cfg["classnames"])
+    return names, entries, None
+
+
+def run_zeroshot(cfg: dict) -> dict:
+    """Zero-shot classification (CLIP_benchmark's metrics and results schema)."""
+    cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
+    root = Path(cfg["datasets_path"])
+    names, entries, json_path = _zeroshot_set(cfg)
+    dataset_name = Path(json_path).stem if json_path else root.resolve().name
+    output = Path(cfg["output"]) if cfg["output"] else \
+        Path("logs") / f"zeroshot_{Path(cfg['model_path']).stem if cfg['model_path'] else 'random'}_{dataset_name}.json"
+    check_writable(output.parent, "output")
+    started = time.time()
+    clip = _load_clip(cfg)
+    language = "cn" if clip.net.config.text.is_bert else "en"
+    templates = load_templates(cfg["templates"], language)
+    preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
+                     "letterbox": cfg["letterbox_image"], "precision": clip.precision, "classnames": names,
+                     "templates": templates}
+
+    def encode() -> tuple:
+        images = encode_images(clip.net, entries, root, clip.transform, cfg["batch_size"], cfg["num_workers"],
+                               clip.device)
+        return images, class_embeddings(clip.net.encode_text, clip.tokenizer, names, templates, clip.device)
+
+    image_features, classes = _cached(cfg, clip, json_path, root, entries, preprocessing, encode)
+    labels = torch.tensor([e["label"] for e in entries])
+    result = zeroshot_metrics(image_features.float() @ classes.float().T, labels)
+    seconds = time.time() - started
+    metrics = result["metrics"]
+    print(format_classes(names, result))
+    print(", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
+    print(f"{len(entries)} images, {len(names)} classes, {len(templates)} templates, {seconds:.1f} s")
+    plot = output.with_name(output.stem + "_confusion.png")
+    plot_confusion(names, result["confusion"], plot, f"{dataset_name}: acc1 {100 * metrics['acc1']:.1f}%")
+    atomic_write_bytes(json.dumps({
+        "dataset": str(json_path or root), "model": cfg["model_path"] or clip.phi, "phi": clip.phi,
+        "task": "zeroshot_classification", "metrics": metrics, "language": language,
+        "classnames": names, "per_class_recall": result["per_class_recall"], "images": len(entries),
+        "templates": len(templates), "seconds": seconds}, indent=2, ensure_ascii=False).encode("utf-8"), output)
+    print(f"results written to {output}, confusion matrix to {plot}")
+    return metrics
+
+
+def run_retrieval(cfg: dict) -> dict:
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
@@ -40,22 +135,12 @@ def run_eval(cfg: dict) -> dict:
     output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
     check_writable(output.parent, "output")
     started = time.time()
-    clip = CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
-                cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
+    clip = _load_clip(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
                      "precision": clip.precision, "context_length": clip.net.config.text.context_length}
-    key = None
-    features = None
-    if cfg["feature_cache"] and cfg["model_path"]:
-        key = cache_key(cfg["model_path"], clip.phi, cfg["datasets_val_json_path"], root, entries, preprocessing)
-        features = load_features(cfg["cache_dir"], key)
-        if features is not None:
-            print(f"using cached features ({cfg['cache_dir']}/{key}.safetensors)")
-    if features is None:
-        features = encode_set(clip.net, entries, root, clip.transform, clip.tokenizer, cfg["batch_size"],
-                              cfg["num_workers"], clip.device)
-        if key is not None:
-            save_features(cfg["cache_dir"], key, *features)
+    features = _cached(cfg, clip, cfg["datasets_val_json_path"], root, entries, preprocessing,
+                       lambda: encode_set(clip.net, entries, root, clip.transform, clip.tokenizer, cfg["batch_size"],
+                                          cfg["num_workers"], clip.device))
     metrics = score(entries, *features, device=clip.device)
     seconds = time.time() - started
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})
