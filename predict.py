@@ -1,13 +1,18 @@
-"""Zero-shot prediction: type an image path, get one probability per caption.
+"""Zero-shot prediction: type an image path, get one probability per caption (or label).
 
     python predict.py                              # the loop: "Input image path:", Ctrl-D or empty line to quit
     python predict.py --image img/example.jpg      # answer once
     python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
+    python predict.py --labels dog cat bird        # zero-shot classes through prompt templates
+    python predict.py --mode dir_predict --dir_origin_path my_photos/ --labels dog cat   # a folder to a CSV
+    python predict.py --mode fps                   # images/s and captions/s of this model here
 """
 from __future__ import annotations
 
 from utils.config import run_script
 
+# "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV) or "fps" (speed).
+mode = "predict"
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
 # Architecture name from nets/configs.py, or "auto" to read it from the weights.
@@ -21,6 +26,14 @@ labels = []
 templates = ""
 # Answer for this image once instead of asking in a loop.
 image = ""
+# dir_predict: the folder whose images (searched recursively) are scored...
+dir_origin_path = "img/"
+# ...and where predictions.csv goes (path, then the top_k labels or captions with their probabilities).
+dir_save_path = "img_out/"
+# dir_predict: how many of the best labels (or captions) each row lists.
+top_k = 5
+# dir_predict and fps: images per batch (fps also measures batch 1).
+batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
 # Use the GPU; None: when one is available.
@@ -41,19 +54,45 @@ def answer(score, path: str, names: list[str]) -> str | None:
     return None
 
 
+_MODES = ("predict", "dir_predict", "fps")
+
+
 def main(config: dict, explicit: dict) -> None:
+    import torch
+
     from clip import CLIP
     from utils.errors import UserError
+
+    if config["mode"] not in _MODES:
+        raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
 
     model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                  cuda=config["Cuda"], precision=config["precision"])
     if config["labels"]:
         names = list(config["labels"])
-        classes = model.class_embeddings(names, config["templates"])
-        score = lambda picture: model.classify(picture, classes)  # noqa: E731
+        targets = model.class_embeddings(names, config["templates"])
+        score = lambda picture: model.classify(picture, targets)  # noqa: E731
     else:
         names = list(config["captions"])
+        targets = None
         score = lambda picture: model.detect_image(picture, names)  # noqa: E731
+    if config["mode"] == "dir_predict":
+        from utils.predict.folder import predict_folder
+
+        if targets is None:
+            targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
+        out, scored, problems = predict_folder(model, names, targets, config["dir_origin_path"],
+                                               config["dir_save_path"], config["top_k"], config["batch_size"])
+        for problem in problems[:20]:
+            print(f"skipped {problem}")
+        print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")
+        return
+    if config["mode"] == "fps":
+        from utils.predict.speed import encoding_speed, format_speeds
+
+        print(format_speeds(encoding_speed(model, (1, config["batch_size"])),
+                            f"{model.phi} on {model.device} ({model.precision})"))
+        return
     if config["image"]:
         if problem := answer(score, config["image"], names):
             raise UserError(problem)

@@ -103,7 +103,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_variable_with_its_default_and_comment(script):
     namespace = {"__file__": str(ROOT / script)}
     source = (ROOT / script).read_text(encoding="utf-8")
-    exec(compile(source.split("\n\ndef ")[0].split("\nif __name__")[0], script, "exec"), namespace)
+    exec(compile(source.split("\nif __name__")[0], script, "exec"), namespace)  # the whole module, as run
     comments = config_comments(source)
     variables = config_block(namespace)
     for flag in ("--help", "-h"):

@@ -35,7 +35,7 @@ _NOT_NEGATIVE = (_number(lambda v: v >= 0), "0 or more")
 # a config block too): {name: (test, what the value must be)}.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _AT_LEAST_1, "Epoch": _AT_LEAST_1, "save_period": _AT_LEAST_1, "eval_period": _AT_LEAST_1,
-    "keep_states": _AT_LEAST_1, "max_bad_steps": _AT_LEAST_1, "Init_Epoch": _NOT_NEGATIVE,
+    "keep_states": _AT_LEAST_1, "max_bad_steps": _AT_LEAST_1, "top_k": _AT_LEAST_1, "Init_Epoch": _NOT_NEGATIVE,
     "stop_after_steps": _NOT_NEGATIVE, "train_samples_per_epoch": _NOT_NEGATIVE, "seed": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE,
     "weight_decay": _NOT_NEGATIVE, "Min_lr": _NOT_NEGATIVE, "Init_lr": (_number(lambda v: v > 0), "above 0"),
     "momentum": (_number(lambda v: 0 <= v < 1), "0 or more and below 1"),

@@ -1,0 +1,86 @@
+"""predict.py's modes beyond the loop: dir_predict writes a CSV of the top labels, fps measures speed."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from clip import CLIP
+from nets import build_model, get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("w") / "tiny.pth"
+    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
+    return path
+
+
+def _predict(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=180)
+
+
+def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.new("RGB", (50, 30), (200, 20, 20)).save(photos / "red.jpg")
+    Image.new("RGB", (30, 50), (20, 20, 200)).save(photos / "sub" / "blue.png")
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    (photos / "notes.txt").write_text("ignored: not an image suffix")
+    labels = ["red square", "blue square", "cat"]
+    result = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
+                      "--dir_save_path", tmp_path / "out", "--labels", *labels, "--templates", "a photo of a {c}.",
+                      "--top_k", 2, "--batch_size", 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "broken.jpg" in result.stdout and "2 images scored" in result.stdout
+    rows = list(csv.reader((tmp_path / "out" / "predictions.csv").open()))
+    assert rows[0] == ["path", "label1", "prob1", "label2", "prob2"]
+    assert [r[0] for r in rows[1:]] == ["red.jpg", "sub/blue.png"]
+    model = CLIP(model_path=str(weights), phi="auto", cuda=False)
+    classes = model.class_embeddings(labels, "a photo of a {c}.")
+    for row, name in zip(rows[1:], ["red.jpg", "sub/blue.png"]):
+        probs = model.classify(Image.open(photos / name), classes)[0]
+        best = probs.argsort()[::-1][:2]
+        assert row[1::2] == [labels[i] for i in best]
+        assert [float(p) for p in row[2::2]] == pytest.approx([probs[i] for i in best], abs=1e-4)
+
+
+def test_dir_predict_with_captions_and_with_nothing_readable(weights, tmp_path):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(photos / "g.jpg")
+    ok = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
+                  "--dir_save_path", tmp_path / "o", "--captions", "a green thing", "a red thing")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    model = CLIP(model_path=str(weights), phi="auto", cuda=False)
+    expected = model.detect_image(Image.open(photos / "g.jpg"), ["a green thing", "a red thing"])[0]
+    row = list(csv.reader((tmp_path / "o" / "predictions.csv").open()))[1]
+    assert {row[1]: float(row[2]), row[3]: float(row[4])} == pytest.approx(
+        {"a green thing": expected[0], "a red thing": expected[1]}, abs=1e-4)
+    (photos / "g.jpg").write_bytes(b"broken")
+    bad = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
+                   "--dir_save_path", tmp_path / "o2")
+    assert bad.returncode == 2 and "none of the 1 images" in bad.stderr and "Traceback" not in bad.stderr
+    empty = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path",
+                     tmp_path / "missing")
+    assert empty.returncode == 2 and "is not a folder" in empty.stderr
+
+
+def test_fps_reports_images_and_captions_per_second(weights):
+    result = _predict("--mode", "fps", "--model_path", weights, "--phi", "auto", "--batch_size", 4)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    images = next(line for line in lines if line.startswith("images"))
+    captions = next(line for line in lines if line.startswith("captions"))
+    assert len(images.split()) == 3 and all(float(x.rstrip("/s")) > 0 for x in images.split()[1:])
+    assert len(captions.split()) == 3
+    assert _predict("--mode", "paint").stderr.startswith("error: mode 'paint' is not one of predict, dir_predict, fps")

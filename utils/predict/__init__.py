@@ -1,0 +1,1 @@
+"""What predict.py does besides its loop, one module per mode: folder prediction to CSV and the speed check."""
