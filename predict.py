@@ -5,13 +5,15 @@
     python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
     python predict.py --labels dog cat bird        # zero-shot classes through prompt templates
     python predict.py --mode dir_predict --dir_origin_path my_photos/ --labels dog cat   # a folder to a CSV
+    python predict.py --mode search --dir_origin_path my_photos/   # text or an image path -> the best matches
     python predict.py --mode fps                   # images/s and captions/s of this model here
 """
 from __future__ import annotations
 
 from utils.config import run_script
 
-# "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV) or "fps" (speed).
+# "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV), "search" (find
+# images of dir_origin_path by text or by example) or "fps" (speed).
 mode = "predict"
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -32,6 +34,12 @@ dir_origin_path = "img/"
 dir_save_path = "img_out/"
 # dir_predict: how many of the best labels (or captions) each row lists.
 top_k = 5
+# search: where the index of dir_origin_path's image features is kept (updated incrementally on each run)...
+index_dir = "logs/search_index"
+# ...re-encoded from scratch when true (needed after changing weights or phi)...
+rebuild_index = False
+# ...and answered once for this query (a text, or an image path) instead of asking in a loop.
+query = ""
 # dir_predict and fps: images per batch (fps also measures batch 1).
 batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
@@ -54,7 +62,7 @@ def answer(score, path: str, names: list[str]) -> str | None:
     return None
 
 
-_MODES = ("predict", "dir_predict", "fps")
+_MODES = ("predict", "dir_predict", "search", "fps")
 
 
 def main(config: dict, explicit: dict) -> None:
@@ -86,6 +94,11 @@ def main(config: dict, explicit: dict) -> None:
         for problem in problems[:20]:
             print(f"skipped {problem}")
         print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")
+        return
+    if config["mode"] == "search":
+        from utils.predict.search import run_search
+
+        run_search(model, config)
         return
     if config["mode"] == "fps":
         from utils.predict.speed import encoding_speed, format_speeds
