@@ -6,6 +6,7 @@
     python predict.py --labels dog cat bird        # zero-shot classes through prompt templates
     python predict.py --mode dir_predict --dir_origin_path my_photos/ --labels dog cat   # a folder to a CSV
     python predict.py --mode search --dir_origin_path my_photos/   # text or an image path -> the best matches
+    python predict.py --mode web --dir_origin_path my_photos/      # a page on http://127.0.0.1:7860/
     python predict.py --mode fps                   # images/s and captions/s of this model here
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from utils.config import run_script
 
 # "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV), "search" (find
-# images of dir_origin_path by text or by example) or "fps" (speed).
+# images of dir_origin_path by text or by example), "web" (a local page for both) or "fps" (speed).
 mode = "predict"
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -40,6 +41,8 @@ index_dir = "logs/search_index"
 rebuild_index = False
 # ...and answered once for this query (a text, or an image path) instead of asking in a loop.
 query = ""
+# web: the port of the page, served on 127.0.0.1 only.
+port = 7860
 # dir_predict and fps: images per batch (fps also measures batch 1).
 batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
@@ -62,7 +65,7 @@ def answer(score, path: str, names: list[str]) -> str | None:
     return None
 
 
-_MODES = ("predict", "dir_predict", "search", "fps")
+_MODES = ("predict", "dir_predict", "search", "web", "fps")
 
 
 def main(config: dict, explicit: dict) -> None:
@@ -99,6 +102,11 @@ def main(config: dict, explicit: dict) -> None:
         from utils.predict.search import run_search
 
         run_search(model, config)
+        return
+    if config["mode"] == "web":
+        from utils.web.app import serve
+
+        serve(model, config)
         return
     if config["mode"] == "fps":
         from utils.predict.speed import encoding_speed, format_speeds

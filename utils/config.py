@@ -39,6 +39,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop_after_steps": _NOT_NEGATIVE, "train_samples_per_epoch": _NOT_NEGATIVE, "seed": _NOT_NEGATIVE, "grad_clip": _NOT_NEGATIVE,
     "weight_decay": _NOT_NEGATIVE, "Min_lr": _NOT_NEGATIVE, "Init_lr": (_number(lambda v: v > 0), "above 0"),
     "momentum": (_number(lambda v: 0 <= v < 1), "0 or more and below 1"),
+    "port": (_number(lambda v: 1 <= v <= 65535), "a port number, 1 to 65535"),
     "warmup_ratio": (_number(lambda v: 0 <= v <= 1), "between 0 and 1"),
     "Cuda": (lambda v: v is None or isinstance(v, bool), "true, false or auto"),
     "num_workers": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),

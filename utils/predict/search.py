@@ -64,7 +64,10 @@ class SearchIndex:
         if not folder.is_dir():
             raise UserError(f"dir_origin_path {folder} is not a folder")
         current = {}
-        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        root = folder.resolve()
+        # A symlink out of the folder is not the folder's: the web page would refuse to show it.
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and root in p.resolve().parents):
             stat = path.stat()
             current[path.relative_to(folder).as_posix()] = (stat.st_size, stat.st_mtime_ns)
         known = {p: (i, s) for i, (p, s) in enumerate(zip(self.paths, self.stats))}

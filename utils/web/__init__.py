@@ -1,0 +1,1 @@
+"""predict.py mode="web": a local page (FastAPI + one static HTML/JS file) for classifying and searching."""

@@ -1,0 +1,112 @@
+"""The web app: JSON endpoints over a CLIP model and a SearchIndex, and the indexed folder's images.
+
+FastAPI because the page is one static HTML/JS file talking to four small JSON endpoints: nothing is fetched from
+outside (no CDN, no fonts, no telemetry, unlike Gradio's defaults), and the server is a plain ASGI app that tests
+can start on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch.nn.functional as F
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+
+from ..images import to_rgb
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_UPLOAD = 10 * 2**20
+
+
+def safe_file(folder: Path, relative: str) -> Path | None:
+    """`relative` inside `folder` as a real file, or None: no absolute paths, no `..`, no symlinks leading out."""
+    if not relative or relative.startswith(("/", "\\")) or ".." in Path(relative.replace("\\", "/")).parts:
+        return None
+    root = folder.resolve()
+    path = (root / relative).resolve()  # follows symlinks: one pointing out of the folder lands outside root
+    if root not in path.parents or not path.is_file():
+        return None
+    return path
+
+
+async def _image(upload: UploadFile) -> Image.Image:
+    data = await upload.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, f"the image is larger than {MAX_UPLOAD // 2**20} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return to_rgb(image)
+    except Exception:  # PIL raises many types for non-images
+        raise HTTPException(400, f"{upload.filename or 'the upload'} is not an image this page can read") from None
+
+
+def create_app(model, index=None, folder: str | Path | None = None, templates: str = "") -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    folder = Path(folder) if folder else None
+
+    @app.exception_handler(HTTPException)
+    async def message(_request, error: HTTPException):
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/api/classify")
+    async def classify(image: UploadFile = File(...), texts: str = Form(...), kind: str = Form("labels")):
+        names = [t.strip() for t in texts.splitlines() if t.strip()]
+        if not names:
+            raise HTTPException(400, "type at least one label or caption, one per line")
+        picture = await _image(image)
+        if kind == "labels":
+            probs = model.classify(picture, model.class_embeddings(names, templates))[0]
+        else:
+            probs = model.detect_image(picture, names)[0]
+        return {"names": names, "probs": [float(p) for p in probs]}
+
+    def _results(vector, k: int) -> dict:
+        if index is None:
+            raise HTTPException(400, "no folder is indexed: start with --dir_origin_path")
+        return {"results": [{"path": p, "score": s} for p, s in index.query(vector, k)]}
+
+    @app.get("/api/search")
+    def search_text(q: str, k: int = 12):
+        if not q.strip():
+            raise HTTPException(400, "type something to search for")
+        return _results(F.normalize(model.detect_image_for_eval(texts=[q])[1].float(), dim=-1)[0].cpu(), k)
+
+    @app.post("/api/search_image")
+    async def search_image(image: UploadFile = File(...), k: int = Form(12)):
+        picture = await _image(image)
+        return _results(F.normalize(model.detect_image_for_eval(images=[picture])[0].float(), dim=-1)[0].cpu(), k)
+
+    @app.get("/images/{relative:path}")
+    def image_file(relative: str):
+        path = safe_file(folder, relative) if folder else None
+        if path is None:
+            raise HTTPException(404, "no such image in the indexed folder")
+        return FileResponse(path)
+
+    return app
+
+
+def serve(model, config: dict) -> None:
+    """predict.py mode="web": index dir_origin_path (when it exists) and serve the page on 127.0.0.1:port."""
+    import uvicorn
+
+    from ..predict.search import SearchIndex, encode_paths, model_identity
+
+    index, folder = None, Path(config["dir_origin_path"])
+    if folder.is_dir():
+        index = SearchIndex(config["index_dir"], model_identity(config["model_path"], model.phi),
+                            config["rebuild_index"])
+        counts = index.update(folder, encode_paths(model, config["batch_size"]))
+        print(f"index {config['index_dir']}: {len(index.paths)} images of {folder} ({counts['new']} new, "
+              f"{counts['changed']} changed, {counts['removed']} removed)")
+    else:
+        print(f"dir_origin_path {folder} is not a folder: the search tab stays empty")
+    print(f"open http://127.0.0.1:{config['port']}/  (Ctrl-C stops the server)")
+    uvicorn.run(create_app(model, index, folder if index else None, config["templates"]), host="127.0.0.1",
+                port=config["port"], log_level="warning")
