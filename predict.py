@@ -87,6 +87,9 @@ def main(config: dict, explicit: dict) -> None:
         names = list(config["captions"])
         targets = None
         score = lambda picture: model.detect_image(picture, names)  # noqa: E731
+    if not names and config["mode"] not in ("fps", "search", "web"):
+        raise UserError("nothing to score against: give captions or labels (--captions \"a dog\" \"a cat\", or "
+                        "--labels dog cat)")
     if config["mode"] == "dir_predict":
         from utils.predict.folder import predict_folder
 

@@ -84,3 +84,15 @@ def test_fps_reports_images_and_captions_per_second(weights):
     assert len(images.split()) == 3 and all(float(x.rstrip("/s")) > 0 for x in images.split()[1:])
     assert len(captions.split()) == 3
     assert _predict("--mode", "paint").stderr.startswith("error: mode 'paint' is not one of predict, dir_predict, fps")
+
+
+def test_a_config_block_with_no_captions_and_no_labels_is_one_line(tmp_path):
+    source = (ROOT / "predict.py").read_text()
+    edited = source.replace('captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", '
+                            '"a green triangle"]', "captions = []")
+    assert edited != source
+    (tmp_path / "predict.py").write_text(edited)
+    result = subprocess.run([sys.executable, str(tmp_path / "predict.py"), "--model_path", "", "--phi",
+                             "tiny/VIT-T-8", "--image", str(ROOT / "img" / "example.jpg")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stderr.startswith("error: nothing to score against")
