@@ -46,3 +46,26 @@ def small_pair():
     ours = build_model(SMALL).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     return ours, reference
+
+
+def run_script(script: str, *args, capsys=None) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python <script> args...` run in this process: the script's config block
+    and main through utils.config.run_script, as the command line runs them, without a new interpreter's
+    seconds of imports. Needs pytest's capsys to collect the output."""
+    import importlib.util
+    from pathlib import Path
+
+    from utils.config import run_script as run
+
+    path = Path(script) if Path(script).is_absolute() else Path(__file__).resolve().parents[1] / script
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    try:
+        run(vars(module), module.main, [str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

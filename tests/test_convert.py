@@ -4,14 +4,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.conftest import run_script
 from utils.errors import UserError
 from utils.sources.pipeline import convert
 
@@ -239,24 +238,22 @@ def test_existing_outputs_are_never_overwritten_without_overwrite(tmp_path):
     assert _convert("jsonl", lines, tmp_path, overwrite=True)["train"][0]["caption"] == ["one"]
 
 
-def test_the_script_summarises_and_says_how_to_train(tmp_path):
+def test_the_script_summarises_and_says_how_to_train(tmp_path, capsys):
     _image(tmp_path / "a.jpg")
     _image(tmp_path / "b.jpg", colour=(1, 2, 3))
     long = " ".join(["word"] * 100)
     (tmp_path / "set.jsonl").write_text(f'{{"image": "a.jpg", "caption": ["one", "one"]}}\n'
                                         f'{{"image": "b.jpg", "caption": "{long}"}}\n')
-    result = subprocess.run([sys.executable, str(ROOT / "datasets" / "convert.py"), "--source", "jsonl", "--input",
-                             str(tmp_path / "set.jsonl"), "--output_dir", str(tmp_path), "--name", "mine"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "train        2 images         3 captions" in result.stdout
-    assert "exact-duplicate images: 0; exact-duplicate captions: 1" in result.stdout
-    assert "captions longer than the text tower's context: 1 (33.3%" in result.stdout
+    code, out, err = run_script("datasets/convert.py", "--source", "jsonl", "--input", tmp_path / "set.jsonl",
+                                "--output_dir", tmp_path, "--name", "mine", capsys=capsys)
+    assert code == 0, err
+    assert "train        2 images         3 captions" in out
+    assert "exact-duplicate images: 0; exact-duplicate captions: 1" in out
+    assert "captions longer than the text tower's context: 1 (33.3%" in out
     assert f"train with: python train.py --datasets_path {tmp_path} --datasets_train_json_path " \
-           f"{tmp_path / 'mine_train.json'}" in result.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "datasets" / "convert.py"), "--source", "excel"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: source 'excel' is not one of karpathy, coco")
+           f"{tmp_path / 'mine_train.json'}" in out
+    code, _, err = run_script("datasets/convert.py", "--source", "excel", capsys=capsys)
+    assert code == 2 and err.startswith("error: source 'excel' is not one of karpathy, coco")
 
 
 def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):

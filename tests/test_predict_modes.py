@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from PIL import Image
 
 from clip import CLIP
 from nets import build_model, get_config
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,12 +23,18 @@ def weights(tmp_path_factory):
     return path
 
 
-def _predict(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=180)
+class _Result:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = code, stdout, stderr
 
 
-def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_path):
+@pytest.fixture
+def _predict(capsys):
+    """predict.py with these arguments, in this process (tests/conftest.run_script)."""
+    return lambda *args: _Result(*run_script("predict.py", *args, capsys=capsys))
+
+
+def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_path, _predict):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     Image.new("RGB", (50, 30), (200, 20, 20)).save(photos / "red.jpg")
@@ -54,7 +59,7 @@ def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_
         assert [float(p) for p in row[2::2]] == pytest.approx([probs[i] for i in best], abs=1e-4)
 
 
-def test_dir_predict_with_captions_and_with_nothing_readable(weights, tmp_path):
+def test_dir_predict_with_captions_and_with_nothing_readable(weights, tmp_path, _predict):
     photos = tmp_path / "p"
     photos.mkdir()
     Image.new("RGB", (40, 40), (10, 200, 10)).save(photos / "g.jpg")
@@ -75,7 +80,7 @@ def test_dir_predict_with_captions_and_with_nothing_readable(weights, tmp_path):
     assert empty.returncode == 2 and "is not a folder" in empty.stderr
 
 
-def test_fps_reports_images_and_captions_per_second(weights):
+def test_fps_reports_images_and_captions_per_second(weights, _predict):
     result = _predict("--mode", "fps", "--model_path", weights, "--phi", "auto", "--batch_size", 4)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -83,16 +88,16 @@ def test_fps_reports_images_and_captions_per_second(weights):
     captions = next(line for line in lines if line.startswith("captions"))
     assert len(images.split()) == 3 and all(float(x.rstrip("/s")) > 0 for x in images.split()[1:])
     assert len(captions.split()) == 3
-    assert _predict("--mode", "paint").stderr.startswith("error: mode 'paint' is not one of predict, dir_predict, fps")
+    assert _predict("--mode", "paint").stderr.startswith(
+        "error: mode 'paint' is not one of predict, dir_predict, search, web, fps")
 
 
-def test_a_config_block_with_no_captions_and_no_labels_is_one_line(tmp_path):
+def test_a_config_block_with_no_captions_and_no_labels_is_one_line(tmp_path, capsys):
     source = (ROOT / "predict.py").read_text()
     edited = source.replace('captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", '
                             '"a green triangle"]', "captions = []")
     assert edited != source
     (tmp_path / "predict.py").write_text(edited)
-    result = subprocess.run([sys.executable, str(tmp_path / "predict.py"), "--model_path", "", "--phi",
-                             "tiny/VIT-T-8", "--image", str(ROOT / "img" / "example.jpg")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 2 and result.stderr.startswith("error: nothing to score against")
+    code, _, err = run_script(str(tmp_path / "predict.py"), "--model_path", "", "--phi", "tiny/VIT-T-8", "--image",
+                              ROOT / "img" / "example.jpg", capsys=capsys)
+    assert code == 2 and err.startswith("error: nothing to score against")

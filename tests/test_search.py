@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
+from tests.conftest import run_script
 from utils.errors import UserError
 from utils.predict import search
 from utils.predict.search import SearchIndex, top_k
@@ -83,7 +82,7 @@ def test_updates_encode_only_new_and_changed_images_and_drop_deleted_ones(tmp_pa
     assert SearchIndex(tmp_path / "index", "model-2", rebuild=True).paths == []
 
 
-def test_search_mode_end_to_end_by_text_and_by_example(tmp_path):
+def test_search_mode_end_to_end_by_text_and_by_example(tmp_path, capsys):
     torch.manual_seed(3)
     weights = tmp_path / "tiny.pth"
     torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
@@ -92,22 +91,17 @@ def test_search_mode_end_to_end_by_text_and_by_example(tmp_path):
     for i, colour in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)]):
         Image.new("RGB", (48, 48), colour).save(photos / f"{i}.png")
 
-    def run(query: str, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "predict.py"), "--mode", "search", "--model_path",
-                               str(weights), "--phi", "auto", "--dir_origin_path", str(photos), "--index_dir",
-                               str(tmp_path / "index"), "--top_k", "3", "--query", query, *extra],
-                              capture_output=True, text=True, cwd=ROOT, timeout=180)
+    def run(query: str, model_path=weights, phi="auto") -> tuple[int, str, str]:
+        return run_script("predict.py", "--mode", "search", "--model_path", model_path, "--phi", phi,
+                          "--dir_origin_path", photos, "--index_dir", tmp_path / "index", "--top_k", 3, "--query",
+                          query, capsys=capsys)
 
-    first = run(str(photos / "2.png"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "4 images (4 new, 0 changed re-encoded, 0 removed" in first.stdout
-    hits = [line.split("  ", 1) for line in first.stdout.splitlines()[1:]]
+    code, out, err = run(str(photos / "2.png"))
+    assert code == 0, err[-2000:]
+    assert "4 images (4 new, 0 changed re-encoded, 0 removed" in out
+    hits = [line.split("  ", 1) for line in out.splitlines()[1:]]
     assert len(hits) == 3 and hits[0][1] == str(photos / "2.png") and float(hits[0][0]) == pytest.approx(1.0, abs=1e-4)
-    second = run("a red square")
-    assert "4 images (0 new, 0 changed re-encoded, 0 removed" in second.stdout
-    assert len(second.stdout.splitlines()) == 4
-    other = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--mode", "search", "--model_path", "",
-                            "--phi", "tiny/VIT-T-8", "--dir_origin_path", str(photos), "--index_dir",
-                            str(tmp_path / "index"), "--query", "x"], capture_output=True, text=True, cwd=ROOT,
-                           timeout=180)
-    assert other.returncode == 2 and "--rebuild_index true" in other.stderr
+    code, out, _ = run("a red square")
+    assert "4 images (0 new, 0 changed re-encoded, 0 removed" in out and len(out.splitlines()) == 4
+    code, _, err = run("x", model_path="", phi="tiny/VIT-T-8")
+    assert code == 2 and "--rebuild_index true" in err

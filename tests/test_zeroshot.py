@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
+from tests.conftest import run_script
 from utils.errors import UserError
 from utils.tokenizer import build_tokenizer
 from utils.zeroshot import class_embeddings, folder_dataset, load_templates, zeroshot_metrics
@@ -87,13 +86,18 @@ def _folder_tree(root: Path) -> None:
             Image.new("RGB", (40, 40), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
 
 
-def _eval(**settings) -> subprocess.CompletedProcess:
+class _Result:
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = code, stdout, stderr
+
+
+def _eval(capsys, **settings) -> _Result:
     args = [x for k, v in settings.items() for x in (f"--{k}", str(v))]
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), "--eval_type", "zeroshot", "--phi", "auto",
-                           "--num_workers", "0", *args], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    return _Result(*run_script("eval.py", "--eval_type", "zeroshot", "--phi", "auto", "--num_workers", "0", *args,
+                               capsys=capsys))
 
 
-def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path):
+def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "tiny.pth"
     torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
@@ -102,7 +106,7 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path)
     out = tmp_path / "results.json"
     common = dict(model_path=weights, datasets_path=tree, templates="a photo of {c}.")
     folder_run = dict(common, datasets_val_json_path=tmp_path / "none.json", output=out, cache_dir=tmp_path / "cache")
-    first = _eval(**folder_run)
+    first = _eval(capsys, **folder_run)
     assert first.returncode == 0, first.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["task"] == "zeroshot_classification" and results["language"] == "en"
@@ -110,7 +114,7 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path)
     assert results["classnames"] == ["blue things", "green things", "red things"] and results["images"] == 7
     assert (tmp_path / "results_confusion.png").stat().st_size > 0
     assert "blue things" in first.stdout and "acc1" in first.stdout
-    second = _eval(**folder_run)
+    second = _eval(capsys, **folder_run)
     assert "using cached features" in second.stdout and json.loads(out.read_text())["metrics"] == results["metrics"]
 
     # The same images as the original's JSON with integer labels and a classnames file give the same numbers.
@@ -119,25 +123,24 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path)
                for p in sorted((tree / folder).iterdir())]
     (tmp_path / "labelled.json").write_text(json.dumps(entries))
     (tmp_path / "names.txt").write_text("blue things\ngreen things\nred things\n")
-    labelled = _eval(**common, datasets_val_json_path=tmp_path / "labelled.json", classnames=tmp_path / "names.txt",
+    labelled = _eval(capsys, **common, datasets_val_json_path=tmp_path / "labelled.json", classnames=tmp_path / "names.txt",
                      output=tmp_path / "l.json", feature_cache="false")
     assert labelled.returncode == 0, labelled.stderr[-2000:]
     assert json.loads((tmp_path / "l.json").read_text())["metrics"] == pytest.approx(results["metrics"])
-    bad = _eval(**dict(folder_run, templates="a photo"))
+    bad = _eval(capsys, **dict(folder_run, templates="a photo"))
     assert bad.returncode == 2 and bad.stderr.strip() == "error: template 'a photo' has no {c} where the class name goes"
 
 
-def test_predict_labels_with_one_template_equal_the_captions_it_makes(tmp_path):
+def test_predict_labels_with_one_template_equal_the_captions_it_makes(tmp_path, capsys):
     torch.manual_seed(1)
     weights = tmp_path / "tiny.pth"
     torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
 
     def run(*args: str) -> dict[str, float]:
-        result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--model_path", str(weights), "--phi",
-                                 "auto", "--image", str(ROOT / "img" / "example.jpg"), *args],
-                                capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert result.returncode == 0, result.stderr
-        return {line[8:]: float(line[:6]) for line in result.stdout.splitlines()}
+        code, out, err = run_script("predict.py", "--model_path", weights, "--phi", "auto", "--image",
+                                    ROOT / "img" / "example.jpg", *args, capsys=capsys)
+        assert code == 0, err
+        return {line[8:]: float(line[:6]) for line in out.splitlines()}
 
     by_label = run("--labels", "cat", "red circle", "--templates", "a photo of a {c}.")
     by_caption = run("--captions", "a photo of a cat.", "a photo of a red circle.")
