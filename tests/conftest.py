@@ -1,6 +1,8 @@
 """Shared builders: tiny CLIP configs, random token batches, reference models with the same weights."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -48,7 +50,13 @@ def small_pair():
     return ours, reference
 
 
-def run_script(script: str, *args, capsys=None) -> tuple[int, str, str]:
+class ScriptResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_script(script: str, *args, capsys=None) -> ScriptResult:
     """(exit status, stdout, stderr) of `python <script> args...` run in this process: the script's config block
     and main through utils.config.run_script, as the command line runs them, without a new interpreter's
     seconds of imports. Needs pytest's capsys to collect the output."""
@@ -68,4 +76,4 @@ def run_script(script: str, *args, capsys=None) -> tuple[int, str, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
-    return code, out, err
+    return ScriptResult(code, out, err)

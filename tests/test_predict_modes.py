@@ -23,15 +23,10 @@ def weights(tmp_path_factory):
     return path
 
 
-class _Result:
-    def __init__(self, code: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = code, stdout, stderr
-
-
 @pytest.fixture
 def _predict(capsys):
     """predict.py with these arguments, in this process (tests/conftest.run_script)."""
-    return lambda *args: _Result(*run_script("predict.py", *args, capsys=capsys))
+    return lambda *args: run_script("predict.py", *args, capsys=capsys)
 
 
 def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_path, _predict):

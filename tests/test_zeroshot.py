@@ -86,15 +86,10 @@ def _folder_tree(root: Path) -> None:
             Image.new("RGB", (40, 40), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
 
 
-class _Result:
-    def __init__(self, code: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = code, stdout, stderr
-
-
-def _eval(capsys, **settings) -> _Result:
+def _eval(capsys, **settings):
     args = [x for k, v in settings.items() for x in (f"--{k}", str(v))]
-    return _Result(*run_script("eval.py", "--eval_type", "zeroshot", "--phi", "auto", "--num_workers", "0", *args,
-                               capsys=capsys))
+    return run_script("eval.py", "--eval_type", "zeroshot", "--phi", "auto", "--num_workers", "0", *args,
+                      capsys=capsys)
 
 
 def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path, capsys):

@@ -81,7 +81,8 @@ def _zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
             if missing and not cfg["skip_bad_samples"]:
                 raise UserError(f"{json_path}: {len(missing)} images are missing or unreadable under {root}, e.g. "
                                 f"{missing[0]}; fix them or set skip_bad_samples=True")
-            return names, [e for e in entries if e["image"] not in set(missing)], json_path
+            missing = set(missing)
+            return names, [e for e in entries if e["image"] not in missing], json_path
     names, entries = folder_dataset(root, cfg["classnames"])
     return names, entries, None
 

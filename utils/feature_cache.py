@@ -19,16 +19,21 @@ def _file_digest(path: Path, h) -> None:
             h.update(chunk)
 
 
-def cache_key(model_path: str | Path, phi: str, json_path: str | Path | None, root: str | Path, entries: list[dict],
-              preprocessing: dict) -> str:
-    """sha256 over the weights' bytes, phi, the dataset file's bytes (when there is one), each image's size and
-    mtime, and preprocessing."""
-    h = hashlib.sha256()
+def hash_weights(h, model_path: str | Path) -> None:
+    """Feed a weight file's bytes (or every file of a transformers folder, with its name) into `h`."""
     weights = Path(model_path)
     for path in sorted(weights.rglob("*")) if weights.is_dir() else [weights]:
         if path.is_file():
             h.update(path.name.encode())
             _file_digest(path, h)
+
+
+def cache_key(model_path: str | Path, phi: str, json_path: str | Path | None, root: str | Path, entries: list[dict],
+              preprocessing: dict) -> str:
+    """sha256 over the weights' bytes, phi, the dataset file's bytes (when there is one), each image's size and
+    mtime, and preprocessing."""
+    h = hashlib.sha256()
+    hash_weights(h, model_path)
     if json_path is not None:
         _file_digest(Path(json_path), h)
     for entry in entries:

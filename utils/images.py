@@ -1,6 +1,8 @@
 """Opening user images as RGB whatever their mode, and the preprocessing CLIP was trained with."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -9,6 +11,12 @@ from torchvision.transforms import InterpolationMode, v2
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 LETTERBOX_FILL = (128, 128, 128)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every file under `folder` (recursively) with an image suffix, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .images import IMAGE_SUFFIXES, image_files
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
 DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def load_templates(spec: str, language: str = "en") -> list[str]:
@@ -63,8 +63,7 @@ def folder_dataset(root: str | Path, classnames: str = "") -> tuple[list[str], l
         raise UserError(f"{root} has no class subfolders; zero-shot evaluation needs one folder of images per class")
     entries = []
     for label, folder in enumerate(folders):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        entries += [{"image": p.relative_to(root).as_posix(), "label": label} for p in images]
+        entries += [{"image": p.relative_to(root).as_posix(), "label": label} for p in image_files(folder)]
     if not entries:
         raise UserError(f"the class folders under {root} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     names = read_classnames(classnames, len(folders)) if classnames else [f.name.replace("_", " ") for f in folders]

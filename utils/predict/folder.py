@@ -13,9 +13,8 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write_bytes, check_writable
 from ..errors import UserError
-from ..images import open_rgb
+from ..images import IMAGE_SUFFIXES, image_files, open_rgb
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SHOWN = 20
 
 
@@ -23,7 +22,7 @@ def images_under(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"dir_origin_path {folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = image_files(folder)
     if not paths:
         raise UserError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}), searched recursively")
     return paths

@@ -17,21 +17,19 @@ from safetensors.torch import load_file, save
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
-from .folder import IMAGE_SUFFIXES
+from ..feature_cache import hash_weights
+from ..images import IMAGE_SUFFIXES, image_files
 
 CHUNK = 65536
 
 
 def model_identity(model_path: str, phi: str) -> str:
     """What the features depend on: the weights' bytes (sha256) and the architecture."""
+    if not model_path:
+        return f"random:{phi}"
     h = hashlib.sha256(phi.encode())
-    weights = Path(model_path) if model_path else None
-    for path in (sorted(weights.rglob("*")) if weights.is_dir() else [weights]) if weights else []:
-        if path.is_file():
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-    return h.hexdigest()[:32] if weights else f"random:{phi}"
+    hash_weights(h, model_path)
+    return h.hexdigest()[:32]
 
 
 class SearchIndex:
@@ -66,8 +64,7 @@ class SearchIndex:
         current = {}
         root = folder.resolve()
         # A symlink out of the folder is not the folder's: the web page would refuse to show it.
-        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and root in p.resolve().parents):
+        for path in (p for p in image_files(folder) if root in p.resolve().parents):
             stat = path.stat()
             current[path.relative_to(folder).as_posix()] = (stat.st_size, stat.st_mtime_ns)
         known = {p: (i, s) for i, (p, s) in enumerate(zip(self.paths, self.stats))}

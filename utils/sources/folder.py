@@ -4,15 +4,15 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..errors import UserError
+from ..images import image_files
 from .records import Record, Source
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def read_folder(source: Source) -> Iterator[Record]:
     if not source.input.is_dir():
         raise UserError(f"{source.input} is not a folder; point input at the folder of images and .txt files")
-    for image in sorted(p for p in source.input.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    for image in image_files(source.input):
         text = image.with_suffix(".txt")
         if not text.is_file():
             source.problems.uncaptioned.append(image)
