@@ -4,12 +4,14 @@ classification of an image-folder tree (eval_type zeroshot).
     python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --datasets_path datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json
     python eval.py --eval_type zeroshot --datasets_path my_classes/ --model_path ... --output results.json
+    python eval.py --eval_type wise_ft --wise_ft_start_path pretrained.pth --model_path finetuned.pth ...
 
 Every variable below is also a --flag of the same name; --help lists them.
 """
 from utils.config import run_script
 
-# "retrieval" (image<->text recall@K, the original's) or "zeroshot" (classification: README, "Zero-shot").
+# "retrieval" (image<->text recall@K, the original's), "zeroshot" (classification: README, "Zero-shot") or
+# "wise_ft" (retrieval of blends of wise_ft_start_path and model_path: README, "WiSE-FT").
 eval_type = "retrieval"
 # Weights: any supported file or transformers folder (README, "Weights").
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -48,6 +50,22 @@ output = ""
 feature_cache = True
 # ...kept in this folder.
 cache_dir = "logs/eval_cache"
+# wise_ft: the weights before fine-tuning (model_path holds the fine-tuned ones); each alpha's blend
+# (1 - alpha) * start + alpha * fine-tuned is scored on datasets_val_json_path.
+wise_ft_start_path = ""
+# wise_ft: the alphas to try, each from 0 (the start weights) to 1 (the fine-tuned weights).
+wise_ft_alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+# wise_ft: a control set for what the start could do: "" (none), "retrieval" (r_mean on a caption set) or
+# "zeroshot" (acc1 on a class tree); the chosen alpha has the best mean of both scores (no control: of r_mean).
+control_type = ""
+# wise_ft: the control set's folder (retrieval: the root of its images; zeroshot: one subfolder per class)...
+control_datasets_path = ""
+# ...and its caption file (retrieval), or a labelled JSON that replaces the tree (zeroshot; "" = the tree).
+control_json_path = ""
+# wise_ft: where wise_ft_weights.pth (the chosen alpha's weights), wise_ft_results.json and wise_ft.png go.
+wise_ft_save_dir = "logs/wise_ft"
+# wise_ft: replace those files when they exist; otherwise the sweep refuses before any work.
+wise_ft_overwrite = False
 
 def main(config: dict, explicit: dict) -> None:
     from utils.eval_run import run_eval

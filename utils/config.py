@@ -41,6 +41,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (_number(lambda v: 0 <= v < 1), "0 or more and below 1"),
     "port": (_number(lambda v: 1 <= v <= 65535), "a port number, 1 to 65535"),
     "warmup_ratio": (_number(lambda v: 0 <= v <= 1), "between 0 and 1"),
+    # WiSE-FT's blend weight: 0 is the start, 1 the fine-tuned weights; None (train.py) leaves them unblended.
+    "wise_ft_alpha": (lambda v: v is None or _number(lambda a: 0 <= a <= 1)(v), "a number from 0 to 1"),
+    "wise_ft_alphas": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                       and all(_number(lambda a: 0 <= a <= 1)(a) for a in v), "one or more numbers from 0 to 1"),
     "Cuda": (lambda v: v is None or isinstance(v, bool), "true, false or auto"),
     "num_workers": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                     "a whole number, 0 or more, or auto"),

@@ -35,7 +35,7 @@ def default_output(model_path: str, json_path: str) -> Path:
     return Path("logs") / f"eval_{weights}_{Path(json_path).stem}.json"
 
 
-EVAL_TYPES = ("retrieval", "zeroshot")
+EVAL_TYPES = ("retrieval", "zeroshot", "wise_ft")
 
 
 def run_eval(cfg: dict) -> dict:
@@ -43,6 +43,10 @@ def run_eval(cfg: dict) -> dict:
         raise UserError(f"eval_type {cfg['eval_type']!r} is not one of {', '.join(EVAL_TYPES)}")
     if cfg["eval_type"] == "zeroshot":
         return run_zeroshot(cfg)
+    if cfg["eval_type"] == "wise_ft":
+        from .finetune.wise_ft import run_sweep
+
+        return run_sweep(cfg)
     return run_retrieval(cfg)
 
 
@@ -61,14 +65,14 @@ def _cached(cfg: dict, clip, json_path, root: Path, entries: list[dict], preproc
     return features
 
 
-def _load_clip(cfg: dict):
+def load_clip(cfg: dict):
     from clip import CLIP
 
     return CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
                 cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
 
 
-def _zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
+def zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
     """Class names, entries and the JSON file (None for an image-folder tree) of a zero-shot evaluation: the
     labelled JSON at datasets_val_json_path when it exists and carries "label"s, else the folder tree."""
     json_path = Path(cfg["datasets_val_json_path"])
@@ -91,13 +95,13 @@ def run_zeroshot(cfg: dict) -> dict:
     """Zero-shot classification (CLIP_benchmark's metrics and results schema)."""
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
-    names, entries, json_path = _zeroshot_set(cfg)
+    names, entries, json_path = zeroshot_set(cfg)
     dataset_name = Path(json_path).stem if json_path else root.resolve().name
     output = Path(cfg["output"]) if cfg["output"] else \
         Path("logs") / f"zeroshot_{Path(cfg['model_path']).stem if cfg['model_path'] else 'random'}_{dataset_name}.json"
     check_writable(output.parent, "output")
     started = time.time()
-    clip = _load_clip(cfg)
+    clip = load_clip(cfg)
     language = "cn" if clip.net.config.text.is_bert else "en"
     templates = load_templates(cfg["templates"], language)
     preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
@@ -136,7 +140,7 @@ def run_retrieval(cfg: dict) -> dict:
     output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
     check_writable(output.parent, "output")
     started = time.time()
-    clip = _load_clip(cfg)
+    clip = load_clip(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
                      "precision": clip.precision, "context_length": clip.net.config.text.context_length}
     features = _cached(cfg, clip, cfg["datasets_val_json_path"], root, entries, preprocessing,

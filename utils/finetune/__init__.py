@@ -1,0 +1,1 @@
+"""Ways to fine-tune that keep what the pretrained weights knew, or that fit a small machine."""
