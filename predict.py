@@ -8,13 +8,16 @@
     python predict.py --mode search --dir_origin_path my_photos/   # text or an image path -> the best matches
     python predict.py --mode web --dir_origin_path my_photos/      # a page on http://127.0.0.1:7860/
     python predict.py --mode fps                   # images/s and captions/s of this model here
+    python predict.py --mode export_onnx --export_dir model_data/onnx   # image.onnx + text.onnx for deployment
+    python predict.py --mode predict_onnx --export_dir model_data/onnx  # the loop above, run by onnxruntime alone
 """
 from __future__ import annotations
 
 from utils.config import run_script
 
 # "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV), "search" (find
-# images of dir_origin_path by text or by example), "web" (a local page for both) or "fps" (speed).
+# images of dir_origin_path by text or by example), "web" (a local page for both), "fps" (speed), "export_onnx"
+# (write the model as ONNX to export_dir) or "predict_onnx" (the "predict" loop on export_dir with onnxruntime).
 mode = "predict"
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -47,6 +50,10 @@ port = 7860
 batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
+# export_onnx writes image.onnx, text.onnx, config.json and the tokenizer vocabulary here; predict_onnx reads them.
+export_dir = "model_data/onnx"
+# export_onnx: fp16 weights, inputs and outputs (for GPUs; onnxruntime's CPU provider runs it slowly).
+export_fp16 = False
 # Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
@@ -65,7 +72,7 @@ def answer(score, path: str, names: list[str]) -> str | None:
     return None
 
 
-_MODES = ("predict", "dir_predict", "search", "web", "fps")
+_MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx")
 
 
 def main(config: dict, explicit: dict) -> None:
@@ -77,8 +84,18 @@ def main(config: dict, explicit: dict) -> None:
     if config["mode"] not in _MODES:
         raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
 
-    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
-                 cuda=config["Cuda"], precision=config["precision"])
+    if config["mode"] == "export_onnx":
+        from utils.export.onnx_export import run_export
+
+        run_export(config)
+        return
+    if config["mode"] == "predict_onnx":
+        from utils.export.onnx_predict import OnnxCLIP
+
+        model = OnnxCLIP(config["export_dir"])  # the same calls as CLIP's, answered by onnxruntime
+    else:
+        model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
+                     cuda=config["Cuda"], precision=config["precision"])
     if config["labels"]:
         names = list(config["labels"])
         targets = model.class_embeddings(names, config["templates"])

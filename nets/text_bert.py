@@ -45,10 +45,14 @@ class BertTextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) WordPiece ids, [CLS] first, padded with 0."""
-        mask = tokens != self.pad_token_id
         # Padding is masked out of attention and pooling reads position 0, so trimming is exact.
-        length = int(mask.sum(dim=1).max())
-        tokens, mask = tokens[:, :length], mask[:, :length]
+        length = int((tokens != self.pad_token_id).sum(dim=1).max())
+        return self.forward_padded(tokens[:, :length])
+
+    def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`forward` over all L given positions (padding masked out), with no data-dependent shapes, as a
+        traced export (ONNX) needs."""
+        mask = tokens != self.pad_token_id
         out = self.transformer(input_ids=tokens, attention_mask=mask.long(), token_type_ids=torch.zeros_like(tokens))
         pooled = out.pooler_output if self.pooled else out.last_hidden_state[:, 0]
         return self.ln_final(pooled) @ self.text_projection

@@ -40,3 +40,15 @@ class OpenAITextTower(nn.Module):
         # Rows are packed in order, so each row's EOT is the last of its tokens.
         last = (eot + 1).cumsum(dim=0) - 1
         return self.ln_final(x[last]) @ self.text_projection
+
+    def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`forward` without packing: every one of the L given positions runs, under the causal mask.
+
+        Equal to `forward` (the mask is causal, so padding after EOT never reaches it) but with no
+        data-dependent shapes, which is what a traced export (ONNX) needs; L is at most context_length.
+        """
+        eot = tokens.argmax(dim=-1)
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # N, L, width
+        x = self.transformer(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # N, width: each row's EOT state
+        return self.ln_final(x) @ self.text_projection

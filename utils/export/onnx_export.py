@@ -1,0 +1,131 @@
+"""mode="export_onnx": image.onnx, text.onnx, config.json and the tokenizer's vocabulary in export_dir.
+
+Each file is checked in onnxruntime against the PyTorch model before anything is written, and all of them
+are written at once (temporary files renamed at the end), so a failure leaves an earlier export as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.checkpoint import check_writable
+from utils.errors import UserError
+from utils.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
+from utils.tokenizer import DEFAULT_BPE_PATH
+
+from .towers import encoders
+
+# 18 is the oldest opset torch's exporter writes; onnxruntime has run it since 1.14.
+OPSET = 18
+# Captions of several lengths for the parity check printed after export.
+_CHECK_CAPTIONS = ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "一只猫"]
+
+
+def export_tower(encoder: torch.nn.Module, dtype: torch.dtype) -> bytes:
+    """The serialised ONNX model of one wrapper from towers.py, its batch (and text length) dynamic."""
+    name = encoder.input_name
+    with torch.no_grad():
+        program = torch.onnx.export(encoder, (encoder.example(dtype),), input_names=[name],
+                                    output_names=["features"], dynamic_shapes=encoder.dynamic_shapes(),
+                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def session(model: bytes | str | Path):
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, inputs: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: inputs})[0]
+
+
+def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
+    """{file name: contents} of the export of `model` (a clip.CLIP), each ONNX file checked in onnxruntime
+    against PyTorch's fp32 features on a random batch; `log` gets one line per check."""
+    net = model.net.float().cpu().eval()
+    config = net.config
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randn(3, 3, config.vision.image_size, config.vision.image_size, generator=g),
+              "text": model.tokenize(_CHECK_CAPTIONS)}
+    with torch.no_grad():
+        # The towers' own forward (packed text), which the exported fixed-shape paths must equal.
+        expected = {"image": net.encode_image(inputs["image"]).numpy(),
+                    "text": net.encode_text(inputs["text"]).numpy()}
+    dtype = torch.float16 if fp16 else torch.float32
+    if fp16:
+        net.half()
+    files: dict[str, bytes] = {}
+    for tower, encoder in encoders(net).items():
+        files[f"{tower}.onnx"] = export_tower(encoder, dtype)
+        given = inputs[tower].numpy()
+        got = run_session(session(files[f"{tower}.onnx"]), given.astype(np.float16) if tower == "image" and fp16
+                          else given)
+        log(f"{tower}.onnx: max |onnxruntime - PyTorch fp32| = {np.abs(got.astype(np.float32) - expected[tower]).max():.2e}"
+            f" on a batch of {len(given)} (features up to {np.abs(expected[tower]).max():.2f})")
+    if config.text.is_bert:
+        vocab = Path(model.bert_vocab_path)
+    else:
+        vocab = DEFAULT_BPE_PATH
+    files[vocab.name] = vocab.read_bytes()
+    files["config.json"] = json.dumps({
+        "phi": model.phi,
+        "model": config.to_dict(),
+        "image_size": config.vision.image_size,
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "letterbox": bool(model.letterbox_image),
+        "letterbox_fill": list(LETTERBOX_FILL),
+        "context_length": config.text.context_length,
+        "tokenizer": "bert" if config.text.is_bert else "openai",
+        "vocab": vocab.name,
+        "dtype": "float16" if fp16 else "float32",
+        "features": "unnormalised",
+        "logit_scale": net.logit_scale.detach().float().exp().item(),
+        "opset": OPSET,
+    }, indent=2, ensure_ascii=False).encode("utf-8")
+    return files
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """All of `files` in `folder` or none of them: each is written and synced to a hidden temporary file, and
+    only when all are on disk are they renamed over any earlier ones."""
+    temps: dict[str, Path] = {}
+    name = ""
+    try:
+        for name, data in files.items():
+            # Not mkstemp: its files are private (0600), and an export is meant to be copied and served.
+            temps[name] = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(temps[name], "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+    except OSError as e:
+        raise UserError(f"could not write {folder / name} ({e.strerror or e}); free disk space or choose another "
+                        "export_dir. An earlier export there is untouched.") from e
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def run_export(config: dict) -> None:
+    """predict.py's export_onnx: the model of model_path/phi into export_dir."""
+    from clip import CLIP
+
+    folder = Path(config["export_dir"])
+    check_writable(folder, "export_dir")
+    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
+                 cuda=False, precision="fp32")
+    files = export_files(model, fp16=config["export_fp16"])
+    write_files(folder, files)
+    print(f"wrote {', '.join(files)} to {folder} ({'fp16' if config['export_fp16'] else 'fp32'}, opset {OPSET}); "
+          f"run it with: python predict.py --mode predict_onnx --export_dir {folder}")

@@ -1,0 +1,95 @@
+"""mode="predict_onnx": zero-shot scoring with an export_dir of export_onnx and onnxruntime alone.
+
+`OnnxCLIP` answers the calls predict.py's loop makes of `clip.CLIP` (detect_image, class_embeddings,
+classify) with numpy arrays; images are prepared with PIL and numpy (preprocess.py), text by the repo's
+tokenizer, whose ids are handed over as int64.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from utils.errors import UserError
+
+from . import preprocess
+
+_FILES = ("config.json", "image.onnx", "text.onnx")
+
+
+def _normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def trim_padding(tokens: np.ndarray) -> np.ndarray:
+    """`tokens` without the columns that are padding (0) in every row: the same features, less work."""
+    used = np.flatnonzero(tokens.any(axis=0))
+    return tokens[:, :max(2, int(used[-1]) + 1 if used.size else 2)]
+
+
+class OnnxCLIP:
+    def __init__(self, export_dir: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        from utils.tokenizer import build_tokenizer
+
+        folder = Path(export_dir)
+        missing = [name for name in _FILES if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"export_dir {folder} lacks {', '.join(missing)}; write it first with "
+                            f"python predict.py --mode export_onnx --export_dir {folder}")
+        self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        self.phi = self.config["phi"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.image_session, self.text_session = (
+            ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
+            for name in ("image.onnx", "text.onnx"))
+        self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
+                                         folder / self.config["vocab"])
+        self.logit_scale = float(self.config["logit_scale"])
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
+        from utils.images import to_rgb
+
+        images = [images] if isinstance(images, Image.Image) else images
+        return preprocess.pixels([to_rgb(image) for image in images], self.config)
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """(N, context_length) int64 ids, as text.onnx takes them."""
+        return self.tokenizer(texts).numpy().astype(np.int64)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
+
+    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.ascontiguousarray(trim_padding(tokens))
+        return self.text_session.run(None, {"tokens": tokens})[0].astype(np.float32)
+
+    def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities (1, len(texts)) that each caption describes the image, as `clip.CLIP.detect_image`."""
+        image_features = _normalise(self.encode_image(self.preprocess(image)))
+        text_features = _normalise(self.encode_text(self.tokenize(texts)))
+        return _softmax(self.logit_scale * image_features @ text_features.T)
+
+    def class_embeddings(self, labels: Sequence[str], templates: str = "") -> np.ndarray:
+        """(len(labels), dim) unit vectors, each the mean of its normalised template embeddings, renormalised."""
+        from utils.zeroshot import load_templates
+
+        prompts = load_templates(templates, "cn" if self.config["tokenizer"] == "bert" else "en")
+        rows = [_normalise(self.encode_text(self.tokenize([t.replace("{c}", name) for t in prompts]))).mean(0)
+                for name in labels]
+        return _normalise(np.stack(rows))
+
+    def classify(self, image: Image.Image, class_embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities (1, classes) over the classes of `class_embeddings()`."""
+        image_features = _normalise(self.encode_image(self.preprocess(image)))
+        return _softmax(self.logit_scale * image_features @ class_embeddings.T)
