@@ -1,0 +1,126 @@
+"""LoRA adapters (the `peft` package) on the towers' attention and MLP projections, and merging them back.
+
+The adapted model trains with its original weights frozen; every saved weight file is merged back
+(W + B A * alpha / r) into plain OpenAI keys, so it loads anywhere a fine-tuned CLIP loads. The adapter
+alone is saved too, as peft writes it (`adapter_model.safetensors` + `adapter_config.json`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_write_bytes
+from ..errors import UserError
+
+# What "attn" and "mlp" name in each tower: OpenAI blocks keep q, k and v in one `attn.in_proj_weight`
+# parameter (OpenAI's key name, so it is not a Linear module); BERT has a Linear for each.
+_ALIASES = {
+    "openai": {"attn": ("attn.in_proj_weight", "attn.out_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
+    "bert": {"attn": ("attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense"),
+             "mlp": ("intermediate.dense", "output.dense")},
+}
+ADAPTER_NAME = "default"
+
+
+def _kind(model, tower_name: str) -> str:
+    return "bert" if tower_name == "text" and model.config.text.is_bert else "openai"
+
+
+def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
+    """Full names of the Linear modules and bare weight parameters `targets` picks in `towers`."""
+    modules, params, unmatched = [], [], []
+    for target in targets:
+        found = 0
+        for tower_name in towers:
+            tower = getattr(model, tower_name)
+            suffixes = _ALIASES[_kind(model, tower_name)].get(target, (target,))
+            for name, module in tower.named_modules():
+                full = f"{tower_name}.{name}"
+                if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+                    if not (target == "mlp" and ".attention." in full):  # BERT's output.dense is also in attention
+                        modules.append(full)
+                        found += 1
+            for name, param in tower.named_parameters():
+                if param.ndim == 2 and name.endswith("in_proj_weight") and any(
+                        name == s or name.endswith("." + s) for s in suffixes):
+                    params.append(f"{tower_name}.{name}")
+                    found += 1
+        if not found:
+            unmatched.append(target)
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for t in towers for n, m in getattr(model, t).named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise UserError(f"lora_targets {', '.join(map(repr, unmatched))} match no layer of the "
+                        f"{' and '.join(towers)} tower(s); use 'attn', 'mlp' or a Linear layer's name "
+                        f"({', '.join(linear)})")
+    return sorted(set(modules)), sorted(set(params))
+
+
+def add_lora(model, cfg: dict) -> list[str]:
+    """Freeze the model and wrap the targeted layers of each unlocked tower in LoRA adapters, in place.
+
+    `logit_scale` keeps training. Returns the towers that received adapters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    towers = [name for name, locked in (("visual", cfg["lock_image"]), ("text", cfg["lock_text"])) if not locked]
+    if not towers:
+        raise UserError("lora_r > 0 with lock_image and lock_text both true leaves no tower for the adapters; "
+                        "unlock one of them")
+    modules, params = _targets(model, towers, list(cfg["lora_targets"]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                        target_modules=modules or None, target_parameters=params or None, bias="none")
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    model.logit_scale.requires_grad_(True)
+    return towers
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # Deepest first: an adapted attention's out_proj is itself adapted inside it.
+    return [(name, m) for name, m in reversed(list(model.named_modules())) if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(_tuner_layers(model))
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of `model` with every adapter merged into its base weights and the wrappers gone."""
+    plain = copy.deepcopy(model)
+    for name, layer in _tuner_layers(plain):
+        layer.merge(adapter_names=[ADAPTER_NAME])
+        parent_name, _, child = name.rpartition(".")
+        base = layer.get_base_layer()
+        setattr(plain.get_submodule(parent_name) if parent_name else plain, child, base)
+    if hasattr(plain, "peft_config"):
+        del plain.peft_config
+    return plain
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: OpenAI's keys, adapters merged where there are any, on the CPU."""
+    source = merged_copy(model) if has_lora(model) else model
+    return {k: v.detach().cpu() for k, v in source.state_dict().items()}
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """The adapter alone (peft's state dict and config), a small file beside the merged weights."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    atomic_write_bytes(save(tensors), folder / "adapter_model.safetensors")
+    config = model.peft_config[ADAPTER_NAME].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    atomic_write_bytes(json.dumps(config, indent=1, default=str).encode(), folder / "adapter_config.json")
+    return folder

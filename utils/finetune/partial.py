@@ -1,0 +1,75 @@
+"""Which parameters train: whole towers, the last groups of a locked tower, or LayerNorms only.
+
+A tower is a sequence of groups, input side first: the embeddings (with the ViT's ln_pre), one group
+per transformer block, the last block together with the final norm (ViT ln_post, OpenAI ln_final, BERT
+pooler and ln_final), then the projection. `unlocked` = N keeps the last N groups of a locked tower
+trainable; this is how open_clip counts `lock_image_unlocked_groups` / `lock_text_unlocked_layers`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def _groups(modules_and_params) -> list[list]:
+    return [item if isinstance(item, list) else [item] for item in modules_and_params]
+
+
+def vision_groups(visual) -> list[list]:
+    blocks = list(visual.transformer.resblocks)
+    return _groups([[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
+                    *blocks[:-1], [blocks[-1], visual.ln_post], visual.proj])
+
+
+def text_groups(text) -> list[list]:
+    if hasattr(text, "token_embedding"):  # OpenAI's causal tower
+        blocks = list(text.transformer.resblocks)
+        return _groups([[text.token_embedding, text.positional_embedding], *blocks[:-1],
+                        [blocks[-1], text.ln_final], text.text_projection])
+    bert = text.transformer
+    layers = list(bert.encoder.layer)
+    last = [layers[-1], text.ln_final] + ([bert.pooler] if bert.pooler is not None else [])
+    return _groups([bert.embeddings, *layers[:-1], last, text.text_projection])
+
+
+def _parameters(item) -> list[nn.Parameter]:
+    return list(item.parameters()) if isinstance(item, nn.Module) else [item]
+
+
+def lock_tower(groups: list[list], unlocked: int, freeze_layer_norm: bool) -> None:
+    """Freeze every group but the last `unlocked`; with freeze_layer_norm=False the LayerNorms of the
+    frozen groups keep training (a few thousand gains and biases that let the locked features re-centre)."""
+    frozen = groups[:len(groups) - unlocked] if unlocked > 0 else groups
+    for group in frozen:
+        for item in group:
+            for p in _parameters(item):
+                p.requires_grad_(False)
+            if not freeze_layer_norm and isinstance(item, nn.Module):
+                for module in item.modules():
+                    if isinstance(module, nn.LayerNorm):
+                        for p in module.parameters():
+                            p.requires_grad_(True)
+
+
+def apply_locks(model, cfg: dict) -> None:
+    """lock_image / lock_text with their unlocked groups, as the settings in train.py describe."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg["lock_image"]:
+        lock_tower(vision_groups(model.visual), cfg["lock_image_unlocked_groups"], cfg["lock_layer_norm"])
+    if cfg["lock_text"]:
+        lock_tower(text_groups(model.text), cfg["lock_text_unlocked_layers"], cfg["lock_layer_norm"])
+
+
+def tower_trains(tower: nn.Module) -> bool:
+    return any(p.requires_grad for p in tower.parameters())
+
+
+def parameter_summary(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = []
+    for name in ("visual", "text"):
+        tower = getattr(model, name)
+        t = sum(p.numel() for p in tower.parameters() if p.requires_grad)
+        parts.append(f"{name} {t:,}/{sum(p.numel() for p in tower.parameters()):,}")
+    return f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%; {', '.join(parts)})"
