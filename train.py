@@ -89,14 +89,36 @@ letterbox_image = False
 skip_bad_samples = False
 # Freeze the image tower (LiT).
 lock_image = False
+# ...but keep its last N groups training (groups: embeddings, each block, the last block with ln_post, proj).
+lock_image_unlocked_groups = 0
 # Freeze the text tower.
 lock_text = False
+# ...but keep its last N groups training (embeddings, each block, the last block with the final norm, projection).
+lock_text_unlocked_layers = 0
+# Freeze the LayerNorms of the locked groups too; False lets their gains and biases train.
+lock_layer_norm = True
+# LoRA rank (peft adapters on the unlocked towers; the base weights freeze); 0 = no LoRA. Saved weights are merged.
+lora_r = 0
+# LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_r.
+lora_alpha = 16
+# Dropout on the adapters' input.
+lora_dropout = 0.0
+# Layers that get adapters: "attn" (q, k, v and output projections), "mlp", or Linear layer names (e.g. c_fc).
+lora_targets = ["attn", "mlp"]
 # Recompute activations in the backward pass: less memory, more compute.
 grad_checkpointing = False
+# Split each process's batch into this many micro-batches (less memory), keeping every negative of the
+# whole batch: the gradients equal one batch of batch_size. Must divide batch_size / processes.
+accum_freq = 1
+# WiSE-FT: after the last epoch also save (1 - a) * starting weights + a * fine-tuned weights, a in [0, 1];
+# None = no blend. eval.py --eval_type wise_ft sweeps a on two weight files.
+wise_ft_alpha = None
 # Seed of the initialisation, shuffle order, caption choice and augmentation.
 seed = 11
 # Stop after this many non-finite losses in a row (each is skipped).
 max_bad_steps = 5
+# Resume even when an explicit --phi contradicts the state's architecture (the state's is kept).
+resume_force = False
 # "en" or "cn": the CPU demo on the generated toy set (its settings in utils/demo.py replace the defaults
 # above; flags given on the command line still win).
 demo = ""
@@ -108,7 +130,7 @@ def main(config: dict, explicit: dict) -> None:
     if config["demo"]:
         run_demo(config, explicit)
         return
-    summary = run_training(config)
+    summary = run_training(config, explicit)
     if summary["interrupted"] > 0:
         raise SystemExit(128 + summary["interrupted"])
 

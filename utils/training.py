@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -20,10 +19,14 @@ from .dataloader import CaptionDataset, EpochSampler
 from .device import PRECISIONS, autocast, loader_workers, resolve_device
 from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_across
 from .errors import UserError
+from .finetune.accum import CachedBatch, check_accum
+from .finetune.lora import add_lora, plain_state_dict, save_adapter
+from .finetune.partial import apply_locks, parameter_summary, tower_trains
 from .images import eval_transform
 from .loss import ClipLoss
 from .optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from .preflight import preflight
+from .savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
 from .sources.stream import ShardStream, is_shard_source
 from .tokenizer import build_tokenizer
 from .weights import init_model
@@ -64,12 +67,6 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _lock(model, lock_image: bool, lock_text: bool) -> None:
-    for tower, locked in ((model.visual, lock_image), (model.text, lock_text)):
-        for p in tower.parameters():
-            p.requires_grad_(not locked)
-
-
 def stop_requested(stop: StopFlag, state: dict, cfg: dict, info: DistInfo, device) -> bool:
     """A signal arrived or this invocation's `stop_after_steps` is spent, on any rank."""
     budget = cfg["stop_after_steps"]
@@ -82,16 +79,21 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
                   history: LossHistory | None) -> bool:
     """Train one epoch from `start_step`; returns False when a stop was requested mid-epoch."""
     model.train()
-    for tower, locked in ((_unwrap(model).visual, cfg["lock_image"]), (_unwrap(model).text, cfg["lock_text"])):
-        tower.train(not locked)  # a frozen tower also keeps its dropout off
+    for tower in (_unwrap(model).visual, _unwrap(model).text):
+        tower.train(tower_trains(tower))  # a frozen tower also keeps its dropout off
     total = len(loader) + start_step
+    accum_freq = cfg.get("accum_freq", 1)
     bar = tqdm(loader, total=total, initial=start_step, desc=f"Epoch {epoch}/{cfg['Epoch']}", disable=not info.is_main,
                dynamic_ncols=True)
     for step, (pixels, tokens) in enumerate(bar, start=start_step):
         pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        with autocast(device, PRECISIONS[precision]):
-            image_features, text_features, scale = model(pixels, tokens)
-            loss = criterion(image_features, text_features, scale)
+        if accum_freq > 1:
+            batch = CachedBatch(model, criterion, pixels, tokens, accum_freq, device, PRECISIONS[precision])
+            loss = batch.loss
+        else:
+            with autocast(device, PRECISIONS[precision]):
+                image_features, text_features, scale = model(pixels, tokens)
+                loss = criterion(image_features, text_features, scale)
         if not all_true(bool(torch.isfinite(loss)), info, device):
             state["bad_steps"] += 1
             state["bad_in_a_row"] += 1
@@ -102,7 +104,10 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
                                 "precision='fp32' or grad_clip, and check the data. Earlier checkpoints are intact.")
         else:
             state["bad_in_a_row"] = 0
-            scaler.scale(loss).backward()
+            if accum_freq > 1:
+                batch.backward(lambda micro_loss: scaler.scale(micro_loss).backward())
+            else:
+                scaler.scale(loss).backward()
             if cfg["grad_clip"] > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -154,15 +159,17 @@ def _check_batch(name: str, n: int, global_batch: int, info: DistInfo, json_path
                         f"lower batch_size to at most {n} (contrastive batches need that many distinct pairs)")
 
 
-def run_training(cfg: dict) -> dict:
-    """Everything train.py does. Returns a summary: last metrics, checkpoint paths, and whether it was interrupted."""
+def run_training(cfg: dict, explicit: dict | None = None) -> dict:
+    """Everything train.py does. Returns a summary: last metrics, checkpoint paths, and whether it was interrupted.
+    `explicit`: the settings the command line gave (a resume compares them with the state's run)."""
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     device = resolve_device(cfg["Cuda"])
     info = init_distributed(cfg["distributed"], device.type == "cuda")
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        return _train(cfg, device, info)
+        with hold_save_dir(cfg["save_dir"], info, device):  # one run per save_dir, before any work
+            return _train(cfg, device, info, explicit or {})
     finally:
         cleanup(info)
 
@@ -176,9 +183,10 @@ def _check_settings(cfg: dict) -> str:
     return augment_level(cfg["augment"], cfg["datasets_random"])
 
 
-def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
+def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict) -> dict:
     precision = resolve_training_precision(cfg, device)
     augment = _check_settings(cfg)
+    check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
     save_dir = Path(cfg["save_dir"])
     if info.is_main:
         check_writable(save_dir)
@@ -186,16 +194,26 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     if cfg["resume"] == "auto" and resume_path is None and info.is_main:
         print(f"resume='auto': no training state in {save_dir}, starting fresh")
     resumed = load_state(resume_path) if resume_path else None
+    if resumed:  # on every rank: a refusal must stop them all
+        differences = resume_differences(cfg, explicit, resumed["config"], resume_path)
+        if info.is_main and differences:
+            print("\n".join(differences))
 
     torch.manual_seed(cfg["seed"])
+    # Adapters are part of the architecture: a resumed state brings back the ones it was trained with.
+    tuning = {**cfg, "lora_r": 0, **{k: v for k, v in resumed["config"]["train"].items() if k.startswith("lora_")}} \
+        if resumed else cfg
     if resumed:
         model = build_model(CLIPConfig.from_dict(resumed["config"]["clip"]))
-        model.load_state_dict(resumed["model"])
         phi, sources = resumed["config"]["phi"], [f"all weights: resumed from {resume_path}"]
     else:
         model, phi, sources = init_model(cfg["phi"], cfg["model_path"], cfg["bert_path"])
     config = model.config
-    _lock(model, cfg["lock_image"], cfg["lock_text"])
+    apply_locks(model, cfg)
+    if tuning.get("lora_r", 0) > 0:
+        add_lora(model, tuning)
+    if resumed:
+        model.load_state_dict(resumed["model"])
     model.set_grad_checkpointing(cfg["grad_checkpointing"])
     model.to(device)
 
@@ -246,7 +264,7 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     criterion = ClipLoss(info)
 
     state = {"epoch": cfg["Init_Epoch"], "step": 0, "global_step": 0, "bad_steps": 0, "bad_in_a_row": 0,
-             "best_val_loss": float("inf"), "log_dir": str(save_dir / time.strftime("loss_%Y_%m_%d_%H_%M_%S"))}
+             "best_val_loss": float("inf"), "log_dir": str(unused_log_dir(save_dir))}
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -258,6 +276,8 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
         if state["step"] >= steps_per_epoch:
             state["epoch"], state["step"] = state["epoch"] + 1, 0
     state["run_start_step"] = state["global_step"]
+    if info.is_main:  # before the log folder's first write
+        warn_if_short_of_space(save_dir, model, cfg["optimizer_type"])
 
     history = LossHistory(state["log_dir"]) if info.is_main else None
     evaluator = EvalCallback(val_entries, root, eval_transform(size, cfg["letterbox_image"]), tokenizer,
@@ -266,6 +286,11 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
     if info.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         print(f"phi={phi}  device={device}  precision={precision}  processes={info.world_size}")
+        print(parameter_summary(model) + (f", LoRA r={tuning['lora_r']} on {'+'.join(tuning['lora_targets'])}"
+                                          if tuning.get("lora_r", 0) > 0 else ""))
+        if cfg["accum_freq"] > 1:
+            print(f"batch {cfg['batch_size']} per step as {cfg['accum_freq']} micro-batches of "
+                  f"{local_batch // cfg['accum_freq']} per process, every negative kept")
         for line in sources:
             print(line)
         if cfg["scale_lr"] and (note := scaling_note((cfg["Init_lr"], cfg["Min_lr"]), (init_lr, min_lr),
@@ -323,13 +348,15 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
                 record.update(metrics)
                 print("recall: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "_r" in k or k == "r_mean"))
             history.append(record)
-            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            weights = plain_state_dict(model)
             if (epoch + 1) % cfg["save_period"] == 0 or epoch + 1 == cfg["Epoch"]:
                 atomic_save(weights, save_dir / f"ep{epoch + 1:03d}-loss{train_loss:.3f}-val_loss{val_loss:.3f}.pth")
             if val_loss <= state["best_val_loss"]:
                 state["best_val_loss"] = val_loss
                 atomic_save(weights, save_dir / "best_epoch_weights.pth")
             atomic_save(weights, save_dir / "last_epoch_weights.pth")
+            if tuning.get("lora_r", 0) > 0:
+                save_adapter(model, save_dir / "last_epoch_lora")
             state["step"] = steps_per_epoch
             summary["state"] = str(save_state())
             state["step"] = 0
@@ -339,5 +366,22 @@ def _train(cfg: dict, device: torch.device, info: DistInfo) -> dict:
             return interrupted(Path(summary["state"]) if info.is_main else None)
     if history is not None:
         history.close()
+    if cfg["wise_ft_alpha"] is not None and info.is_main:
+        summary["wise_ft"] = str(_save_wise_ft(cfg, phi, plain_state_dict(model), save_dir))
     summary["bad_steps"] = state["bad_steps"]
     return summary
+
+
+def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path) -> Path:
+    """The WiSE-FT blend of the final weights with the starting ones, rebuilt as the run began them."""
+    from .finetune.wise_ft import interpolate
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        start, _, _ = init_model(phi, cfg["model_path"], cfg["bert_path"])
+    alpha = cfg["wise_ft_alpha"]
+    path = save_dir / f"wise_ft_alpha{alpha:g}_weights.pth"
+    atomic_save(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",
+                                                                    "the final weights")), path)
+    print(f"WiSE-FT: (1 - {alpha:g}) x starting weights + {alpha:g} x final weights saved to {path}")
+    return path
