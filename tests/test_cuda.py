@@ -74,3 +74,33 @@ def test_training_state_of_a_cuda_run_loads_on_the_cpu(toy, tmp_path):  # noqa: 
     model.load_state_dict(torch.load(tmp_path / "last_epoch_weights.pth", map_location="cpu", weights_only=True))
     state = load_state(newest_state(tmp_path))
     assert state["config"]["phi"] == "tiny/VIT-T-8"
+
+
+def test_cuda_accumulation_gradients_equal_one_batch():
+    """accum_freq on the GPU in fp32 (TF32 off): the whole batch's gradient within 1e-5."""
+    from utils.finetune.accum import CachedBatch
+    from utils.loss import ClipLoss
+
+    torch.manual_seed(0)
+    model = build_model(SMALL).cuda()
+    model.set_grad_checkpointing(True)
+    pixels, tokens = torch.randn(8, 3, 32, 32).cuda(), random_tokens(8, SMALL.text.vocab_size, seed=2).cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ClipLoss()(*model(pixels, tokens)).backward()
+        direct = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        CachedBatch(model, ClipLoss(), pixels, tokens, 4, pixels.device, torch.float32).backward(
+            lambda loss: loss.backward())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, direct[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_amp_training_with_accumulation_and_lora(toy, tmp_path, precision):  # noqa: F811
+    result = run_train(train_args(toy, tmp_path, Cuda="true", precision=precision, Epoch=1, eval_flag="false",
+                                  accum_freq=4, lora_r=4, grad_checkpointing="true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "as 4 micro-batches" in result.stdout and "LoRA r=4" in result.stdout
+    assert all(math.isfinite(x) for x in step_losses(tmp_path))
+    weights = torch.load(tmp_path / "last_epoch_weights.pth", map_location="cpu", weights_only=True)
+    build_model(get_config("tiny/VIT-T-8")).load_state_dict(weights)  # merged, plain keys
