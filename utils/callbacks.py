@@ -1,7 +1,9 @@
 """What a run leaves behind for people: a JSON-lines history, PNG curves and TensorBoard scalars."""
 from __future__ import annotations
 
+import io
 import json
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -10,22 +12,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .checkpoint import append_text, atomic_write_bytes, write_guard  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 
 
 class LossHistory:
     """One record per epoch in `history.jsonl`; curves redrawn from it, so a resumed run continues them.
-    One record per step in `steps.jsonl`."""
+    One record per step in `steps.jsonl`. Every write fails as one line naming the file (checkpoint.write_guard)."""
 
     def __init__(self, log_dir: str | Path, tensorboard: bool = True):
         self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with write_guard(self.log_dir):
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.log_dir / "history.jsonl"
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.log_dir))
+            _quiet_tensorboard_thread()
+            with self._tensorboard():
+                self.writer = SummaryWriter(str(self.log_dir))
+
+    def _tensorboard(self):
+        return write_guard(self.log_dir / "events.out.tfevents.*", "TensorBoard scalars")
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -33,22 +42,23 @@ class LossHistory:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["epoch"])
-            self.writer.flush()
+            with self._tensorboard():
+                for key, value in record.items():
+                    if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, record["epoch"])
+                self.writer.flush()
         self.plot()
 
     def log_step(self, global_step: int, epoch: int, **scalars: float) -> None:
         """One line per step in `steps.jsonl`, and TensorBoard's step/ curves."""
-        with (self.log_dir / "steps.jsonl").open("a") as f:
-            f.write(json.dumps({"global_step": global_step, "epoch": epoch, **scalars}) + "\n")
+        record = {"global_step": global_step, "epoch": epoch, **scalars}
+        append_text(self.log_dir / "steps.jsonl", json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"step/{key}", value, global_step)
+            with self._tensorboard():
+                for key, value in scalars.items():
+                    self.writer.add_scalar(f"step/{key}", value, global_step)
 
     def plot(self) -> None:
         records = self.records()
@@ -64,8 +74,7 @@ class LossHistory:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.log_dir / "epoch_loss.png")
-        plt.close(fig)
+        _save_png(fig, self.log_dir / "epoch_loss.png")
         evals = [r for r in records if "r_mean" in r]
         if evals:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -75,12 +84,35 @@ class LossHistory:
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(self.log_dir / "epoch_recall.png")
-            plt.close(fig)
+            _save_png(fig, self.log_dir / "epoch_recall.png")
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self._tensorboard():
+                self.writer.close()
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes from a thread, whose failure (a full disk) would print a traceback. The writer raises
+    the same error again at its next add_scalar, flush or close, where write_guard makes it one line."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
+
+
+def _save_png(fig, path: Path) -> None:
+    """Rendered in memory, then written atomically: a full disk leaves the previous plot, not half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 class EvalCallback:

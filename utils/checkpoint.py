@@ -1,9 +1,13 @@
 """Atomic checkpoint writes and the full training state used by `resume`."""
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shlex
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,6 +15,64 @@ import torch
 from .errors import UserError
 
 STATE_PATTERN = re.compile(r"^state_step(\d+)\.pt$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class WriteError(UserError, RuntimeError):
+    """A file could not be written. Also a RuntimeError: callers that caught torch.save's own errors still do."""
+
+
+def human_size(n: float) -> str:
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def free_space(folder: str | Path) -> int | None:
+    """Free bytes on `folder`'s filesystem (or its nearest existing parent's); None where it cannot be read."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the cause, preferring a full disk found anywhere in the chain: torch.save reports
+    ENOSPC as a RuntimeError from its zip writer, with the OSError only as the context."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return os.strerror(e.errno)
+        e = e.__cause__ or e.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def write_error(path: str | Path, error: BaseException, what: str = "") -> WriteError:
+    """One line: the file, why, the free space left on its filesystem and what to do."""
+    path = Path(path)
+    free = free_space(path.parent)
+    left = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
+    return WriteError(f"could not write {path}{f' ({what})' if what else ''}: {_reason(error)}; {left}. Free some "
+                      "space or choose another folder, then run again; earlier files are intact")
+
+
+@contextmanager
+def write_guard(path: str | Path, what: str = ""):
+    """Any failure inside becomes write_error(path): whatever the writer raises, the user gets one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise write_error(path, e, what) from e
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -25,10 +87,8 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
 def _atomic_write(path: str | Path, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
     path = Path(path)
-    try:
+    with write_guard(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"cannot write in {path.parent} ({e.strerror or e}); choose a writable save_dir") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -36,11 +96,27 @@ def _atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose another "
-                            "save_dir. Earlier checkpoints are untouched.") from e
+        Path(tmp).unlink(missing_ok=True)  # first: the message then shows the space that is really left
+        if isinstance(e, Exception) and not isinstance(e, UserError):
+            raise write_error(path, e) from e
         raise
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a log file; a failed append is cut back off, so no half line is left for a reader to trip on."""
+    path = Path(path)
+    with write_guard(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        size = os.fstat(fd).st_size
+        try:
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(text)
+        except BaseException:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass  # the write's own error is the one to report
+            raise
 
 
 def check_writable(folder: Path, setting: str = "save_dir") -> None:
@@ -73,10 +149,7 @@ def prune_states(save_dir: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def load_state(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"resume file {path} does not exist")
+def _read_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -86,3 +159,29 @@ def load_state(path: str | Path) -> dict:
         raise UserError(f"{path} is not a full training state (it lacks model/optimizer/epoch/config); "
                         "to start from plain weights use model_path instead of resume")
     return state
+
+
+def _newest_intact(folder: Path, besides: Path) -> Path | None:
+    for candidate in reversed(_states(folder)):
+        if candidate.resolve() != besides.resolve():
+            try:
+                _read_state(candidate)
+                return candidate
+            except UserError:
+                continue
+    return None
+
+
+def load_state(path: str | Path) -> dict:
+    """A training state; a damaged one is refused with the newest intact state beside it and how to resume it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"resume file {path} does not exist")
+    try:
+        return _read_state(path)
+    except UserError as e:
+        intact = _newest_intact(path.parent, path)
+        if intact is None:
+            raise
+        raise UserError(f"{e}. The newest intact state is {intact}: resume from it with the same command and "
+                        f"--resume {shlex.quote(str(intact))}") from e.__cause__
