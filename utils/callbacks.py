@@ -1,7 +1,6 @@
 """What a run leaves behind for people: a JSON-lines history, PNG curves and TensorBoard scalars."""
 from __future__ import annotations
 
-import io
 import json
 import threading
 from pathlib import Path
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import append_text, atomic_write_bytes, write_guard  # noqa: E402
+from .checkpoint import append_text, atomic_savefig, write_guard  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 
 
@@ -74,7 +73,7 @@ class LossHistory:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        _save_png(fig, self.log_dir / "epoch_loss.png")
+        atomic_savefig(fig, self.log_dir / "epoch_loss.png")
         evals = [r for r in records if "r_mean" in r]
         if evals:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -84,7 +83,7 @@ class LossHistory:
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            _save_png(fig, self.log_dir / "epoch_recall.png")
+            atomic_savefig(fig, self.log_dir / "epoch_recall.png")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -105,14 +104,6 @@ def _quiet_tensorboard_thread() -> None:
 
     hook.quiet_tensorboard = True
     threading.excepthook = hook
-
-
-def _save_png(fig, path: Path) -> None:
-    """Rendered in memory, then written atomically: a full disk leaves the previous plot, not half a PNG."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(buffer.getvalue(), path)
 
 
 class EvalCallback:

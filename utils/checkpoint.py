@@ -84,6 +84,19 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_savefig(fig, path: str | Path) -> None:
+    """A matplotlib figure as PNG, rendered in memory and written atomically: a full disk leaves the previous
+    plot, not half a PNG. Closes the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
     path = Path(path)

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_savefig
 from .errors import UserError
 from .images import IMAGE_SUFFIXES, image_files
 
@@ -144,5 +145,4 @@ def plot_confusion(classnames: list[str], confusion: list[list[int]], path: Path
                 if value:
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    atomic_savefig(fig, path)
