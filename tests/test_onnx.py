@@ -8,6 +8,7 @@ preprocessing equals the torchvision transform within 1e-5, and predict_onnx's p
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
@@ -31,8 +32,10 @@ from utils.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD, eval_transform
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "img" / "example.jpg"
 # ViT-B/32's geometry (224 px, patch 32, width 768, 12 heads; text width 512, 8 heads), one layer per tower.
-B32_SHAPED = CLIPConfig(embed_dim=512, vision=VisionConfig(image_size=224, patch_size=32, width=768, layers=1, heads=12),
-                        text=TextConfig(kind="openai", context_length=77, vocab_size=49408, width=512, layers=1, heads=8))
+B32_SHAPED = CLIPConfig(embed_dim=512,
+                        vision=VisionConfig(image_size=224, patch_size=32, width=768, layers=1, heads=12),
+                        text=TextConfig(kind="openai", context_length=77, vocab_size=49408, width=512, layers=1,
+                                        heads=8))
 # Short, medium and full context.
 LENGTHS = (4, 20, 77)
 
@@ -79,10 +82,13 @@ def b32():
     return net, _sessions(net)
 
 
-@pytest.fixture(scope="module", params=["bert-pooler", "bert-cls"])
-def bert(request):
+@pytest.fixture(scope="module")
+def bert():
+    """self-cn's head (pooler, ln_final), one layer; Chinese-CLIP's differs only after BertModel and its
+    full-length path is held to the trimmed one below."""
     torch.manual_seed(5)
-    net = build_model(bert_config(request.param, 52)).eval()
+    config = bert_config("bert-pooler", 52)
+    net = build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, layers=1))).eval()
     return net, {"text": session(export_tower(encoders(net)["text"], torch.float32))}
 
 
@@ -114,7 +120,7 @@ def test_padded_text_path_equals_packed_forward_within_1e5(config):
     torch.manual_seed(0)
     text = build_model(config).text.eval()
     with torch.no_grad():
-        for seed, length in enumerate((77, 40, 12)):
+        for seed, length in enumerate((77, 12)):
             tokens = random_tokens(9, config.text.vocab_size, 77, seed=seed, max_len=length - 2)[:, :length]
             assert torch.allclose(text.forward_padded(tokens), text(tokens), rtol=0, atol=1e-5)
 
@@ -137,7 +143,7 @@ def test_export_writes_the_files_and_reports_parity(tiny):
     assert config["phi"] == "tiny/VIT-T-8" and config["image_size"] == 64 and config["context_length"] == 77
     assert config["mean"] == list(OPENAI_MEAN) and config["std"] == list(OPENAI_STD) and not config["letterbox"]
     assert config["dtype"] == "float32" and config["features"] == "unnormalised" and config["opset"] >= 17
-    assert config["logit_scale"] == pytest.approx(float(net.logit_scale.exp()))
+    assert config["logit_scale"] == pytest.approx(net.logit_scale.exp().item())
     for name in ("image.onnx", "text.onnx"):
         line = next(line for line in printed.splitlines() if line.startswith(name))
         assert float(line.split("= ")[1].split()[0]) < 1e-4
@@ -179,20 +185,16 @@ def test_onnxruntime_equals_pytorch_within_1e4_bert(bert, batch):
             assert _max_difference(sessions["text"], full, net.encode_text(full)) < 1e-4
 
 
-def test_fp16_export_runs_in_onnxruntime_within_2_percent():
+def test_fp16_text_export_runs_in_onnxruntime_within_2_percent():
+    """The text file only: the image tower's ops are a subset of the text tower's plus one convolution."""
     torch.manual_seed(6)
     net = build_model(SMALL).eval()
-    pixels_in = torch.randn(7, 3, 32, 32)
     tokens = random_tokens(7, SMALL.text.vocab_size, 77, seed=2)
     with torch.no_grad():
-        expected = {"image": net.encode_image(pixels_in), "text": net.encode_text(tokens)}
-    half = encoders(net.half())
-    for name, given in (("image", pixels_in.half()), ("text", tokens)):
-        sess = session(export_tower(half[name], torch.float16))
-        got = run_session(sess, given.numpy())
-        assert got.dtype == np.float16
-        scale = float(expected[name].abs().max())
-        assert np.abs(got.astype(np.float32) - expected[name].numpy()).max() < 0.02 * scale
+        expected = net.encode_text(tokens).numpy()
+    got = run_session(session(export_tower(encoders(net.half())["text"], torch.float16)), tokens.numpy())
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - expected).max() < 0.02 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("letterbox", [False, True])

@@ -5,6 +5,7 @@ are written at once (temporary files renamed at the end), so a failure leaves an
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import uuid
@@ -59,17 +60,17 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         # The towers' own forward (packed text), which the exported fixed-shape paths must equal.
         expected = {"image": net.encode_image(inputs["image"]).numpy(),
                     "text": net.encode_text(inputs["text"]).numpy()}
+    logit_scale = net.logit_scale.detach().exp().item()
     dtype = torch.float16 if fp16 else torch.float32
-    if fp16:
-        net.half()
     files: dict[str, bytes] = {}
-    for tower, encoder in encoders(net).items():
+    for tower, encoder in encoders(copy.deepcopy(net).half() if fp16 else net).items():
         files[f"{tower}.onnx"] = export_tower(encoder, dtype)
         given = inputs[tower].numpy()
-        got = run_session(session(files[f"{tower}.onnx"]), given.astype(np.float16) if tower == "image" and fp16
-                          else given)
-        log(f"{tower}.onnx: max |onnxruntime - PyTorch fp32| = {np.abs(got.astype(np.float32) - expected[tower]).max():.2e}"
-            f" on a batch of {len(given)} (features up to {np.abs(expected[tower]).max():.2f})")
+        if tower == "image":
+            given = given.astype(np.float16 if fp16 else np.float32)
+        got = run_session(session(files[f"{tower}.onnx"]), given).astype(np.float32)
+        log(f"{tower}.onnx: max |onnxruntime - PyTorch fp32| = {np.abs(got - expected[tower]).max():.2e} on a batch "
+            f"of {len(given)} (features up to {np.abs(expected[tower]).max():.2f})")
     if config.text.is_bert:
         vocab = Path(model.bert_vocab_path)
     else:
@@ -88,7 +89,7 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         "vocab": vocab.name,
         "dtype": "float16" if fp16 else "float32",
         "features": "unnormalised",
-        "logit_scale": net.logit_scale.detach().float().exp().item(),
+        "logit_scale": logit_scale,
         "opset": OPSET,
     }, indent=2, ensure_ascii=False).encode("utf-8")
     return files
