@@ -56,11 +56,19 @@ class ScriptResult(NamedTuple):
     stderr: str
 
 
-def run_script(script: str, *args, capsys=None) -> ScriptResult:
+def run_script(script: str, *args, capsys=None, threads: int | None = None) -> ScriptResult:
     """(exit status, stdout, stderr) of `python <script> args...` run in this process: the script's config block
     and main through utils.config.run_script, as the command line runs them, without a new interpreter's
-    seconds of imports. Needs pytest's capsys to collect the output."""
+    seconds of imports. The output is collected through pytest's capsys when given, else (in fixtures wider
+    than a test) by redirecting sys.stdout and sys.stderr. Warnings the run gives are written to its stderr, as
+    an interpreter shows them (pytest.ini's errors still raise). `threads`: that many torch threads for the run,
+    as OMP_NUM_THREADS gives a new interpreter. Signal handlers the script installs (train.py's stop flag) are
+    put back afterwards."""
+    import contextlib
     import importlib.util
+    import io
+    import signal
+    import warnings
     from pathlib import Path
 
     from utils.config import run_script as run
@@ -69,11 +77,28 @@ def run_script(script: str, *args, capsys=None) -> ScriptResult:
     spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    capsys.readouterr()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch_threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    if capsys is not None:
+        capsys.readouterr()
     try:
-        run(vars(module), module.main, [str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return ScriptResult(code, out, err)
+        with contextlib.ExitStack() as stack:
+            if capsys is None:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(err))
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                run(vars(module), module.main, [str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        torch.set_num_threads(torch_threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    stdout, stderr = capsys.readouterr() if capsys is not None else (out.getvalue(), err.getvalue())
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    return ScriptResult(code, stdout, shown + stderr)
