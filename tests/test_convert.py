@@ -258,7 +258,8 @@ def test_the_script_summarises_and_says_how_to_train(tmp_path, capsys):
 
 def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
     from datasets.make_toy import make_toy_dataset
-    from tests.test_training import run_train, step_losses, train_args
+    from tests.test_training import step_losses, train_args
+    from tests.test_training import train as run_train
     from utils.preflight import preflight
 
     toy = tmp_path / "toy"
@@ -280,6 +281,6 @@ def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
         preflight(toy / "val.tsv", toy)
 
     result = run_train(train_args(toy, tmp_path / "run", Epoch=1, datasets_train_json_path=toy / "train.csv",
-                                  datasets_val_json_path=toy / "val.jsonl"))
+                                  datasets_val_json_path=toy / "val.jsonl"))  # in this process
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(step_losses(tmp_path / "run")) == 2  # 16 images / batch 8

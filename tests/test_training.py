@@ -14,7 +14,7 @@ import torch
 
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
-from tests.conftest import run_script
+from tests.conftest import ScriptResult, run_script
 from utils.checkpoint import atomic_save, load_state, newest_state
 from utils.distributed import DistInfo
 from utils.errors import UserError
@@ -51,6 +51,12 @@ def run_train(args: list[str], launcher: list[str] | None = None, **kwargs) -> s
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env, **kwargs)
 
 
+def train(args: list[str], capsys=None) -> ScriptResult:
+    """train.py in this process (tests/conftest.run_script) on one torch thread, as TRAIN_ENV runs it in a new
+    interpreter; for runs that need no process of their own (a kill, torchrun)."""
+    return run_script("train.py", *args, capsys=capsys, threads=1)
+
+
 def step_losses(save_dir: Path) -> list[float]:
     lines = []
     for log in sorted(save_dir.glob("loss_*/steps.jsonl")):
@@ -59,8 +65,8 @@ def step_losses(save_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("phi, lang", [("tiny/VIT-T-8", "en"), ("tiny-cn/VIT-T-8", "cn")])
-def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang):
-    result = run_train(train_args(toy, tmp_path, phi=phi, lang=lang))
+def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys):
+    result = train(train_args(toy, tmp_path, phi=phi, lang=lang), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # no deprecated calls of ours, no bad defaults
     assert result.stdout.count("Total Loss:") == 2 and "|| Val Loss:" in result.stdout
@@ -85,8 +91,8 @@ def test_demo_prints_what_it_wrote_and_next_commands_that_run(toy, tmp_path, cap
     save_dir = tmp_path / "demo"
     data = ["--datasets_path", str(toy), "--datasets_train_json_path", str(toy / f"{lang}_train.json"),
             "--datasets_val_json_path", str(toy / f"{lang}_val.json")]
-    result = run_train(["--demo", lang, "--Epoch", "1", "--batch_size", "8", "--num_workers", "0",
-                        "--save_dir", str(save_dir), *data])
+    result = train(["--demo", lang, "--Epoch", "1", "--batch_size", "8", "--num_workers", "0",
+                    "--save_dir", str(save_dir), *data], capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]
     assert f"written: weights {save_dir / 'last_epoch_weights.pth'}" in result.stdout
@@ -105,8 +111,8 @@ def test_demo_prints_what_it_wrote_and_next_commands_that_run(toy, tmp_path, cap
     assert code == 0 and "r_mean" in out, err
 
 
-def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path):
-    single = run_train(train_args(toy, tmp_path / "one", Epoch=1))
+def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
+    single = train(train_args(toy, tmp_path / "one", Epoch=1), capsys)
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     double = run_train(train_args(toy, tmp_path / "two", Epoch=1, distributed="true"), launcher=launcher)
@@ -120,13 +126,13 @@ def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
-def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path):
-    straight = run_train(train_args(toy, tmp_path / "a"))
+def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys):
+    straight = train(train_args(toy, tmp_path / "a"), capsys)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_train(train_args(toy, tmp_path / "b", stop_after_steps=2))
+    first = train(train_args(toy, tmp_path / "b", stop_after_steps=2), capsys)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "--resume" in first.stdout and not (tmp_path / "b" / "last_epoch_weights.pth").exists()
-    second = run_train(train_args(toy, tmp_path / "b", resume="auto"))
+    second = train(train_args(toy, tmp_path / "b", resume="auto"), capsys)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     a = torch.load(tmp_path / "a" / "last_epoch_weights.pth", weights_only=True)
@@ -135,9 +141,9 @@ def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path):
     assert step_losses(tmp_path / "a") == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
 
 
-def test_results_do_not_depend_on_worker_count(toy, tmp_path):
-    zero = run_train(train_args(toy, tmp_path / "w0", Epoch=1, eval_flag="false"))
-    two = run_train(train_args(toy, tmp_path / "w2", Epoch=1, eval_flag="false", num_workers=2))
+def test_results_do_not_depend_on_worker_count(toy, tmp_path, capsys):
+    zero = train(train_args(toy, tmp_path / "w0", Epoch=1, eval_flag="false"), capsys)
+    two = train(train_args(toy, tmp_path / "w2", Epoch=1, eval_flag="false", num_workers=2), capsys)
     assert zero.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert step_losses(tmp_path / "w0") == step_losses(tmp_path / "w2")
 
@@ -189,11 +195,11 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_logit_scale():
 
 
 @pytest.mark.parametrize("flag, frozen, trained", [("lock_image", "visual.", "text."), ("lock_text", "text.", "visual.")])
-def test_lock_flags_freeze_what_they_say(toy, tmp_path, flag, frozen, trained):
+def test_lock_flags_freeze_what_they_say(toy, tmp_path, flag, frozen, trained, capsys):
     before = build_model(get_config("tiny/VIT-T-8")).state_dict()
     torch.save(before, tmp_path / "start.pth")
-    result = run_train(train_args(toy, tmp_path / "run", model_path=tmp_path / "start.pth", Epoch=1,
-                                  eval_flag="false", **{flag: "true"}))
+    result = train(train_args(toy, tmp_path / "run", model_path=tmp_path / "start.pth", Epoch=1,
+                              eval_flag="false", **{flag: "true"}), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     after = torch.load(tmp_path / "run" / "last_epoch_weights.pth", weights_only=True)
     model = build_model(get_config("tiny/VIT-T-8"))
