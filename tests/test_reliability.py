@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clip import CLIP
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
-from tests.test_training import ROOT, TRAIN_ENV, run_train, step_losses, train_args
+from tests.conftest import ScriptResult, run_script
+from tests.test_training import ROOT, TRAIN_ENV, step_losses, train, train_args
 from utils.augment import CaptionAugment
 from utils.checkpoint import atomic_save, newest_state
 from utils.dataloader import CaptionDataset, ImageDataset
@@ -40,7 +42,7 @@ def _with_json(toy: Path, tmp_path: Path, text: str) -> list[str]:
     return train_args(toy, tmp_path / "run", datasets_train_json_path=bad)
 
 
-def _user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+def _user_error(result: ScriptResult, *fragments: str) -> None:
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for fragment in fragments:
@@ -54,8 +56,8 @@ def _user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     ('[{"image": "train/000000.jpg", "caption": []}]', ["entry 0", "non-empty list"]),
     ('[{"image": "train/000000.jpg", "caption": ["ok", 7]}]', ["entry 0", "must be text"]),
 ])
-def test_bad_json_is_one_clear_message(toy, tmp_path, text, fragments):
-    result = run_train(_with_json(toy, tmp_path, text))
+def test_bad_json_is_one_clear_message(toy, tmp_path, text, fragments, capsys):
+    result = train(_with_json(toy, tmp_path, text), capsys)
     _user_error(result, *fragments)
     assert not (tmp_path / "run" / "last_epoch_weights.pth").exists()
 
@@ -72,17 +74,17 @@ def _bad_images_dataset(toy: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_bad_images_are_all_listed_before_training(toy, tmp_path):
+def test_bad_images_are_all_listed_before_training(toy, tmp_path, capsys):
     path = _bad_images_dataset(toy, tmp_path)
-    result = run_train(train_args(toy, tmp_path / "run", datasets_train_json_path=path))
+    result = train(train_args(toy, tmp_path / "run", datasets_train_json_path=path), capsys)
     _user_error(result, "4 of 28 entries are unusable", "missing.jpg", "empty (0 bytes)", "truncated.jpg",
                 "text.jpg", "skip_bad_samples")
 
 
-def test_skip_bad_samples_drops_them_and_says_how_many(toy, tmp_path):
+def test_skip_bad_samples_drops_them_and_says_how_many(toy, tmp_path, capsys):
     path = _bad_images_dataset(toy, tmp_path)
-    result = run_train(train_args(toy, tmp_path / "run", datasets_train_json_path=path,
-                                  skip_bad_samples="true", Epoch=1, eval_flag="false"))
+    result = train(train_args(toy, tmp_path / "run", datasets_train_json_path=path,
+                              skip_bad_samples="true", Epoch=1, eval_flag="false"), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 of 28 entries are unusable; skipping them" in result.stdout
 
@@ -146,27 +148,27 @@ def test_unusual_but_valid_images_just_work(tmp_path):
     (dict(demo="fr"), ["demo 'fr' is not one of en, cn"]),
     (dict(precision="fp8"), ["precision 'fp8' is not one of fp32, fp16, bf16"]),
 ])
-def test_bad_configuration_is_one_clear_message(toy, tmp_path, extra, fragments):
-    _user_error(run_train(train_args(toy, tmp_path / "run", **extra)), *fragments)
+def test_bad_configuration_is_one_clear_message(toy, tmp_path, extra, fragments, capsys):
+    _user_error(train(train_args(toy, tmp_path / "run", **extra), capsys), *fragments)
 
 
-def test_weights_of_another_architecture_and_non_weight_files(toy, tmp_path):
+def test_weights_of_another_architecture_and_non_weight_files(toy, tmp_path, capsys):
     torch.save(build_model(get_config("tiny-cn/VIT-T-8")).state_dict(), tmp_path / "cn.pth")
-    _user_error(run_train(train_args(toy, tmp_path / "run", model_path=tmp_path / "cn.pth")),
+    _user_error(train(train_args(toy, tmp_path / "run", model_path=tmp_path / "cn.pth"), capsys),
                 "does not fit phi='tiny/VIT-T-8'", "missing keys", "looks like phi='tiny-cn/VIT-T-8'")
     (tmp_path / "notes.pth").write_text("hello")
-    _user_error(run_train(train_args(toy, tmp_path / "run", model_path=tmp_path / "notes.pth")),
+    _user_error(train(train_args(toy, tmp_path / "run", model_path=tmp_path / "notes.pth"), capsys),
                 "not a readable weight file")
 
 
-def test_cuda_true_without_cuda_falls_back_with_a_warning(toy, tmp_path):
-    result = run_train(train_args(toy, tmp_path / "run", Cuda="true", Epoch=1, eval_flag="false"))
+def test_cuda_true_without_cuda_falls_back_with_a_warning(toy, tmp_path, capsys):
+    result = train(train_args(toy, tmp_path / "run", Cuda="true", Epoch=1, eval_flag="false"), capsys)
     assert result.returncode == 0 and "no CUDA device is visible" in result.stderr and "device=cpu" in result.stdout
 
 
-def test_unwritable_save_dir_fails_before_training(toy, tmp_path):
+def test_unwritable_save_dir_fails_before_training(toy, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    _user_error(run_train(train_args(toy, tmp_path / "file" / "logs")), "not writable", "save_dir")
+    _user_error(train(train_args(toy, tmp_path / "file" / "logs"), capsys), "not writable", "save_dir")
 
 
 def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, monkeypatch):
@@ -193,32 +195,31 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused_by_every_entry_point(toy, tmp_path):
+def test_malicious_pickle_is_refused_by_every_entry_point(toy, tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     with evil.open("wb") as f:
         pickle.dump({"model": _Exploit(marker), "optimizer": {}, "epoch": 0, "config": {}}, f)
-    python = [sys.executable]
+    # Each entry point in this process (tests/conftest.run_script): the loaders are the same code a new
+    # interpreter would run, and an executed payload would leave the marker just the same.
     runs = {
-        "train model_path": run_train(train_args(toy, tmp_path / "r1", model_path=evil)),
-        "train resume": run_train(train_args(toy, tmp_path / "r2", resume=evil)),
-        "eval": subprocess.run(python + [str(ROOT / "eval.py"), "--model_path", str(evil), "--phi", "auto",
-                                         "--datasets_path", str(toy), "--datasets_val_json_path",
-                                         str(toy / "en_val.json")], capture_output=True, text=True, cwd=ROOT),
-        "predict": subprocess.run(python + [str(ROOT / "predict.py"), "--model_path", str(evil), "--image",
-                                            str(ROOT / "img" / "example.jpg")], capture_output=True, text=True,
-                                  cwd=ROOT),
-        "clip.py": subprocess.run(python + ["-c", f"from clip import CLIP; CLIP(model_path={str(evil)!r}, phi='auto')"],
-                                  capture_output=True, text=True, cwd=ROOT),
+        "train model_path": train(train_args(toy, tmp_path / "r1", model_path=evil), capsys),
+        "train resume": train(train_args(toy, tmp_path / "r2", resume=evil), capsys),
+        "eval": run_script("eval.py", "--model_path", evil, "--phi", "auto", "--datasets_path", toy,
+                           "--datasets_val_json_path", toy / "en_val.json", capsys=capsys),
+        "predict": run_script("predict.py", "--model_path", evil, "--image", ROOT / "img" / "example.jpg",
+                              capsys=capsys),
     }
     for name, result in runs.items():
         assert "refusing" in result.stderr, (name, result.stderr[-2000:])
         assert result.returncode != 0, name
+    with pytest.raises(UserError, match="refusing"):
+        CLIP(model_path=str(evil), phi="auto")
     assert not marker.exists()
 
 
-def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(toy, tmp_path):
-    straight = run_train(train_args(toy, tmp_path / "a", Epoch=3, eval_flag="false"))
+def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(toy, tmp_path, capsys):
+    straight = train(train_args(toy, tmp_path / "a", Epoch=3, eval_flag="false"), capsys)
     assert straight.returncode == 0, straight.stderr[-3000:]
     args = train_args(toy, tmp_path / "b", Epoch=3, eval_flag="false")
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=TRAIN_ENV,
@@ -234,14 +235,14 @@ def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(toy, tmp_p
         # (.name.XXXX.tmp), which no reader looks at.
         if not path.name.startswith("."):
             torch.load(path, weights_only=True)
-    resumed = run_train(args + ["--resume", "auto"])
+    resumed = train(args + ["--resume", "auto"], capsys)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "a" / "last_epoch_weights.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "last_epoch_weights.pth", weights_only=True)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_sigterm_saves_a_resumable_state_and_says_how_to_resume(toy, tmp_path):
+def test_sigterm_saves_a_resumable_state_and_says_how_to_resume(toy, tmp_path, capsys):
     args = train_args(toy, tmp_path / "run", Epoch=40, eval_flag="false")
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=TRAIN_ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -255,7 +256,7 @@ def test_sigterm_saves_a_resumable_state_and_says_how_to_resume(toy, tmp_path):
     assert "stopped (SIGTERM)" in out and "--resume" in out and "Traceback" not in err
     state = newest_state(tmp_path / "run")
     assert state is not None
-    resumed = run_train(args + ["--resume", str(state), "--stop_after_steps", "1"])
+    resumed = train(args + ["--resume", str(state), "--stop_after_steps", "1"], capsys)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
     assert len(step_losses(tmp_path / "run")) >= 2
 
