@@ -3,8 +3,6 @@ and the same numbers as the EvalCallback during training."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,8 @@ import torch
 
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
-from tests.conftest import run_script
-from tests.test_training import ROOT, TRAIN_ENV, run_train, train_args
+from tests.conftest import ScriptResult, run_script
+from tests.test_training import train, train_args
 from utils.eval_run import RECALL_KEYS
 
 
@@ -22,19 +20,19 @@ def trained(tmp_path_factory):
     """A tiny model trained for one epoch, with the recall its EvalCallback reported."""
     root = tmp_path_factory.mktemp("eval")
     make_toy_dataset(root / "toy", n_train=24, n_val=8, seed=2)
-    result = run_train(train_args(root / "toy", root / "run", Epoch=1, eval_period=1))
+    result = train(train_args(root / "toy", root / "run", Epoch=1, eval_period=1))
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads(next((root / "run").glob("loss_*/history.jsonl")).read_text().splitlines()[-1])
     return root, history
 
 
-def run_eval(root: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_eval(root: Path, *extra: str) -> ScriptResult:
+    """eval.py in this process (tests/conftest.run_script), on one thread as the training run was."""
     args = ["--model_path", str(root / "run" / "last_epoch_weights.pth"), "--phi", "auto",
             "--datasets_path", str(root / "toy"), "--datasets_val_json_path", str(root / "toy" / "en_val.json"),
             "--num_workers", "0", "--batch_size", "3", "--cache_dir", str(root / "cache"),
             "--output", str(root / "result.json"), *extra]
-    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                            env=TRAIN_ENV, timeout=300)
+    result = run_script("eval.py", *args, threads=1)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
