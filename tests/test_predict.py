@@ -1,8 +1,8 @@
 """predict.py driven as a user would: through stdin, with bad paths first."""
 from __future__ import annotations
 
+import io
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from PIL import Image
 
 from clip import CLIP
 from nets import build_model, get_config
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +26,16 @@ def tiny_weights(tmp_path_factory):
     return path
 
 
-def _predict(args, stdin="", cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], input=stdin,
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+@pytest.fixture
+def _predict(capsys, monkeypatch):
+    """predict.py with these arguments reading this standard input, in this process (tests/conftest.run_script)."""
+    def run(args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        return run_script("predict.py", *args, capsys=capsys)
+    return run
 
 
-def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp_path):
+def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp_path, _predict):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "truncated.jpg").write_bytes((ROOT / "img" / "example.jpg").read_bytes()[:300])
     # 196M pixels: over twice PIL's bomb limit, so opening it is refused instead of eating the memory.
@@ -48,13 +53,13 @@ def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp
     assert "Traceback" not in result.stderr
 
 
-def test_empty_line_exits_and_image_flag_answers_once(tiny_weights):
+def test_empty_line_exits_and_image_flag_answers_once(tiny_weights, _predict):
     assert _predict(["--model_path", tiny_weights, "--phi", "tiny/VIT-T-8"], "\n").returncode == 0
     once = _predict(["--model_path", tiny_weights, "--phi", "tiny/VIT-T-8", "--image", ROOT / "img" / "example.jpg"])
     assert once.returncode == 0 and len(once.stdout.strip().splitlines()) == 4
 
 
-def test_missing_weights_is_one_clear_line(tmp_path):
+def test_missing_weights_is_one_clear_line(tmp_path, _predict):
     result = _predict(["--model_path", tmp_path / "none.pth"])
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -82,7 +87,7 @@ def test_bf16_inference_is_close_to_fp32(tiny_weights):
     assert torch.nn.functional.cosine_similarity(fp32, bf16.float()).min() > 0.99
 
 
-def test_image_flag_with_an_unreadable_image_says_what_failed_and_exits_2(tiny_weights, tmp_path):
+def test_image_flag_with_an_unreadable_image_says_what_failed_and_exits_2(tiny_weights, tmp_path, _predict):
     result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--image", tmp_path / "missing.jpg"])
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: cannot open '{tmp_path / 'missing.jpg'}' (FileNotFoundError")
