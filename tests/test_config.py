@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ScriptResult, run_script
 from utils.config import config_block, config_comments, parse_config, parse_overrides
 from utils.errors import UserError
 
@@ -94,20 +95,32 @@ def test_config_block_keeps_plain_module_variables():
     assert config_block(namespace) == {"phi": "x", "Epoch": 3}
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+def _script(name: str, *args: str, capsys=None) -> ScriptResult:
+    """`python <name> args` from the repository root: in this process (tests/conftest.run_script) when given
+    capsys, else in a new interpreter, which also runs the script's `if __name__ == "__main__"` wiring."""
+    if capsys is not None:
+        return run_script(name, *args, capsys=capsys)
     return subprocess.run([sys.executable, str(ROOT / name), *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120, env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.fixture
+def in_root(monkeypatch):
+    """The shell a subprocess gets: the repository root as the working directory, a 200-column terminal."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_lists_every_variable_with_its_default_and_comment(script):
+def test_help_lists_every_variable_with_its_default_and_comment(script, in_root, capsys):
     namespace = {"__file__": str(ROOT / script)}
     source = (ROOT / script).read_text(encoding="utf-8")
     exec(compile(source.split("\nif __name__")[0], script, "exec"), namespace)  # the whole module, as run
     comments = config_comments(source)
     variables = config_block(namespace)
-    for flag in ("--help", "-h"):
-        result = _script(script, flag)
+    # --help in this process; -h in a real interpreter, so each script is run once as a user runs it.
+    for flag, capture in (("--help", capsys), ("-h", None)):
+        result = _script(script, flag, capsys=capture)
         assert result.returncode == 0 and result.stderr == ""
         assert result.stdout.startswith(f"usage: python {script}")
         text = " ".join(result.stdout.split("--name value):")[1].split())  # the listing, unwrapped
@@ -130,8 +143,8 @@ def test_help_lists_every_variable_with_its_default_and_comment(script):
     (["--Cuda", "perhaps"], "error: --Cuda must be true, false or auto, got 'perhaps'"),
     (["stray"], "error: unexpected 'stray': settings are written --name value (see --help)"),
 ])
-def test_scripts_turn_command_line_mistakes_into_one_line_and_status_2(script, argv, message):
-    result = _script(script, *argv)
+def test_scripts_turn_command_line_mistakes_into_one_line_and_status_2(script, argv, message, in_root, capsys):
+    result = _script(script, *argv, capsys=capsys)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
