@@ -238,6 +238,17 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     lock.release()
 
 
+def test_taking_the_lock_removes_what_a_killed_save_left(tmp_path):
+    from utils.distributed import DistInfo
+    from utils.savedir import hold_save_dir
+
+    leftover, own = tmp_path / ".last_epoch_weights.pth.a1qo0azj.tmp", tmp_path / ".notes.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    own.write_text("not ours")
+    with hold_save_dir(tmp_path, DistInfo(), torch.device("cpu")):
+        assert not leftover.exists() and own.exists()
+
+
 def test_log_folder_names_never_collide(toy, tmp_path, capsys):
     now = time.time()
     taken = [tmp_path / time.strftime("loss_%Y_%m_%d_%H_%M_%S", time.localtime(now + s)) for s in range(-1, 30)]

@@ -166,8 +166,9 @@ def _read_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"refusing to resume from {path}: not a training state this project wrote "
-                        f"({str(e).splitlines()[0][:200]})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        raise UserError(f"refusing to resume from {path}: damaged, or not a training state this project wrote "
+                        f"({first})") from e
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "config"} <= set(state):
         raise UserError(f"{path} is not a full training state (it lacks model/optimizer/epoch/config); "
                         "to start from plain weights use model_path instead of resume")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -49,7 +51,7 @@ class SaveDirLock:
             return
         self.fd = fd
         holder = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
+                  "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
         try:
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(holder).encode())
@@ -94,10 +96,30 @@ def hold_save_dir(save_dir: str | Path, info, device):
         if refusal is not None:
             raise refusal
         raise SystemExit(2)  # rank 0 prints why
+    if info.is_main:
+        _remove_leftovers(Path(save_dir))
     try:
         yield lock
     finally:
         lock.release()
+
+
+# checkpoint._atomic_write's temporary files: .<name>.<8 random characters>.tmp
+_LEFTOVER = re.compile(r"^\..+\.(pth|pt)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _remove_leftovers(save_dir: Path) -> None:
+    """A kill -9 during a save leaves its temporary file. With the lock held no run of ours is writing here,
+    so every such file is a leftover."""
+    leftovers = [p for p in save_dir.iterdir() if _LEFTOVER.match(p.name) and p.is_file()]
+    if leftovers:
+        from .checkpoint import human_size
+
+        size = sum(p.stat().st_size for p in leftovers)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        print(f"removed {len(leftovers)} temporary file(s) ({human_size(size)}) left in {save_dir} by an "
+              "interrupted save")
 
 
 def unused_log_dir(save_dir: str | Path) -> Path:
