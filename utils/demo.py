@@ -43,7 +43,7 @@ def run_demo(config: dict, explicit: dict) -> dict:
     made = make_toy_dataset(cfg["datasets_path"])
     if made["generated"]:
         print(f"generated the toy dataset in {cfg['datasets_path']} ({made['seconds']:.1f} s)")
-    summary = run_training(cfg)
+    summary = run_training(cfg, explicit)
     if summary["interrupted"]:
         raise SystemExit(128 + max(summary["interrupted"], 0))
     metrics = summary["metrics"]
