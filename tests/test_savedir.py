@@ -191,6 +191,19 @@ def test_a_full_disk_warns_before_training_and_stops_with_one_line(toy, small_fi
     assert [n[:6] for n in _loadable(save_dir)] == ["ep001-"]
 
 
+def test_an_already_full_disk_is_one_line_too(toy, small_filesystem, capsys):
+    with (small_filesystem / "filler").open("wb") as f:  # nothing left, the way a disk fills behind a run
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    result = _train(capsys, toy, small_filesystem / "run", Epoch=1)
+    assert "0 B free" in result.stderr  # the warning before training
+    _one_line_error(result, "could not write", "No space left on device")  # TensorBoard's thread stays quiet
+
+
 def test_little_free_space_is_a_warning_before_training(toy, tmp_path, capsys, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=5 * 2**20))
