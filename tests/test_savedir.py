@@ -357,3 +357,17 @@ def test_a_damaged_newest_state_names_the_newest_intact_one(toy, tmp_path, capsy
     result = _train(capsys, toy, tmp_path, resume="auto")
     _one_line_error(result, f"refusing to resume from {damaged}", f"newest intact state is {intact}",
                     f"--resume {intact}")
+
+
+def test_with_shards_the_worker_count_decides_the_data_order_too():
+    from nets import get_config
+    from utils.savedir import resume_differences
+
+    saved = {"phi": "tiny/VIT-T-8", "clip": get_config("tiny/VIT-T-8").to_dict(),
+             "train": {"datasets_train_json_path": "shards/{00..03}.tar", "num_workers": 2, "eval_period": 5}}
+    changed = {"datasets_train_json_path": "shards/{00..03}.tar", "num_workers": 1, "eval_period": 1}
+    lines = resume_differences(changed, {}, saved, Path("state.pt"))
+    assert "  num_workers: 1 (the state's run: 2)" in lines and "will not match" in lines[-1]
+    files = {"datasets_train_json_path": "train.json"}
+    assert resume_differences({**changed, **files}, {}, {**saved, "train": {**saved["train"], **files}},
+                              Path("state.pt")) == []

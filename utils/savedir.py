@@ -178,7 +178,11 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
     the state's architecture is refused unless resume_force is set; the state's architecture is used either way."""
     from nets import get_config
 
+    from .sources.stream import is_shard_source
+
     train, lines, inexact = saved.get("train", {}), [], []
+    # Shards are dealt to dataloader workers, so with shards the worker count decides the data order too.
+    free = _FREE - {"num_workers"} if is_shard_source(cfg["datasets_train_json_path"]) else _FREE
     phi = explicit.get("phi")
     if phi and phi != "auto" and phi != saved["phi"] and get_config(phi).to_dict() != saved["clip"]:
         if not cfg.get("resume_force"):
@@ -187,7 +191,7 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
                             "architecture anyway")
         lines.append(f"  phi: {phi} given; the state's {saved['phi']} is kept (its weights fit only that)")
     for key, value in cfg.items():
-        if key == "phi" or key in _FREE or key not in train or _same(value, train[key]):
+        if key == "phi" or key in free or key not in train or _same(value, train[key]):
             continue
         if key in _NOT_READ:
             lines.append(f"  {key}: {value} (not read: the state holds the weights)")
@@ -201,6 +205,5 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
         return []
     lines.insert(0, f"resume: settings that differ from the state's run ({path}):")
     if inexact:
-        lines.append(f"resume: {', '.join(inexact)} changed, so the data order or the learning-rate schedule "
-                     "differ: this run will not match an uninterrupted run")
+        lines.append(f"resume: {', '.join(inexact)} changed, so this run will not match an uninterrupted run")
     return lines
