@@ -52,7 +52,7 @@ batch_size = 32
 letterbox_image = False
 # export_onnx writes image.onnx, text.onnx, config.json and the tokenizer vocabulary here; predict_onnx reads them.
 export_dir = "model_data/onnx"
-# export_onnx: fp16 weights, inputs and outputs (for GPUs; onnxruntime's CPU provider runs it slowly).
+# export_onnx: fp16 weights, inputs and outputs, for GPU deployment (false: fp32).
 export_fp16 = False
 # Use the GPU; None: when one is available.
 Cuda = None
