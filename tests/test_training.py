@@ -64,9 +64,20 @@ def step_losses(save_dir: Path) -> list[float]:
     return [r["loss"] for r in sorted(lines, key=lambda r: r["global_step"])]
 
 
+@pytest.fixture(scope="module")
+def default_run(toy, tmp_path_factory) -> tuple[Path, ScriptResult]:
+    """train_args' own run (tiny/VIT-T-8, en, 2 epochs), trained once: the smoke test's English case and the
+    resume test's uninterrupted reference. Neither writes into its folder."""
+    save_dir = tmp_path_factory.mktemp("default_run")
+    return save_dir, train(train_args(toy, save_dir))
+
+
 @pytest.mark.parametrize("phi, lang", [("tiny/VIT-T-8", "en"), ("tiny-cn/VIT-T-8", "cn")])
-def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys):
-    result = train(train_args(toy, tmp_path, phi=phi, lang=lang), capsys)
+def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys, request):
+    if (phi, lang) == ("tiny/VIT-T-8", "en"):
+        tmp_path, result = request.getfixturevalue("default_run")
+    else:
+        result = train(train_args(toy, tmp_path, phi=phi, lang=lang), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # no deprecated calls of ours, no bad defaults
     assert result.stdout.count("Total Loss:") == 2 and "|| Val Loss:" in result.stdout
@@ -126,8 +137,8 @@ def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
-def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys):
-    straight = train(train_args(toy, tmp_path / "a"), capsys)
+def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys, default_run):
+    straight_dir, straight = default_run
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = train(train_args(toy, tmp_path / "b", stop_after_steps=2), capsys)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -135,10 +146,10 @@ def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys):
     second = train(train_args(toy, tmp_path / "b", resume="auto"), capsys)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    a = torch.load(tmp_path / "a" / "last_epoch_weights.pth", weights_only=True)
+    a = torch.load(straight_dir / "last_epoch_weights.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "last_epoch_weights.pth", weights_only=True)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert step_losses(tmp_path / "a") == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
+    assert step_losses(straight_dir) == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
 
 
 def test_results_do_not_depend_on_worker_count(toy, tmp_path, capsys):
