@@ -257,6 +257,17 @@ def test_predict_onnx_without_an_export_is_one_line(tmp_path, capsys):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_predict_onnx_with_a_damaged_file_is_one_line(tmp_path, capsys):
+    for name, data in (("config.json", b'{"phi": "tiny/VIT-T-8"}'), ("image.onnx", b"not onnx"),
+                       ("text.onnx", b"not onnx")):
+        (tmp_path / name).write_bytes(data)
+    result = run_script("predict.py", "--mode", "predict_onnx", "--export_dir", tmp_path, "--image", IMAGE,
+                        capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: onnxruntime cannot load") and "image.onnx" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_export_to_an_unwritable_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setattr(onnx_export, "export_files", lambda *a, **k: pytest.fail("exported before the check"))

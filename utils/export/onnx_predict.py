@@ -46,13 +46,21 @@ class OnnxCLIP:
         if missing:
             raise UserError(f"export_dir {folder} lacks {', '.join(missing)}; write it first with "
                             f"python predict.py --mode export_onnx --export_dir {folder}")
-        self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        try:
+            self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); export again") from e
         self.phi = self.config["phi"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.image_session, self.text_session = (
-            ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-            for name in ("image.onnx", "text.onnx"))
+        sessions = []
+        for name in ("image.onnx", "text.onnx"):
+            try:
+                sessions.append(ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"]))
+            except Exception as e:  # onnxruntime raises its own types for a truncated or foreign file
+                raise UserError(f"onnxruntime cannot load {folder / name} ({str(e).splitlines()[0][:200]}); "
+                                "export again with --mode export_onnx") from e
+        self.image_session, self.text_session = sessions
         self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
                                          folder / self.config["vocab"])
         self.logit_scale = float(self.config["logit_scale"])
