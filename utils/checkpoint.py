@@ -40,28 +40,31 @@ def free_space(folder: str | Path) -> int | None:
         return None
 
 
-def _reason(error: BaseException) -> str:
-    """The first line of the cause, preferring a full disk found anywhere in the chain: torch.save reports
-    ENOSPC as a RuntimeError from its zip writer, with the OSError only as the context."""
+def _reason(error: BaseException) -> tuple[str, bool]:
+    """(the first line of the cause, whether the disk is full). A full disk is looked for anywhere in the
+    chain: torch.save reports ENOSPC as a RuntimeError from its zip writer, with the OSError only as context."""
     seen, e = set(), error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            return os.strerror(e.errno)
+            return os.strerror(e.errno), True
         e = e.__cause__ or e.__context__
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+        return error.strerror, False
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+    return (f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__), False
 
 
 def write_error(path: str | Path, error: BaseException, what: str = "") -> WriteError:
     """One line: the file, why, the free space left on its filesystem and what to do."""
     path = Path(path)
+    reason, full = _reason(error)
     free = free_space(path.parent)
     left = f"{human_size(free)} free on its filesystem" if free is not None else "free space unknown"
-    return WriteError(f"could not write {path}{f' ({what})' if what else ''}: {_reason(error)}; {left}. Free some "
-                      "space or choose another folder, then run again; earlier files are intact")
+    todo = "Free some space or choose another folder" if full or (free is not None and free < 2**30) else \
+        "Check that folder (permissions, mount) or choose another"
+    return WriteError(f"could not write {path}{f' ({what})' if what else ''}: {reason}; {left}. {todo}, then run "
+                      "again; earlier files are intact")
 
 
 @contextmanager
