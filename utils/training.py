@@ -14,7 +14,7 @@ from nets import CLIPConfig, build_model
 
 from .augment import CaptionAugment, augment_level
 from .callbacks import EvalCallback, LossHistory
-from .checkpoint import atomic_save, check_writable, load_state, newest_state, prune_states, state_path
+from .checkpoint import atomic_save, load_state, newest_state, prune_states, state_path
 from .dataloader import CaptionDataset, EpochSampler
 from .device import PRECISIONS, autocast, loader_workers, resolve_device
 from .distributed import DistInfo, all_true, cleanup, init_distributed, mean_across
@@ -187,9 +187,7 @@ def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict) -> d
     precision = resolve_training_precision(cfg, device)
     augment = _check_settings(cfg)
     check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
-    save_dir = Path(cfg["save_dir"])
-    if info.is_main:
-        check_writable(save_dir)
+    save_dir = Path(cfg["save_dir"])  # writable and ours: run_training holds its lock
     resume_path = newest_state(save_dir) if cfg["resume"] == "auto" else (Path(cfg["resume"]) if cfg["resume"] else None)
     if cfg["resume"] == "auto" and resume_path is None and info.is_main:
         print(f"resume='auto': no training state in {save_dir}, starting fresh")
