@@ -132,7 +132,8 @@ def test_help_lists_every_variable_with_its_default_and_comment(script, in_root,
             shown = entry.group(2)
             assert shown == (f"{default:g}" if isinstance(default, float) else
                              repr(default) if isinstance(default, str) else
-                             (" ".join(map(repr, default)) or "(empty)") if isinstance(default, list) else str(default))
+                             (" ".join(f"{v:g}" if isinstance(v, float) else repr(v) for v in default) or "(empty)")
+                             if isinstance(default, list) else str(default))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
