@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: the CUDA tests, the inference and training benchmarks on CUDA
-# (fp32, fp16, bf16) and the English demo. Each part's output is also written to OUT_DIR.
+# (fp32, fp16, bf16), accum_freq's memory and speed, an fp16 ONNX export made on the GPU, and the English
+# demo. Each part's output is also written to OUT_DIR.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      (default logs/gpu_check; open_clip installed for the peers)
 #
-# PARTS="tests inference train demo" (the default) picks the parts to run.
+# PARTS="tests inference train accum onnx demo" (the default) picks the parts to run.
 set -uo pipefail
 out=${1:-logs/gpu_check}
-parts=" ${PARTS:-tests inference train demo} "
+parts=" ${PARTS:-tests inference train accum onnx demo} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -21,10 +22,18 @@ torchvision.__version__, 'transformers', transformers.__version__, 'open_clip', 
 
 [[ $parts == *" inference "* ]] && $py benchmarks/bench_inference.py --device cuda --reps 5 --warmup 2 2>&1 | tee "$out/bench_inference.txt"
 
-[[ $parts == *" train "* ]] && for precision in fp32 fp16 bf16; do
+[[ $parts == *" train "* ]] && for precision in ${TRAIN_PRECISIONS:-fp32 fp16 bf16}; do
     $py benchmarks/bench_train.py --device cuda --precision "$precision" --phi openai/VIT-B-32 --batch 256 \
         --steps 10 2>&1 | tee "$out/bench_train_$precision.txt"
 done
+
+[[ $parts == *" accum "* ]] && for precision in fp32 bf16; do
+    $py benchmarks/bench_accum.py --device cuda --precision "$precision" --phi openai/VIT-B-32 --batch 256 \
+        --accum 8 --steps 3 2>&1 | tee "$out/bench_accum_$precision.txt"
+done
+
+[[ $parts == *" onnx "* ]] && $py predict.py --mode export_onnx --phi openai/VIT-B-32 --model_path "" \
+    --export_fp16 true --Cuda true --export_dir "$(mktemp -d)/onnx_fp16" 2>&1 | tee "$out/export_onnx_fp16.txt"
 
 [[ $parts == *" demo "* ]] && { time $py train.py --demo en --Cuda true ; } 2>&1 | tail -40 | tee "$out/demo_en.txt"
 exit 0
