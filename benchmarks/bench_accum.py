@@ -88,12 +88,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--no-ckpt", action="store_true", help="leave out the gradient-checkpointing rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(get_config(args.phi)).to(device).train()
     pixels, tokens = inputs(model.config, args.batch, device)
-    rows = variants(args.accum)
+    rows = [row for row in variants(args.accum) if not (args.no_ckpt and row[2])]
     steps = {name: make_step(model, device, args.precision, k) for name, k, _ in rows}
     times = {name: [] for name, _, _ in rows}
     for i in range(args.steps + 1):

@@ -168,6 +168,8 @@ def run_training(cfg: dict, explicit: dict | None = None) -> dict:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
+        _check_settings(cfg)  # mistakes in the settings leave no trace, not even an empty save_dir
+        check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
         with hold_save_dir(cfg["save_dir"], info, device):  # one run per save_dir, before any work
             return _train(cfg, device, info, explicit or {})
     finally:
@@ -186,7 +188,6 @@ def _check_settings(cfg: dict) -> str:
 def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict) -> dict:
     precision = resolve_training_precision(cfg, device)
     augment = _check_settings(cfg)
-    check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
     save_dir = Path(cfg["save_dir"])  # writable and ours: run_training holds its lock
     resume_path = newest_state(save_dir) if cfg["resume"] == "auto" else (Path(cfg["resume"]) if cfg["resume"] else None)
     if cfg["resume"] == "auto" and resume_path is None and info.is_main:
