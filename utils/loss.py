@@ -13,12 +13,34 @@ from torch import nn
 from .distributed import DistInfo
 
 
-def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return x
-    import torch.distributed.nn as dist_nn
+class _GatherWithGrad(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order; the gradient flows back to the rows' own rank.
 
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    Each rank's loss uses all rows, so the gradient of rank r's rows is the sum over ranks of their
+    gradients for those rows: an all_reduce, then r's slice (gloo has no reduce_scatter). torch's
+    `torch.distributed.nn.all_gather` did this too, and is deprecated.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(rows, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    return _GatherWithGrad.apply(x) if info.enabled else x
 
 
 class ClipLoss(nn.Module):
