@@ -371,3 +371,11 @@ def test_with_shards_the_worker_count_decides_the_data_order_too():
     files = {"datasets_train_json_path": "train.json"}
     assert resume_differences({**changed, **files}, {}, {**saved, "train": {**saved["train"], **files}},
                               Path("state.pt")) == []
+    # So does the number of processes the shards are dealt to; a caption list is one global batch regardless.
+    saved["train"]["processes"] = 2
+    lines = resume_differences({**changed, "num_workers": 2, "eval_period": 5, "processes": 1}, {}, saved,
+                               Path("state.pt"))
+    assert lines[1:] == ["  processes: 1 (the state's run: 2)",
+                         "resume: processes changed, so this run will not match an uninterrupted run"]
+    assert resume_differences({**changed, **files, "processes": 1}, {},
+                              {**saved, "train": {**saved["train"], **files}}, Path("state.pt")) == []

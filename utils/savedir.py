@@ -159,7 +159,7 @@ def warn_if_short_of_space(save_dir: str | Path, model, optimizer_type: str) -> 
 # A resume may change these freely: they change neither the weights nor the order the data comes in.
 _FREE = frozenset({"num_workers", "eval_flag", "eval_period", "save_period", "keep_states", "stop_after_steps",
                    "resume", "resume_force", "save_dir", "demo", "Cuda", "distributed", "grad_checkpointing",
-                   "max_bad_steps"})
+                   "max_bad_steps", "processes"})
 # Not read at a resume: the state holds the weights.
 _NOT_READ = frozenset({"model_path", "bert_path"})
 
@@ -181,8 +181,9 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
     from .sources.stream import is_shard_source
 
     train, lines, inexact = saved.get("train", {}), [], []
-    # Shards are dealt to dataloader workers, so with shards the worker count decides the data order too.
-    free = _FREE - {"num_workers"} if is_shard_source(cfg["datasets_train_json_path"]) else _FREE
+    # Shards are dealt to processes, then to their dataloader workers: with shards both counts decide the data
+    # order. A caption list is dealt as one global batch whatever the number of processes.
+    free = _FREE - {"num_workers", "processes"} if is_shard_source(cfg["datasets_train_json_path"]) else _FREE
     phi = explicit.get("phi")
     if phi and phi != "auto" and phi != saved["phi"] and get_config(phi).to_dict() != saved["clip"]:
         if not cfg.get("resume_force"):

@@ -186,6 +186,7 @@ def _check_settings(cfg: dict) -> str:
 
 
 def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict) -> dict:
+    cfg = {**cfg, "processes": info.world_size}  # saved with the state: a resume compares it
     precision = resolve_training_precision(cfg, device)
     augment = _check_settings(cfg)
     save_dir = Path(cfg["save_dir"])  # writable and ours: run_training holds its lock
