@@ -297,6 +297,16 @@ def test_a_failed_export_leaves_the_earlier_one_intact(tmp_path, capsys, monkeyp
     monkeypatch.setattr(onnx_export.os, "fsync", disk_full_on_the_second_file)
     result = run_script("predict.py", "--mode", "export_onnx", "--model_path", "", "--phi", "tiny/VIT-T-8",
                         "--export_dir", folder, capsys=capsys)
-    assert result.returncode == 2 and "No space left" in result.stderr
+    assert result.returncode == 2 and "No space left" in result.stderr and "free on its filesystem" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier  # no new file, no temporary left
+
+    def writer_breaks(fd):  # not an OSError: still one line, and still nothing half-written left
+        raise RuntimeError("unexpected pos 4096 vs 2048")
+
+    monkeypatch.setattr(onnx_export.os, "fsync", writer_breaks)
+    result = run_script("predict.py", "--mode", "export_onnx", "--model_path", "", "--phi", "tiny/VIT-T-8",
+                        "--export_dir", folder, capsys=capsys)
+    assert result.returncode == 2 and "RuntimeError: unexpected pos" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.checkpoint import check_writable
-from utils.errors import UserError
+from utils.checkpoint import check_writable, write_error
 from utils.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
 from utils.tokenizer import DEFAULT_BPE_PATH
 
@@ -110,9 +109,10 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
                 os.fsync(f.fileno())
         for name, tmp in temps.items():
             os.replace(tmp, folder / name)
-    except OSError as e:
-        raise UserError(f"could not write {folder / name} ({e.strerror or e}); free disk space or choose another "
-                        "export_dir. An earlier export there is untouched.") from e
+    except Exception as e:  # whatever the writer raised: one line, the temporary files gone first
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise write_error(folder / name, e, "the ONNX export; an earlier export there is untouched") from e
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
