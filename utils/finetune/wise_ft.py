@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import atomic_save, atomic_write_bytes, check_writable
+from ..checkpoint import atomic_save, atomic_savefig, atomic_write_bytes, check_writable
 from ..errors import UserError
 
 CONTROL_TYPES = ("", "retrieval", "zeroshot")
@@ -153,8 +153,7 @@ def plot_sweep(rows: Sequence[dict], control_label: str | None, chosen: float, p
     ax.set_title("WiSE-FT sweep")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 class _Control:
