@@ -27,6 +27,10 @@ def test_each_type_is_parsed_by_its_default_and_only_given_names_come_back():
     assert parse_overrides(CONFIG, ["--num_workers", "0", "--precision", "1.5"]) == {"num_workers": 0,
                                                                                       "precision": 1.5}
     assert parse_overrides(CONFIG, ["--Init_lr", "-1e-3"]) == {"Init_lr": -1e-3}  # a negative number is a value
+    # ...in a list of numbers too, first or not, beside a glued single value and a list of texts.
+    numbers = {**CONFIG, "alphas": [0.0, 1.0], "captions": ["a dog"]}
+    assert parse_overrides(numbers, ["--alphas", "-0.5", "0.5", "-1e-3", "--Init_lr", "-1e-3", "--captions", "-5"]) \
+        == {"alphas": [-0.5, 0.5, -1e-3], "Init_lr": -1e-3, "captions": ["-5"]}
     assert parse_overrides(CONFIG, []) == {}
     assert CONFIG["batch_size"] == 64  # the defaults are not modified
 

@@ -200,17 +200,25 @@ def build_parser(config: Mapping[str, Any], comments: Mapping[str, str] | None =
     return parser
 
 
-def _join_negative_numbers(args: list[str]) -> list[str]:
-    """`--Min_lr -1e-3` as `--Min_lr=-1e-3`: argparse takes "-1e-3" for an option (it knows "-1" and "-.5" only)."""
+def _join_negative_numbers(args: list[str], number_lists: frozenset[str] = frozenset()) -> list[str]:
+    """`--Min_lr -1e-3` as `--Min_lr=-1e-3`: argparse takes "-1e-3" for an option (it knows "-1" and "-.5" only).
+
+    The values of a list of numbers (`number_lists`) cannot be glued to their flag, which takes one value that
+    way: there a leading space hides the minus sign from argparse, and int() and float() ignore the space."""
     out: list[str] = []
+    in_list = False
     for arg in args:
         try:
             negative = arg.startswith("-") and float(arg) < 0
         except ValueError:
             negative = False
-        if negative and out and out[-1].startswith("--") and "=" not in out[-1]:
+        if negative and in_list:
+            out.append(f" {arg}")
+        elif negative and out and out[-1].startswith("--") and "=" not in out[-1]:
             out[-1] = f"{out[-1]}={arg}"
         else:
+            if arg.startswith("-"):
+                in_list = arg.lstrip("-") in number_lists
             out.append(arg)
     return out
 
@@ -233,7 +241,9 @@ def parse_overrides(config: Mapping[str, Any], argv: Sequence[str] | None = None
     `--help` prints every variable with its default and comment and exits 0; a mistake raises UserError.
     """
     parser = build_parser(config, comments, prog, description)
-    args = _join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
+    number_lists = frozenset(name for name, default in config.items() if isinstance(default, (list, tuple))
+                             and default and isinstance(default[0], (int, float)) and not isinstance(default[0], bool))
+    args = _join_negative_numbers(list(sys.argv[1:] if argv is None else argv), number_lists)
     given, unknown = parser.parse_known_args(args)
     if unknown:
         raise _unknown(unknown[0], list(config))
