@@ -254,6 +254,35 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     lock.release()
 
 
+def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forks of the run: they must not hold its lock after a kill -9 of the run."""
+    from utils.savedir import SaveDirLock
+
+    ready, tell = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        try:
+            SaveDirLock(tmp_path).acquire()
+            worker = os.fork()
+            if worker == 0:
+                time.sleep(120)
+                os._exit(0)
+            os.write(tell, f"{worker:>10}".encode())
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    worker = int(os.read(ready, 10))
+    try:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+        os.kill(worker, 0)  # the worker still runs...
+        lock = SaveDirLock(tmp_path)
+        lock.acquire()  # ...and the lock is free all the same
+        lock.release()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_taking_the_lock_removes_what_a_killed_save_left(tmp_path):
     from utils.distributed import DistInfo
     from utils.savedir import hold_save_dir

@@ -20,6 +20,25 @@ except ImportError:  # Windows: no flock; runs there are not guarded against eac
 LOCK_NAME = ".clip_train.lock"
 
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker, a pre-flight pool) closes its
+# copies at once: a copy keeps the flock alive, so after a kill -9 the lock would outlive the run by as long as
+# its workers take to notice.
+_HELD: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
 class SaveDirLock:
     """An OS lock (flock) on a file in save_dir, held for the run's life. The kernel drops it when the process
     ends in any way, kill -9 included, so nothing stale is ever left to clean up. The file names the holder."""
@@ -50,6 +69,7 @@ class SaveDirLock:
             os.close(fd)
             return
         self.fd = fd
+        _HELD.add(fd)
         holder = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
         try:
@@ -60,6 +80,7 @@ class SaveDirLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the only descriptor drops the flock
             self.fd = None
 
