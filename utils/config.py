@@ -145,7 +145,8 @@ def _check_rules(config: Mapping[str, Any]) -> None:
 
 
 # Variables whose None default stands for "decide for me", and what they take instead.
-_OPEN_METAVARS = {"Cuda": "true|false|auto", "num_workers": "INT|auto", "precision": "fp32|fp16|bf16|auto"}
+_OPEN_METAVARS = {"Cuda": "true|false|auto", "num_workers": "INT|auto", "precision": "fp32|fp16|bf16|auto",
+                  "wise_ft_alpha": "0..1|none"}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
