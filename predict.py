@@ -76,9 +76,6 @@ _MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "pred
 
 
 def main(config: dict, explicit: dict) -> None:
-    import torch
-
-    from clip import CLIP
     from utils.errors import UserError
 
     if config["mode"] not in _MODES:
@@ -92,8 +89,10 @@ def main(config: dict, explicit: dict) -> None:
     if config["mode"] == "predict_onnx":
         from utils.export.onnx_predict import OnnxCLIP
 
-        model = OnnxCLIP(config["export_dir"])  # the same calls as CLIP's, answered by onnxruntime
+        model = OnnxCLIP(config["export_dir"])  # the same calls as CLIP's, answered by onnxruntime, without torch
     else:
+        from clip import CLIP
+
         model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                      cuda=config["Cuda"], precision=config["precision"])
     if config["labels"]:
@@ -109,6 +108,8 @@ def main(config: dict, explicit: dict) -> None:
                         "--labels dog cat)")
     if config["mode"] == "dir_predict":
         from utils.predict.folder import predict_folder
+
+        import torch
 
         if targets is None:
             targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)

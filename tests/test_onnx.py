@@ -239,6 +239,21 @@ def test_predict_onnx_scores_captions_and_labels_as_pytorch_within_1e3(tiny, cap
     assert max(abs(got[c] - p) for c, p in zip(labels, expected)) < 1e-3
 
 
+def test_predict_onnx_runs_where_torch_cannot_be_imported(tiny, capsys):
+    """A deployment needs onnxruntime, not torch: the same answers with torch and torchvision unimportable."""
+    import subprocess
+    import sys
+
+    _, _, folder, _ = tiny
+    args = ["--mode", "predict_onnx", "--export_dir", str(folder), "--image", str(IMAGE), "--labels", "dog", "cat"]
+    code = ("import runpy, sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
+            f"sys.argv = ['predict.py', *{args!r}]; runpy.run_path('predict.py', run_name='__main__')")
+    without = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert without.returncode == 0, without.stderr
+    with_torch = run_script("predict.py", *args, capsys=capsys)
+    assert _probabilities(without.stdout) == pytest.approx(_probabilities(with_torch.stdout), abs=1e-6)
+
+
 def test_onnx_clip_matches_detect_image_on_a_batch_of_its_own_calls(tiny):
     weights, _, folder, _ = tiny
     onnx_model = OnnxCLIP(folder)

@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode, v2
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,14 +39,13 @@ def open_rgb(path) -> Image.Image:
         return to_rgb(image)
 
 
-class Letterbox(torch.nn.Module):
+class Letterbox:
     """Fit the whole image inside size x size, keeping its aspect ratio, on a grey canvas."""
 
     def __init__(self, size: int):
-        super().__init__()
         self.size = size
 
-    def forward(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image) -> Image.Image:
         scale = self.size / max(image.size)
         w, h = (max(1, round(d * scale)) for d in image.size)
         canvas = Image.new("RGB", (self.size, self.size), LETTERBOX_FILL)
@@ -57,11 +54,17 @@ class Letterbox(torch.nn.Module):
 
 
 def to_tensor() -> list:
+    import torch
+    from torchvision.transforms import v2
+
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_MEAN, OPENAI_STD)]
 
 
-def eval_transform(size: int, letterbox: bool = False) -> v2.Compose:
-    """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox."""
+def eval_transform(size: int, letterbox: bool = False):
+    """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox: a
+    torchvision v2.Compose from a PIL image to a normalised float tensor."""
+    from torchvision.transforms import InterpolationMode, v2
+
     if letterbox:
         return v2.Compose([Letterbox(size), *to_tensor()])
     return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(size), *to_tensor()])

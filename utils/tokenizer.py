@@ -3,17 +3,23 @@
 `BPETokenizer` reproduces OpenAI CLIP's byte-level BPE exactly (same cleaning, same
 pre-tokenisation regex, same ids), so OpenAI weights see the ids they were trained on.
 `BertTokenizer` wraps the `transformers` WordPiece tokenizer for Chinese BERT text towers.
-Both return a zero-padded (N, context_length) LongTensor from `__call__`.
+Both return a zero-padded (N, context_length) LongTensor from `__call__`, and the same ids as an int64 numpy
+array from `ids` (no torch needed: the ONNX predictor tokenizes with it).
 """
+from __future__ import annotations
 
 import gzip
 import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
+import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
 DEFAULT_BPE_PATH = MODEL_DATA / "bpe_simple_vocab_16e6.txt.gz"
@@ -141,7 +147,7 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Text for `ids`. The start token is skipped and everything from the first end
         token on is dropped, so a padded row from `__call__` decodes to its caption."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
         tokens = []
         for i in ids:
@@ -154,7 +160,12 @@ class BPETokenizer:
         return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
-        """(N, context_length) ids: SOT, text, EOT, then zeros. Over-long texts are cut
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """(N, context_length) int64 ids: SOT, text, EOT, then zeros. Over-long texts are cut
         and their last kept token replaced by EOT, which the text tower pools at."""
         texts = _as_text_list(texts)
         context_length = _check_context_length(self.context_length if context_length is None else context_length)
@@ -165,8 +176,8 @@ class BPETokenizer:
                 ids = ids[:context_length]
                 ids[-1] = self.eot_token_id
             rows.append(ids + [self.pad_token_id] * (context_length - len(ids)))
-        # One tensor from padded lists is several times faster than filling rows one by one.
-        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)
+        # One array from padded lists is several times faster than filling rows one by one.
+        return np.array(rows, dtype=np.int64).reshape(len(texts), context_length)
 
 
 class BertTokenizer:
@@ -194,15 +205,18 @@ class BertTokenizer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
-        """(N, context_length) ids: [CLS], text, [SEP], then [PAD]; over-long texts keep [SEP] last."""
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """(N, context_length) int64 ids: [CLS], text, [SEP], then [PAD]; over-long texts keep [SEP] last."""
         texts = _as_text_list(texts)
         context_length = _check_context_length(self.context_length if context_length is None else context_length)
         if not texts:
-            return torch.zeros(0, context_length, dtype=torch.long)
-        encoded = self.tokenizer(
-            texts, max_length=context_length, truncation=True, padding="max_length", return_tensors="pt"
-        )
-        return encoded["input_ids"]
+            return np.zeros((0, context_length), dtype=np.int64)
+        encoded = self.tokenizer(texts, max_length=context_length, truncation=True, padding="max_length")
+        return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
 
 
 TOKENIZERS = {"openai": BPETokenizer, "bert": BertTokenizer}

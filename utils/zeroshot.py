@@ -1,17 +1,18 @@
 """Zero-shot classification with CLIP_benchmark's conventions: classes from an image-folder tree (or labelled
-JSON), prompt-ensembled class embeddings, top-k accuracy and mean per-class recall."""
+JSON), prompt-ensembled class embeddings, top-k accuracy and mean per-class recall.
+
+torch is imported where it is used: the ONNX predictor reads its prompt templates here without it."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from .checkpoint import atomic_savefig
 from .errors import UserError
 from .images import IMAGE_SUFFIXES, image_files
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
 DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
@@ -86,21 +87,26 @@ def labelled_json(entries: Sequence[dict], json_path: str | Path, classnames: st
     return names, labelled
 
 
-@torch.no_grad()
 def class_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, classnames: list[str],
                      templates: list[str], device: torch.device) -> torch.Tensor:
     """(classes, dim) unit vectors: per class, the mean of its L2-normalised template embeddings, renormalised
     (the ensembling of OpenAI's zero-shot notebook)."""
+    import torch
+    import torch.nn.functional as F
+
     rows = []
-    for name in classnames:
-        tokens = tokenizer([t.replace("{c}", name) for t in templates]).to(device)
-        rows.append(F.normalize(F.normalize(encode_text(tokens).float(), dim=-1).mean(0), dim=0))
+    with torch.no_grad():
+        for name in classnames:
+            tokens = tokenizer([t.replace("{c}", name) for t in templates]).to(device)
+            rows.append(F.normalize(F.normalize(encode_text(tokens).float(), dim=-1).mean(0), dim=0))
     return torch.stack(rows)
 
 
 def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """acc1, acc5 (with at least 5 classes), mean_per_class_recall (balanced accuracy, over classes that have
     images), per-class recall and counts, and the confusion matrix (rows: true class, columns: predicted)."""
+    import torch
+
     n_classes = logits.shape[1]
     labels = labels.long()
     top = logits.topk(min(5, n_classes), dim=1).indices
@@ -130,6 +136,8 @@ def plot_confusion(classnames: list[str], confusion: list[list[int]], path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_savefig
 
     size = min(4 + 0.35 * len(classnames), 30)
     fig, ax = plt.subplots(figsize=(size, size))

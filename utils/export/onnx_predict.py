@@ -2,7 +2,8 @@
 
 `OnnxCLIP` answers the calls predict.py's loop makes of `clip.CLIP` (detect_image, class_embeddings,
 classify) with numpy arrays; images are prepared with PIL and numpy (preprocess.py), text by the repo's
-tokenizer, whose ids are handed over as int64.
+tokenizer (`ids`: int64 numpy). Nothing on this path imports torch, so a deployment needs onnxruntime, numpy,
+Pillow and the tokenizer's packages (ftfy and regex; transformers for the BERT towers).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class OnnxCLIP:
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         """(N, context_length) int64 ids, as text.onnx takes them."""
-        return self.tokenizer(texts).numpy().astype(np.int64)
+        return self.tokenizer.ids(texts)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
