@@ -38,7 +38,24 @@ class ImageEncoder(nn.Module):
         return {self.input_name: {0: Dim("batch")}}
 
 
-class OpenAITextEncoder(nn.Module):
+class _TextEncoder(nn.Module):
+    """A text tower's fixed-shape path (`forward_padded`), with a batch and a length that may vary."""
+
+    input_name = "tokens"
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+        self.context_length = text.context_length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.forward_padded(tokens)
+
+    def dynamic_shapes(self) -> dict:
+        return {self.input_name: {0: Dim("batch"), 1: Dim("length", min=2, max=self.context_length)}}
+
+
+class OpenAITextEncoder(_TextEncoder):
     """text.onnx of an OpenAI (byte-level BPE) text tower: `tokens` -> `features`.
 
     tokens: int64, (N, L) with any N >= 1 and 2 <= L <= context_length (77): rows as `CLIP.tokenize` makes
@@ -50,16 +67,6 @@ class OpenAITextEncoder(nn.Module):
         L2-normalised.
     """
 
-    input_name = "tokens"
-
-    def __init__(self, text: nn.Module):
-        super().__init__()
-        self.text = text
-        self.context_length = text.context_length
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text.forward_padded(tokens)
-
     def example(self, dtype: torch.dtype) -> torch.Tensor:
         # Lengths below the maximum on both axes, so that neither is traced as a constant.
         vocab = self.text.token_embedding.num_embeddings
@@ -67,11 +74,8 @@ class OpenAITextEncoder(nn.Module):
         tokens[:, 0], tokens[:, 1:3], tokens[:, 3] = vocab - 2, 1000 % (vocab - 2), vocab - 1
         return tokens
 
-    def dynamic_shapes(self) -> dict:
-        return {self.input_name: {0: Dim("batch"), 1: Dim("length", min=2, max=self.context_length)}}
 
-
-class BertTextEncoder(nn.Module):
+class BertTextEncoder(_TextEncoder):
     """text.onnx of a BERT (WordPiece) text tower, self-cn's or Chinese-CLIP's: `tokens` -> `features`.
 
     tokens: int64, (N, L) with any N >= 1 and 2 <= L <= context_length (config.json): rows as `CLIP.tokenize`
@@ -83,24 +87,11 @@ class BertTextEncoder(nn.Module):
         L2-normalised.
     """
 
-    input_name = "tokens"
-
-    def __init__(self, text: nn.Module):
-        super().__init__()
-        self.text = text
-        self.context_length = text.context_length
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text.forward_padded(tokens)
-
     def example(self, dtype: torch.dtype) -> torch.Tensor:
         tokens = torch.zeros(3, min(8, self.context_length - 1), dtype=torch.long)
         tokens[:, 0], tokens[:, 1:3], tokens[:, 3] = 101, 2000, 102
         tokens[0, 3:5] = torch.tensor([2001, 102])  # one row longer, so the mask is not all alike
         return tokens
-
-    def dynamic_shapes(self) -> dict:
-        return {self.input_name: {0: Dim("batch"), 1: Dim("length", min=2, max=self.context_length)}}
 
 
 def encoders(net: nn.Module) -> dict[str, nn.Module]:
