@@ -139,16 +139,9 @@ def main(config: dict, explicit: dict) -> None:
         if problem := answer(score, config["image"], names):
             raise UserError(problem)
         return
-    while True:
-        try:
-            path = input("Input image path:").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if not path:
-            return
-        if problem := answer(score, path, names):
-            print(f"{problem}, try again")
+    from utils.predict.ask import ask_loop
+
+    ask_loop("Input image path:", lambda path: answer(score, path, names))
 
 if __name__ == "__main__":
     run_script(globals(), main)

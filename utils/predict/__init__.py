@@ -1,1 +1,1 @@
-"""What predict.py does besides its loop, one module per mode: folder prediction to CSV and the speed check."""
+"""What predict.py does, one module per job: the ask loop, folder prediction to CSV, search and the speed check."""

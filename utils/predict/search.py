@@ -19,6 +19,7 @@ from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 from ..feature_cache import hash_weights
 from ..images import IMAGE_SUFFIXES, image_files
+from .ask import ask_loop
 
 CHUNK = 65536
 
@@ -166,15 +167,11 @@ def run_search(model, config: dict) -> None:
     if config["query"]:
         answer(config["query"])
         return
-    while True:
-        try:
-            text = input("Search (text, or an image path):").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if not text:
-            return
+    def answer_or_why(text: str) -> str | None:
         try:
             answer(text)
         except UserError as e:
-            print(f"{e}, try again")
+            return str(e)
+        return None
+
+    ask_loop("Search (text, or an image path):", answer_or_why)
