@@ -168,27 +168,27 @@ def run_training(cfg: dict, explicit: dict | None = None) -> dict:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     try:
-        _check_settings(cfg)  # mistakes in the settings leave no trace, not even an empty save_dir
-        check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
+        # Mistakes in the settings leave no trace, not even an empty save_dir.
+        precision, augment = _check_settings(cfg, device, info)
         with hold_save_dir(cfg["save_dir"], info, device):  # one run per save_dir, before any work
-            return _train(cfg, device, info, explicit or {})
+            return _train(cfg, device, info, explicit or {}, precision, augment)
     finally:
         cleanup(info)
 
 
-def _check_settings(cfg: dict) -> str:
-    """Settings that name a choice, checked before any file is read; returns the augmentation level."""
+def _check_settings(cfg: dict, device: torch.device, info: DistInfo) -> tuple[str, str]:
+    """Settings checked before any file is read or written; returns the precision and the augmentation level."""
+    precision = resolve_training_precision(cfg, device)
     check_schedule_choices(cfg["optimizer_type"], cfg["lr_decay_type"])
     if cfg["Init_Epoch"] >= cfg["Epoch"]:
         raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
                         f"{cfg['Epoch']}")
-    return augment_level(cfg["augment"], cfg["datasets_random"])
+    check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
+    return precision, augment_level(cfg["augment"], cfg["datasets_random"])
 
 
-def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict) -> dict:
+def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict, precision: str, augment: str) -> dict:
     cfg = {**cfg, "processes": info.world_size}  # saved with the state: a resume compares it
-    precision = resolve_training_precision(cfg, device)
-    augment = _check_settings(cfg)
     save_dir = Path(cfg["save_dir"])  # writable and ours: run_training holds its lock
     resume_path = newest_state(save_dir) if cfg["resume"] == "auto" else (Path(cfg["resume"]) if cfg["resume"] else None)
     if cfg["resume"] == "auto" and resume_path is None and info.is_main:
