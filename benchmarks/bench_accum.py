@@ -22,27 +22,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nets import build_model, get_config  # noqa: E402
-from utils.device import PRECISIONS, autocast  # noqa: E402
+from utils.device import PRECISIONS  # noqa: E402
 from utils.finetune.accum import CachedBatch  # noqa: E402
 from utils.loss import ClipLoss  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 
-from bench_train import _peak_rss_mib, inputs  # noqa: E402  (benchmarks/, this script's folder)
+from bench_train import _peak_rss_mib, inputs, training_step  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def make_step(model, device: torch.device, precision: str, accum: int):
     optimizer = build_optimizer(model, "adamw", 1e-5, 0.9, 0.1)
+    if accum == 1:  # the whole batch at once, as bench_train.py times it
+        return training_step(model, optimizer, ClipLoss(), device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    dtype, criterion = PRECISIONS[precision], ClipLoss()
 
     def step(pixels, tokens):
-        if accum > 1:
-            CachedBatch(model, criterion, pixels, tokens, accum, device, dtype).backward(
-                lambda loss: scaler.scale(loss).backward())
-        else:
-            with autocast(device, dtype):
-                loss = criterion(*model(pixels, tokens))
-            scaler.scale(loss).backward()
+        CachedBatch(model, ClipLoss(), pixels, tokens, accum, device, PRECISIONS[precision]).backward(
+            lambda loss: scaler.scale(loss).backward())
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_recipes import run as train  # noqa: E402  (benchmarks/, this script's folder: one train.py run)
+
 # No word here is one of the toy set's colours, shapes or backgrounds.
 COLOURS = {"teal": (0, 128, 128), "brown": (120, 70, 30), "magenta": (220, 0, 160), "olive": (128, 128, 0),
            "navy": (20, 30, 110), "lime": (150, 230, 50)}
@@ -102,18 +104,6 @@ def make_new_set(root: Path, n_train: int, n_val: int, seed: int = 0, size: int 
         files[split] = root / f"{split}.json"
         files[split].write_text(json.dumps(entries, indent=1), encoding="utf-8")
     return files
-
-
-def train(settings: dict) -> tuple[dict, float]:
-    """(summary, seconds) of one train.py run with the script's defaults under `settings`."""
-    import train as train_script
-    from utils.config import config_block
-    from utils.training import run_training
-
-    started = time.time()
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = run_training({**config_block(vars(train_script)), **settings})
-    return summary, time.time() - started
 
 
 def sweep(settings: dict) -> tuple[dict, float]:
