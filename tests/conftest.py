@@ -40,6 +40,17 @@ def reference_for(config: CLIPConfig) -> ReferenceCLIP:
                          vision_heads=v.heads).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A tiny/VIT-T-8 state dict of seeded random weights, saved once for the tests that load a weight file."""
+    from nets import get_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.pth"
+    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def small_pair():
     """(our model, reference model) holding the same random weights."""

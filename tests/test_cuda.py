@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from clip import CLIP
 from nets import build_model, get_config
 from tests.conftest import SMALL, random_tokens
-from tests.test_predict import tiny_weights  # noqa: F401  (a fixture)
 from tests.test_training import run_train, step_losses, toy, train_args  # noqa: F401  (toy is a fixture)
 from utils.checkpoint import load_state, newest_state
 
@@ -29,7 +28,7 @@ def test_cuda_fp32_matches_the_cpu_reference(small_pair):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_inference_is_close_to_fp32(tiny_weights, precision):  # noqa: F811
+def test_half_precision_inference_is_close_to_fp32(tiny_weights, precision):
     pixels = torch.randn(8, 3, 64, 64)
     texts = ["a red circle", "two blue squares above a green triangle", ""]
     fp32 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=True, precision="fp32")

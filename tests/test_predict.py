@@ -12,18 +12,9 @@ import torch
 from PIL import Image
 
 from clip import CLIP
-from nets import build_model, get_config
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
-    return path
 
 
 @pytest.fixture

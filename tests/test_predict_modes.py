@@ -5,22 +5,12 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from clip import CLIP
-from nets import build_model, get_config
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(2)
-    path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
-    return path
 
 
 @pytest.fixture
@@ -29,7 +19,7 @@ def _predict(capsys):
     return lambda *args: run_script("predict.py", *args, capsys=capsys)
 
 
-def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_path, _predict):
+def test_dir_predict_writes_the_top_labels_of_every_readable_image(tiny_weights, tmp_path, _predict):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     Image.new("RGB", (50, 30), (200, 20, 20)).save(photos / "red.jpg")
@@ -37,15 +27,15 @@ def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_
     (photos / "broken.jpg").write_bytes(b"not a picture")
     (photos / "notes.txt").write_text("ignored: not an image suffix")
     labels = ["red square", "blue square", "cat"]
-    result = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
-                      "--dir_save_path", tmp_path / "out", "--labels", *labels, "--templates", "a photo of a {c}.",
+    result = _predict("--mode", "dir_predict", "--model_path", tiny_weights, "--phi", "auto",
+                      "--dir_origin_path", photos, "--dir_save_path", tmp_path / "out", "--labels", *labels, "--templates", "a photo of a {c}.",
                       "--top_k", 2, "--batch_size", 2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "broken.jpg" in result.stdout and "2 images scored" in result.stdout
     rows = list(csv.reader((tmp_path / "out" / "predictions.csv").open()))
     assert rows[0] == ["path", "label1", "prob1", "label2", "prob2"]
     assert [r[0] for r in rows[1:]] == ["red.jpg", "sub/blue.png"]
-    model = CLIP(model_path=str(weights), phi="auto", cuda=False)
+    model = CLIP(model_path=str(tiny_weights), phi="auto", cuda=False)
     classes = model.class_embeddings(labels, "a photo of a {c}.")
     for row, name in zip(rows[1:], ["red.jpg", "sub/blue.png"]):
         probs = model.classify(Image.open(photos / name), classes)[0]
@@ -54,29 +44,29 @@ def test_dir_predict_writes_the_top_labels_of_every_readable_image(weights, tmp_
         assert [float(p) for p in row[2::2]] == pytest.approx([probs[i] for i in best], abs=1e-4)
 
 
-def test_dir_predict_with_captions_and_with_nothing_readable(weights, tmp_path, _predict):
+def test_dir_predict_with_captions_and_with_nothing_readable(tiny_weights, tmp_path, _predict):
     photos = tmp_path / "p"
     photos.mkdir()
     Image.new("RGB", (40, 40), (10, 200, 10)).save(photos / "g.jpg")
-    ok = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
+    ok = _predict("--mode", "dir_predict", "--model_path", tiny_weights, "--phi", "auto", "--dir_origin_path", photos,
                   "--dir_save_path", tmp_path / "o", "--captions", "a green thing", "a red thing")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    model = CLIP(model_path=str(weights), phi="auto", cuda=False)
+    model = CLIP(model_path=str(tiny_weights), phi="auto", cuda=False)
     expected = model.detect_image(Image.open(photos / "g.jpg"), ["a green thing", "a red thing"])[0]
     row = list(csv.reader((tmp_path / "o" / "predictions.csv").open()))[1]
     assert {row[1]: float(row[2]), row[3]: float(row[4])} == pytest.approx(
         {"a green thing": expected[0], "a red thing": expected[1]}, abs=1e-4)
     (photos / "g.jpg").write_bytes(b"broken")
-    bad = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path", photos,
+    bad = _predict("--mode", "dir_predict", "--model_path", tiny_weights, "--phi", "auto", "--dir_origin_path", photos,
                    "--dir_save_path", tmp_path / "o2")
     assert bad.returncode == 2 and "none of the 1 images" in bad.stderr and "Traceback" not in bad.stderr
-    empty = _predict("--mode", "dir_predict", "--model_path", weights, "--phi", "auto", "--dir_origin_path",
+    empty = _predict("--mode", "dir_predict", "--model_path", tiny_weights, "--phi", "auto", "--dir_origin_path",
                      tmp_path / "missing")
     assert empty.returncode == 2 and "is not a folder" in empty.stderr
 
 
-def test_fps_reports_images_and_captions_per_second(weights, _predict):
-    result = _predict("--mode", "fps", "--model_path", weights, "--phi", "auto", "--batch_size", 4)
+def test_fps_reports_images_and_captions_per_second(tiny_weights, _predict):
+    result = _predict("--mode", "fps", "--model_path", tiny_weights, "--phi", "auto", "--batch_size", 4)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     images = next(line for line in lines if line.startswith("images"))
