@@ -1,8 +1,6 @@
 """Fine-tuning recipes: contrastive-exact accumulation, partial locking, LoRA (merged == adapter) and WiSE-FT in train.py."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
-from tests.conftest import SMALL, bert_config, random_tokens, run_script
+from tests.conftest import SMALL, bert_config, random_tokens
+from tests.test_training import train, train_args
 from utils.checkpoint import load_state, newest_state
 from utils.distributed import DistInfo
 from utils.finetune.accum import CachedBatch
@@ -181,15 +180,10 @@ def toy(tmp_path_factory):
 
 
 def _train(toy: Path, save_dir: Path, capsys, **extra):
-    args = dict(model_path="", phi="tiny/VIT-T-8", datasets_path=toy, datasets_train_json_path=toy / "en_train.json",
-                datasets_val_json_path=toy / "en_val.json", batch_size=8, Epoch=2, Init_lr=1e-3, scale_lr="false",
-                num_workers=0, save_dir=save_dir, eval_flag="false", datasets_random="true", seed=3, Cuda="false")
-    args.update(extra)
-    return run_script("train.py", *[x for k, v in args.items() for x in (f"--{k}", str(v))], capsys=capsys)
+    return train(train_args(toy, save_dir, eval_flag="false", **extra), capsys)
 
 
 def test_train_py_accum_freq_matches_the_whole_batch(toy, tmp_path, capsys):
-    torch.set_num_threads(1)
     # SGD: weights move by the gradient itself. Adam would magnify float noise in gradients that are zero in
     # exact arithmetic (attention's key bias) to a full step of either sign.
     sgd = dict(stop_after_steps=2, optimizer_type="sgd", Init_lr=0.05)
@@ -206,7 +200,6 @@ def test_train_py_accum_freq_matches_the_whole_batch(toy, tmp_path, capsys):
 
 
 def test_train_py_lora_saves_merged_weights_and_the_adapter_and_resumes_exactly(toy, tmp_path, capsys):
-    torch.set_num_threads(1)
     lora = dict(lora_r=4, lora_alpha=8, wise_ft_alpha=0.5)
     straight = _train(toy, tmp_path / "straight", capsys, **lora)
     assert straight.returncode == 0, straight.stderr
