@@ -31,6 +31,10 @@ def _kind(model, tower_name: str) -> str:
     return "bert" if tower_name == "text" and model.config.text.is_bert else "openai"
 
 
+def _ends_with(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
 def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
     """Full names of the Linear modules and bare weight parameters `targets` picks in `towers`."""
     modules, params, unmatched = [], [], []
@@ -41,13 +45,12 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
             suffixes = _ALIASES[_kind(model, tower_name)].get(target, (target,))
             for name, module in tower.named_modules():
                 full = f"{tower_name}.{name}"
-                if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+                if isinstance(module, nn.Linear) and _ends_with(name, suffixes):
                     if not (target == "mlp" and ".attention." in full):  # BERT's output.dense is also in attention
                         modules.append(full)
                         found += 1
             for name, param in tower.named_parameters():
-                if param.ndim == 2 and name.endswith("in_proj_weight") and any(
-                        name == s or name.endswith("." + s) for s in suffixes):
+                if param.ndim == 2 and name.endswith("in_proj_weight") and _ends_with(name, suffixes):
                     params.append(f"{tower_name}.{name}")
                     found += 1
         if not found:
