@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from datasets.make_toy import make_toy_dataset
-from tests.conftest import run_script
+from tests.test_training import train, train_args
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +31,11 @@ def toy(tmp_path_factory):
 
 
 def _args(toy: Path, save_dir: Path, **extra) -> list[str]:
-    args = dict(model_path="", phi="tiny/VIT-T-8", datasets_path=toy, datasets_train_json_path=toy / "en_train.json",
-                datasets_val_json_path=toy / "en_val.json", batch_size=8, Epoch=2, Init_lr=1e-3, scale_lr="false",
-                num_workers=0, save_dir=save_dir, eval_flag="false", datasets_random="true", bert_path="", seed=3,
-                Cuda="false")
-    args.update(extra)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return train_args(toy, save_dir, eval_flag="false", **extra)
 
 
 def _train(capsys, toy: Path, save_dir: Path, **extra):
-    return run_script("train.py", *_args(toy, save_dir, **extra), capsys=capsys)
+    return train(_args(toy, save_dir, **extra), capsys)
 
 
 def _one_line_error(result, *fragments: str) -> str:
