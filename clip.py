@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
+from utils.data.images import eval_transform, to_rgb
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
-from utils.images import eval_transform, to_rgb
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
-from utils.weights import load_model
+from utils.weights.load import load_model
 
 
 class CLIP(object):
@@ -37,6 +37,12 @@ class CLIP(object):
         if name not in cls._defaults:
             raise UserError(f"unrecognised attribute name {name!r}; known: {', '.join(cls._defaults)}")
         return cls._defaults[name]
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "CLIP":
+        """The model of a script's config block (eval.py's names: Cuda, precision, ...)."""
+        return cls(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
+                   cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
 
     def __init__(self, **kwargs):
         for name, value in {**self._defaults, **kwargs}.items():
@@ -77,8 +83,8 @@ class CLIP(object):
 
     @torch.no_grad()
     def class_embeddings(self, labels: Sequence[str], templates: str = "") -> torch.Tensor:
-        """(len(labels), dim) unit vectors, each the ensemble of its prompt templates (utils/zeroshot.py)."""
-        from utils.zeroshot import class_embeddings, load_templates
+        """(len(labels), dim) unit vectors, each the ensemble of its prompt templates (utils/prompts.py)."""
+        from utils.prompts import class_embeddings, load_templates
 
         language = "cn" if self.net.config.text.is_bert else "en"
         return class_embeddings(self.net.encode_text, self.tokenizer, list(labels), load_templates(templates, language),

@@ -68,7 +68,7 @@ wise_ft_save_dir = "logs/wise_ft"
 wise_ft_overwrite = False
 
 def main(config: dict, explicit: dict) -> None:
-    from utils.eval_run import run_eval
+    from utils.eval.run import run_eval
 
     run_eval(config)
 

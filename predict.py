@@ -61,7 +61,7 @@ precision = None
 
 def answer(score, path: str, names: list[str]) -> str | None:
     """Print each name's probability for the image at `path`; or return why the image cannot be read."""
-    from utils.images import open_rgb
+    from utils.data.images import open_rgb
 
     try:
         picture = open_rgb(path)

@@ -119,13 +119,13 @@ seed = 11
 max_bad_steps = 5
 # Resume even when an explicit --phi contradicts the state's architecture (the state's is kept).
 resume_force = False
-# "en" or "cn": the CPU demo on the generated toy set (its settings in utils/demo.py replace the defaults
+# "en" or "cn": the CPU demo on the generated toy set (its settings in utils/train/demo.py replace the defaults
 # above; flags given on the command line still win).
 demo = ""
 
 def main(config: dict, explicit: dict) -> None:
-    from utils.demo import run_demo
-    from utils.training import run_training
+    from utils.train.demo import run_demo
+    from utils.train.run import run_training
 
     if config["demo"]:
         run_demo(config, explicit)

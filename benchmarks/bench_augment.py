@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def former_default(size: int):
     from torchvision.transforms import InterpolationMode, v2
 
-    from utils.images import to_tensor
+    from utils.data.images import to_tensor
 
     pipeline = v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
                            v2.RandomHorizontalFlip(), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET), *to_tensor()])
@@ -34,11 +34,11 @@ def former_default(size: int):
 def train_once(level: str, seed: int, epochs: int, lang: str, save_root: Path) -> tuple[float, float]:
     """(val r_mean, seconds) of one from-scratch run."""
     import train
-    import utils.training as training
+    import utils.train.run as training
     from datasets.make_toy import make_toy_dataset
-    from utils.augment import CaptionAugment
     from utils.config import config_block
-    from utils.demo import demo_config
+    from utils.data.augment import CaptionAugment
+    from utils.train.demo import demo_config
 
     settings = dict(seed=seed, Epoch=epochs, augment="light" if level == "former" else level,
                     datasets_random=level != "none", save_dir=str(save_root / f"{level}_{seed}"))

@@ -57,10 +57,10 @@ def loader_rate(loader, n_batches: int, batch: int) -> float:
 def loaders(root: Path, entries: list[dict], size: int, batch: int, workers: int, tmp: Path, tag: str) -> dict:
     from torch.utils.data import DataLoader
 
-    from utils.augment import CaptionAugment
+    from utils.data.augment import CaptionAugment
+    from utils.data.sources.pipeline import convert
+    from utils.data.sources.stream import ShardStream
     from utils.dataloader import CaptionDataset, EpochSampler
-    from utils.sources.pipeline import convert
-    from utils.sources.stream import ShardStream
     from utils.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer("openai", 77)
@@ -87,9 +87,9 @@ def step_rate(phi: str, batch: int, steps: int = 3) -> float:
     import torch
 
     from nets import build_model, get_config
-    from utils.distributed import DistInfo
-    from utils.loss import ClipLoss
-    from utils.optim import build_optimizer
+    from utils.train.distributed import DistInfo
+    from utils.train.loss import ClipLoss
+    from utils.train.optim import build_optimizer
 
     torch.manual_seed(0)
     config = get_config(phi)
@@ -115,7 +115,7 @@ def step_rate(phi: str, batch: int, steps: int = 3) -> float:
 def convert_speed(tmp: Path, n_images: int) -> dict:
     from PIL import Image
 
-    from utils.sources.pipeline import convert
+    from utils.data.sources.pipeline import convert
 
     folder = tmp / "many"
     folder.mkdir()

@@ -77,7 +77,7 @@ def transformers_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
         import transformers
     except ImportError:
         return None
-    from utils.convert import openai_to_transformers, transformers_config
+    from utils.weights.layouts import openai_to_transformers, transformers_config
 
     peer = transformers.CLIPModel(transformers_config(config))
     missing, unexpected = peer.load_state_dict(openai_to_transformers(state_dict), strict=False)

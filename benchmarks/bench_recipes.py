@@ -34,7 +34,7 @@ def run(settings: dict) -> tuple[dict, float]:
     """(summary, seconds) of one train.py run with the script's defaults under `settings`."""
     import train
     from utils.config import config_block
-    from utils.training import run_training
+    from utils.train.run import run_training
 
     started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -47,7 +47,7 @@ def evaluate(weights: str, demo: dict, tmp: Path) -> float:
     import importlib
 
     from utils.config import config_block
-    from utils.eval_run import run_eval
+    from utils.eval.run import run_eval
 
     eval_script = importlib.import_module("eval")
     settings = {**config_block(vars(eval_script)), "model_path": weights, "phi": demo["phi"], "feature_cache": False,
@@ -63,7 +63,7 @@ def main() -> None:
     import torch
 
     from datasets.make_toy import make_toy_dataset
-    from utils.demo import DEMO_PRESETS
+    from utils.train.demo import DEMO_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default="", help="weights of `train.py --demo en` (trained here if empty)")

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nets import build_model, get_config  # noqa: E402
-from utils.loss import ClipLoss  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
+from utils.train.loss import ClipLoss  # noqa: E402
+from utils.train.optim import build_optimizer  # noqa: E402
 
 from peers import open_clip_model  # noqa: E402  (benchmarks/, this script's folder)
 

@@ -111,7 +111,7 @@ def sweep(settings: dict) -> tuple[dict, float]:
     import importlib
 
     from utils.config import config_block
-    from utils.eval_run import run_eval
+    from utils.eval.run import run_eval
 
     eval_script = importlib.import_module("eval")
     started = time.time()
@@ -126,7 +126,7 @@ def main() -> None:
     import torch
 
     from datasets.make_toy import make_toy_dataset
-    from utils.demo import DEMO_PRESETS
+    from utils.train.demo import DEMO_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default="", help="weights of `train.py --demo en` (trained here if empty)")

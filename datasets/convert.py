@@ -49,7 +49,7 @@ overwrite = False
 
 
 def main(config: dict, explicit: dict) -> None:
-    from utils.sources.pipeline import convert
+    from utils.data.sources.pipeline import convert
 
     convert(config)
 

@@ -63,7 +63,7 @@ class CLIP(nn.Module):
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised image and text features and the temperature `logit_scale.exp()`.
 
-        Logits are `scale * image_features @ text_features.T`; the loss lives in `utils/loss.py`
+        Logits are `scale * image_features @ text_features.T`; the loss lives in `utils/train/loss.py`
         so that it can gather features across processes.
         """
         image_features = F.normalize(self.encode_image(pixels), dim=-1)

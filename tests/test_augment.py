@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.augment import CaptionAugment, augment_level, mirror_caption, names_colour
+from utils.data.augment import CaptionAugment, augment_level, mirror_caption, names_colour
+from utils.data.images import eval_transform
 from utils.dataloader import CaptionDataset
 from utils.errors import UserError
-from utils.images import eval_transform
 from utils.tokenizer import build_tokenizer
 
 SEEDS = range(40)

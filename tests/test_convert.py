@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
+from utils.data.sources.pipeline import convert
 from utils.errors import UserError
-from utils.sources.pipeline import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = dict(images="", val_ratio=0.0, test_ratio=0.0, seed=0, to="json", shard_size=2, image_column="filepath",
@@ -260,7 +260,7 @@ def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
     from datasets.make_toy import make_toy_dataset
     from tests.test_training import step_losses, train_args
     from tests.test_training import train as run_train
-    from utils.preflight import preflight
+    from utils.data.preflight import preflight
 
     toy = tmp_path / "toy"
     make_toy_dataset(toy, n_train=16, n_val=8, seed=2)

@@ -11,7 +11,7 @@ from clip import CLIP
 from nets import build_model, get_config
 from tests.conftest import SMALL, random_tokens
 from tests.test_training import run_train, step_losses, toy, train_args  # noqa: F401  (toy is a fixture)
-from utils.checkpoint import load_state, newest_state
+from utils.train.checkpoint import load_state, newest_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -78,7 +78,7 @@ def test_training_state_of_a_cuda_run_loads_on_the_cpu(toy, tmp_path):  # noqa: 
 def test_cuda_accumulation_gradients_equal_one_batch():
     """accum_freq on the GPU in fp32 (TF32 off): the whole batch's gradient within 1e-5."""
     from utils.finetune.accum import CachedBatch
-    from utils.loss import ClipLoss
+    from utils.train.loss import ClipLoss
 
     torch.manual_seed(0)
     model = build_model(SMALL).cuda()

@@ -12,7 +12,7 @@ from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from tests.test_training import train, train_args
-from utils.eval_run import RECALL_KEYS
+from utils.eval.run import RECALL_KEYS
 
 
 @pytest.fixture(scope="module")

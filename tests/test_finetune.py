@@ -13,13 +13,13 @@ from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens
 from tests.test_training import train, train_args
-from utils.checkpoint import load_state, newest_state
-from utils.distributed import DistInfo
 from utils.finetune.accum import CachedBatch
 from utils.finetune.lora import add_lora, plain_state_dict
 from utils.finetune.partial import apply_locks, text_groups, vision_groups
 from utils.finetune.wise_ft import interpolate
-from utils.loss import ClipLoss
+from utils.train.checkpoint import load_state, newest_state
+from utils.train.distributed import DistInfo
+from utils.train.loss import ClipLoss
 
 FP32 = torch.float32
 CPU = torch.device("cpu")

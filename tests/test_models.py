@@ -9,7 +9,7 @@ from torch import nn
 from nets import MODEL_CONFIGS, build_model, get_config, infer_config, phi_of
 from nets.text_bert import bert_config as to_bert_config
 from tests.conftest import SMALL, bert_config, random_tokens, reference_for
-from utils.convert import openai_to_transformers, transformers_config
+from utils.weights.layouts import openai_to_transformers, transformers_config
 
 TOL = 1e-5
 

@@ -22,12 +22,12 @@ from PIL import Image
 from clip import CLIP
 from nets import CLIPConfig, TextConfig, VisionConfig, build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens, run_script
+from utils.data.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD, eval_transform, open_rgb
 from utils.export import onnx_export
 from utils.export.onnx_export import export_tower, run_session, session
 from utils.export.onnx_predict import OnnxCLIP, trim_padding
 from utils.export.preprocess import pixels
 from utils.export.towers import encoders
-from utils.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD, eval_transform, open_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "img" / "example.jpg"

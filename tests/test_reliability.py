@@ -20,13 +20,14 @@ from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from tests.test_training import ROOT, TRAIN_ENV, step_losses, train, train_args
-from utils.augment import CaptionAugment
-from utils.checkpoint import atomic_save, newest_state
+from utils.data.augment import CaptionAugment
+from utils.data.images import eval_transform
+from utils.data.preflight import preflight
 from utils.dataloader import CaptionDataset, ImageDataset
 from utils.errors import UserError
-from utils.images import eval_transform
-from utils.preflight import preflight
+from utils.files import atomic_save
 from utils.tokenizer import build_tokenizer
+from utils.train.checkpoint import newest_state
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_unusual_but_valid_images_just_work(tmp_path):
             for epoch in range(5):  # each epoch picks another caption
                 pixels, tokens = dataset[(epoch, index)]
                 assert pixels.shape == (3, 64, 64) and torch.isfinite(pixels).all() and tokens.shape == (77,)
-    from utils.images import open_rgb
+    from utils.data.images import open_rgb
     assert open_rgb(tmp_path / "exif.jpg").size == (40, 60)
     assert np.asarray(open_rgb(tmp_path / "gray16.png")).std() > 20  # scaled, not clipped to white
 

@@ -126,9 +126,9 @@ def test_a_save_that_fails_mid_write_is_one_line_and_keeps_earlier_checkpoints(t
 
 @pytest.mark.parametrize("writer", ["history", "steps", "plot", "tensorboard", "results", "feature cache"])
 def test_every_writer_turns_a_failed_write_into_one_message(tmp_path, monkeypatch, writer):
-    from utils import checkpoint
+    from utils import files as checkpoint
     from utils.callbacks import LossHistory
-    from utils.feature_cache import save_features
+    from utils.eval.feature_cache import save_features
 
     history = LossHistory(tmp_path / "log", tensorboard=writer == "tensorboard")
     history.append({"epoch": 1, "loss": 2.0, "val_loss": 2.1})
@@ -138,7 +138,7 @@ def test_every_writer_turns_a_failed_write_into_one_message(tmp_path, monkeypatc
         def broken(*args, **kwargs):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(history.writer, "flush", broken)
-    else:  # every file write of ours goes through os.fdopen in utils/checkpoint.py
+    else:  # every file write of ours goes through os.fdopen in utils/files.py
         real_fdopen = os.fdopen
         monkeypatch.setattr(checkpoint.os, "fdopen", lambda *a, **k: _HalfThenFail(real_fdopen(*a, **k)))
     actions = {
@@ -211,7 +211,7 @@ def test_little_free_space_is_a_warning_before_training(toy, tmp_path, capsys, m
 # 2. Two runs writing into the same save_dir.
 
 def test_a_second_run_on_a_held_save_dir_stops_before_any_work(toy, tmp_path, capsys):
-    from utils.savedir import SaveDirLock
+    from utils.train.savedir import SaveDirLock
 
     holder = SaveDirLock(tmp_path)
     holder.acquire()
@@ -226,7 +226,7 @@ def test_a_second_run_on_a_held_save_dir_stops_before_any_work(toy, tmp_path, ca
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    from utils.savedir import SaveDirLock
+    from utils.train.savedir import SaveDirLock
 
     ready, tell = os.pipe()
     pid = os.fork()
@@ -251,7 +251,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
     """DataLoader workers are forks of the run: they must not hold its lock after a kill -9 of the run."""
-    from utils.savedir import SaveDirLock
+    from utils.train.savedir import SaveDirLock
 
     ready, tell = os.pipe()
     holder = os.fork()
@@ -279,8 +279,8 @@ def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
 
 
 def test_taking_the_lock_removes_what_a_killed_save_left(tmp_path):
-    from utils.distributed import DistInfo
-    from utils.savedir import hold_save_dir
+    from utils.train.distributed import DistInfo
+    from utils.train.savedir import hold_save_dir
 
     leftover, own = tmp_path / ".last_epoch_weights.pth.a1qo0azj.tmp", tmp_path / ".notes.tmp"
     leftover.write_bytes(b"half a checkpoint")
@@ -303,9 +303,9 @@ def test_log_folder_names_never_collide(toy, tmp_path, capsys):
 _DDP_RANK = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-from utils.distributed import init_distributed, cleanup
 from utils.errors import run_main
-from utils.savedir import hold_save_dir
+from utils.train.distributed import init_distributed, cleanup
+from utils.train.savedir import hold_save_dir
 import torch
 info = init_distributed(True, False)
 
@@ -321,7 +321,7 @@ finally:
 
 
 def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(tmp_path):
-    from utils.savedir import SaveDirLock
+    from utils.train.savedir import SaveDirLock
 
     holder = SaveDirLock(tmp_path)
     holder.acquire()
@@ -385,7 +385,7 @@ def test_a_damaged_newest_state_names_the_newest_intact_one(toy, tmp_path, capsy
 
 def test_with_shards_the_worker_count_decides_the_data_order_too():
     from nets import get_config
-    from utils.savedir import resume_differences
+    from utils.train.savedir import resume_differences
 
     saved = {"phi": "tiny/VIT-T-8", "clip": get_config("tiny/VIT-T-8").to_dict(),
              "train": {"datasets_train_json_path": "shards/{00..03}.tar", "num_workers": 2, "eval_period": 5}}

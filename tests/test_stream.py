@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from datasets.make_toy import make_toy_dataset
 from tests.test_training import run_train, step_losses, train_args
-from utils.augment import CaptionAugment
-from utils.sources.pipeline import convert
-from utils.sources.stream import ShardStream, is_shard_source, span
+from utils.data.augment import CaptionAugment
+from utils.data.sources.pipeline import convert
+from utils.data.sources.stream import ShardStream, is_shard_source, span
 from utils.tokenizer import build_tokenizer
 
 SHARD_SIZE = 5

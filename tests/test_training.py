@@ -15,12 +15,13 @@ import torch
 from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
-from utils.checkpoint import atomic_save, load_state, newest_state
-from utils.distributed import DistInfo
 from utils.errors import UserError
-from utils.optim import build_optimizer, build_scheduler, param_groups, scaled_lrs
-from utils.training import StopFlag, fit_one_epoch
-from utils.weights import load_model
+from utils.files import atomic_save
+from utils.train.checkpoint import load_state, newest_state
+from utils.train.distributed import DistInfo
+from utils.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lrs
+from utils.train.epoch import StopFlag, fit_one_epoch
+from utils.weights.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,7 +288,7 @@ def test_partial_init_image_tower_from_checkpoint_text_tower_from_bert_folder(tm
     from transformers import BertModel
 
     from nets.text_bert import bert_config
-    from utils.weights import init_model
+    from utils.weights.load import init_model
 
     openai_tiny = build_model(get_config("tiny/VIT-T-8"))
     torch.save(openai_tiny.state_dict(), tmp_path / "vit.pth")
@@ -318,7 +319,7 @@ def test_num_workers_auto_is_the_cores_this_process_may_use(monkeypatch):
 
 
 def test_lr_scaling_says_what_it_changed():
-    from utils.optim import scaling_note
+    from utils.train.optim import scaling_note
 
     wanted = (3e-4, 3e-6)
     assert scaling_note(wanted, scaled_lrs(*wanted, 64, "adamw"), 64, "adamw") == (

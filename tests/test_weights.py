@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from nets import build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens, reference_for
 from tests.test_models import _hf_clip
-from utils.convert import openai_to_transformers
 from utils.errors import UserError
-from utils.weights import load_model, read_checkpoint
+from utils.weights.layouts import openai_to_transformers
+from utils.weights.load import load_model, read_checkpoint
 
 
 def _assert_same_weights(model, state_dict):

@@ -13,7 +13,8 @@ from datasets.make_toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import run_script
 from utils.errors import UserError
-from utils.finetune.wise_ft import OUTPUT_FILES, check_alpha, interpolate
+from utils.eval.wise_ft import OUTPUT_FILES
+from utils.finetune.wise_ft import check_alpha, interpolate
 
 PHI = "tiny/VIT-T-8"
 

@@ -12,8 +12,9 @@ from PIL import Image
 from nets import build_model, get_config
 from tests.conftest import run_script
 from utils.errors import UserError
+from utils.eval.zeroshot import folder_dataset, zeroshot_metrics
+from utils.prompts import class_embeddings, load_templates
 from utils.tokenizer import build_tokenizer
-from utils.zeroshot import class_embeddings, folder_dataset, load_templates, zeroshot_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

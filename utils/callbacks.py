@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import append_text, atomic_savefig, write_guard  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
+from utils.eval.encode import evaluate  # noqa: E402
+from utils.files import append_text, atomic_savefig, write_guard  # noqa: E402
 
 
 class LossHistory:

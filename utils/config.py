@@ -18,7 +18,7 @@ import tokenize
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import UserError, run_main
+from utils.errors import UserError, run_main
 
 _PLAIN = (bool, int, float, str, list, tuple, type(None))
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from .errors import UserError
-from .images import open_rgb
+from utils.data.images import open_rgb
+from utils.errors import UserError
 
 
 def read_json_list(json_path: str | Path) -> list:
@@ -58,7 +58,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 class CaptionDataset(Dataset):
     """Training pairs: one image and one of its captions, chosen afresh each epoch, through a transform of
-    the pair (utils/augment.CaptionAugment), so that augmentation can keep the caption true.
+    the pair (utils/data/augment.CaptionAugment), so that augmentation can keep the caption true.
 
     Indexed by (epoch, index), as EpochSampler yields them: persistent workers keep their own copy of
     the dataset, so the epoch travels with each index rather than being set on the dataset.

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from .errors import UserError
+from utils.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

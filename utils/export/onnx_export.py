@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.checkpoint import check_writable, write_error
-from utils.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
+from utils.data.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
+from utils.files import check_writable, write_error
 from utils.tokenizer import DEFAULT_BPE_PATH
 
-from .towers import encoders
+from utils.export.towers import encoders
 
 # torch's exporter builds its graphs in opset 18 (TORCHLIB_OPSET); the issue asks for 17 or later.
 OPSET = 18

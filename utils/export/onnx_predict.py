@@ -16,7 +16,7 @@ from PIL import Image
 
 from utils.errors import UserError
 
-from . import preprocess
+from utils.export import preprocess
 
 _FILES = ("config.json", "image.onnx", "text.onnx")
 
@@ -67,7 +67,7 @@ class OnnxCLIP:
         self.logit_scale = float(self.config["logit_scale"])
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
-        from utils.images import to_rgb
+        from utils.data.images import to_rgb
 
         images = [images] if isinstance(images, Image.Image) else images
         return preprocess.pixels([to_rgb(image) for image in images], self.config)
@@ -91,7 +91,7 @@ class OnnxCLIP:
 
     def class_embeddings(self, labels: Sequence[str], templates: str = "") -> np.ndarray:
         """(len(labels), dim) unit vectors, each the mean of its normalised template embeddings, renormalised."""
-        from utils.zeroshot import load_templates
+        from utils.prompts import load_templates
 
         prompts = load_templates(templates, "cn" if self.config["tokenizer"] == "bert" else "en")
         rows = [_normalise(self.encode_text(self.tokenize([t.replace("{c}", name) for t in prompts]))).mean(0)

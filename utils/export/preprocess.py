@@ -1,4 +1,4 @@
-"""The eval preprocessing of utils/images.py with PIL and numpy only, for an onnxruntime deployment.
+"""The eval preprocessing of utils/data/images.py with PIL and numpy only, for an onnxruntime deployment.
 
 It follows torchvision's arithmetic step for step (tests/test_onnx.py holds it to the PyTorch transform), so
 image.onnx sees the pixels the PyTorch model would.

@@ -14,8 +14,8 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..device import autocast
-from ..errors import UserError
+from utils.device import autocast
+from utils.errors import UserError
 
 
 def check_accum(accum_freq: int, local_batch: int, world_size: int) -> None:

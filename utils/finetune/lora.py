@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_bytes
-from ..errors import UserError
+from utils.errors import UserError
+from utils.files import atomic_write_bytes
 
 # What "attn" and "mlp" name in each tower: OpenAI blocks keep q, k and v in one `attn.in_proj_weight`
 # parameter (OpenAI's key name, so it is not a Linear module); BERT has a Linear for each.

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_bytes, check_writable
-from ..errors import UserError
-from ..images import IMAGE_SUFFIXES, image_files, open_rgb
+from utils.data.images import IMAGE_SUFFIXES, image_files, open_rgb
+from utils.errors import UserError
+from utils.files import atomic_write_bytes, check_writable
 
 SHOWN = 20
 

@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from ..checkpoint import atomic_write_bytes
-from ..errors import UserError
-from ..feature_cache import hash_weights
-from ..images import IMAGE_SUFFIXES, image_files
-from .ask import ask_loop
+from utils.data.images import IMAGE_SUFFIXES, image_files
+from utils.errors import UserError
+from utils.eval.feature_cache import hash_weights
+from utils.files import atomic_write_bytes
+from utils.predict.ask import ask_loop
 
 CHUNK = 65536
 
@@ -116,7 +116,7 @@ def encode_paths(model, batch_size: int = 32) -> Callable[[Sequence[Path]], tupl
     """paths -> (unit features of the readable ones, in order; the unreadable paths)."""
     import torch.nn.functional as F
 
-    from ..images import open_rgb
+    from utils.data.images import open_rgb
 
     @torch.no_grad()
     def encode(paths: Sequence[Path]) -> tuple[torch.Tensor, list[Path]]:
@@ -141,7 +141,7 @@ def _query_vector(model, text: str) -> tuple[torch.Tensor, str]:
     """A query's unit vector: an existing image file is searched by example, anything else as text."""
     import torch.nn.functional as F
 
-    from ..images import open_rgb
+    from utils.data.images import open_rgb
 
     path = Path(text)
     if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():

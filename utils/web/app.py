@@ -14,7 +14,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
-from ..images import to_rgb
+from utils.data.images import to_rgb
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD = 10 * 2**20
@@ -96,7 +96,7 @@ def serve(model, config: dict) -> None:
     """predict.py mode="web": index dir_origin_path (when it exists) and serve the page on 127.0.0.1:port."""
     import uvicorn
 
-    from ..predict.search import SearchIndex, encode_paths, model_identity
+    from utils.predict.search import SearchIndex, encode_paths, model_identity
 
     index, folder = None, Path(config["dir_origin_path"])
     if folder.is_dir():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import DistInfo
+from utils.train.distributed import DistInfo
 
 
 class _GatherWithGrad(torch.autograd.Function):

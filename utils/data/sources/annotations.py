@@ -6,8 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
-from .records import Record, Source, split_name
+from utils.data.sources.records import Record, Source, split_name
+from utils.errors import UserError
 
 
 def load_json(path: Path) -> Any:

@@ -1,7 +1,7 @@
 """Reading weight files of every supported format safely, and loading them into a model strictly.
 
 Nothing here unpickles code: pickles go through `torch.load(weights_only=True)`, TorchScript archives
-through `utils.torchscript`, and `transformers` folders prefer safetensors.
+through `utils.weights.torchscript`, and `transformers` folders prefer safetensors.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from nets.configs import CLIPConfig, get_config, infer_config, phi_of
 from nets.clip import CLIP, build_model
+from nets.configs import CLIPConfig, get_config, infer_config, phi_of
 
-from .convert import to_openai, unwrap
-from .errors import UserError
-from .torchscript import is_torchscript_archive, read_torchscript_state_dict
+from utils.errors import UserError
+from utils.weights.layouts import to_openai, unwrap
+from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

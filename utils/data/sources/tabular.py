@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import UserError
-from .records import Record, Source
+from utils.data.sources.records import Record, Source
+from utils.errors import UserError
 
 
 def _lines(path: Path) -> list[str]:

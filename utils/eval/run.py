@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, check_writable
-from .device import loader_workers
-from .errors import UserError
-from .evaluation import encode_images, encode_set, score
-from .feature_cache import cache_key, load_features, save_features
-from .preflight import image_problem, preflight, read_annotations
-from .zeroshot import (class_embeddings, folder_dataset, format_classes, labelled_json, load_templates,
-                       plot_confusion, zeroshot_metrics)
+from clip import CLIP
+from utils.data.preflight import preflight
+from utils.device import loader_workers
+from utils.errors import UserError
+from utils.eval.encode import encode_images, encode_set, score
+from utils.eval.feature_cache import cache_key, load_features, save_features
+from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
+from utils.files import atomic_write_bytes, check_writable
+from utils.prompts import class_embeddings, load_templates
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
 
@@ -44,7 +45,7 @@ def run_eval(cfg: dict) -> dict:
     if cfg["eval_type"] == "zeroshot":
         return run_zeroshot(cfg)
     if cfg["eval_type"] == "wise_ft":
-        from .finetune.wise_ft import run_sweep
+        from utils.eval.wise_ft import run_sweep
 
         return run_sweep(cfg)
     return run_retrieval(cfg)
@@ -65,32 +66,6 @@ def _cached(cfg: dict, clip, json_path, root: Path, entries: list[dict], preproc
     return features
 
 
-def load_clip(cfg: dict):
-    from clip import CLIP
-
-    return CLIP(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
-                cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"])
-
-
-def zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
-    """Class names, entries and the JSON file (None for an image-folder tree) of a zero-shot evaluation: the
-    labelled JSON at datasets_val_json_path when it exists and carries "label"s, else the folder tree."""
-    json_path = Path(cfg["datasets_val_json_path"])
-    root = Path(cfg["datasets_path"])
-    if json_path.is_file():
-        raw = read_annotations(json_path)
-        if raw and isinstance(raw[0], dict) and "label" in raw[0]:
-            names, entries = labelled_json(raw, json_path, cfg["classnames"])
-            missing = [e["image"] for e in entries if image_problem(root / e["image"])]
-            if missing and not cfg["skip_bad_samples"]:
-                raise UserError(f"{json_path}: {len(missing)} images are missing or unreadable under {root}, e.g. "
-                                f"{missing[0]}; fix them or set skip_bad_samples=True")
-            missing = set(missing)
-            return names, [e for e in entries if e["image"] not in missing], json_path
-    names, entries = folder_dataset(root, cfg["classnames"])
-    return names, entries, None
-
-
 def run_zeroshot(cfg: dict) -> dict:
     """Zero-shot classification (CLIP_benchmark's metrics and results schema)."""
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
@@ -101,7 +76,7 @@ def run_zeroshot(cfg: dict) -> dict:
         Path("logs") / f"zeroshot_{Path(cfg['model_path']).stem if cfg['model_path'] else 'random'}_{dataset_name}.json"
     check_writable(output.parent, "output")
     started = time.time()
-    clip = load_clip(cfg)
+    clip = CLIP.from_config(cfg)
     language = "cn" if clip.net.config.text.is_bert else "en"
     templates = load_templates(cfg["templates"], language)
     preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
@@ -140,7 +115,7 @@ def run_retrieval(cfg: dict) -> dict:
     output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
     check_writable(output.parent, "output")
     started = time.time()
-    clip = load_clip(cfg)
+    clip = CLIP.from_config(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
                      "precision": clip.precision, "context_length": clip.net.config.text.context_length}
     features = _cached(cfg, clip, cfg["datasets_val_json_path"], root, entries, preprocessing,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..errors import UserError
-from ..images import image_files
-from .records import Record, Source
+from utils.data.images import image_files
+from utils.data.sources.records import Record, Source
+from utils.errors import UserError
 
 
 

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from utils.errors import UserError
 
 try:
     import fcntl
@@ -48,7 +48,7 @@ class SaveDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        from .checkpoint import check_writable
+        from utils.files import check_writable
 
         check_writable(self.save_dir)
         if fcntl is None:
@@ -104,7 +104,7 @@ def _holder(fd: int) -> str:
 def hold_save_dir(save_dir: str | Path, info, device):
     """Rank 0 locks save_dir for the run; every rank learns whether it got it, so when rank 0 stops, the others
     stop too instead of waiting for it in the first collective."""
-    from .distributed import all_true
+    from utils.train.distributed import all_true
 
     lock = SaveDirLock(save_dir)
     refusal = None
@@ -134,7 +134,7 @@ def _remove_leftovers(save_dir: Path) -> None:
     so every such file is a leftover."""
     leftovers = [p for p in save_dir.iterdir() if _LEFTOVER.match(p.name) and p.is_file()]
     if leftovers:
-        from .checkpoint import human_size
+        from utils.files import human_size
 
         size = sum(p.stat().st_size for p in leftovers)
         for path in leftovers:
@@ -164,7 +164,7 @@ def epoch_bytes(model, optimizer_type: str) -> tuple[int, int]:
 
 
 def warn_if_short_of_space(save_dir: str | Path, model, optimizer_type: str) -> None:
-    from .checkpoint import free_space, human_size
+    from utils.files import free_space, human_size
 
     free = free_space(save_dir)
     if free is None:
@@ -199,7 +199,7 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
     the state's architecture is refused unless resume_force is set; the state's architecture is used either way."""
     from nets import get_config
 
-    from .sources.stream import is_shard_source
+    from utils.data.sources.stream import is_shard_source
 
     train, lines, inexact = saved.get("train", {}), [], []
     # Shards are dealt to processes, then to their dataloader workers: with shards both counts decide the data

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .dataloader import ImageDataset
-from .device import autocast
-from .metrics import retrieval_metrics
+from utils.dataloader import ImageDataset
+from utils.device import autocast
+from utils.metrics import retrieval_metrics
 
 
 def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[list[int]]]:

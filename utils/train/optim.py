@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR, StepLR
 
-from .errors import UserError
+from utils.errors import UserError
 
 NOMINAL_BATCH = 64  # the original scales learning rates by batch_size / 64
 

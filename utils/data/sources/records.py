@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from ..errors import UserError
+from utils.errors import UserError
 
 SHOWN = 20
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "dev": "val", "test": "test"}

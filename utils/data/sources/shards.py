@@ -8,8 +8,8 @@ from typing import Iterator
 
 from braceexpand import braceexpand
 
-from ..errors import UserError
-from .records import Record, Source
+from utils.data.sources.records import Record, Source
+from utils.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

@@ -1,45 +1,16 @@
 """Zero-shot classification with CLIP_benchmark's conventions: classes from an image-folder tree (or labelled
-JSON), prompt-ensembled class embeddings, top-k accuracy and mean per-class recall.
-
-torch is imported where it is used: the ONNX predictor reads its prompt templates here without it."""
+JSON), top-k accuracy, mean per-class recall and the confusion plot. The class embeddings are utils/prompts.py's."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .errors import UserError
-from .images import IMAGE_SUFFIXES, image_files
+from utils.data.images import IMAGE_SUFFIXES, image_files
+from utils.data.preflight import image_problem, read_annotations
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     import torch
-
-MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
-DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
-
-
-def load_templates(spec: str, language: str = "en") -> list[str]:
-    """Prompt templates with {c} for the class name: a JSON list file, a single template, or "" for the
-    language's default set (OpenAI's 80 ImageNet templates; a Chinese set)."""
-    if not spec:
-        spec = str(DEFAULT_TEMPLATES[language])
-    if spec.endswith(".json"):
-        path = Path(spec)
-        if not path.is_file():
-            raise UserError(f"templates file {path} does not exist")
-        try:
-            templates = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise UserError(f"templates file {path} is not valid JSON ({e})") from e
-        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
-            raise UserError(f"templates file {path} must hold a non-empty JSON list of strings")
-    else:
-        templates = [spec]
-    missing = [t for t in templates if "{c}" not in t]
-    if missing:
-        raise UserError(f"template {missing[0]!r} has no {{c}} where the class name goes"
-                        + (f" ({len(missing)} templates lack it)" if len(missing) > 1 else ""))
-    return templates
 
 
 def read_classnames(path: str, expected: int | None = None) -> list[str]:
@@ -87,19 +58,23 @@ def labelled_json(entries: Sequence[dict], json_path: str | Path, classnames: st
     return names, labelled
 
 
-def class_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, classnames: list[str],
-                     templates: list[str], device: torch.device) -> torch.Tensor:
-    """(classes, dim) unit vectors: per class, the mean of its L2-normalised template embeddings, renormalised
-    (the ensembling of OpenAI's zero-shot notebook)."""
-    import torch
-    import torch.nn.functional as F
-
-    rows = []
-    with torch.no_grad():
-        for name in classnames:
-            tokens = tokenizer([t.replace("{c}", name) for t in templates]).to(device)
-            rows.append(F.normalize(F.normalize(encode_text(tokens).float(), dim=-1).mean(0), dim=0))
-    return torch.stack(rows)
+def zeroshot_set(cfg: dict) -> tuple[list[str], list[dict], Path | None]:
+    """Class names, entries and the JSON file (None for an image-folder tree) of a zero-shot evaluation: the
+    labelled JSON at datasets_val_json_path when it exists and carries "label"s, else the folder tree."""
+    json_path = Path(cfg["datasets_val_json_path"])
+    root = Path(cfg["datasets_path"])
+    if json_path.is_file():
+        raw = read_annotations(json_path)
+        if raw and isinstance(raw[0], dict) and "label" in raw[0]:
+            names, entries = labelled_json(raw, json_path, cfg["classnames"])
+            missing = [e["image"] for e in entries if image_problem(root / e["image"])]
+            if missing and not cfg["skip_bad_samples"]:
+                raise UserError(f"{json_path}: {len(missing)} images are missing or unreadable under {root}, e.g. "
+                                f"{missing[0]}; fix them or set skip_bad_samples=True")
+            missing = set(missing)
+            return names, [e for e in entries if e["image"] not in missing], json_path
+    names, entries = folder_dataset(root, cfg["classnames"])
+    return names, entries, None
 
 
 def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -137,7 +112,7 @@ def plot_confusion(classnames: list[str], confusion: list[list[int]], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_savefig
+    from utils.files import atomic_savefig
 
     size = min(4 + 0.35 * len(classnames), 30)
     fig, ax = plt.subplots(figsize=(size, size))

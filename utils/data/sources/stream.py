@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..checkpoint import atomic_write_bytes
-from ..errors import UserError
-from ..images import to_rgb
-from .shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
+from utils.data.images import to_rgb
+from utils.data.sources.shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
+from utils.errors import UserError
+from utils.files import atomic_write_bytes
 
 COUNTS_FILE = ".clip_sample_counts.json"
 SHUFFLE_BUFFER = 1000

@@ -15,9 +15,9 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from ..checkpoint import atomic_write_bytes
-from ..errors import UserError
-from .records import SHOWN, Record
+from utils.data.sources.records import SHOWN, Record
+from utils.errors import UserError
+from utils.files import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 

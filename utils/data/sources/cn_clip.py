@@ -12,8 +12,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from ..errors import UserError
-from .records import Record, Source, split_name
+from utils.data.sources.records import Record, Source, split_name
+from utils.errors import UserError
 
 
 def _texts(path: Path, source: Source) -> dict[str, list]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dataloader import entry_problem, normalise, read_json_list
-from .errors import UserError
+from utils.dataloader import entry_problem, normalise, read_json_list
+from utils.errors import UserError
 
 SHOWN = 20
 
@@ -38,8 +38,8 @@ def read_annotations(path: str | Path, skip_bad: bool = False,
     suffix = Path(path).suffix.lower()
     if suffix not in (".jsonl", ".csv", ".tsv"):
         return read_json_list(path)
-    from .sources.records import Source
-    from .sources.tabular import read_csv, read_jsonl
+    from utils.data.sources.records import Source
+    from utils.data.sources.tabular import read_csv, read_jsonl
 
     source = Source(input=Path(path), images=Path(), work_dir=Path(), image_column=columns[0],
                     caption_column=columns[1])

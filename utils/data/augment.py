@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from .errors import UserError
-from .images import Letterbox, eval_transform, to_tensor
+from utils.data.images import Letterbox, eval_transform, to_tensor
+from utils.errors import UserError
 
 AUGMENTS = ("light", "none", "strong")
 CROP_SCALES = {"light": (0.9, 1.0), "strong": (0.5, 1.0)}

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
-from .records import Source
-from .write import SPLITS, assign_splits, summary, usable, write_json, write_shards
+from utils.data.sources.records import Source
+from utils.data.sources.write import SPLITS, assign_splits, summary, usable, write_json, write_shards
+from utils.errors import UserError
 
 TARGETS = ("json", "wds")
 
 
 def _too_long(phi: str, bert_vocab_path: str):
     """caption -> whether it exceeds the context of phi's text tower (counting the start and end tokens)."""
-    from nets import get_config
+    from nets.configs import get_config
 
-    from ..tokenizer import build_tokenizer
+    from utils.tokenizer import build_tokenizer
 
     text = get_config(phi).text
     tokenizer = build_tokenizer("bert" if text.is_bert else "openai", text.context_length,
@@ -26,7 +26,7 @@ def _too_long(phi: str, bert_vocab_path: str):
 
 
 def convert(cfg: dict) -> dict:
-    from . import SOURCES
+    from utils.data.sources import SOURCES
 
     if cfg["source"] not in SOURCES:
         raise UserError(f"source {cfg['source']!r} is not one of {', '.join(SOURCES)}")
@@ -55,7 +55,7 @@ def convert(cfg: dict) -> dict:
         raise UserError(f"none of the {len(records)} images of {input_path} is usable:\n  " + "\n  ".join(problems[:20]))
     if cfg["to"] == "json":
         written = write_json(splits, output_dir, cfg["name"], cfg["overwrite"])
-        from ..preflight import preflight
+        from utils.data.preflight import preflight
 
         for path in written.values():  # what training will read must pass what training checks
             preflight(path, output_dir, quiet=True)

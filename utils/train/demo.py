@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from utils.errors import UserError
 
 TOY_ROOT = "datasets/toy/"
 # Settings that make a tiny CLIP learn the toy set on 2 CPU cores in minutes.
@@ -36,7 +36,7 @@ def run_demo(config: dict, explicit: dict) -> dict:
 
     from datasets.make_toy import make_toy_dataset
 
-    from .training import run_training
+    from utils.train.run import run_training
 
     cfg = demo_config(config, explicit)
     started = time.time()
@@ -60,7 +60,7 @@ def _predict_example(cfg: dict, weights: Path) -> dict:
 
     from clip import CLIP
 
-    from .images import open_rgb
+    from utils.data.images import open_rgb
 
     entry = json.loads(Path(cfg["datasets_val_json_path"]).read_text(encoding="utf-8"))[0]
     image_path = Path(cfg["datasets_path"]) / entry["image"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .checkpoint import atomic_write_bytes
+from utils.files import atomic_write_bytes
 
 _CHUNK = 1 << 20
 

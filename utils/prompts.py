@@ -1,0 +1,55 @@
+"""Prompt templates for zero-shot classification and the prompt-ensembled class embeddings built from them.
+
+torch is imported where it is used: the ONNX predictor reads its prompt templates here without it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from utils.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
+DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
+
+
+def load_templates(spec: str, language: str = "en") -> list[str]:
+    """Prompt templates with {c} for the class name: a JSON list file, a single template, or "" for the
+    language's default set (OpenAI's 80 ImageNet templates; a Chinese set)."""
+    if not spec:
+        spec = str(DEFAULT_TEMPLATES[language])
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"templates file {path} does not exist")
+        try:
+            templates = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"templates file {path} is not valid JSON ({e})") from e
+        if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+            raise UserError(f"templates file {path} must hold a non-empty JSON list of strings")
+    else:
+        templates = [spec]
+    missing = [t for t in templates if "{c}" not in t]
+    if missing:
+        raise UserError(f"template {missing[0]!r} has no {{c}} where the class name goes"
+                        + (f" ({len(missing)} templates lack it)" if len(missing) > 1 else ""))
+    return templates
+
+
+def class_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, classnames: list[str],
+                     templates: list[str], device: torch.device) -> torch.Tensor:
+    """(classes, dim) unit vectors: per class, the mean of its L2-normalised template embeddings, renormalised
+    (the ensembling of OpenAI's zero-shot notebook)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    with torch.no_grad():
+        for name in classnames:
+            tokens = tokenizer([t.replace("{c}", name) for t in templates]).to(device)
+            rows.append(F.normalize(F.normalize(encode_text(tokens).float(), dim=-1).mean(0), dim=0))
+    return torch.stack(rows)
