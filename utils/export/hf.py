@@ -1,0 +1,225 @@
+"""mode="export_hf": the model as a transformers CLIPModel (ChineseCLIPModel for Chinese-CLIP) folder.
+
+The folder is what `from_pretrained` reads: config.json, model.safetensors, the tokenizer's files and the image
+processor's config. It is written in a hidden temporary folder beside export_dir, loaded back with transformers
+and compared with this model there, and only then renamed into place, so a failed export leaves nothing behind
+and an earlier export stays as it was.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from utils.checkpoint import check_writable, write_error
+from utils.convert import openai_to_transformers, transformers_config
+from utils.errors import UserError
+from utils.images import OPENAI_MEAN, OPENAI_STD
+from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
+
+# Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "preprocessor_config.json")
+# Largest |transformers - this model| the check after writing accepts (features and probabilities).
+TOLERANCE = 1e-3
+_CHECK_CAPTIONS = {"openai": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "it's"],
+                   "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"]}
+
+
+def refusal(config) -> str | None:
+    """Why no transformers class computes this architecture exactly, or None when one does."""
+    if getattr(config.vision, "kind", "vit") != "vit":
+        return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
+                "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
+                "open_clip (README, 'Export to transformers and open_clip')")
+    if config.text.kind == "bert-pooler":
+        return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
+                "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")
+    if config.text.kind == "openai" and config.text.vocab_size != BPETokenizer().vocab_size:
+        return (f"the text tower has {config.text.vocab_size} token ids but the BPE tokenizer written with the "
+                f"export has {BPETokenizer().vocab_size}; export_hf needs OpenAI's vocabulary")
+    return None
+
+
+def _json(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _bpe_files(context_length: int) -> dict[str, bytes]:
+    """vocab.json and merges.txt of OpenAI's BPE, in the layout of openai/clip-vit-base-patch32 on the hub."""
+    tokenizer = BPETokenizer()
+    with gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:NUM_MERGES + 1]  # line 0 is the file's own header
+    # The pad token is EOT, as on the hub: "!" (id 0, this project's padding) would become a special token
+    # and split "!!" apart. The tower stops reading at the first EOT, so what pads after it changes nothing.
+    special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
+    return {
+        "vocab.json": json.dumps(tokenizer.encoder, ensure_ascii=False).encode("utf-8"),
+        "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"),
+        "tokenizer_config.json": _json({"tokenizer_class": "CLIPTokenizer", "processor_class": "CLIPProcessor",
+                                        "model_max_length": context_length, "do_lower_case": True,
+                                        "errors": "replace", "add_prefix_space": False, **special}),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _bert_files(vocab_path: Path, context_length: int) -> dict[str, bytes]:
+    """vocab.txt and the BertTokenizer settings of utils.tokenizer.BertTokenizer (lower case, CJK split)."""
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    return {
+        "vocab.txt": vocab_path.read_bytes(),
+        "tokenizer_config.json": _json({"tokenizer_class": "BertTokenizer", "processor_class": "ChineseCLIPProcessor",
+                                        "model_max_length": context_length, "do_lower_case": True,
+                                        "tokenize_chinese_chars": True, "strip_accents": None, **special}),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _image_processor(config) -> dict:
+    """OpenAI's eval transform (utils.images.eval_transform) as the image processor's settings."""
+    size = config.vision.image_size
+    chinese = config.text.is_bert
+    return {
+        "image_processor_type": "ChineseCLIPImageProcessor" if chinese else "CLIPImageProcessor",
+        "processor_class": "ChineseCLIPProcessor" if chinese else "CLIPProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # PIL's BICUBIC
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD),
+    }
+
+
+def export_files(model) -> dict[str, bytes]:
+    """{file name: contents} of the transformers folder of `model` (a clip.CLIP whose architecture has no
+    `refusal`), weights in fp32."""
+    from safetensors.torch import save
+
+    net = model.net
+    config = net.config
+    hf_config = transformers_config(config, logit_scale=net.logit_scale.item())
+    hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
+    # The q, k, v chunks of a fused projection share its storage, which safetensors refuses to save.
+    weights = {k: v.detach().float().cpu().contiguous().clone()
+               for k, v in openai_to_transformers(net.state_dict()).items()}
+    files = {"config.json": hf_config.to_json_string().encode("utf-8"),
+             "model.safetensors": save(weights, metadata={"format": "pt"}),
+             "preprocessor_config.json": _json(_image_processor(config))}
+    if config.text.is_bert:
+        files.update(_bert_files(Path(model.bert_vocab_path), config.text.context_length))
+    else:
+        files.update(_bpe_files(config.text.context_length))
+    return files
+
+
+def check_image() -> Image.Image:
+    """A seeded noise picture, not square, so the check goes through the resize and the crop."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (150, 200, 3), dtype=torch.uint8, generator=g)
+    return Image.fromarray(pixels.numpy())
+
+
+def compare(folder: Path, model, log=print) -> float:
+    """Largest |transformers - `model`| over the probabilities (CLIPProcessor + CLIPModel against
+    `CLIP.detect_image`) and the text and image features of a check image and captions; `log` gets the line."""
+    import transformers
+
+    chinese = model.net.config.text.is_bert
+    model_class = transformers.ChineseCLIPModel if chinese else transformers.CLIPModel
+    processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.CLIPProcessor
+    hf = model_class.from_pretrained(folder).eval()
+    processor = processor_class.from_pretrained(folder, backend="pil")
+    image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "openai"]
+    inputs = processor(text=captions, images=image, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = hf(**inputs)
+    ours_image, ours_text = model.detect_image_for_eval([image], captions)
+    differences = {
+        "probabilities": (out.logits_per_image.softmax(-1) - torch.from_numpy(model.detect_image(image, captions))),
+        "image features": out.image_embeds - torch.nn.functional.normalize(ours_image.float().cpu(), dim=-1),
+        "text features": out.text_embeds - torch.nn.functional.normalize(ours_text.float().cpu(), dim=-1),
+    }
+    worst = {name: diff.abs().max().item() for name, diff in differences.items()}
+    log("transformers vs this model (max |difference|, features L2-normalised): "
+        + ", ".join(f"{name} {value:.2e}" for name, value in worst.items()))
+    return max(worst.values())
+
+
+def _earlier_export(folder: Path) -> bool:
+    """True for a folder holding nothing but the files of an earlier export_hf (replacing it loses nothing)."""
+    names = {p.name for p in folder.iterdir()}
+    return "config.json" in names and names <= set(EXPORT_FILES)
+
+
+def check_target(folder: Path) -> None:
+    """Refuse, before any work, an export_dir that is a file or holds anything but an earlier export."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"export_dir {folder} is a file; choose a folder (new, empty, or an earlier export_hf export)")
+    if folder.is_dir() and any(folder.iterdir()) and not _earlier_export(folder):
+        raise UserError(f"export_dir {folder} is not empty and is not an earlier export_hf export; choose a new or "
+                        "empty folder (an earlier export there would be replaced)")
+    check_writable(folder.parent, "export_dir")
+
+
+def write_folder(folder: Path, files: dict[str, bytes], check=None) -> None:
+    """`files` as `folder`, all or nothing: written and synced into a hidden temporary folder beside it, given
+    to `check` (which raises to stop), then renamed into place; an earlier export there is replaced last."""
+    temp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    old = temp.with_suffix(".old")
+    name = ""
+    try:
+        temp.mkdir()
+        for name, data in files.items():
+            with open(temp / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        name = ""
+        if check is not None:
+            check(temp)
+        if folder.exists():
+            folder.rename(old)  # an earlier export (check_target allowed it): kept until the new one is in
+        temp.rename(folder)
+    except UserError:
+        raise
+    except Exception as e:  # whatever the writer raised: one line, the temporary folder gone first
+        if old.exists() and not folder.exists():
+            old.rename(folder)
+        raise write_error(folder / name, e, "the transformers export; an earlier export there is untouched") from e
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export_hf(config: dict) -> None:
+    """predict.py's export_hf: the model of model_path/phi into export_dir as a transformers folder."""
+    from clip import CLIP
+    from nets.configs import get_config
+
+    folder = Path(config["export_dir"])
+    if config["phi"] != "auto" and (reason := refusal(get_config(config["phi"]))):
+        raise UserError(f"cannot export phi={config['phi']!r} to transformers: {reason}")
+    check_target(folder)
+    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=False, cuda=False,
+                 precision="fp32")
+    if reason := refusal(model.net.config):
+        raise UserError(f"cannot export {config['model_path']} (phi={model.phi!r}) to transformers: {reason}")
+    files = export_files(model)
+
+    def check(temp: Path) -> None:
+        worst = compare(temp, model)
+        if worst > TOLERANCE:
+            raise UserError(f"transformers computes this model {worst:.2e} away from it (more than {TOLERANCE}); "
+                            f"nothing was written to {folder}. Please report this with the phi and weights used")
+
+    write_folder(folder, files, check)
+    kind = "ChineseCLIPModel" if model.net.config.text.is_bert else "CLIPModel"
+    print(f"wrote {', '.join(files)} to {folder}; load it with transformers.{kind}.from_pretrained({str(folder)!r}) "
+          f"and {kind.replace('Model', 'Processor')}.from_pretrained({str(folder)!r})")
