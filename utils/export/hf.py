@@ -28,6 +28,8 @@ EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", 
                 "special_tokens_map.json", "preprocessor_config.json")
 # Largest |transformers - this model| the check after writing accepts (features and probabilities).
 TOLERANCE = 1e-3
+# 256 bytes, each also as a word end, the merges, SOT and EOT: utils.tokenizer.BPETokenizer's vocabulary.
+BPE_VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
 _CHECK_CAPTIONS = {"openai": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "it's"],
                    "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"]}
 
@@ -41,9 +43,9 @@ def refusal(config) -> str | None:
     if config.text.kind == "bert-pooler":
         return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
                 "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")
-    if config.text.kind == "openai" and config.text.vocab_size != BPETokenizer().vocab_size:
+    if config.text.kind == "openai" and config.text.vocab_size != BPE_VOCAB_SIZE:
         return (f"the text tower has {config.text.vocab_size} token ids but the BPE tokenizer written with the "
-                f"export has {BPETokenizer().vocab_size}; export_hf needs OpenAI's vocabulary")
+                f"export has {BPE_VOCAB_SIZE}; export_hf needs OpenAI's vocabulary")
     return None
 
 
