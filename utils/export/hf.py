@@ -99,20 +99,23 @@ def _image_processor(config) -> dict:
     }
 
 
-def export_files(model) -> dict[str, bytes]:
-    """{file name: contents} of the transformers folder of `model` (a clip.CLIP whose architecture has no
-    `refusal`), weights in fp32."""
-    from safetensors.torch import save
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    # The q, k, v chunks of a fused projection are views of one storage, which safetensors refuses to save;
+    # copying only those keeps the export from holding a second copy of the whole model.
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
 
+
+def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """{file name: contents} of the transformers folder of `model` (a clip.CLIP whose architecture has no
+    `refusal`): bytes, or for model.safetensors the fp32 tensors under transformers' names."""
     net = model.net
     config = net.config
     hf_config = transformers_config(config, logit_scale=net.logit_scale.item())
     hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
-    # The q, k, v chunks of a fused projection share its storage, which safetensors refuses to save.
-    weights = {k: v.detach().float().cpu().contiguous().clone()
+    weights = {k: _own_storage(v.detach().float().cpu().contiguous())
                for k, v in openai_to_transformers(net.state_dict()).items()}
-    files = {"config.json": hf_config.to_json_string().encode("utf-8"),
-             "model.safetensors": save(weights, metadata={"format": "pt"}),
+    files = {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,
              "preprocessor_config.json": _json(_image_processor(config))}
     if config.text.is_bert:
         files.update(_bert_files(Path(model.bert_vocab_path), config.text.context_length))
@@ -170,18 +173,23 @@ def check_target(folder: Path) -> None:
     check_writable(folder.parent, "export_dir")
 
 
-def write_folder(folder: Path, files: dict[str, bytes], check=None) -> None:
-    """`files` as `folder`, all or nothing: written and synced into a hidden temporary folder beside it, given
-    to `check` (which raises to stop), then renamed into place; an earlier export there is replaced last."""
+def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]], check=None) -> None:
+    """`files` as `folder` (a dict of tensors as safetensors), all or nothing: written and synced into a hidden
+    temporary folder beside it, given to `check` (which raises to stop), then renamed into place; an earlier
+    export there is replaced last."""
+    from safetensors.torch import save_file
+
     temp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     old = temp.with_suffix(".old")
     name = ""
     try:
         temp.mkdir()
         for name, data in files.items():
-            with open(temp / name, "xb") as f:
-                f.write(data)
-                f.flush()
+            if isinstance(data, dict):
+                save_file(data, temp / name, metadata={"format": "pt"})
+            else:
+                (temp / name).write_bytes(data)
+            with open(temp / name, "rb") as f:
                 os.fsync(f.fileno())
         name = ""
         if check is not None:
