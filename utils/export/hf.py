@@ -139,7 +139,13 @@ def compare(folder: Path, model, log=print) -> float:
     chinese = model.net.config.text.is_bert
     model_class = transformers.ChineseCLIPModel if chinese else transformers.CLIPModel
     processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.CLIPProcessor
-    hf = model_class.from_pretrained(folder).eval()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would read as the export's own
+    try:
+        hf = model_class.from_pretrained(folder).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     processor = processor_class.from_pretrained(folder, backend="pil")
     image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "openai"]
     inputs = processor(text=captions, images=image, return_tensors="pt", padding=True)
@@ -221,6 +227,8 @@ def run_export_hf(config: dict) -> None:
                  precision="fp32")
     if reason := refusal(model.net.config):
         raise UserError(f"cannot export {config['model_path']} (phi={model.phi!r}) to transformers: {reason}")
+    if config["letterbox_image"]:
+        print("note: letterbox_image is not exported; transformers' image processor resizes and crops the centre")
     files = export_files(model)
 
     def check(temp: Path) -> None:
