@@ -25,7 +25,7 @@ from nets.configs import MODEL_CONFIGS
 from tests.conftest import run_script
 from utils.errors import UserError
 from utils.export import hf as export_hf
-from utils.weights import load_model
+from utils.weights.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not square, so the processor's resize and crop both act (170 -> 64 short side, then 84 -> 64 wide).
@@ -140,7 +140,7 @@ def test_gelu_export_with_head_width_32_matches_transformers_1e4(tmp_path):
 
 @pytest.mark.parametrize("phi", ["tiny/VIT-T-8", "tiny-cn/VIT-T-8"])
 def test_export_read_back_with_phi_auto_gives_equal_tensors(exported, phi):
-    # The key map that reads transformers folders (utils/convert.py) is the one that wrote it, run backwards.
+    # The key map that reads transformers folders (utils/weights/layouts.py) is the one that wrote it, run backwards.
     weights, folder = exported(phi)
     back, resolved = load_model(folder, "auto")
     assert resolved == phi

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from utils.checkpoint import check_writable, write_error
-from utils.convert import openai_to_transformers, transformers_config
+from utils.data.images import OPENAI_MEAN, OPENAI_STD
 from utils.errors import UserError
-from utils.images import OPENAI_MEAN, OPENAI_STD
+from utils.files import check_writable, write_error
 from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
+from utils.weights.layouts import openai_to_transformers, transformers_config
 
 # Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
@@ -85,7 +85,7 @@ def _bert_files(vocab_path: Path, context_length: int) -> dict[str, bytes]:
 
 
 def _image_processor(config) -> dict:
-    """OpenAI's eval transform (utils.images.eval_transform) as the image processor's settings."""
+    """OpenAI's eval transform (utils.data.images.eval_transform) as the image processor's settings."""
     size = config.vision.image_size
     chinese = config.text.is_bert
     return {
