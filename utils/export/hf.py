@@ -111,8 +111,14 @@ def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
     `refusal`): bytes, or for model.safetensors the fp32 tensors under transformers' names."""
     net = model.net
     config = net.config
-    hf_config = transformers_config(config, logit_scale=net.logit_scale.item())
+    hf_config = transformers_config(config)
     hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
+    hf_config.logit_scale_init_value = net.logit_scale.item()  # the config says what the weights hold
+    # Each tower's own config is what CLIPVisionModelWithProjection and the like read on their own.
+    hf_config.vision_config.projection_dim = config.embed_dim
+    if not config.text.is_bert:
+        hf_config.text_config.projection_dim = config.embed_dim
+        hf_config.text_config.pad_token_id = hf_config.text_config.eos_token_id  # as tokenizer_config.json says
     weights = {k: _own_storage(v.detach().float().cpu().contiguous())
                for k, v in openai_to_transformers(net.state_dict()).items()}
     files = {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,

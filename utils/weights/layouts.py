@@ -131,30 +131,21 @@ def openai_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def transformers_config(config, logit_scale: float | None = None):
-    """The `transformers` CLIPConfig (ChineseCLIPConfig for BERT towers) of a model in this repo's table.
-
-    `logit_scale` (the log of the temperature) becomes `logit_scale_init_value`, so the config says what the
-    weights hold. Activation and MLP ratio are read with defaults (OpenAI's QuickGELU, 4x) from configs that
-    predate those fields.
-    """
+def transformers_config(config):
+    """The `transformers` CLIPConfig (ChineseCLIPConfig for BERT towers) of a model in this repo's table."""
     import transformers
 
     v, t = config.vision, config.text
-    extra = {} if logit_scale is None else {"logit_scale_init_value": float(logit_scale)}
-    vision = dict(hidden_size=v.width, intermediate_size=int(v.width * getattr(v, "mlp_ratio", 4.0)),
-                  num_hidden_layers=v.layers, num_attention_heads=v.heads, image_size=v.image_size,
-                  patch_size=v.patch_size, hidden_act=getattr(v, "activation", "quick_gelu"),
-                  projection_dim=config.embed_dim)
+    vision = dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+                  num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                  hidden_act="quick_gelu")
     if t.is_bert:
         from nets.text_bert import bert_config
 
         return transformers.ChineseCLIPConfig(text_config=bert_config(t).to_dict(), vision_config=vision,
-                                              projection_dim=config.embed_dim, **extra)
+                                              projection_dim=config.embed_dim)
     # EOT is the largest id, so transformers' first-EOS pooling picks the same token as OpenAI's argmax.
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.width,
-                intermediate_size=int(t.width * getattr(t, "mlp_ratio", 4.0)), num_hidden_layers=t.layers,
-                num_attention_heads=t.heads, max_position_embeddings=t.context_length,
-                hidden_act=getattr(t, "activation", "quick_gelu"), bos_token_id=t.vocab_size - 2,
-                eos_token_id=t.vocab_size - 1, pad_token_id=t.vocab_size - 1, projection_dim=config.embed_dim)
-    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.embed_dim, **extra)
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
+                num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                hidden_act="quick_gelu", bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1)
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.embed_dim)
