@@ -150,12 +150,12 @@ def test_export_read_back_with_phi_auto_gives_equal_tensors(exported, phi):
 
 
 def test_self_cn_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
-    folder = tmp_path / "hf"
+    folder = tmp_path / "new" / "hf"
     result = run_script("predict.py", "--mode", "export_hf", "--model_path", tmp_path / "missing.pth",
                         "--phi", "self-cn/VIT-B-32", "--export_dir", folder, capsys=capsys)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "self-cn" in result.stderr and "ln_final" in result.stderr
-    assert not folder.exists()
+    assert not list(tmp_path.iterdir())  # not even export_dir's parent
 
 
 def test_resnet_refused_in_one_line_before_anything_is_written(tmp_path, capsys):

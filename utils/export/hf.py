@@ -19,7 +19,7 @@ from PIL import Image
 
 from utils.data.images import OPENAI_MEAN, OPENAI_STD
 from utils.errors import UserError
-from utils.files import check_writable, write_error
+from utils.files import write_error
 from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
 from utils.weights.layouts import openai_to_transformers, transformers_config
 
@@ -182,7 +182,12 @@ def check_target(folder: Path) -> None:
     if folder.is_dir() and any(folder.iterdir()) and not _earlier_export(folder):
         raise UserError(f"export_dir {folder} is not empty and is not an earlier export_hf export; choose a new or "
                         "empty folder (an earlier export there would be replaced)")
-    check_writable(folder.parent, "export_dir")
+    # Nothing is created yet (a refused model must leave no trace): the nearest folder that exists must let the
+    # export make its parents and the temporary folder.
+    existing = next(p for p in (folder.absolute().parent, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"export_dir {folder} cannot be created: {existing} is not a writable folder; choose another "
+                        "export_dir")
 
 
 def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]], check=None) -> None:
@@ -195,6 +200,7 @@ def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]
     old = temp.with_suffix(".old")
     name = ""
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
         for name, data in files.items():
             if isinstance(data, dict):
