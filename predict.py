@@ -10,6 +10,7 @@
     python predict.py --mode fps                   # images/s and captions/s of this model here
     python predict.py --mode export_onnx --export_dir model_data/onnx   # image.onnx + text.onnx for deployment
     python predict.py --mode predict_onnx --export_dir model_data/onnx  # the loop above, run by onnxruntime alone
+    python predict.py --mode export_hf --export_dir model_data/hf       # a transformers CLIPModel folder
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from utils.config import run_script
 
 # "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV), "search" (find
 # images of dir_origin_path by text or by example), "web" (a local page for both), "fps" (speed), "export_onnx"
-# (write the model as ONNX to export_dir) or "predict_onnx" (the "predict" loop on export_dir with onnxruntime).
+# (write the model as ONNX to export_dir), "predict_onnx" (the "predict" loop on export_dir with onnxruntime) or
+# "export_hf" (write the model to export_dir as a transformers CLIPModel / ChineseCLIPModel folder).
 mode = "predict"
 # Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
 model_path = "model_data/ViT-B-32-OpenAI.pth"
@@ -51,6 +53,7 @@ batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
 # export_onnx writes image.onnx, text.onnx, config.json and the tokenizer vocabulary here; predict_onnx reads them.
+# export_hf writes a transformers folder here (a new or empty folder, or an earlier export_hf, which it replaces).
 export_dir = "model_data/onnx"
 # export_onnx: fp16 weights, inputs and outputs, for GPU deployment (false: fp32).
 export_fp16 = False
@@ -72,7 +75,7 @@ def answer(score, path: str, names: list[str]) -> str | None:
     return None
 
 
-_MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx")
+_MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf")
 
 
 def main(config: dict, explicit: dict) -> None:
@@ -85,6 +88,11 @@ def main(config: dict, explicit: dict) -> None:
         from utils.export.onnx_export import run_export
 
         run_export(config)
+        return
+    if config["mode"] == "export_hf":
+        from utils.export.hf import run_export_hf
+
+        run_export_hf(config)
         return
     if config["mode"] == "predict_onnx":
         from utils.export.onnx_predict import OnnxCLIP

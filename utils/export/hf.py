@@ -1,0 +1,255 @@
+"""mode="export_hf": the model as a transformers CLIPModel (ChineseCLIPModel for Chinese-CLIP) folder.
+
+The folder is what `from_pretrained` reads: config.json, model.safetensors, the tokenizer's files and the image
+processor's config. It is written in a hidden temporary folder beside export_dir, loaded back with transformers
+and compared with this model there, and only then renamed into place, so a failed export leaves nothing behind
+and an earlier export stays as it was.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from utils.data.images import OPENAI_MEAN, OPENAI_STD
+from utils.errors import UserError
+from utils.files import write_error
+from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
+from utils.weights.layouts import openai_to_transformers, transformers_config
+
+# Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "preprocessor_config.json")
+# Largest |transformers - this model| the check after writing accepts (features and probabilities).
+TOLERANCE = 1e-3
+# 256 bytes, each also as a word end, the merges, SOT and EOT: utils.tokenizer.BPETokenizer's vocabulary.
+BPE_VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
+_CHECK_CAPTIONS = {"openai": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "it's"],
+                   "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"]}
+
+
+def refusal(config) -> str | None:
+    """Why no transformers class computes this architecture exactly, or None when one does."""
+    if getattr(config.vision, "kind", "vit") != "vit":
+        return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
+                "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
+                "open_clip (README, 'Export to transformers and open_clip')")
+    if config.text.kind == "bert-pooler":
+        return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
+                "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")
+    if config.text.kind == "openai" and config.text.vocab_size != BPE_VOCAB_SIZE:
+        return (f"the text tower has {config.text.vocab_size} token ids but the BPE tokenizer written with the "
+                f"export has {BPE_VOCAB_SIZE}; export_hf needs OpenAI's vocabulary")
+    return None
+
+
+def _json(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _bpe_files(context_length: int) -> dict[str, bytes]:
+    """vocab.json and merges.txt of OpenAI's BPE, in the layout of openai/clip-vit-base-patch32 on the hub."""
+    tokenizer = BPETokenizer()
+    with gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:NUM_MERGES + 1]  # line 0 is the file's own header
+    # The pad token is EOT, as on the hub: "!" (id 0, this project's padding) would become a special token
+    # and split "!!" apart. The tower stops reading at the first EOT, so what pads after it changes nothing.
+    special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
+    return {
+        "vocab.json": json.dumps(tokenizer.encoder, ensure_ascii=False).encode("utf-8"),
+        "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"),
+        "tokenizer_config.json": _json({"tokenizer_class": "CLIPTokenizer", "processor_class": "CLIPProcessor",
+                                        "model_max_length": context_length, "do_lower_case": True,
+                                        "errors": "replace", "add_prefix_space": False, **special}),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _bert_files(vocab_path: Path, context_length: int) -> dict[str, bytes]:
+    """vocab.txt and the BertTokenizer settings of utils.tokenizer.BertTokenizer (lower case, CJK split)."""
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    return {
+        "vocab.txt": vocab_path.read_bytes(),
+        "tokenizer_config.json": _json({"tokenizer_class": "BertTokenizer", "processor_class": "ChineseCLIPProcessor",
+                                        "model_max_length": context_length, "do_lower_case": True,
+                                        "tokenize_chinese_chars": True, "strip_accents": None, **special}),
+        "special_tokens_map.json": _json(special),
+    }
+
+
+def _image_processor(config) -> dict:
+    """OpenAI's eval transform (utils.data.images.eval_transform) as the image processor's settings."""
+    size = config.vision.image_size
+    chinese = config.text.is_bert
+    return {
+        "image_processor_type": "ChineseCLIPImageProcessor" if chinese else "CLIPImageProcessor",
+        "processor_class": "ChineseCLIPProcessor" if chinese else "CLIPProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # PIL's BICUBIC
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD),
+    }
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    # The q, k, v chunks of a fused projection are views of one storage, which safetensors refuses to save;
+    # copying only those keeps the export from holding a second copy of the whole model.
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
+
+
+def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """{file name: contents} of the transformers folder of `model` (a clip.CLIP whose architecture has no
+    `refusal`): bytes, or for model.safetensors the fp32 tensors under transformers' names."""
+    net = model.net
+    config = net.config
+    hf_config = transformers_config(config)
+    hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
+    hf_config.logit_scale_init_value = net.logit_scale.item()  # the config says what the weights hold
+    # Each tower's own config is what CLIPVisionModelWithProjection and the like read on their own.
+    hf_config.vision_config.projection_dim = config.embed_dim
+    if not config.text.is_bert:
+        hf_config.text_config.projection_dim = config.embed_dim
+        hf_config.text_config.pad_token_id = hf_config.text_config.eos_token_id  # as tokenizer_config.json says
+    weights = {k: _own_storage(v.detach().float().cpu().contiguous())
+               for k, v in openai_to_transformers(net.state_dict()).items()}
+    files = {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,
+             "preprocessor_config.json": _json(_image_processor(config))}
+    if config.text.is_bert:
+        files.update(_bert_files(Path(model.bert_vocab_path), config.text.context_length))
+    else:
+        files.update(_bpe_files(config.text.context_length))
+    return files
+
+
+def check_image() -> Image.Image:
+    """A seeded noise picture, not square, so the check goes through the resize and the crop."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (150, 200, 3), dtype=torch.uint8, generator=g)
+    return Image.fromarray(pixels.numpy())
+
+
+def compare(folder: Path, model, log=print) -> float:
+    """Largest |transformers - `model`| over the probabilities (CLIPProcessor + CLIPModel against
+    `CLIP.detect_image`) and the text and image features of a check image and captions; `log` gets the line."""
+    import transformers
+
+    chinese = model.net.config.text.is_bert
+    model_class = transformers.ChineseCLIPModel if chinese else transformers.CLIPModel
+    processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.CLIPProcessor
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would read as the export's own
+    try:
+        hf = model_class.from_pretrained(folder).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    processor = processor_class.from_pretrained(folder, backend="pil")
+    image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "openai"]
+    inputs = processor(text=captions, images=image, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = hf(**inputs)
+    ours_image, ours_text = model.detect_image_for_eval([image], captions)
+    differences = {
+        "probabilities": (out.logits_per_image.softmax(-1) - torch.from_numpy(model.detect_image(image, captions))),
+        "image features": out.image_embeds - torch.nn.functional.normalize(ours_image.float().cpu(), dim=-1),
+        "text features": out.text_embeds - torch.nn.functional.normalize(ours_text.float().cpu(), dim=-1),
+    }
+    worst = {name: diff.abs().max().item() for name, diff in differences.items()}
+    log("transformers vs this model (max |difference|, features L2-normalised): "
+        + ", ".join(f"{name} {value:.2e}" for name, value in worst.items()))
+    return max(worst.values())
+
+
+def _earlier_export(folder: Path) -> bool:
+    """True for a folder holding nothing but the files of an earlier export_hf (replacing it loses nothing)."""
+    names = {p.name for p in folder.iterdir()}
+    return "config.json" in names and names <= set(EXPORT_FILES)
+
+
+def check_target(folder: Path) -> None:
+    """Refuse, before any work, an export_dir that is a file or holds anything but an earlier export."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"export_dir {folder} is a file; choose a folder (new, empty, or an earlier export_hf export)")
+    if folder.is_dir() and any(folder.iterdir()) and not _earlier_export(folder):
+        raise UserError(f"export_dir {folder} is not empty and is not an earlier export_hf export; choose a new or "
+                        "empty folder (an earlier export there would be replaced)")
+    # Nothing is created yet (a refused model must leave no trace): the nearest folder that exists must let the
+    # export make its parents and the temporary folder.
+    existing = next(p for p in (folder.absolute().parent, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"export_dir {folder} cannot be created: {existing} is not a writable folder; choose another "
+                        "export_dir")
+
+
+def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]], check=None) -> None:
+    """`files` as `folder` (a dict of tensors as safetensors), all or nothing: written and synced into a hidden
+    temporary folder beside it, given to `check` (which raises to stop), then renamed into place; an earlier
+    export there is replaced last."""
+    from safetensors.torch import save_file
+
+    temp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    old = temp.with_suffix(".old")
+    name = ""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temp.mkdir()
+        for name, data in files.items():
+            if isinstance(data, dict):
+                save_file(data, temp / name, metadata={"format": "pt"})
+            else:
+                (temp / name).write_bytes(data)
+            with open(temp / name, "rb") as f:
+                os.fsync(f.fileno())
+        name = ""
+        if check is not None:
+            check(temp)
+        if folder.exists():
+            folder.rename(old)  # an earlier export (check_target allowed it): kept until the new one is in
+        temp.rename(folder)
+    except UserError:
+        raise
+    except Exception as e:  # whatever the writer raised: one line, the temporary folder gone first
+        if old.exists() and not folder.exists():
+            old.rename(folder)
+        raise write_error(folder / name, e, "the transformers export; an earlier export there is untouched") from e
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export_hf(config: dict) -> None:
+    """predict.py's export_hf: the model of model_path/phi into export_dir as a transformers folder."""
+    from clip import CLIP
+    from nets.configs import get_config
+
+    folder = Path(config["export_dir"])
+    if config["phi"] != "auto" and (reason := refusal(get_config(config["phi"]))):
+        raise UserError(f"cannot export phi={config['phi']!r} to transformers: {reason}")
+    check_target(folder)
+    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=False, cuda=False,
+                 precision="fp32")
+    if reason := refusal(model.net.config):
+        raise UserError(f"cannot export {config['model_path']} (phi={model.phi!r}) to transformers: {reason}")
+    if config["letterbox_image"]:
+        print("note: letterbox_image is not exported; transformers' image processor resizes and crops the centre")
+    files = export_files(model)
+
+    def check(temp: Path) -> None:
+        worst = compare(temp, model)
+        if worst > TOLERANCE:
+            raise UserError(f"transformers computes this model {worst:.2e} away from it (more than {TOLERANCE}); "
+                            f"nothing was written to {folder}. Please report this with the phi and weights used")
+
+    write_folder(folder, files, check)
+    kind = "ChineseCLIPModel" if model.net.config.text.is_bert else "CLIPModel"
+    print(f"wrote {', '.join(files)} to {folder}; load it with transformers.{kind}.from_pretrained({str(folder)!r}) "
+          f"and {kind.replace('Model', 'Processor')}.from_pretrained({str(folder)!r})")
