@@ -135,12 +135,25 @@ def _download(source: str, target: Path, sha256: str, hint: str) -> None:
 def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
     """The local copy of `filename` in hub repo `repo_id` (huggingface_hub's cache), or None when the repo has no
     such file. HF_ENDPOINT and HF_HUB_OFFLINE are read now, so a change after import counts."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     where = f"{repo_id}/{filename}" + (f" at revision {revision}" if revision else "")
+    unreachable = (f"could not fetch {where} (no answer from {endpoint}) and it is not in huggingface_hub's cache; "
+                   "run again with a network, set HF_ENDPOINT to a mirror, or download the repo's files into a "
+                   "folder and set model_path to that folder")
+    if not offline() and try_to_load_from_cache(repo_id, filename, revision=revision) is None:
+        # With nothing cached, hf_hub_download retries an unreachable hub with backoff for half a minute or
+        # more; one plain request first turns "no network" into an answer within seconds.
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
+                                 timeout=TIMEOUT_S)
+        except HfHubHTTPError:
+            pass  # the hub answered; hf_hub_download says what it meant (and caches a missing file as missing)
+        except Exception as e:  # connection refused, DNS, timeouts, proxies: every way of getting no answer
+            raise DownloadError(unreachable) from e
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint,
                                     local_files_only=offline(), etag_timeout=TIMEOUT_S))
@@ -149,10 +162,9 @@ def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path 
     except LocalEntryNotFoundError as e:
         if not isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), (str, type(None))):
             return None  # the cache remembers that the repo lacks this file
-        cause = "HF_HUB_OFFLINE is set" if offline() else f"no answer from {endpoint}"
-        raise DownloadError(f"could not fetch {where} ({cause}) and it is not in huggingface_hub's cache; run "
-                            "again with a network, set HF_ENDPOINT to a mirror, or download the repo's files "
-                            "into a folder and set model_path to that folder") from e
+        if offline():
+            raise DownloadError(unreachable.replace(f"no answer from {endpoint}", "HF_HUB_OFFLINE is set")) from e
+        raise DownloadError(unreachable) from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise DownloadError(f"{endpoint} has no repo {repo_id}" + (f" at revision {revision}" if revision else "")
                             + " (or it is private or gated: log in with `hf auth login`)") from e
