@@ -18,11 +18,11 @@ from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS
 from tests.conftest import SMALL, run_script
 from tests.test_models import _hf_clip
-from utils import pretrained
-from utils.download import TIMEOUT_S, DownloadError, cache_path
 from utils.errors import UserError
-from utils.pretrained import GELU, QUICK_GELU, Pretrained, resolve, with_activation
-from utils.weights import load_model
+from utils.weights import pretrained
+from utils.weights.download import TIMEOUT_S, DownloadError, cache_path
+from utils.weights.load import load_model
+from utils.weights.pretrained import GELU, QUICK_GELU, Pretrained, resolve, with_activation
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from nets.configs import MODEL_CONFIGS, get_config
-from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.errors import UserError
+from utils.weights.download import DownloadError, fetch_hub, fetch_url
 
 QUICK_GELU, GELU = "quick_gelu", "gelu"
 _OPENAI = "https://openaipublic.azureedge.net/clip/models/"
@@ -177,6 +177,12 @@ def with_activation(phi: str, activation: str, source: str) -> str:
             return candidate
     raise UserError(f"{source} was trained with {activation}, but phi={phi} uses {activation_of(phi)} and the "
                     f"table has no {activation} variant of it; loading would give wrong features")
+
+
+def is_weight_name(model_path: str | Path) -> bool:
+    """Whether `model_path` is written as a name (a tag, hf-hub:, a URL) rather than as a path."""
+    text = str(model_path)
+    return text.startswith("hf-hub:") or bool(re.match(r"https?://", text)) or bool(re.fullmatch(r"[\w-]+", text))
 
 
 def resolve(model_path: str | Path, phi: str) -> Resolved:
