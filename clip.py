@@ -21,7 +21,7 @@ class CLIP(object):
     _defaults = {
         # A weight file or folder, or a name: a pretrained tag of phi ('openai', 'laion2b_s34b_b79k'),
         # hf-hub:ORG/NAME or an http(s) URL, downloaded once (README, "Weights"); '' = random weights.
-        "model_path": "model_data/ViT-B-32-OpenAI.pth",
+        "model_path": "openai",
         # A name from nets/configs.py MODEL_CONFIGS, or 'auto' to read the architecture from the weights.
         "phi": "openai/VIT-B-32",
         # Letterbox keeps the whole image on a grey canvas; otherwise resize + centre crop, as OpenAI.

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import http.server
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -205,7 +206,7 @@ def test_no_network_is_one_line_naming_source_and_place_exit_2_within_seconds(en
                                 ROOT / "img" / "example.jpg", "--captions", "a dog", capsys=capsys)
     elapsed = time.monotonic() - started
     target = cache_path(pretrained.PRETRAINED["ViT-B-32", "openai"].source)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ViT-B-32 openai"), err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ViT-B-32 openai: could not download"), err
     assert f"{dead}/ViT-B-32.pt" in err and f"put the file at {target} by hand" in err
     assert elapsed < TIMEOUT_S  # refused at once: no retry loop
     assert _files_in(env / "cache") == []
@@ -240,6 +241,19 @@ def test_weights_trained_with_another_activation_never_load_silently(env, tiny_b
         with pytest.raises(UserError, match="trained with gelu, but phi=tiny/VIT-T-8 uses quick_gelu"):
             load_model("toy", "tiny/VIT-T-8")
         assert server.requests == []  # refused before downloading
+    # A folder's config says the same: transformers' hidden_act, open_clip's quick_gelu.
+    for name, config in (("config.json", {"vision_config": {"hidden_act": "gelu"}}),
+                         ("open_clip_config.json", {"model_cfg": {"embed_dim": 128}})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(config))
+        weights = folder / ("model.safetensors" if name == "config.json" else "open_clip_model.safetensors")
+        weights.write_bytes(b"never read")
+        with pytest.raises(UserError, match="trained with gelu, but phi=tiny/VIT-T-8 uses quick_gelu"):
+            load_model(folder if name == "config.json" else weights, "tiny/VIT-T-8")
+    # self-cn takes a tag's ViT-B/32 image tower, but is never swapped for the GELU ViT-B-32 (it has BERT text).
+    with pytest.raises(UserError, match="no gelu variant"):
+        with_activation("self-cn/VIT-B-32", GELU, "ViT-B-32 laion2b_s34b_b79k")
 
 
 @pytest.mark.skipif("ViT-B-32" not in MODEL_CONFIGS, reason="needs the open_clip names of nets/configs.py")
@@ -284,8 +298,6 @@ def _hub_files(repo: str, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint(env, monkeypatch, tmp_path):
-    import json
-
     torch.manual_seed(2)
     small = build_model(SMALL).state_dict()
     hf = _hf_clip(SMALL, build_model(SMALL).state_dict())  # other weights than the open_clip repo's

@@ -111,6 +111,8 @@ _ROWS = (
 # Today's names of OpenAI's four ViTs (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
            "openai/VIT-L-14-336": "ViT-L-14-336"}
+# The original's self-cn has ViT-B/32 as its image tower: train.py starts it from a tag's image tower plus BERT.
+IMAGE_TOWER_OF = {"self-cn/VIT-B-32": "ViT-B-32"}
 
 # open_clip's layout on the hub (its config beside one weight file), safetensors first; then transformers'.
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -147,7 +149,7 @@ def clean_tag(tag: str) -> str:
 
 
 def architecture_of(phi: str) -> str:
-    return ALIASES.get(phi, phi).removesuffix("-quickgelu")
+    return IMAGE_TOWER_OF.get(phi) or ALIASES.get(phi, phi).removesuffix("-quickgelu")
 
 
 def tags_of(phi: str) -> list[str]:
@@ -168,7 +170,7 @@ def with_activation(phi: str, activation: str, source: str) -> str:
     """`phi`, or its `-quickgelu` / plain sibling, whichever has `activation`; one line says so when it changes."""
     if phi == "auto" or phi not in MODEL_CONFIGS:
         return phi
-    base = architecture_of(phi)
+    base = ALIASES.get(phi, phi).removesuffix("-quickgelu")
     for candidate in (phi, base, base + "-quickgelu"):
         if candidate in MODEL_CONFIGS and activation_of(candidate) == activation:
             if candidate != phi:
@@ -203,26 +205,26 @@ def resolve(model_path: str | Path, phi: str) -> Resolved:
     if "/" in text or "\\" in text or "." in text:
         return Resolved(Path(text), phi)
     tag = clean_tag(text)
-    if phi == "auto" or phi not in MODEL_CONFIGS:
+    if phi == "auto":
         owners = sorted({a for a, t in PRETRAINED if t == tag})
         if owners:
             raise UserError(f"model_path {text!r} is a pretrained tag of {', '.join(owners)}: set phi to the "
                             "architecture (e.g. --phi " + owners[0] + "); phi='auto' cannot pick among them")
         return Resolved(Path(text), phi)
+    get_config(phi)  # an unknown phi is the mistake to report, not the tag
     row = PRETRAINED.get((architecture_of(phi), tag))
     if row is None:
         known = tags_of(phi)
         raise UserError(f"model_path {text!r} is neither a file nor a pretrained tag of phi={phi}; "
                         + (f"its tags: {', '.join(known)}" if known else
                            "this phi has no pretrained weights by name (README, 'Weights')"))
-    source = f"{row.architecture} {row.tag} ({row.source})"
     phi = with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
     if row.source.startswith("hf-hub:"):
         return Resolved(_hub_weights(row.source[len("hf-hub:"):])[0], phi)
     try:
         return Resolved(fetch_url(row.source, row.sha256, use_mirror=True), phi)
     except DownloadError as e:
-        raise DownloadError(f"{source}: {e}") from e
+        raise DownloadError(f"{row.architecture} {row.tag}: {e}") from e
 
 
 def _split_hub(spec: str) -> tuple[str, str, str | None]:
