@@ -321,9 +321,18 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
         assert asked == {"open_clip_config.json", "config.json", "model.safetensors"}
         with pytest.raises(UserError, match="hub repo org/none has neither open_clip_config.json"):
             load_model("hf-hub:org/none", "auto")
-    # The server is gone: both load from huggingface_hub's cache.
+    # The server is gone: both load from huggingface_hub's cache, without its retries with backoff (which waited
+    # 23 s on the transformers repo's missing open_clip_config.json before download.py asked once first).
+    started = time.monotonic()
     _same_weights(load_model("hf-hub:org/oc", "auto")[0], small)
     _same_weights(load_model("hf-hub:org/hf", "auto")[0], local_hf.state_dict())
+    assert time.monotonic() - started < TIMEOUT_S
+    # The same repo's files put in a folder by hand load from there.
+    by_hand = tmp_path / "by_hand"
+    by_hand.mkdir()
+    (by_hand / "open_clip_config.json").write_bytes(open_clip_config)
+    (by_hand / "open_clip_model.safetensors").write_bytes(save_safetensors(small))
+    _same_weights(load_model(by_hand, "auto")[0], small)
     dead = _closed_port()
     monkeypatch.setenv("HF_ENDPOINT", dead)
     with pytest.raises(DownloadError, match=f"could not fetch org/new/open_clip_config.json \\(no answer from "

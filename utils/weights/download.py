@@ -144,8 +144,9 @@ def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path 
     unreachable = (f"could not fetch {where} (no answer from {endpoint}) and it is not in huggingface_hub's cache; "
                    "run again with a network, set HF_ENDPOINT to a mirror, or download the repo's files into a "
                    "folder and set model_path to that folder")
-    if not offline() and try_to_load_from_cache(repo_id, filename, revision=revision) is None:
-        # With nothing cached, hf_hub_download retries an unreachable hub with backoff for half a minute or
+    cached = try_to_load_from_cache(repo_id, filename, revision=revision)  # a path, None, or "known missing"
+    if not offline() and not isinstance(cached, str):
+        # With no copy cached, hf_hub_download retries an unreachable hub with backoff for half a minute or
         # more; one plain request first turns "no network" into an answer within seconds.
         try:
             get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
@@ -153,6 +154,8 @@ def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path 
         except HfHubHTTPError:
             pass  # the hub answered; hf_hub_download says what it meant (and caches a missing file as missing)
         except Exception as e:  # connection refused, DNS, timeouts, proxies: every way of getting no answer
+            if cached is not None:
+                return None  # the cache remembers that the repo lacks this file
             raise DownloadError(unreachable) from e
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint,
@@ -160,8 +163,8 @@ def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path 
     except RemoteEntryNotFoundError:
         return None
     except LocalEntryNotFoundError as e:
-        if not isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), (str, type(None))):
-            return None  # the cache remembers that the repo lacks this file
+        if cached is not None:
+            return None  # offline, and the cache remembers that the repo lacks this file
         if offline():
             raise DownloadError(unreachable.replace(f"no answer from {endpoint}", "HF_HUB_OFFLINE is set")) from e
         raise DownloadError(unreachable) from e

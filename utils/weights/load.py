@@ -19,10 +19,11 @@ from nets.configs import CLIPConfig, get_config, infer_config, phi_of
 
 from utils.errors import UserError
 from utils.weights.layouts import to_openai, unwrap
-from utils.weights.pretrained import resolve
+from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, resolve
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
-_HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# transformers' save_pretrained names first, then open_clip's hub names (a folder holding such a repo's files).
+_HF_FILES = TRANSFORMERS_FILES + OPEN_CLIP_FILES
 
 
 @dataclass
@@ -59,8 +60,9 @@ def _read_hf_folder(folder: Path) -> Mapping[str, torch.Tensor]:
         for shard in shards:
             state.update(_read_file(folder / shard))
         return state
-    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES[::2])}; point model_path at a "
-                    "weight file or at a transformers save_pretrained folder")
+    names = [n for n in _HF_FILES if not n.endswith(".index.json")]
+    raise UserError(f"{folder} is a folder without {', '.join(names[:-1])} or {names[-1]}; point model_path at a "
+                    "weight file, a transformers save_pretrained folder or an open_clip hub repo's files")
 
 
 def _read_file(path: Path) -> Mapping:
