@@ -108,9 +108,10 @@ _ROWS = (
     ("ViT-bigG-14", "metaclip_fullcc", "hf-hub:timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
 )
 
-# Today's names of OpenAI's four ViTs (QuickGELU), read as open_clip's architecture names for tag lookups.
+# This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
-           "openai/VIT-L-14-336": "ViT-L-14-336"}
+           "openai/VIT-L-14-336": "ViT-L-14-336", "openai/RN50": "RN50", "openai/RN101": "RN101",
+           "openai/RN50x4": "RN50x4", "openai/RN50x16": "RN50x16", "openai/RN50x64": "RN50x64"}
 # The original's self-cn has ViT-B/32 as its image tower: train.py starts it from a tag's image tower plus BERT.
 IMAGE_TOWER_OF = {"self-cn/VIT-B-32": "ViT-B-32"}
 
@@ -162,8 +163,12 @@ def _is_quick(value) -> bool:
 
 
 def activation_of(phi: str) -> str:
+    """The activation open_clip's quick_gelu switch sets: the OpenAI text tower's (a ResNet image tower has none
+    of its own), or the ViT's where the text tower is BERT, whose GELU is fixed."""
+    config = get_config(phi)
+    tower = config.vision if config.text.is_bert else config.text
     # A table without the activation field holds QuickGELU towers only, as the project's first towers were.
-    return QUICK_GELU if _is_quick(getattr(get_config(phi).vision, "activation", QUICK_GELU)) else GELU
+    return QUICK_GELU if _is_quick(getattr(tower, "activation", QUICK_GELU)) else GELU
 
 
 def with_activation(phi: str, activation: str, source: str) -> str:
