@@ -14,7 +14,7 @@ from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
 from utils.weights.load import load_model
-from utils.weights.pretrained import resolve
+from utils.weights.pretrained import locate
 
 
 class CLIP(object):
@@ -55,7 +55,7 @@ class CLIP(object):
     def generate(self) -> None:
         self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
         if self.model_path:
-            self.weights_path, phi = resolve(self.model_path, self.phi)
+            self.weights_path, phi = locate(self.model_path, self.phi)
             self.net, self.phi = load_model(self.weights_path, phi)
         elif self.phi == "auto":
             raise UserError("phi='auto' reads the architecture from model_path, which is empty")

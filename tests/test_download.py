@@ -23,7 +23,7 @@ from utils.errors import UserError
 from utils.weights import pretrained
 from utils.weights.download import TIMEOUT_S, DownloadError, cache_path
 from utils.weights.load import load_model
-from utils.weights.pretrained import GELU, QUICK_GELU, Pretrained, resolve, with_activation
+from utils.weights.pretrained import GELU, QUICK_GELU, Pretrained, locate, phi_with_activation
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -223,12 +223,12 @@ def test_no_network_is_one_line_naming_source_and_place_exit_2_within_seconds(en
 
 def test_names_that_cannot_be_resolved_say_what_would_work(env):
     with pytest.raises(UserError, match="pretrained tag of ViT-B-16, ViT-B-16-plus-240, ViT-B-32, ViT-L-14: set phi"):
-        resolve("laion400m_e31", "auto")
+        locate("laion400m_e31", "auto")
     with pytest.raises(UserError, match="its tags: openai, laion400m_e31"):
-        resolve("laion_oops", "openai/VIT-B-32")
+        locate("laion_oops", "openai/VIT-B-32")
     with pytest.raises(UserError, match="no pretrained weights by name"):
-        resolve("anything", "tiny/VIT-T-8")
-    assert resolve("missing.pth", "tiny/VIT-T-8") == (Path("missing.pth"), "tiny/VIT-T-8")  # the reader says
+        locate("anything", "tiny/VIT-T-8")
+    assert locate("missing.pth", "tiny/VIT-T-8") == (Path("missing.pth"), "tiny/VIT-T-8")  # the reader says
     with pytest.raises(UserError, match="does not exist and is not a weight name"):
         load_model("missing.pth", "tiny/VIT-T-8")
 
@@ -241,35 +241,26 @@ def test_weights_trained_with_another_activation_never_load_silently(env, tiny_b
         with pytest.raises(UserError, match="trained with gelu, but phi=tiny/VIT-T-8 uses quick_gelu"):
             load_model("toy", "tiny/VIT-T-8")
         assert server.requests == []  # refused before downloading
-    # A folder's config says the same: transformers' hidden_act, open_clip's quick_gelu.
-    for name, config in (("config.json", {"vision_config": {"hidden_act": "gelu"}}),
-                         ("open_clip_config.json", {"model_cfg": {"embed_dim": 128}})):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / name).write_text(json.dumps(config))
-        weights = folder / ("model.safetensors" if name == "config.json" else "open_clip_model.safetensors")
-        weights.write_bytes(b"never read")
-        with pytest.raises(UserError, match="trained with gelu, but phi=tiny/VIT-T-8 uses quick_gelu"):
-            load_model(folder if name == "config.json" else weights, "tiny/VIT-T-8")
     # self-cn takes a tag's ViT-B/32 image tower, but is never swapped for the GELU ViT-B-32 (it has BERT text).
     with pytest.raises(UserError, match="no gelu variant"):
-        with_activation("self-cn/VIT-B-32", GELU, "ViT-B-32 laion2b_s34b_b79k")
+        phi_with_activation("self-cn/VIT-B-32", GELU, "ViT-B-32 laion2b_s34b_b79k")
 
 
 @pytest.mark.skipif("ViT-B-32" not in MODEL_CONFIGS, reason="needs the open_clip names of nets/configs.py")
 def test_a_tag_picks_the_phi_variant_with_its_activation(capsys):
-    assert with_activation("ViT-B-32", QUICK_GELU, "ViT-B-32 openai") == "ViT-B-32-quickgelu"
+    assert phi_with_activation("ViT-B-32", QUICK_GELU, "ViT-B-32 openai") == "ViT-B-32-quickgelu"
     assert "building phi=ViT-B-32-quickgelu instead of ViT-B-32" in capsys.readouterr().err
-    assert with_activation("ViT-B-32-quickgelu", GELU, "x") == "ViT-B-32"
-    assert with_activation("openai/VIT-B-32", GELU, "x") == "ViT-B-32"
-    assert with_activation("openai/VIT-B-32", QUICK_GELU, "x") == "openai/VIT-B-32"
+    assert phi_with_activation("ViT-B-32-quickgelu", GELU, "x") == "ViT-B-32"
+    assert phi_with_activation("openai/VIT-B-32", GELU, "x") == "ViT-B-32"
+    assert phi_with_activation("openai/VIT-B-32", QUICK_GELU, "x") == "openai/VIT-B-32"
 
 
 @pytest.mark.skipif("ViT-B-32" not in MODEL_CONFIGS, reason="needs the open_clip names of nets/configs.py")
 def test_every_row_builds_a_phi_of_the_table():
-    missing = sorted({pretrained.with_activation(r.architecture, r.activation, "") for r in pretrained.PRETRAINED.values()
-                      if r.architecture not in MODEL_CONFIGS})
-    assert missing == []
+    rows = pretrained.PRETRAINED.values()
+    assert sorted({r.architecture for r in rows if r.architecture not in MODEL_CONFIGS}) == []
+    for row in rows:  # each finds the variant with its activation (-quickgelu or not), or raises
+        pretrained.phi_with_activation(row.architecture, row.activation, f"{row.architecture} {row.tag}")
 
 
 def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_activations():

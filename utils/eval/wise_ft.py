@@ -137,7 +137,7 @@ def run_sweep(cfg: dict) -> dict:
     from utils.eval.encode import encode_set, score
     from clip import CLIP
     from utils.weights.load import read_checkpoint
-    from utils.weights.pretrained import resolve
+    from utils.weights.pretrained import locate
 
     alphas, paths = check_sweep(cfg)
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
@@ -147,8 +147,8 @@ def run_sweep(cfg: dict) -> dict:
     control = _Control(cfg) if cfg["control_type"] else None
     started = time.time()
     names = (str(cfg["wise_ft_start_path"]), str(cfg["model_path"]))
-    start = read_checkpoint(resolve(cfg["wise_ft_start_path"], cfg["phi"]).path).state_dict
-    finetuned = read_checkpoint(resolve(cfg["model_path"], cfg["phi"]).path).state_dict
+    start = read_checkpoint(locate(cfg["wise_ft_start_path"], cfg["phi"]).path).state_dict
+    finetuned = read_checkpoint(locate(cfg["model_path"], cfg["phi"]).path).state_dict
     check_pair(start, finetuned, names)
     clip = CLIP.from_config(cfg)  # the fine-tuned weights, checked against phi as eval.py checks them
     rows = []

@@ -19,7 +19,7 @@ from nets.configs import CLIPConfig, get_config, infer_config, phi_of
 
 from utils.errors import UserError
 from utils.weights.layouts import to_openai, unwrap
-from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, resolve
+from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, locate
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # transformers' save_pretrained names first, then open_clip's hub names (a folder holding such a repo's files).
@@ -141,7 +141,7 @@ def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     `model_path` may be a weight name (utils/pretrained.py), downloaded on first use. Returns the model in fp32 on
     the CPU and the resolved phi ('custom' when no table entry matches).
     """
-    model_path, phi = resolve(model_path, phi)
+    model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
     if phi == "auto":
         config = config_of(checkpoint)
@@ -188,7 +188,7 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
             text = f"BERT {bert_path}"
         return model, phi, ["image tower: random", f"text tower: {text}"]
     named = model_path
-    model_path, phi = resolve(model_path, phi)
+    model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
     config = config_of(checkpoint) if phi == "auto" else get_config(phi)
     phi = (phi_of(config) or "custom") if phi == "auto" else phi

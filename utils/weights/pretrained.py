@@ -1,4 +1,4 @@
-"""Weights by name: open_clip's tags, `hf-hub:ORG/NAME` and URLs, resolved to a local file and the phi that reads it.
+"""Weights by name: open_clip's tags, `hf-hub:ORG/NAME` and URLs, located as a local file and the phi that reads it.
 
 The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
 builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower). Each row names its source and
@@ -140,7 +140,7 @@ class Pretrained:
 PRETRAINED: dict[tuple[str, str], Pretrained] = {(a, t): Pretrained(a, t, s, act) for a, t, s, act in _ROWS}
 
 
-class Resolved(NamedTuple):
+class Located(NamedTuple):
     path: Path  # a local weight file or folder
     phi: str  # the phi to build: the one asked for, or its variant with the weights' activation
 
@@ -171,7 +171,7 @@ def activation_of(phi: str) -> str:
     return QUICK_GELU if _is_quick(getattr(tower, "activation", QUICK_GELU)) else GELU
 
 
-def with_activation(phi: str, activation: str, source: str) -> str:
+def phi_with_activation(phi: str, activation: str, source: str) -> str:
     """`phi`, or its `-quickgelu` / plain sibling, whichever has `activation`; one line says so when it changes."""
     if phi == "auto" or phi not in MODEL_CONFIGS:
         return phi
@@ -192,7 +192,7 @@ def is_weight_name(model_path: str | Path) -> bool:
     return text.startswith("hf-hub:") or bool(re.match(r"https?://", text)) or bool(re.fullmatch(r"[\w-]+", text))
 
 
-def resolve(model_path: str | Path, phi: str) -> Resolved:
+def locate(model_path: str | Path, phi: str) -> Located:
     """model_path as written by the user -> the local weights (downloaded on first use) and the phi to build.
 
     An existing file or folder comes first; then `hf-hub:ORG/NAME[/FILE][@REVISION]`, an http(s) URL (with an
@@ -201,21 +201,21 @@ def resolve(model_path: str | Path, phi: str) -> Resolved:
     """
     text = str(model_path)
     if not text or Path(text).exists():
-        activation = _local_activation(Path(text)) if text else None
-        return Resolved(Path(text), with_activation(phi, activation, text) if activation else phi)
+        return Located(Path(text), phi)
     if text.startswith("hf-hub:"):
-        return _from_hub(text[len("hf-hub:"):], phi)
+        # The reader checks phi against the open_clip_config.json / config.json fetched beside the weights.
+        return Located(_hub_weights(text[len("hf-hub:"):]), phi)
     if re.match(r"https?://", text):
-        return Resolved(fetch_url(text), phi)
+        return Located(fetch_url(text), phi)
     if "/" in text or "\\" in text or "." in text:
-        return Resolved(Path(text), phi)
+        return Located(Path(text), phi)
     tag = clean_tag(text)
     if phi == "auto":
         owners = sorted({a for a, t in PRETRAINED if t == tag})
         if owners:
             raise UserError(f"model_path {text!r} is a pretrained tag of {', '.join(owners)}: set phi to the "
                             "architecture (e.g. --phi " + owners[0] + "); phi='auto' cannot pick among them")
-        return Resolved(Path(text), phi)
+        return Located(Path(text), phi)
     get_config(phi)  # an unknown phi is the mistake to report, not the tag
     row = PRETRAINED.get((architecture_of(phi), tag))
     if row is None:
@@ -223,11 +223,11 @@ def resolve(model_path: str | Path, phi: str) -> Resolved:
         raise UserError(f"model_path {text!r} is neither a file nor a pretrained tag of phi={phi}; "
                         + (f"its tags: {', '.join(known)}" if known else
                            "this phi has no pretrained weights by name (README, 'Weights')"))
-    phi = with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
+    phi = phi_with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
     if row.source.startswith("hf-hub:"):
-        return Resolved(_hub_weights(row.source[len("hf-hub:"):])[0], phi)
+        return Located(_hub_weights(row.source[len("hf-hub:"):]), phi)
     try:
-        return Resolved(fetch_url(row.source, row.sha256, use_mirror=True), phi)
+        return Located(fetch_url(row.source, row.sha256, use_mirror=True), phi)
     except DownloadError as e:
         raise DownloadError(f"{row.architecture} {row.tag}: {e}") from e
 
@@ -244,19 +244,19 @@ def _fetch_first(repo: str, names, revision: str | None) -> Path | None:
     return next((path for name in names if (path := fetch_hub(repo, name, revision)) is not None), None)
 
 
-def _hub_weights(spec: str) -> tuple[Path, str | None]:
-    """(weight file or transformers folder, the activation its config records or None) of a hub repo."""
+def _hub_weights(spec: str) -> Path:
+    """The weight file (open_clip layout, its config beside it) or the transformers folder of a hub repo."""
     repo, filename, revision = _split_hub(spec)
     if filename:
         path = fetch_hub(repo, filename, revision)
         if path is None:
             raise UserError(f"hub repo {repo} has no file {filename}")
-        return path, _config_activation(path.parent)
+        return path
     if fetch_hub(repo, "open_clip_config.json", revision) is not None:
         weights = _fetch_first(repo, OPEN_CLIP_FILES, revision)
         if weights is None:
             raise UserError(f"hub repo {repo} has open_clip_config.json but neither {' nor '.join(OPEN_CLIP_FILES)}")
-        return weights, _config_activation(weights.parent)
+        return weights
     if fetch_hub(repo, "config.json", revision) is not None:
         weights = _fetch_first(repo, TRANSFORMERS_FILES, revision)
         if weights is None:
@@ -264,32 +264,6 @@ def _hub_weights(spec: str) -> tuple[Path, str | None]:
         if weights.name.endswith(".index.json"):
             for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
                 fetch_hub(repo, shard, revision)
-        return weights.parent, _config_activation(weights.parent)
+        return weights.parent
     raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json (transformers); "
                     "name the weight file: hf-hub:ORG/NAME/FILE")
-
-
-def _from_hub(spec: str, phi: str) -> Resolved:
-    path, activation = _hub_weights(spec)
-    return Resolved(path, with_activation(phi, activation, f"hf-hub:{spec}") if activation else phi)
-
-
-def _config_activation(folder: Path) -> str | None:
-    """The activation an open_clip_config.json (`quick_gelu`) or a transformers config.json (`hidden_act` of the
-    vision tower; a BERT text tower is GELU by construction) in `folder` records."""
-    open_clip = folder / "open_clip_config.json"
-    if open_clip.is_file():
-        model_cfg = json.loads(open_clip.read_text()).get("model_cfg", {})
-        return QUICK_GELU if model_cfg.get("quick_gelu", False) else GELU
-    config = folder / "config.json"
-    if config.is_file():
-        vision = json.loads(config.read_text()).get("vision_config")
-        if isinstance(vision, dict):  # transformers leaves out a default: both CLIP classes default to QuickGELU
-            return QUICK_GELU if _is_quick(vision.get("hidden_act", QUICK_GELU)) else GELU
-    return None
-
-
-def _local_activation(path: Path) -> str | None:
-    if path.is_dir():
-        return _config_activation(path)
-    return _config_activation(path.parent) if path.name in OPEN_CLIP_FILES else None
