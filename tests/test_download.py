@@ -294,7 +294,13 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
     hf = _hf_clip(SMALL, build_model(SMALL).state_dict())  # other weights than the open_clip repo's
     hf.save_pretrained(tmp_path / "hf")
     local_hf, _ = load_model(tmp_path / "hf", "auto")
-    open_clip_config = json.dumps({"model_cfg": {"embed_dim": 48, "quick_gelu": True}}).encode()
+    v, t = SMALL.vision, SMALL.text  # open_clip's own description of SMALL, as its hub repos carry one
+    open_clip_config = json.dumps({"model_cfg": {
+        "embed_dim": SMALL.embed_dim, "quick_gelu": True,
+        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
+                       "head_width": v.width // v.heads},
+        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                     "heads": t.heads, "layers": t.layers}}}).encode()
     files = {**_hub_files("org/oc", {"open_clip_config.json": open_clip_config,
                                      "open_clip_model.safetensors": save_safetensors(small)}),
              **_hub_files("org/hf", {name: (tmp_path / "hf" / name).read_bytes()
