@@ -117,9 +117,7 @@ def env(tmp_path, monkeypatch):
 def tiny_bytes():
     torch.manual_seed(1)
     state = build_model(get_config("tiny/VIT-T-8")).state_dict()
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue(), state
+    return _torch_bytes(state), state
 
 
 def _files_in(folder: Path) -> list[Path]:
@@ -284,6 +282,23 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
     assert open_clip.__version__.startswith("3.")
 
 
+def _open_clip_config(config) -> bytes:
+    """open_clip's own description of a config, as its hub repos carry one beside the weights."""
+    v, t = config.vision, config.text
+    return json.dumps({"model_cfg": {
+        "embed_dim": config.embed_dim, "quick_gelu": True,
+        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
+                       "head_width": v.width // v.heads},
+        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                     "heads": t.heads, "layers": t.layers}}}).encode()
+
+
+def _torch_bytes(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def _hub_files(repo: str, files: dict[str, bytes]) -> dict[str, bytes]:
     return {f"/{repo}/resolve/main/{name}": body for name, body in files.items()}
 
@@ -294,17 +309,16 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
     hf = _hf_clip(SMALL, build_model(SMALL).state_dict())  # other weights than the open_clip repo's
     hf.save_pretrained(tmp_path / "hf")
     local_hf, _ = load_model(tmp_path / "hf", "auto")
-    v, t = SMALL.vision, SMALL.text  # open_clip's own description of SMALL, as its hub repos carry one
-    open_clip_config = json.dumps({"model_cfg": {
-        "embed_dim": SMALL.embed_dim, "quick_gelu": True,
-        "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width, "layers": v.layers,
-                       "head_width": v.width // v.heads},
-        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                     "heads": t.heads, "layers": t.layers}}}).encode()
+    open_clip_config = _open_clip_config(SMALL)
+    tiny = build_model(get_config("tiny/VIT-T-8")).state_dict()
+    monkeypatch.setitem(pretrained.PRETRAINED, ("tiny/VIT-T-8", "hubtag"),
+                        Pretrained("tiny/VIT-T-8", "hubtag", "hf-hub:org/tiny", QUICK_GELU))
     files = {**_hub_files("org/oc", {"open_clip_config.json": open_clip_config,
                                      "open_clip_model.safetensors": save_safetensors(small)}),
              **_hub_files("org/hf", {name: (tmp_path / "hf" / name).read_bytes()
-                                     for name in ("config.json", "model.safetensors")})}
+                                     for name in ("config.json", "model.safetensors")}),
+             **_hub_files("org/tiny", {"open_clip_config.json": _open_clip_config(get_config("tiny/VIT-T-8")),
+                                       "open_clip_pytorch_model.bin": _torch_bytes(tiny)})}
     with serve(files) as (server, base):
         monkeypatch.setenv("HF_ENDPOINT", base)
         model, phi = load_model("hf-hub:org/oc", "auto")
@@ -318,6 +332,13 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
         assert asked == {"open_clip_config.json", "config.json", "model.safetensors"}
         with pytest.raises(UserError, match="hub repo org/none has neither open_clip_config.json"):
             load_model("hf-hub:org/none", "auto")
+        # A tag whose source is a hub repo; its .bin is taken when the repo has no safetensors file.
+        _same_weights(load_model("hubtag", "tiny/VIT-T-8")[0], tiny)
+        # One named file, and a pinned revision.
+        _same_weights(load_model("hf-hub:org/oc/open_clip_model.safetensors", "auto")[0], small)
+        _same_weights(load_model("hf-hub:org/oc@main", "auto")[0], small)
+        with pytest.raises(UserError, match="hub repo org/oc has no file nothing.bin"):
+            load_model("hf-hub:org/oc/nothing.bin", "auto")
     # The server is gone: both load from huggingface_hub's cache, without its retries with backoff (which waited
     # 23 s on the transformers repo's missing open_clip_config.json before download.py asked once first).
     started = time.monotonic()
