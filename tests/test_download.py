@@ -31,7 +31,7 @@ OPENAI_LIKE = "https://openaipublic.azureedge.net/clip/models/{sha}/tiny.pt"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves `server.files` {path: bytes}; `server.drop` lists paths that stop after half their bytes. Paths under
+    """Serves `server.files` {path: bytes or an HTTP status}; `server.drop` lists paths that stop after half their bytes. Paths under
     /ORG/NAME/resolve/REV/ answer as the hub does (X-Repo-Commit, ETag, EntryNotFound)."""
     timeout = 5  # a stuck client cannot hold the server
 
@@ -39,6 +39,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         files, hub = self.server.files, "/resolve/" in self.path
         body = files.get(self.path)
         self.server.requests.append(self.path)
+        if isinstance(body, int):  # a status to answer with, such as a hub that is down
+            self.send_response(body)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if body is None:
             self.send_response(404)
             if hub:
@@ -318,7 +323,8 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
              **_hub_files("org/hf", {name: (tmp_path / "hf" / name).read_bytes()
                                      for name in ("config.json", "model.safetensors")}),
              **_hub_files("org/tiny", {"open_clip_config.json": _open_clip_config(get_config("tiny/VIT-T-8")),
-                                       "open_clip_pytorch_model.bin": _torch_bytes(tiny)})}
+                                       "open_clip_pytorch_model.bin": _torch_bytes(tiny)}),
+             **_hub_files("org/down", {"open_clip_config.json": 503})}
     with serve(files) as (server, base):
         monkeypatch.setenv("HF_ENDPOINT", base)
         model, phi = load_model("hf-hub:org/oc", "auto")
@@ -339,6 +345,10 @@ def test_hub_repos_in_open_clip_and_transformers_layouts_through_a_fake_endpoint
         _same_weights(load_model("hf-hub:org/oc@main", "auto")[0], small)
         with pytest.raises(UserError, match="hub repo org/oc has no file nothing.bin"):
             load_model("hf-hub:org/oc/nothing.bin", "auto")
+        started = time.monotonic()  # a hub that is down is reported at once, not retried with backoff
+        with pytest.raises(DownloadError, match=r"could not fetch org/down/open_clip_config.json \(HTTP 503 from"):
+            load_model("hf-hub:org/down", "auto")
+        assert time.monotonic() - started < TIMEOUT_S
     # The server is gone: both load from huggingface_hub's cache, without its retries with backoff (which waited
     # 23 s on the transformers repo's missing open_clip_config.json before download.py asked once first).
     started = time.monotonic()

@@ -151,12 +151,15 @@ def fetch_hub(repo_id: str, filename: str, revision: str | None = None) -> Path 
         try:
             get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint),
                                  timeout=TIMEOUT_S)
-        except HfHubHTTPError:
-            pass  # the hub answered; hf_hub_download says what it meant (and caches a missing file as missing)
-        except Exception as e:  # connection refused, DNS, timeouts, proxies: every way of getting no answer
-            if cached is not None:
+        except Exception as e:  # connection refused, DNS, timeouts, proxies, a hub that is down
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if isinstance(e, HfHubHTTPError) and status is not None and status < 500 and status != 429:
+                pass  # the hub answered; hf_hub_download says what it meant (and caches a missing file as missing)
+            elif cached is not None:
                 return None  # the cache remembers that the repo lacks this file
-            raise DownloadError(unreachable) from e
+            else:
+                raise DownloadError(unreachable if status is None else
+                                    unreachable.replace("no answer", f"HTTP {status}")) from e
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint,
                                     local_files_only=offline(), etag_timeout=TIMEOUT_S))

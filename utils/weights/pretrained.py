@@ -224,9 +224,9 @@ def locate(model_path: str | Path, phi: str) -> Located:
                         + (f"its tags: {', '.join(known)}" if known else
                            "this phi has no pretrained weights by name (README, 'Weights')"))
     phi = phi_with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
-    if row.source.startswith("hf-hub:"):
-        return Located(_hub_weights(row.source[len("hf-hub:"):]), phi)
     try:
+        if row.source.startswith("hf-hub:"):
+            return Located(_hub_weights(row.source[len("hf-hub:"):]), phi)
         return Located(fetch_url(row.source, row.sha256, use_mirror=True), phi)
     except DownloadError as e:
         raise DownloadError(f"{row.architecture} {row.tag}: {e}") from e
