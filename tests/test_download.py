@@ -147,7 +147,7 @@ def test_url_downloads_once_then_loads_from_the_cache_with_the_server_gone(env, 
     _same_weights(model, state)
     assert phi == "tiny/VIT-T-8"
     cached = _files_in(env / "cache")
-    assert [p.name for p in cached] == ["tiny.pth"] and cached[0].read_bytes() == data  # no .part left
+    assert [p.name for p in cached] == ["tiny.pth"] and cached[0].read_bytes() == data  # no .part, no stamp
     again, _ = load_model(f"{base}/w/tiny.pth", "tiny/VIT-T-8")  # the server is gone
     _same_weights(again, state)
 
@@ -164,6 +164,8 @@ def test_a_tag_downloads_through_the_mirror_base_and_is_checked_by_its_sha256(en
     _same_weights(clip.net, state)
     # Kept under the table's URL, not the mirror's, so the same file serves either way.
     assert clip.weights_path == cache_path(row.source) and clip.weights_path.read_bytes() == data
+    stamp = clip.weights_path.with_name(".tiny.pt.sha256")  # the verified size and mtime: no rehash per load
+    assert json.loads(stamp.read_text())["sha256"] == row.sha256
     monkeypatch.delenv("CLIP_DOWNLOAD_BASE")
     assert CLIP(model_path="TOY", phi="tiny/VIT-T-8", cuda=False).weights_path == clip.weights_path
     # A file in the cache that does not match the published checksum is refused, not loaded, and kept.
@@ -187,7 +189,7 @@ def test_a_checksum_mismatch_is_refused_and_leaves_nothing_in_the_cache(env, tin
         with pytest.raises(DownloadError, match="not the published"):
             load_model(f"{base}/tiny.pth#sha256={'0' * 64}", "tiny/VIT-T-8")
         load_model(f"{base}/tiny.pth#sha256={hashlib.sha256(data).hexdigest()}", "tiny/VIT-T-8")
-    assert len(_files_in(env / "cache")) == 1
+    assert sorted(p.name for p in _files_in(env / "cache")) == [".tiny.pth.sha256", "tiny.pth"]
 
 
 def test_a_connection_dropped_mid_file_leaves_no_file_that_loads(env, tiny_bytes, monkeypatch):

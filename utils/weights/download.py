@@ -1,8 +1,10 @@
 """One file from a URL or a Hugging Face hub repo into a local cache: verified, renamed into place only when whole."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import sys
 import tempfile
@@ -12,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import WriteError, atomic_write_bytes
 
 CACHE_ENV = "CLIP_CACHE"  # where URL downloads are kept; hub files stay in huggingface_hub's own cache
 BASE_ENV = "CLIP_DOWNLOAD_BASE"  # a mirror that serves the table's files under their own names
@@ -67,6 +70,30 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(target: Path) -> Path:
+    return target.with_name(f".{target.name}.sha256")
+
+
+def _stamp_of(target: Path, sha256: str) -> str:
+    stat = target.stat()
+    return json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+
+
+def _verified(target: Path, sha256: str) -> bool:
+    """Whether `target` matches `sha256`. Hashing a GB takes seconds, so a match is stamped beside the file with
+    its size and mtime, and a file that neither changed since nor lost its stamp is not hashed again."""
+    try:
+        if _stamp(target).read_text() == _stamp_of(target, sha256):
+            return True
+    except OSError:
+        pass
+    if not _sha256_of(target).startswith(sha256):
+        return False
+    with contextlib.suppress(WriteError):  # a read-only cache still works, hashing each time
+        atomic_write_bytes(_stamp_of(target, sha256).encode(), _stamp(target))
+    return True
+
+
 def fetch_url(url: str, sha256: str = "", *, use_mirror: bool = False) -> Path:
     """The local copy of `url`, downloaded into the cache when it is not there yet.
 
@@ -78,7 +105,7 @@ def fetch_url(url: str, sha256: str = "", *, use_mirror: bool = False) -> Path:
     sha256 = (sha256 or pinned).lower()
     target = cache_path(url)
     if target.is_file():
-        if sha256 and not _sha256_of(target).startswith(sha256):
+        if sha256 and not _verified(target, sha256):
             raise DownloadError(f"{target} does not match the sha256 {sha256} published for {url}; it was not "
                                 "downloaded by this project. Delete it to download the file again.")
         return target
@@ -122,6 +149,9 @@ def _download(source: str, target: Path, sha256: str, hint: str) -> None:
             raise DownloadError(f"{source} gave a file whose sha256 is {h.hexdigest()}, not the published "
                                 f"{sha256}; nothing was kept. Run again, or {hint}")
         os.replace(part, target)
+        if sha256:
+            with contextlib.suppress(WriteError):
+                atomic_write_bytes(_stamp_of(target, sha256).encode(), _stamp(target))
     except urllib.error.URLError as e:
         reason = e.reason if not isinstance(e, urllib.error.HTTPError) else f"HTTP {e.code} {e.reason}"
         raise DownloadError(f"could not download {source} ({reason}); {hint}") from e
