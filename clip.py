@@ -14,12 +14,14 @@ from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
 from utils.weights.load import load_model
+from utils.weights.pretrained import locate
 
 
 class CLIP(object):
     _defaults = {
-        # Any supported weight file or transformers folder (see README, "Weights"); '' = random weights.
-        "model_path": "model_data/ViT-B-32-OpenAI.pth",
+        # A weight file or folder, or a name: a pretrained tag of phi ('openai', 'laion2b_s34b_b79k'),
+        # hf-hub:ORG/NAME or an http(s) URL, downloaded once (README, "Weights"); '' = random weights.
+        "model_path": "openai",
         # A name from nets/configs.py MODEL_CONFIGS, or 'auto' to read the architecture from the weights.
         "phi": "openai/VIT-B-32",
         # Letterbox keeps the whole image on a grey canvas; otherwise resize + centre crop, as OpenAI.
@@ -51,8 +53,10 @@ class CLIP(object):
         self.generate()
 
     def generate(self) -> None:
+        self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
         if self.model_path:
-            self.net, self.phi = load_model(self.model_path, self.phi)
+            self.weights_path, phi = locate(self.model_path, self.phi)
+            self.net, self.phi = load_model(self.weights_path, phi)
         elif self.phi == "auto":
             raise UserError("phi='auto' reads the architecture from model_path, which is empty")
         else:

@@ -13,8 +13,9 @@ from utils.config import run_script
 # "retrieval" (image<->text recall@K, the original's), "zeroshot" (classification: README, "Zero-shot") or
 # "wise_ft" (retrieval of blends of wise_ft_start_path and model_path: README, "WiSE-FT").
 eval_type = "retrieval"
-# Weights: any supported file or transformers folder (README, "Weights").
-model_path = "model_data/ViT-B-32-OpenAI.pth"
+# Weights: a file or folder, or a name downloaded once: a pretrained tag of phi ("openai",
+# "laion2b_s34b_b79k"), hf-hub:ORG/NAME or an http(s) URL (README, "Weights").
+model_path = "openai"
 # Architecture name from nets/configs.py, or "auto" to read it from the weights.
 phi = "openai/VIT-B-32"
 # The folder the JSON's image paths are relative to; zeroshot: the image-folder tree, one subfolder per class.

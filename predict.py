@@ -21,8 +21,9 @@ from utils.config import run_script
 # (write the model as ONNX to export_dir), "predict_onnx" (the "predict" loop on export_dir with onnxruntime) or
 # "export_hf" (write the model to export_dir as a transformers CLIPModel / ChineseCLIPModel folder).
 mode = "predict"
-# Weights: any supported file or transformers folder (README, "Weights"); "" = random weights.
-model_path = "model_data/ViT-B-32-OpenAI.pth"
+# Weights: a file or folder, or a name downloaded once: a pretrained tag of phi ("openai",
+# "laion2b_s34b_b79k"), hf-hub:ORG/NAME or an http(s) URL (README, "Weights"); "" = random weights.
+model_path = "openai"
 # Architecture name from nets/configs.py, or "auto" to read it from the weights.
 phi = "openai/VIT-B-32"
 # Captions to score; edit here or pass --captions "..." "...".

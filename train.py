@@ -1,7 +1,7 @@
 """Train or fine-tune CLIP on a JSON caption dataset (the original repo's format).
 
     python train.py --demo en                       # toy set, tiny model, CPU, a few minutes
-    python train.py --model_path model_data/ViT-B-32-OpenAI.pth --datasets_path datasets/flickr8k/ ...
+    python train.py --model_path openai --datasets_path datasets/flickr8k/ ...
     torchrun --nproc_per_node 4 train.py --distributed true ...
 
 Every variable below is also a --flag of the same name; --help lists them.
@@ -16,8 +16,9 @@ distributed = False
 fp16 = False
 # "fp32", "fp16" (CUDA AMP) or "bf16"; "" = fp16 when fp16=True, else fp32.
 precision = ""
-# Starting weights: any supported weight file or transformers folder; "" = random init (README, "Weights").
-model_path = "model_data/ViT-B-32-OpenAI.pth"
+# Starting weights: a file or folder, or a name downloaded once: a pretrained tag of phi ("openai",
+# "laion2b_s34b_b79k"), hf-hub:ORG/NAME or an http(s) URL; "" = random init (README, "Weights").
+model_path = "openai"
 # Architecture: a name from nets/configs.py (README, "Models").
 phi = "openai/VIT-B-32"
 # self-cn / cn-clip: a local transformers BERT folder for the text tower when model_path holds only a ViT.

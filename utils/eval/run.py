@@ -55,7 +55,7 @@ def _cached(cfg: dict, clip, json_path, root: Path, entries: list[dict], preproc
     """(image features, text features) from the feature cache, or from `encode()` and then cached."""
     key = None
     if cfg["feature_cache"] and cfg["model_path"]:
-        key = cache_key(cfg["model_path"], clip.phi, json_path, root, entries, preprocessing)
+        key = cache_key(clip.weights_path, clip.phi, json_path, root, entries, preprocessing)
         features = load_features(cfg["cache_dir"], key)
         if features is not None:
             print(f"using cached features ({cfg['cache_dir']}/{key}.safetensors)")

@@ -12,6 +12,7 @@ import torch
 from utils.errors import UserError
 from utils.files import atomic_save, atomic_savefig, atomic_write_bytes, check_writable
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
+from utils.weights.pretrained import is_weight_name
 
 CONTROL_TYPES = ("", "retrieval", "zeroshot")
 OUTPUT_FILES = {"weights": "wise_ft_weights.pth", "results": "wise_ft_results.json", "plot": "wise_ft.png"}
@@ -30,7 +31,7 @@ def check_sweep(cfg: Mapping) -> tuple[list[float], dict[str, Path]]:
         raise UserError("wise_ft_start_path is empty: set it to the weights before fine-tuning (model_path holds "
                         "the fine-tuned ones)")
     for setting in ("wise_ft_start_path", "model_path"):
-        if not cfg[setting] or not Path(cfg[setting]).exists():
+        if not cfg[setting] or not (Path(cfg[setting]).exists() or is_weight_name(cfg[setting])):
             raise UserError(f"{setting} {cfg[setting]!r} does not exist; the sweep blends two weight files: "
                             "wise_ft_start_path (before fine-tuning) and model_path (after)")
     if cfg["control_type"] not in CONTROL_TYPES:
@@ -136,6 +137,7 @@ def run_sweep(cfg: dict) -> dict:
     from utils.eval.encode import encode_set, score
     from clip import CLIP
     from utils.weights.load import read_checkpoint
+    from utils.weights.pretrained import locate
 
     alphas, paths = check_sweep(cfg)
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
@@ -145,8 +147,8 @@ def run_sweep(cfg: dict) -> dict:
     control = _Control(cfg) if cfg["control_type"] else None
     started = time.time()
     names = (str(cfg["wise_ft_start_path"]), str(cfg["model_path"]))
-    start = read_checkpoint(cfg["wise_ft_start_path"]).state_dict
-    finetuned = read_checkpoint(cfg["model_path"]).state_dict
+    start = read_checkpoint(locate(cfg["wise_ft_start_path"], cfg["phi"]).path).state_dict
+    finetuned = read_checkpoint(locate(cfg["model_path"], cfg["phi"]).path).state_dict
     check_pair(start, finetuned, names)
     clip = CLIP.from_config(cfg)  # the fine-tuned weights, checked against phi as eval.py checks them
     rows = []

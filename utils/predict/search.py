@@ -154,7 +154,8 @@ def _query_vector(model, text: str) -> tuple[torch.Tensor, str]:
 
 
 def run_search(model, config: dict) -> None:
-    index = SearchIndex(config["index_dir"], model_identity(config["model_path"], model.phi), config["rebuild_index"])
+    identity = model_identity(model.weights_path or "", model.phi)
+    index = SearchIndex(config["index_dir"], identity, config["rebuild_index"])
     counts = index.update(config["dir_origin_path"], encode_paths(model, config["batch_size"]))
     print(f"index {config['index_dir']}: {len(index.paths)} images ({counts['new']} new, {counts['changed']} changed "
           f"re-encoded, {counts['removed']} removed, {counts['unreadable']} unreadable left out)")

@@ -100,7 +100,7 @@ def serve(model, config: dict) -> None:
 
     index, folder = None, Path(config["dir_origin_path"])
     if folder.is_dir():
-        index = SearchIndex(config["index_dir"], model_identity(config["model_path"], model.phi),
+        index = SearchIndex(config["index_dir"], model_identity(model.weights_path or "", model.phi),
                             config["rebuild_index"])
         counts = index.update(folder, encode_paths(model, config["batch_size"]))
         print(f"index {config['index_dir']}: {len(index.paths)} images of {folder} ({counts['new']} new, "

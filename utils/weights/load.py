@@ -19,9 +19,11 @@ from nets.configs import CLIPConfig, get_config, infer_config, phi_of
 
 from utils.errors import UserError
 from utils.weights.layouts import to_openai, unwrap
+from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, locate
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
-_HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# transformers' save_pretrained names first, then open_clip's hub names (a folder holding such a repo's files).
+_HF_FILES = TRANSFORMERS_FILES + OPEN_CLIP_FILES
 
 
 @dataclass
@@ -58,8 +60,9 @@ def _read_hf_folder(folder: Path) -> Mapping[str, torch.Tensor]:
         for shard in shards:
             state.update(_read_file(folder / shard))
         return state
-    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES[::2])}; point model_path at a "
-                    "weight file or at a transformers save_pretrained folder")
+    names = [n for n in _HF_FILES if not n.endswith(".index.json")]
+    raise UserError(f"{folder} is a folder without {', '.join(names[:-1])} or {names[-1]}; point model_path at a "
+                    "weight file, a transformers save_pretrained folder or an open_clip hub repo's files")
 
 
 def _read_file(path: Path) -> Mapping:
@@ -80,8 +83,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Any supported weight file or folder -> OpenAI-layout state dict (plus the config it recorded)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"model_path {path} does not exist. Download the weights (see README, 'Weights') "
-                        "or set model_path to your checkpoint; use model_path='' to start from random weights.")
+        raise UserError(f"model_path {path} does not exist and is not a weight name. Give a file or folder, a "
+                        "pretrained tag with its phi (--phi ViT-B-32 --model_path laion2b_s34b_b79k, or openai), "
+                        "hf-hub:ORG/NAME or an http(s) URL (README, 'Weights'); model_path='' starts from random "
+                        "weights.")
     raw = _read_hf_folder(path) if path.is_dir() else _read_file(path)
     if not isinstance(raw, Mapping) or not raw:
         raise UserError(f"{path} holds a {type(raw).__name__}, not a state dict of tensors")
@@ -133,8 +138,10 @@ def load_into(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
 def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     """Build the model for `phi` (or the checkpoint's own architecture for phi='auto') and load it.
 
-    Returns the model in fp32 on the CPU and the resolved phi ('custom' when no table entry matches).
+    `model_path` may be a weight name (utils/pretrained.py), downloaded on first use. Returns the model in fp32 on
+    the CPU and the resolved phi ('custom' when no table entry matches).
     """
+    model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
     if phi == "auto":
         config = config_of(checkpoint)
@@ -180,6 +187,8 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
             _load_bert_folder(model, bert_path)
             text = f"BERT {bert_path}"
         return model, phi, ["image tower: random", f"text tower: {text}"]
+    named = model_path
+    model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
     config = config_of(checkpoint) if phi == "auto" else get_config(phi)
     phi = (phi_of(config) or "custom") if phi == "auto" else phi
@@ -188,13 +197,18 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
     if not config.text.is_bert or own_text or not bert_path:
         load_into(model, checkpoint, phi)
-        return model.float(), phi, [f"image and text towers: {model_path} ({checkpoint.layout} layout)"]
+        where = f"{_where(named, model_path)} ({checkpoint.layout} layout)"
+        return model.float(), phi, [f"image and text towers: {where}"]
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
     check_fits(expected, partial, phi)
     model.load_state_dict({**model.state_dict(), **partial.state_dict}, strict=True)
     _load_bert_folder(model, bert_path)
-    return model.float(), phi, [f"image tower + logit_scale: {model_path} (its text tower is not used)",
+    return model.float(), phi, [f"image tower + logit_scale: {_where(named, model_path)} (its text tower is not used)",
                                 f"text tower: BERT {bert_path}, projection random"]
 
+
+
+def _where(named, local: Path) -> str:
+    return str(local) if str(named) == str(local) else f"{named} = {local}"

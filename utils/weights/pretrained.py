@@ -1,0 +1,269 @@
+"""Weights by name: open_clip's tags, `hf-hub:ORG/NAME` and URLs, located as a local file and the phi that reads it.
+
+The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
+builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower). Each row names its source and
+the activation the weights were trained with: open_clip keeps that apart from the config name (`ViT-B-32` is
+GELU, but its `openai`, MetaCLIP and some DFN tags are QuickGELU), and loading with the other one gives wrong
+features with no error.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from nets.configs import MODEL_CONFIGS, get_config
+from utils.errors import UserError
+from utils.weights.download import DownloadError, fetch_hub, fetch_url
+
+QUICK_GELU, GELU = "quick_gelu", "gelu"
+_OPENAI = "https://openaipublic.azureedge.net/clip/models/"
+_OPEN_CLIP = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/"
+
+# (architecture, tag, source, activation). Sources are OpenAI's URLs for the `openai` tags (the sha256 is in
+# their path) and the hub repos open_clip reads for the others (safetensors there, so nothing is unpickled).
+# ViT-B-16-plus-240 laion400m_e32 is open_clip's release URL: its hub entry in open_clip points at the e31 repo.
+_ROWS = (
+    ("RN50", "openai", _OPENAI + "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+     QUICK_GELU),
+    ("RN50", "yfcc15m", "hf-hub:timm/resnet50_clip.yfcc15m", QUICK_GELU),
+    ("RN50", "cc12m", "hf-hub:timm/resnet50_clip.cc12m", QUICK_GELU),
+    ("RN101", "openai", _OPENAI + "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+     QUICK_GELU),
+    ("RN101", "yfcc15m", "hf-hub:timm/resnet101_clip.yfcc15m", QUICK_GELU),
+    ("RN50x4", "openai", _OPENAI + "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+     QUICK_GELU),
+    ("RN50x16", "openai", _OPENAI + "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+     QUICK_GELU),
+    ("RN50x64", "openai", _OPENAI + "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+     QUICK_GELU),
+    ("ViT-B-32", "openai",
+     _OPENAI + "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt", QUICK_GELU),
+    ("ViT-B-32", "laion400m_e31", "hf-hub:timm/vit_base_patch32_clip_224.laion400m_e31", QUICK_GELU),
+    ("ViT-B-32", "laion400m_e32", "hf-hub:timm/vit_base_patch32_clip_224.laion400m_e32", QUICK_GELU),
+    ("ViT-B-32", "laion2b_e16", "hf-hub:timm/vit_base_patch32_clip_224.laion2b_e16", GELU),
+    ("ViT-B-32", "laion2b_s34b_b79k", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", GELU),
+    ("ViT-B-32", "datacomp_xl_s13b_b90k", "hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", GELU),
+    ("ViT-B-32", "datacomp_m_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-DataComp.M-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_clip_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M.clip-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_laion_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M.laion-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_image_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M.image-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_text_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M.text-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_basic_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M.basic-s128M-b4K", GELU),
+    ("ViT-B-32", "commonpool_m_s128m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.M-s128M-b4K", GELU),
+    ("ViT-B-32", "datacomp_s_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-DataComp.S-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_clip_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S.clip-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_laion_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S.laion-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_image_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S.image-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_text_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S.text-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_basic_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S.basic-s13M-b4K", GELU),
+    ("ViT-B-32", "commonpool_s_s13m_b4k", "hf-hub:laion/CLIP-ViT-B-32-CommonPool.S-s13M-b4K", GELU),
+    ("ViT-B-32", "metaclip_400m", "hf-hub:timm/vit_base_patch32_clip_224.metaclip_400m", QUICK_GELU),
+    ("ViT-B-32", "metaclip_fullcc", "hf-hub:timm/vit_base_patch32_clip_224.metaclip_2pt5b", QUICK_GELU),
+    ("ViT-B-32-256", "datacomp_s34b_b86k", "hf-hub:laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K", GELU),
+    ("ViT-B-16", "openai",
+     _OPENAI + "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt", QUICK_GELU),
+    ("ViT-B-16", "laion400m_e31", "hf-hub:timm/vit_base_patch16_clip_224.laion400m_e31", GELU),
+    ("ViT-B-16", "laion400m_e32", "hf-hub:timm/vit_base_patch16_clip_224.laion400m_e32", GELU),
+    ("ViT-B-16", "laion2b_s34b_b88k", "hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K", GELU),
+    ("ViT-B-16", "datacomp_xl_s13b_b90k", "hf-hub:laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K", GELU),
+    ("ViT-B-16", "datacomp_l_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-DataComp.L-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_clip_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L.clip-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_laion_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L.laion-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_image_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L.image-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_text_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L.text-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_basic_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L.basic-s1B-b8K", GELU),
+    ("ViT-B-16", "commonpool_l_s1b_b8k", "hf-hub:laion/CLIP-ViT-B-16-CommonPool.L-s1B-b8K", GELU),
+    ("ViT-B-16", "dfn2b", "hf-hub:apple/DFN2B-CLIP-ViT-B-16", QUICK_GELU),
+    ("ViT-B-16", "metaclip_400m", "hf-hub:timm/vit_base_patch16_clip_224.metaclip_400m", QUICK_GELU),
+    ("ViT-B-16", "metaclip_fullcc", "hf-hub:timm/vit_base_patch16_clip_224.metaclip_2pt5b", QUICK_GELU),
+    ("ViT-B-16-plus-240", "laion400m_e31", "hf-hub:timm/vit_base_patch16_plus_clip_240.laion400m_e31", GELU),
+    ("ViT-B-16-plus-240", "laion400m_e32", _OPEN_CLIP + "vit_b_16_plus_240-laion400m_e32-699c4b84.pt", GELU),
+    ("ViT-L-14", "openai",
+     _OPENAI + "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt", QUICK_GELU),
+    ("ViT-L-14", "laion400m_e31", "hf-hub:timm/vit_large_patch14_clip_224.laion400m_e31", GELU),
+    ("ViT-L-14", "laion400m_e32", "hf-hub:timm/vit_large_patch14_clip_224.laion400m_e32", GELU),
+    ("ViT-L-14", "laion2b_s32b_b82k", "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", GELU),
+    ("ViT-L-14", "datacomp_xl_s13b_b90k", "hf-hub:laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", GELU),
+    ("ViT-L-14", "commonpool_xl_clip_s13b_b90k", "hf-hub:laion/CLIP-ViT-L-14-CommonPool.XL.clip-s13B-b90K", GELU),
+    ("ViT-L-14", "commonpool_xl_laion_s13b_b90k", "hf-hub:laion/CLIP-ViT-L-14-CommonPool.XL.laion-s13B-b90K", GELU),
+    ("ViT-L-14", "commonpool_xl_s13b_b90k", "hf-hub:laion/CLIP-ViT-L-14-CommonPool.XL-s13B-b90K", GELU),
+    ("ViT-L-14", "metaclip_400m", "hf-hub:timm/vit_large_patch14_clip_224.metaclip_400m", QUICK_GELU),
+    ("ViT-L-14", "metaclip_fullcc", "hf-hub:timm/vit_large_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
+    ("ViT-L-14", "dfn2b", "hf-hub:apple/DFN2B-CLIP-ViT-L-14", QUICK_GELU),
+    ("ViT-L-14", "dfn2b_s39b", "hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B", GELU),
+    ("ViT-L-14-336", "openai",
+     _OPENAI + "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt", QUICK_GELU),
+    ("ViT-H-14", "laion2b_s32b_b79k", "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", GELU),
+    ("ViT-H-14", "metaclip_fullcc", "hf-hub:timm/vit_huge_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
+    ("ViT-H-14", "metaclip_altogether", "hf-hub:timm/vit_huge_patch14_clip_224.metaclip_altogether", GELU),
+    ("ViT-H-14", "dfn5b", "hf-hub:apple/DFN5B-CLIP-ViT-H-14", QUICK_GELU),
+    ("ViT-H-14-378", "dfn5b", "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", QUICK_GELU),
+    ("ViT-g-14", "laion2b_s12b_b42k", "hf-hub:laion/CLIP-ViT-g-14-laion2B-s12B-b42K", GELU),
+    ("ViT-g-14", "laion2b_s34b_b88k", "hf-hub:laion/CLIP-ViT-g-14-laion2B-s34B-b88K", GELU),
+    ("ViT-bigG-14", "laion2b_s39b_b160k", "hf-hub:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", GELU),
+    ("ViT-bigG-14", "metaclip_fullcc", "hf-hub:timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
+)
+
+# This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
+ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
+           "openai/VIT-L-14-336": "ViT-L-14-336", "openai/RN50": "RN50", "openai/RN101": "RN101",
+           "openai/RN50x4": "RN50x4", "openai/RN50x16": "RN50x16", "openai/RN50x64": "RN50x64"}
+# The original's self-cn has ViT-B/32 as its image tower: train.py starts it from a tag's image tower plus BERT.
+IMAGE_TOWER_OF = {"self-cn/VIT-B-32": "ViT-B-32"}
+
+# open_clip's layout on the hub (its config beside one weight file), safetensors first; then transformers'.
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+TRANSFORMERS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    architecture: str  # open_clip's config name without `-quickgelu`
+    tag: str
+    source: str  # an https URL or hf-hub:ORG/NAME
+    activation: str  # QUICK_GELU or GELU: what the weights were trained with
+
+    @property
+    def sha256(self) -> str:
+        """The checksum the URL publishes: OpenAI's 64 hex digits in the path, open_clip's 8 at the name's end."""
+        if m := re.search(r"/([0-9a-f]{64})/[^/]+$", self.source):
+            return m.group(1)
+        m = re.search(r"-([0-9a-f]{8})\.pth?$", self.source)
+        return m.group(1) if m and self.source.startswith(_OPEN_CLIP) else ""
+
+
+PRETRAINED: dict[tuple[str, str], Pretrained] = {(a, t): Pretrained(a, t, s, act) for a, t, s, act in _ROWS}
+
+
+class Located(NamedTuple):
+    path: Path  # a local weight file or folder
+    phi: str  # the phi to build: the one asked for, or its variant with the weights' activation
+
+
+def clean_tag(tag: str) -> str:
+    return tag.lower().replace("-", "_")
+
+
+def architecture_of(phi: str) -> str:
+    return IMAGE_TOWER_OF.get(phi) or ALIASES.get(phi, phi).removesuffix("-quickgelu")
+
+
+def tags_of(phi: str) -> list[str]:
+    arch = architecture_of(phi)
+    return [t for a, t in PRETRAINED if a == arch]
+
+
+def _is_quick(value) -> bool:
+    return str(value).lower().replace("_", "").replace("-", "") == "quickgelu"
+
+
+def activation_of(phi: str) -> str:
+    """The activation open_clip's quick_gelu switch sets: the OpenAI text tower's (a ResNet image tower has none
+    of its own), or the ViT's where the text tower is BERT, whose GELU is fixed."""
+    config = get_config(phi)
+    tower = config.vision if config.text.is_bert else config.text
+    # A table without the activation field holds QuickGELU towers only, as the project's first towers were.
+    return QUICK_GELU if _is_quick(getattr(tower, "activation", QUICK_GELU)) else GELU
+
+
+def phi_with_activation(phi: str, activation: str, source: str) -> str:
+    """`phi`, or its `-quickgelu` / plain sibling, whichever has `activation`; one line says so when it changes."""
+    if phi == "auto" or phi not in MODEL_CONFIGS:
+        return phi
+    base = ALIASES.get(phi, phi).removesuffix("-quickgelu")
+    for candidate in (phi, base, base + "-quickgelu"):
+        if candidate in MODEL_CONFIGS and activation_of(candidate) == activation:
+            if candidate != phi:
+                print(f"{source} was trained with {activation}: building phi={candidate} instead of {phi}",
+                      file=sys.stderr)
+            return candidate
+    raise UserError(f"{source} was trained with {activation}, but phi={phi} uses {activation_of(phi)} and the "
+                    f"table has no {activation} variant of it; loading would give wrong features")
+
+
+def is_weight_name(model_path: str | Path) -> bool:
+    """Whether `model_path` is written as a name (a tag, hf-hub:, a URL) rather than as a path."""
+    text = str(model_path)
+    return text.startswith("hf-hub:") or bool(re.match(r"https?://", text)) or bool(re.fullmatch(r"[\w-]+", text))
+
+
+def locate(model_path: str | Path, phi: str) -> Located:
+    """model_path as written by the user -> the local weights (downloaded on first use) and the phi to build.
+
+    An existing file or folder comes first; then `hf-hub:ORG/NAME[/FILE][@REVISION]`, an http(s) URL (with an
+    optional `#sha256=HEX`), or a pretrained tag of phi's architecture (`openai`, `laion2b_s34b_b79k`, ...).
+    Anything else is returned as a path, for the reader's 'does not exist' message.
+    """
+    text = str(model_path)
+    if not text or Path(text).exists():
+        return Located(Path(text), phi)
+    if text.startswith("hf-hub:"):
+        # The reader checks phi against the open_clip_config.json / config.json fetched beside the weights.
+        return Located(_hub_weights(text[len("hf-hub:"):]), phi)
+    if re.match(r"https?://", text):
+        return Located(fetch_url(text), phi)
+    if "/" in text or "\\" in text or "." in text:
+        return Located(Path(text), phi)
+    tag = clean_tag(text)
+    if phi == "auto":
+        owners = sorted({a for a, t in PRETRAINED if t == tag})
+        if owners:
+            raise UserError(f"model_path {text!r} is a pretrained tag of {', '.join(owners)}: set phi to the "
+                            "architecture (e.g. --phi " + owners[0] + "); phi='auto' cannot pick among them")
+        return Located(Path(text), phi)
+    get_config(phi)  # an unknown phi is the mistake to report, not the tag
+    row = PRETRAINED.get((architecture_of(phi), tag))
+    if row is None:
+        known = tags_of(phi)
+        raise UserError(f"model_path {text!r} is neither a file nor a pretrained tag of phi={phi}; "
+                        + (f"its tags: {', '.join(known)}" if known else
+                           "this phi has no pretrained weights by name (README, 'Weights')"))
+    phi = phi_with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
+    try:
+        if row.source.startswith("hf-hub:"):
+            return Located(_hub_weights(row.source[len("hf-hub:"):]), phi)
+        return Located(fetch_url(row.source, row.sha256, use_mirror=True), phi)
+    except DownloadError as e:
+        raise DownloadError(f"{row.architecture} {row.tag}: {e}") from e
+
+
+def _split_hub(spec: str) -> tuple[str, str, str | None]:
+    spec, _, revision = spec.partition("@")
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"hf-hub:{spec} is not a hub repo; write hf-hub:ORG/NAME (optionally /FILE and @REVISION)")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+
+
+def _fetch_first(repo: str, names, revision: str | None) -> Path | None:
+    return next((path for name in names if (path := fetch_hub(repo, name, revision)) is not None), None)
+
+
+def _hub_weights(spec: str) -> Path:
+    """The weight file (open_clip layout, its config beside it) or the transformers folder of a hub repo."""
+    repo, filename, revision = _split_hub(spec)
+    if filename:
+        path = fetch_hub(repo, filename, revision)
+        if path is None:
+            raise UserError(f"hub repo {repo} has no file {filename}")
+        return path
+    if fetch_hub(repo, "open_clip_config.json", revision) is not None:
+        weights = _fetch_first(repo, OPEN_CLIP_FILES, revision)
+        if weights is None:
+            raise UserError(f"hub repo {repo} has open_clip_config.json but neither {' nor '.join(OPEN_CLIP_FILES)}")
+        return weights
+    if fetch_hub(repo, "config.json", revision) is not None:
+        weights = _fetch_first(repo, TRANSFORMERS_FILES, revision)
+        if weights is None:
+            raise UserError(f"hub repo {repo} has config.json but none of {', '.join(TRANSFORMERS_FILES)}")
+        if weights.name.endswith(".index.json"):
+            for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+                fetch_hub(repo, shard, revision)
+        return weights.parent
+    raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json (transformers); "
+                    "name the weight file: hf-hub:ORG/NAME/FILE")
