@@ -14,6 +14,7 @@ from PIL import Image
 
 from datasets.make_toy import make_toy_dataset
 from tests.conftest import run_script
+from utils.errors import UserError
 from utils.eval.curate import duplicate_groups, nearest
 from utils.preflight import read_annotations
 
@@ -51,8 +52,13 @@ def data(tmp_path_factory, tiny_weights):
             scores.append((F.normalize(text_features.float(), dim=-1) @ image_features[0]).tolist())
         return torch.stack(images), scores
 
-    train_images, train_scores = encode(train)
-    val_images, _ = encode(val)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script runs below: on a busy machine more threads only contend
+    try:
+        train_images, train_scores = encode(train)
+        val_images, _ = encode(val)
+    finally:
+        torch.set_num_threads(threads)
     return dict(root=root, train=train, val=val, images=train_images, scores=train_scores, val_images=val_images)
 
 
@@ -215,6 +221,9 @@ def test_tiled_search_equals_the_full_matrix():
     expected = sorted(m for m in components.values() if len(m) > 1)
     assert [2, 5, 17] in expected and [3, 10, 21] in expected
     assert duplicate_groups(features, threshold, tile=4) == expected == duplicate_groups(features, threshold)
+
+    with pytest.raises(UserError, match="dup_threshold -1 makes over 23 pairs of the 23 images near-duplicates"):
+        duplicate_groups(features, -1, pairs_per_image=1)  # all 253 pairs at -1
 
     queries, keys = F.normalize(torch.randn(7, 8), dim=-1), F.normalize(torch.randn(11, 8), dim=-1)
     value, index = nearest(queries, keys, tile=3)

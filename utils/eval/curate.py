@@ -52,10 +52,10 @@ def near_duplicate_pairs(features: torch.Tensor, threshold: float, tile: int = T
             yield from zip(i[i < j].tolist(), j[i < j].tolist())
 
 
-def duplicate_groups(features: torch.Tensor, threshold: float, tile: int = TILE) -> list[list[int]]:
-    """Groups (two or more row indices, ascending; groups ordered by their first) of images joined by chains of
-    near-duplicate pairs: the connected parts of the graph "cosine similarity above threshold"."""
-    parent = list(range(len(features)))
+def groups_of(n: int, pairs) -> list[list[int]]:
+    """The connected parts with two or more of `n` items joined by `pairs` (i, j): ascending indices, groups
+    ordered by their first."""
+    parent = list(range(n))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -63,14 +63,34 @@ def duplicate_groups(features: torch.Tensor, threshold: float, tile: int = TILE)
             i = parent[i]
         return i
 
-    for i, j in near_duplicate_pairs(features, threshold, tile):
+    for i, j in pairs:
         a, b = root(i), root(j)
         if a != b:
-            parent[max(a, b)] = min(a, b)  # the root is the group's first image
+            parent[max(a, b)] = min(a, b)  # the root is the group's first item
     groups: dict[int, list[int]] = {}
-    for i in range(len(features)):
+    for i in range(n):
         groups.setdefault(root(i), []).append(i)
     return [members for _, members in sorted(groups.items()) if len(members) > 1]
+
+
+def duplicate_groups(features: torch.Tensor, threshold: float, tile: int = TILE,
+                     pairs_per_image: int = 100) -> list[list[int]]:
+    """Groups of images joined by chains of near-duplicate pairs (cosine similarity above `threshold`).
+
+    Stops with a UserError past `pairs_per_image` pairs per image on average: a model that cannot tell the images
+    apart at this threshold (random weights, or a threshold far too low) would otherwise join N^2 / 2 pairs, one
+    by one."""
+    limit = pairs_per_image * len(features)
+
+    def counted():
+        for count, pair in enumerate(near_duplicate_pairs(features, threshold, tile), start=1):
+            if count > limit:
+                raise UserError(f"dup_threshold {threshold:g} makes over {limit} pairs of the {len(features)} images "
+                                "near-duplicates: at this threshold the model does not tell them apart. Raise "
+                                "dup_threshold (or check model_path), or set duplicates off")
+            yield pair
+
+    return groups_of(len(features), counted())
 
 
 def nearest(queries: torch.Tensor, keys: torch.Tensor, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
