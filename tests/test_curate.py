@@ -16,7 +16,7 @@ from datasets.make_toy import make_toy_dataset
 from tests.conftest import run_script
 from utils.errors import UserError
 from utils.eval.curate import duplicate_groups, nearest
-from utils.preflight import read_annotations
+from utils.data.preflight import read_annotations
 
 COPY, ORIGINAL = "train/copy.jpg", "train/000002.jpg"  # an exact copy in the training set
 RESIZED, LEAKED = "val/resized.jpg", "train/000004.jpg"  # a val image that is the train image at 0.8x

@@ -10,13 +10,13 @@ from typing import Sequence
 
 import torch
 
-from utils.checkpoint import atomic_savefig, atomic_write_bytes, check_writable
+from clip import CLIP
+from utils.data.preflight import preflight
+from utils.data.sources.stream import is_shard_source
 from utils.device import loader_workers
 from utils.errors import UserError
-from utils.eval_run import load_clip
-from utils.evaluation import caption_index, encode_captions, encode_images
-from utils.preflight import preflight
-from utils.sources.stream import is_shard_source
+from utils.eval.encode import caption_index, encode_captions, encode_images
+from utils.files import atomic_savefig, atomic_write_bytes, check_writable
 
 DUPLICATE_MODES = ("drop", "list", "off")
 CAPTION_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -212,7 +212,7 @@ def run_curate(cfg: dict) -> dict:
     against = preflight(cfg["against"], against_root, cfg["num_workers"], cfg["skip_bad_samples"],
                         columns=columns) if cfg["against"] else []
     started = time.time()
-    clip = load_clip(cfg)
+    clip = CLIP.from_config(cfg)
 
     def images_of(items: Sequence[dict], folder: Path) -> torch.Tensor:
         return encode_images(clip.net, items, folder, clip.transform, cfg["batch_size"], cfg["num_workers"],
