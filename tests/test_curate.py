@@ -181,6 +181,7 @@ def test_existing_outputs_are_refused_before_any_work(run, tmp_path):
     (("--dup_threshold", "1.5"), "--dup_threshold must be a cosine similarity, from -1 to 1"),
     (("--input", "shards/{00000..00002}.tar"), "names WebDataset shards"),
     (("--output", "kept.txt"), "must end in .json, .jsonl, .csv, .tsv"),
+    (("--against", "val_missing.json"), "against 'val_missing.json' is not a file; point --against at a caption"),
 ])
 def test_bad_settings_are_one_line(run, tmp_path, extra, message):
     result = run(tmp_path / "kept.json", *extra, model_path=tmp_path / "missing.pth")

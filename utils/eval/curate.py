@@ -180,6 +180,9 @@ def check_settings(cfg: dict) -> dict[str, Path]:
         if cfg[name] and is_shard_source(cfg[name]):
             raise UserError(f"{name} {cfg[name]} names WebDataset shards; curate reads caption files: write them as "
                             "one with datasets/convert.py --source wds first")
+        if (cfg[name] or name == "input") and not Path(cfg[name]).is_file():
+            raise UserError(f"{name} {cfg[name]!r} is not a file; point --{name} at a caption file (.json, .jsonl, "
+                            ".csv or .tsv)")
     output = Path(cfg["output"])
     if output.suffix.lower() not in CAPTION_SUFFIXES:
         raise UserError(f"output {output} must end in {', '.join(CAPTION_SUFFIXES)} (the caption format to write)")
