@@ -4,8 +4,9 @@ and list validation images that leak from the training set.
     python datasets/curate.py --datasets_path datasets/flickr8k --input datasets/flickr8k/flickr8k_train.json \
         --output datasets/flickr8k/flickr8k_train_kept.json --against datasets/flickr8k/flickr8k_val.json
 
-Writes the kept entries to `output` and, beside it, <output>_scores.csv (every pair's score), <output>_scores.png
-(their histogram), <output>_duplicates.json (near-duplicate groups) and, with `against`, <output>_leakage.csv.
+Writes the kept entries to `output` (kept.json) and, beside it, kept_scores.csv (every pair's score),
+kept_scores.png (their histogram), kept_duplicates.json (near-duplicate groups) and, with `against`,
+kept_leakage.csv (val images with a near-duplicate in the input).
 Every variable below is also a --flag of the same name; --help lists them. README, "Curate a dataset".
 """
 import sys
