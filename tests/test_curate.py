@@ -98,7 +98,8 @@ def test_kept_set_equals_the_scores_computed_directly(data, run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "kept.json").read_text()) == expected
     rows = _rows(tmp_path / "kept_scores.csv")
-    direct = [(e["image"], c, s) for e, scores in zip(data["train"], data["scores"]) for c, s in zip(e["caption"], scores)]
+    direct = [(e["image"], c, s)
+              for e, scores in zip(data["train"], data["scores"]) for c, s in zip(e["caption"], scores)]
     assert [(r["image"], r["caption"]) for r in rows] == [(image, c) for image, c, _ in direct]
     for row, (_, _, score) in zip(rows, direct):
         assert float(row["score"]) == pytest.approx(score, abs=1e-5)
@@ -157,7 +158,8 @@ def test_a_val_image_resized_from_a_train_image_is_listed_as_leakage(data, run, 
 def test_caption_files_in_other_formats_are_read_and_written(data, run, tmp_path):
     table = tmp_path / "train.csv"
     with table.open("w", newline="") as f:
-        csv.writer(f).writerows([("filepath", "title"), *((e["image"], c) for e in data["train"] for c in e["caption"])])
+        csv.writer(f).writerows([("filepath", "title"),
+                                 *((e["image"], c) for e in data["train"] for c in e["caption"])])
     result = run(tmp_path / "kept.tsv", "--input", table, "--min_clip_score", -1, "--duplicates", "off")
     assert result.returncode == 0, result.stderr
     assert read_annotations(tmp_path / "kept.tsv") == data["train"]

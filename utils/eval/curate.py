@@ -109,9 +109,9 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, tile: int = TILE) -> tupl
 
 def curate(entries: Sequence[dict], scores: torch.Tensor, min_clip_score: float,
            groups: Sequence[Sequence[int]], drop_duplicates: bool) -> tuple[dict[int, dict], list[str]]:
-    """({entry index: kept entry}, why each caption was dropped: "" for kept). A caption stays when its score is at least
-    `min_clip_score`; an image with none left goes; of each group, only the first image in file order that still
-    has a caption stays when `drop_duplicates`."""
+    """({entry index: kept entry}, why each caption was dropped: "" for kept). A caption stays when its score is
+    at least `min_clip_score`; an image with none left goes; of each group, only the first image in file order
+    that still has a caption stays when `drop_duplicates`."""
     _, _, img2txt = caption_index(entries)
     passing = (scores >= min_clip_score).tolist()
     why = ["" if ok else "score" for ok in passing]
