@@ -12,8 +12,8 @@ planted copy.
 Faults (through datasets/curate.py itself): on the toy val split, the captions of every tenth image are swapped
 for another image's; prints how well the scores tell true from swapped captions (ROC AUC, medians) and what
 min_clip_score at the 5th percentile of the true captions keeps. Then the first 1000 train images are the input
-and the val split plus 0.8x copies of 25 train images the `against` set: prints how many copies are found as
-leaks at dup_threshold, and how many val images are listed that are not copies.
+and the val split plus 0.8x copies of 25 train images the `against` set: prints each group's similarity to its
+nearest train image, and how many copies and other val images are listed at --threshold.
 """
 from __future__ import annotations
 
@@ -94,15 +94,19 @@ def faults(model_path: str, toy: Path, dup_threshold: float) -> None:
                 copied[name] = entry["image"]
         (work / "train.json").write_text(json.dumps(train))
         (work / "against.json").write_text(json.dumps(val + [{"image": n, "caption": ["x"]} for n in copied]))
+        # dup_threshold -1 lists every against image with its nearest input image: the whole distribution.
         curate(model_path, work, work / "train.json", work / "kept.json", "--min_clip_score", "-1",
-               "--dup_threshold", str(dup_threshold), "--against", str(work / "against.json"))
-        leaks = list(csv.DictReader((work / "kept_leakage.csv").read_text().splitlines()))
-        found = sum(copied.get(r["against_image"]) == r["input_image"] for r in leaks)
-        groups = json.loads((work / "kept_duplicates.json").read_text())
-        print(f"leakage at dup_threshold {dup_threshold:g}: {found} of {len(copied)} 0.8x copies found, "
-              f"{sum(r['against_image'] not in copied for r in leaks)} of {len(val)} val images listed that are not "
-              f"copies; {len(groups)} near-duplicate groups ({sum(len(g) - 1 for g in groups)} images) among "
-              f"{len(train)} distinct train scenes")
+               "--duplicates", "off", "--dup_threshold", "-1", "--against", str(work / "against.json"))
+        nearest = list(csv.DictReader((work / "kept_leakage.csv").read_text().splitlines()))
+        copies = [float(r["similarity"]) for r in nearest if r["against_image"] in copied]
+        others = [float(r["similarity"]) for r in nearest if r["against_image"] not in copied]
+        matched = sum(copied.get(r["against_image"]) == r["input_image"] for r in nearest)
+        print(f"leakage, {len(train)} train images vs {len(val)} val images + {len(copied)} 0.8x copies of train "
+              f"images: {matched} copies have their original as nearest train image; similarity to the nearest, "
+              f"copies {min(copies):.4f} min / {np.median(copies):.4f} median, val images {np.median(others):.4f} "
+              f"median / {max(others):.4f} max; at dup_threshold {dup_threshold:g}: "
+              f"{sum(c > dup_threshold for c in copies)} copies found, "
+              f"{sum(o > dup_threshold for o in others)} val images listed")
 
 
 def main() -> None:
