@@ -146,11 +146,17 @@ def test_a_val_image_resized_from_a_train_image_is_listed_as_leakage(data, run, 
     # The resized copy is detected by its similarity, not by a threshold that lets everything through.
     threshold = _between(similarity.max().item(), copy_similarity, "resized copy vs other pairs")
 
+    # The val set in a folder of its own (against_datasets_path), as a separate download would be: its paths
+    # exist only there.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data["root"] / "val", elsewhere / "held_out")
+    (elsewhere / "val.json").write_text(json.dumps([{**e, "image": e["image"].replace("val/", "held_out/")}
+                                                    for e in data["val"]]))
     result = run(tmp_path / "kept.json", "--min_clip_score", -1, "--dup_threshold", threshold,
-                 "--against", data["root"] / "val.json")
+                 "--against", elsewhere / "val.json", "--against_datasets_path", elsewhere)
     assert result.returncode == 0, result.stderr
     rows = _rows(tmp_path / "kept_leakage.csv")
-    assert [(r["against_image"], r["input_image"]) for r in rows] == [(RESIZED, LEAKED)]
+    assert [(r["against_image"], r["input_image"]) for r in rows] == [(RESIZED.replace("val/", "held_out/"), LEAKED)]
     assert float(rows[0]["similarity"]) == pytest.approx(copy_similarity, abs=1e-5)
     assert f"leakage: 1 of {len(data['val'])} images of" in result.stdout
 
