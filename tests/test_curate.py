@@ -248,3 +248,7 @@ def test_a_group_keeps_its_first_image_that_still_has_a_caption():
     kept, why = curate(entries, scores, 0.3, [[0, 1, 2]], drop_duplicates=True)
     assert kept == {1: {"image": "b", "caption": ["x"]}, 3: {"image": "d", "caption": ["y"]}}
     assert why == ["score", "score", "", "score", "duplicate of b", "duplicate of b", "score", ""]
+    # "At least": a score equal to min_clip_score stays.
+    kept, _ = curate(entries, scores, 0.5, [], drop_duplicates=False)
+    assert kept == {1: {"image": "b", "caption": ["x"]}, 2: {"image": "c", "caption": ["x", "y"]},
+                    3: {"image": "d", "caption": ["y"]}}
