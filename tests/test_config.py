@@ -12,7 +12,7 @@ from utils.config import config_block, config_comments, parse_config, parse_over
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train.py", "predict.py", "eval.py", "datasets/convert.py")
+SCRIPTS = ("train.py", "predict.py", "eval.py", "datasets/convert.py", "datasets/curate.py")
 CONFIG = {"Cuda": True, "batch_size": 64, "Init_lr": 1e-4, "phi": "openai/VIT-B-32", "precision": None,
           "num_workers": None, "captions": ["a dog", "a cat"], "input_shape": [224, 224]}
 
