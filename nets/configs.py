@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
@@ -20,6 +21,22 @@ from utils.errors import UserError
 TEXT_KINDS = ("openai", "bert-pooler", "bert-cls")
 
 
+# MLP activations of the OpenAI-style towers: OpenAI trained with QuickGELU (x * sigmoid(1.702 x)); LAION,
+# DataComp and most other open_clip weights with exact GELU. Same keys and shapes, different features.
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    # open_clip truncates (int(width * mlp_ratio)): ViT-g-14's 1408 x 4.3637 is 6144, bigG's 1664 x 4.9231 is 8192.
+    return int(width * mlp_ratio)
+
+
+def mlp_ratio_of(width: int, hidden: int) -> float:
+    """A ratio whose `mlp_width` is exactly `hidden` (hidden / width may land one ulp below it)."""
+    ratio = hidden / width
+    return ratio if mlp_width(width, ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int
@@ -27,6 +44,12 @@ class VisionConfig:
     width: int
     layers: int
     heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+
+    @property
+    def mlp_width(self) -> int:
+        return mlp_width(self.width, self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,9 @@ class TextConfig:
     width: int
     layers: int
     heads: int
+    # OpenAI tower only; BERT towers take intermediate_size and BERT's own GELU.
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
     # BERT-only sizes; unused by the OpenAI tower.
     intermediate_size: int = 0
     max_position_embeddings: int = 0
@@ -49,6 +75,10 @@ class TextConfig:
     @property
     def is_bert(self) -> bool:
         return self.kind.startswith("bert")
+
+    @property
+    def mlp_width(self) -> int:
+        return mlp_width(self.width, self.mlp_ratio)
 
 
 @dataclass(frozen=True)

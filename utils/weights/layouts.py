@@ -136,16 +136,16 @@ def transformers_config(config):
     import transformers
 
     v, t = config.vision, config.text
-    vision = dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_width, num_hidden_layers=v.layers,
                   num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                  hidden_act="quick_gelu")
+                  hidden_act=v.activation)
     if t.is_bert:
         from nets.text_bert import bert_config
 
         return transformers.ChineseCLIPConfig(text_config=bert_config(t).to_dict(), vision_config=vision,
                                               projection_dim=config.embed_dim)
     # EOT is the largest id, so transformers' first-EOS pooling picks the same token as OpenAI's argmax.
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
-                hidden_act="quick_gelu", bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1)
+                hidden_act=t.activation, bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1)
     return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.embed_dim)
