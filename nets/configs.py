@@ -279,6 +279,13 @@ def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
         and _tower_key(a.text) == _tower_key(b.text)
 
 
+def same_shapes(a: CLIPConfig, b: CLIPConfig) -> bool:
+    """Equal tensor shapes: what a state dict shows; heads and activation aside."""
+    return a.embed_dim == b.embed_dim and all(_tower_key(x, heads=False, activation=False) ==
+                                              _tower_key(y, heads=False, activation=False)
+                                              for x, y in ((a.vision, b.vision), (a.text, b.text)))
+
+
 def phi_of(config: CLIPConfig) -> str | None:
     """The first table name that builds the same network as `config`, or None for a custom architecture."""
     return next((phi for phi in MODEL_CONFIGS if same_architecture(get_config(phi), config)), None)
