@@ -7,6 +7,8 @@ import torch
 from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS, OPEN_CLIP_VITS, from_open_clip, unsupported_open_clip_settings, with_activation
 from tests.conftest import random_tokens
+from utils.weights.arch import save_weights
+from utils.weights.load import load_model, read_checkpoint, resolve
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -136,3 +138,29 @@ def test_big_models_have_open_clip_parameter_names_and_shapes(name):
         theirs = open_clip.create_model(name, device="meta").state_dict()
         ours = build_model(get_config(name)).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_laion_style_gelu_vit_b_32_file_loads_by_name_within_1e_4_and_auto_names_that_phi(tmp_path):
+    # LAION's, DataComp's and most open_clip weights: OpenAI's keys and shapes, exact GELU.
+    reference = _open_clip_model(_open_clip_json("ViT-B-32"))
+    path = tmp_path / "laion.pth"
+    torch.save(reference.state_dict(), path)
+    checkpoint = read_checkpoint(path)
+    config, phi, notes = resolve(checkpoint, "auto")  # a bare state dict cannot show its activation
+    assert phi == "openai/VIT-B-32" and len(notes) == 1 and "phi='ViT-B-32'" in notes[0]
+    model, phi = load_model(path, "ViT-B-32")
+    assert phi == "ViT-B-32" and model.config.vision.activation == "gelu"
+    for a, b in zip(_features(model.eval(), model.config), _features(reference, model.config)):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_weight_files_saved_here_load_strictly_with_open_clips_load_checkpoint(tmp_path):
+    cfg = SMALL_OPEN_CLIP["gelu-head32-mlp2.5"]
+    config = from_open_clip(cfg)
+    torch.manual_seed(0)
+    ours = build_model(config).eval()
+    save_weights(ours.state_dict(), tmp_path / "last_epoch_weights.pth", config, "custom")
+    theirs = open_clip.model.CLIP(**cfg).eval()
+    assert not open_clip.load_checkpoint(theirs, str(tmp_path / "last_epoch_weights.pth"), strict=True).missing_keys
+    for a, b in zip(_features(ours, config), _features(theirs, config)):
+        assert (a - b).abs().max() < 1e-4
