@@ -1,8 +1,5 @@
-"""Model table: every `phi` is a row of data, turned into dataclasses here.
-
-`infer_config` reads the same sizes back from a state dict in OpenAI's key layout, which is how
-`phi="auto"` and checkpoints of unknown origin are built without guessing.
-"""
+"""Model table: every `phi` is a row of data (this project's, and open_clip's OpenAI-architecture ViTs), turned
+into dataclasses here; `from_open_clip` reads open_clip's configs, `infer_config` a bare state dict's shapes."""
 from __future__ import annotations
 
 import math
@@ -187,12 +184,12 @@ _OPEN_CLIP_TEXT = dict(hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kw
                        proj_bias=False, proj_type="linear", output_tokens=False, act_kwargs=None, norm_kwargs=None,
                        block_type=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
                        scale_attn_inner=False, scale_attn=False, scale_fc=False, hf_model_name=None)
-_OPEN_CLIP_TOP = dict(custom_text=False, init_logit_bias=None, multimodal_cfg=None)
-# Settings that change training only (dropout, the init of the temperature, the caster): any value is exact.
-_OPEN_CLIP_TRAINING = {"patch_dropout", "attn_pooler_queries", "attn_pooler_heads", "eos_id", "init_logit_scale",
+_OPEN_CLIP_TOP = dict(custom_text=False, init_logit_bias=None, multimodal_cfg=None, nonscalar_logit_scale=False)
+# Any value is exact: these act in training only (patch dropout, the temperature's start), or only together with
+# a setting refused above (timm_*, hf_*, the attentional pooler's, EOS pooling's id).
+_OPEN_CLIP_TRAINING = {"patch_dropout", "init_logit_scale", "attn_pooler_queries", "attn_pooler_heads", "eos_id",
                        "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
-                       "timm_drop_path", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "cast_dtype",
-                       "nonscalar_logit_scale"}
+                       "timm_drop_path", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
 _OPEN_CLIP_SIZES = {"vision": {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"},
                     "text": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"},
                     "top": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}}

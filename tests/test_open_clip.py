@@ -1,12 +1,15 @@
 """The table against open_clip 3.3 (a test reference): its JSON configs, its features, its parameter shapes."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS, OPEN_CLIP_VITS, from_open_clip, unsupported_open_clip_settings, with_activation
 from tests.conftest import random_tokens
+from utils.errors import UserError
 from utils.weights.arch import save_weights
 from utils.weights.load import load_model, read_checkpoint, resolve
 
@@ -164,3 +167,22 @@ def test_weight_files_saved_here_load_strictly_with_open_clips_load_checkpoint(t
     assert not open_clip.load_checkpoint(theirs, str(tmp_path / "last_epoch_weights.pth"), strict=True).missing_keys
     for a, b in zip(_features(ours, config), _features(theirs, config)):
         assert (a - b).abs().max() < 1e-4
+
+
+def test_open_clip_hub_folder_loads_with_auto_from_its_config_within_1e_4(tmp_path):
+    cfg = SMALL_OPEN_CLIP["quickgelu-head48-mlp4.3637"]
+    reference = _open_clip_model(cfg)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    # The layout open_clip's push_to_hub writes and hf-hub: names load.
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    for path in (folder, folder / "open_clip_pytorch_model.bin"):
+        model, phi = load_model(path, "auto")
+        assert phi == "custom" and model.config == from_open_clip(cfg)
+        for a, b in zip(_features(model.eval(), model.config), _features(reference, model.config)):
+            assert (a - b).abs().max() < 1e-4
+    layer_scale = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "ls_init_value": 1e-5}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": layer_scale}))
+    with pytest.raises(UserError, match="open_clip_config.json: open_clip config sets vision_cfg.ls_init_value"):
+        load_model(folder, "auto")
