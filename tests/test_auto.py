@@ -10,12 +10,13 @@ import transformers
 from torch import nn
 
 from nets import MODEL_CONFIGS, build_model, get_config
-from nets.configs import with_activation
+from nets.configs import phi_of, same_architecture, with_activation
 from tests.conftest import SMALL, random_tokens
 from tests.test_models import bert_tokens
 from tests.test_training import toy, train, train_args  # noqa: F401  (toy is a fixture)
 from utils.errors import UserError
 from utils.weights.arch import arch_path, write_arch
+from utils.weights.layouts import config_from_transformers, transformers_config
 from utils.weights.load import load_model, read_checkpoint, resolve
 
 TOL = 1e-4
@@ -86,11 +87,12 @@ def test_a_named_phi_that_the_config_contradicts_is_refused(tmp_path):
     assert phi == "custom" and model.config == gelu
 
 
-def test_a_bare_state_dict_loads_as_quickgelu_and_says_so_in_one_line(tiny_weights, capsys):
-    model, phi = load_model(tiny_weights, "auto")
+def test_a_bare_state_dict_loads_as_quickgelu_and_says_so_in_one_line(tmp_path, capsys):
+    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), tmp_path / "tiny.pth")
+    model, phi = load_model(tmp_path / "tiny.pth", "auto")
     assert phi == "tiny/VIT-T-8" and model.config.vision.activation == "quick_gelu"
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "QuickGELU" in out[0] and "tiny.pth.json" in out[0]  # no GELU twin in the table
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "QuickGELU" in err[0] and "tiny.pth.json" in err[0]  # no GELU twin in the table
 
 
 def test_heads_that_no_table_row_or_record_knows_are_refused_in_one_line(tmp_path):
@@ -108,7 +110,7 @@ def test_a_record_for_other_bytes_is_ignored(tmp_path, capsys):
     write_arch(path, with_activation(tiny, "gelu"))
     torch.save({k: v.half() for k, v in build_model(tiny).state_dict().items()}, path)  # replaced by hand
     assert read_checkpoint(path).config is None
-    assert "the record is ignored" in capsys.readouterr().out
+    assert "the record is ignored" in capsys.readouterr().err
 
 
 def test_training_weights_carry_their_architecture_and_load_with_auto_exactly(toy, tmp_path, monkeypatch, capsys):
@@ -141,3 +143,10 @@ def test_a_record_written_by_hand_without_bytes_is_read(tmp_path):
     arch_path(path).write_text(json.dumps(record))
     model, phi = load_model(path, "auto")
     assert phi == "custom" and model.config == SMALL
+
+
+@pytest.mark.parametrize("phi", ["ViT-bigG-14", "ViT-g-14-quickgelu", "ViT-H-14", "openai/VIT-B-32", "cn-clip/VIT-B-16"])
+def test_transformers_config_round_trips_heads_mlp_and_activation(phi):
+    config = get_config(phi)
+    back = config_from_transformers(transformers_config(config).to_dict())
+    assert same_architecture(back, config) and phi_of(back) == phi_of(config)

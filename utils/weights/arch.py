@@ -7,6 +7,7 @@ The weight file itself stays a plain OpenAI-key state dict, byte for byte what `
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from nets.configs import CLIPConfig
@@ -60,7 +61,7 @@ def read_arch(path: str | Path) -> tuple[CLIPConfig, str] | None:
         return None  # someone else's JSON that happens to share the name
     if "bytes" in record and record["bytes"] != path.stat().st_size:
         print(f"{record_path} records a file of {record.get('bytes')} bytes, but {path.name} has "
-              f"{path.stat().st_size}: the weights were replaced, so the record is ignored")
+              f"{path.stat().st_size}: the weights were replaced, so the record is ignored", file=sys.stderr)
         return None
     try:
         return CLIPConfig.from_dict(record["clip"]), str(record_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -220,7 +221,7 @@ def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     checkpoint = read_checkpoint(model_path)
     config, phi, notes = resolve(checkpoint, phi)
     for line in notes:
-        print(line)
+        print(line, file=sys.stderr)
     model = build_model(config)
     load_into(model, checkpoint, phi)
     return model.float(), phi
