@@ -276,11 +276,18 @@ def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
         and _tower_key(a.text) == _tower_key(b.text)
 
 
-def same_shapes(a: CLIPConfig, b: CLIPConfig) -> bool:
-    """Equal tensor shapes: what a state dict shows; heads and activation aside."""
-    return a.embed_dim == b.embed_dim and all(_tower_key(x, heads=False, activation=False) ==
-                                              _tower_key(y, heads=False, activation=False)
-                                              for x, y in ((a.vision, b.vision), (a.text, b.text)))
+def architecture_differences(a: CLIPConfig, b: CLIPConfig) -> list[str]:
+    """Where towers with the same tensor shapes build different networks (heads, activation): weights of one load
+    into the other without an error and compute something else."""
+    found = []
+    for name, x, y in (("image", a.vision, b.vision), ("text", a.text, b.text)):
+        if _tower_key(x, heads=False, activation=False) != _tower_key(y, heads=False, activation=False):
+            continue  # different shapes: the state dict check names them
+        if x.heads != y.heads:
+            found.append(f"{name} heads {x.heads} vs {y.heads}")
+        if not (isinstance(x, TextConfig) and x.is_bert) and x.activation != y.activation:
+            found.append(f"{name} activation {x.activation} vs {y.activation}")
+    return found
 
 
 def phi_of(config: CLIPConfig) -> str | None:

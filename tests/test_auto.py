@@ -17,7 +17,7 @@ from tests.test_training import toy, train, train_args  # noqa: F401  (toy is a 
 from utils.errors import UserError
 from utils.weights.arch import arch_path, write_arch
 from utils.weights.layouts import config_from_transformers, transformers_config
-from utils.weights.load import load_model, read_checkpoint, resolve
+from utils.weights.load import init_model, load_model, read_checkpoint, resolve
 
 TOL = 1e-4
 
@@ -150,3 +150,12 @@ def test_transformers_config_round_trips_heads_mlp_and_activation(phi):
     config = get_config(phi)
     back = config_from_transformers(transformers_config(config).to_dict())
     assert same_architecture(back, config) and phi_of(back) == phi_of(config)
+
+
+def test_an_image_tower_taken_alone_is_checked_against_the_record_too(tmp_path):
+    # tiny-cn takes only the image tower of an OpenAI-text checkpoint (with BERT for text): it must be QuickGELU.
+    gelu = with_activation(get_config("tiny/VIT-T-8"), "gelu")
+    torch.save(build_model(gelu).state_dict(), tmp_path / "w.pth")
+    write_arch(tmp_path / "w.pth", gelu)
+    with pytest.raises(UserError, match="image activation quick_gelu vs gelu"):
+        init_model("tiny-cn/VIT-T-8", tmp_path / "w.pth", bert_path=tmp_path / "bert")

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from nets.clip import CLIP, build_model
-from nets.configs import (CLIPConfig, from_open_clip, get_config, infer_config, phi_of, same_architecture,
-                          same_shapes, with_activation)
+from nets.configs import (CLIPConfig, architecture_differences, from_open_clip, get_config, infer_config, phi_of,
+                          with_activation)
 
 from utils.errors import UserError
 from utils.weights.arch import arch_path, read_arch
@@ -152,17 +152,6 @@ def _activation_note(checkpoint: Checkpoint, config: CLIPConfig, phi: str) -> st
             f"open_clip tags) {fix}")
 
 
-def _differences(a: CLIPConfig, b: CLIPConfig) -> str:
-    parts = []
-    for tower, name in ((a.vision, "image"), (a.text, "text")):
-        other = b.vision if name == "image" else b.text
-        if tower.heads != other.heads:
-            parts.append(f"{name} heads {tower.heads} vs {other.heads}")
-        if tower.activation != other.activation and not (name == "text" and tower.is_bert):
-            parts.append(f"{name} activation {tower.activation} vs {other.activation}")
-    return ", ".join(parts) or "training settings"
-
-
 def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str]]:
     """(config, phi, lines to show) for a checkpoint loaded as `phi`, or as its own architecture for 'auto'.
 
@@ -176,10 +165,11 @@ def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str
         return config, phi, [] if checkpoint.config is not None else [_activation_note(checkpoint, config, phi)]
     config = get_config(phi)
     recorded = checkpoint.config
-    if recorded is not None and same_shapes(config, recorded) and not same_architecture(config, recorded):
+    # Per tower: self-cn takes only the image tower of a checkpoint whose text tower is another kind.
+    if recorded is not None and (differences := architecture_differences(config, recorded)):
         fit = phi_of(recorded)
         raise UserError(f"phi={phi!r} does not match {checkpoint.config_source}, which records the same sizes with "
-                        f"another network ({_differences(config, recorded)}); pass "
+                        f"another network ({', '.join(differences)}); pass "
                         + (f"phi={fit!r} or phi='auto'" if fit else "phi='auto'"))
     return config, phi, []
 
