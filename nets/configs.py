@@ -1,12 +1,10 @@
-"""Model table: every `phi` is a row of data, turned into dataclasses here.
-
-`infer_config` reads the same sizes back from a state dict in OpenAI's key layout, which is how
-`phi="auto"` and checkpoints of unknown origin are built without guessing.
-"""
+"""Model table: every `phi` is a row of data (this project's, and open_clip's OpenAI-architecture ViTs), turned
+into dataclasses here; `from_open_clip` reads open_clip's configs, `infer_config` a bare state dict's shapes."""
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping
 
 import torch
@@ -20,6 +18,22 @@ from utils.errors import UserError
 TEXT_KINDS = ("openai", "bert-pooler", "bert-cls")
 
 
+# MLP activations of the OpenAI-style towers: OpenAI trained with QuickGELU (x * sigmoid(1.702 x)); LAION,
+# DataComp and most other open_clip weights with exact GELU. Same keys and shapes, different features.
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    # open_clip truncates (int(width * mlp_ratio)): ViT-g-14's 1408 x 4.3637 is 6144, bigG's 1664 x 4.9231 is 8192.
+    return int(width * mlp_ratio)
+
+
+def mlp_ratio_of(width: int, hidden: int) -> float:
+    """A ratio whose `mlp_width` is exactly `hidden` (hidden / width may land one ulp below it)."""
+    ratio = hidden / width
+    return ratio if mlp_width(width, ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int
@@ -27,6 +41,12 @@ class VisionConfig:
     width: int
     layers: int
     heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+
+    @property
+    def mlp_width(self) -> int:
+        return mlp_width(self.width, self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,9 @@ class TextConfig:
     width: int
     layers: int
     heads: int
+    # OpenAI tower only; BERT towers take intermediate_size and BERT's own GELU.
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
     # BERT-only sizes; unused by the OpenAI tower.
     intermediate_size: int = 0
     max_position_embeddings: int = 0
@@ -49,6 +72,10 @@ class TextConfig:
     @property
     def is_bert(self) -> bool:
         return self.kind.startswith("bert")
+
+    @property
+    def mlp_width(self) -> int:
+        return mlp_width(self.width, self.mlp_ratio)
 
 
 @dataclass(frozen=True)
@@ -97,21 +124,180 @@ MODEL_CONFIGS: dict[str, dict] = {
                                       type_vocab_size=2, dropout=0.0, initializer_range=0.05)),
 }
 
+# open_clip 3.3's configs whose towers are OpenAI's ViT and causal text transformer, as its model_configs
+# JSON gives them: name -> (embed_dim, (image size, patch, width, layers, head width, MLP ratio),
+# (text width, heads, layers)); context 77 and vocabulary 49408 throughout. Each is two phis: open_clip's name
+# with exact GELU, as open_clip builds it, and `<name>-quickgelu` with OpenAI's activation.
+OPEN_CLIP_VITS: dict[str, tuple] = {
+    "ViT-S-32": (384, (224, 32, 384, 12, 64, 4.0), (384, 6, 12)),
+    "ViT-S-32-alt": (256, (224, 32, 384, 12, 64, 4.0), (256, 4, 10)),
+    "ViT-S-16": (384, (224, 16, 384, 12, 64, 4.0), (384, 6, 12)),
+    "ViT-S-16-alt": (256, (224, 16, 384, 12, 64, 4.0), (256, 4, 10)),
+    "ViT-M-32": (512, (224, 32, 512, 12, 64, 4.0), (512, 8, 12)),
+    "ViT-M-32-alt": (384, (224, 32, 512, 12, 64, 4.0), (384, 6, 12)),
+    "ViT-M-16": (512, (224, 16, 512, 12, 64, 4.0), (512, 8, 12)),
+    "ViT-B-32": (512, (224, 32, 768, 12, 64, 4.0), (512, 8, 12)),
+    "ViT-B-32-256": (512, (256, 32, 768, 12, 64, 4.0), (512, 8, 12)),
+    "ViT-B-32-plus-256": (640, (256, 32, 896, 12, 64, 4.0), (640, 10, 12)),
+    "ViT-B-16": (512, (224, 16, 768, 12, 64, 4.0), (512, 8, 12)),
+    "ViT-B-16-plus": (640, (224, 16, 896, 12, 64, 4.0), (640, 10, 12)),
+    "ViT-B-16-plus-240": (640, (240, 16, 896, 12, 64, 4.0), (640, 10, 12)),
+    "ViT-L-14": (768, (224, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
+    "ViT-L-14-280": (768, (280, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
+    "ViT-L-14-336": (768, (336, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
+    "ViT-L-16": (768, (224, 16, 1024, 24, 64, 4.0), (768, 12, 12)),
+    "ViT-L-16-320": (768, (320, 16, 1024, 24, 64, 4.0), (768, 12, 12)),
+    "ViT-H-14": (1024, (224, 14, 1280, 32, 80, 4.0), (1024, 16, 24)),
+    "ViT-H-14-378": (1024, (378, 14, 1280, 32, 80, 4.0), (1024, 16, 24)),
+    "ViT-H-16": (1024, (224, 16, 1280, 32, 80, 4.0), (1024, 16, 24)),
+    "ViT-g-14": (1024, (224, 14, 1408, 40, 88, 4.3637), (1024, 16, 24)),
+    "ViT-bigG-14": (1280, (224, 14, 1664, 48, 104, 4.9231), (1280, 20, 32)),
+    "ViT-e-14": (1280, (224, 14, 1792, 56, 112, 8.5715), (1280, 20, 36)),
+}
+
+
+def _open_clip_row(embed_dim: int, vision: tuple, text: tuple, quick_gelu: bool) -> dict:
+    image_size, patch_size, width, layers, head_width, mlp_ratio = vision
+    return from_open_clip(dict(embed_dim=embed_dim, quick_gelu=quick_gelu,
+                               vision_cfg=dict(image_size=image_size, patch_size=patch_size, width=width,
+                                               layers=layers, head_width=head_width, mlp_ratio=mlp_ratio),
+                               text_cfg=dict(width=text[0], heads=text[1], layers=text[2]))).to_dict()
+
 
 class UnknownModelError(UserError, ValueError):
     pass
 
 
+class UnsupportedArchitectureError(UserError, ValueError):
+    pass
+
+
+# open_clip's settings that this project's towers implement only at these values (its defaults); a config that
+# sets another value builds a different network, so it is refused rather than approximated.
+_OPEN_CLIP_VISION = dict(ls_init_value=None, attentional_pool=False, no_ln_pre=False, pos_embed_type="learnable",
+                         final_ln_after_pool=False, pool_type="tok", output_tokens=False, act_kwargs=None,
+                         norm_kwargs=None, block_type=None, qk_norm=False, scaled_cosine_attn=False,
+                         scale_heads=False, scale_attn_inner=False, scale_attn=False, scale_fc=False,
+                         timm_model_name=None)
+_OPEN_CLIP_TEXT = dict(hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None, ls_init_value=None,
+                       embed_cls=False, pad_id=0, no_causal_mask=False, final_ln_after_pool=False, pool_type="argmax",
+                       proj_bias=False, proj_type="linear", output_tokens=False, act_kwargs=None, norm_kwargs=None,
+                       block_type=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                       scale_attn_inner=False, scale_attn=False, scale_fc=False, hf_model_name=None)
+_OPEN_CLIP_TOP = dict(custom_text=False, init_logit_bias=None, multimodal_cfg=None, nonscalar_logit_scale=False)
+# Any value is exact: these act in training only (patch dropout, the temperature's start), or only together with
+# a setting refused above (timm_*, hf_*, the attentional pooler's, EOS pooling's id).
+_OPEN_CLIP_TRAINING = {"patch_dropout", "init_logit_scale", "attn_pooler_queries", "attn_pooler_heads", "eos_id",
+                       "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+                       "timm_drop_path", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
+_OPEN_CLIP_SIZES = {"vision": {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"},
+                    "text": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"},
+                    "top": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}}
+
+
+def _square(value, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise UnsupportedArchitectureError(f"open_clip config: non-square {what} {list(value)} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def unsupported_open_clip_settings(model_cfg: Mapping) -> list[str]:
+    """open_clip settings in `model_cfg` that the towers here cannot build exactly ([] when it is exact)."""
+    found = []
+    for part, defaults, sizes in (("", _OPEN_CLIP_TOP, _OPEN_CLIP_SIZES["top"]),
+                                  ("vision_cfg.", _OPEN_CLIP_VISION, _OPEN_CLIP_SIZES["vision"]),
+                                  ("text_cfg.", _OPEN_CLIP_TEXT, _OPEN_CLIP_SIZES["text"])):
+        cfg = model_cfg.get(part[:-1], {}) if part else model_cfg
+        for key, value in cfg.items():
+            if key in sizes or key in _OPEN_CLIP_TRAINING or (key in defaults and value == defaults[key]):
+                continue
+            found.append(f"{part}{key}={value!r}")
+    if isinstance(model_cfg.get("vision_cfg", {}).get("layers"), (list, tuple)):
+        found.append("vision_cfg.layers (a ResNet image tower)")
+    return found
+
+
+def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
+    """The config of an open_clip `model_cfg` (its JSON's content, as `open_clip_config.json` holds it).
+
+    open_clip's own defaults fill what the JSON leaves out (head width 64, MLP ratio 4, patch 16, context 77,
+    ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
+    """
+    if bad := unsupported_open_clip_settings(model_cfg):
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not an OpenAI-style ViT + "
+                                           "causal text model, which is what this project builds exactly")
+    v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    width = v.get("width", 768)
+    head_width = v.get("head_width", 64)
+    if width % head_width:
+        raise UnsupportedArchitectureError(f"open_clip config: vision width {width} is not a multiple of its head "
+                                           f"width {head_width}")
+    vision = VisionConfig(image_size=_square(v.get("image_size", 224), "image_size"),
+                          patch_size=_square(v.get("patch_size", 16), "patch_size"), width=width,
+                          layers=v.get("layers", 12), heads=width // head_width,
+                          mlp_ratio=float(v.get("mlp_ratio", 4.0)), activation=activation)
+    text = TextConfig(kind="openai", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
+                      width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
+                      mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation)
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text)
+
+
+MODEL_CONFIGS.update({f"{name}{suffix}": _open_clip_row(*row, quick_gelu=bool(suffix))
+                      for name, row in OPEN_CLIP_VITS.items() for suffix in ("", "-quickgelu")})
+
+
 def get_config(phi: str) -> CLIPConfig:
     if phi not in MODEL_CONFIGS:
         raise UnknownModelError(f"unknown phi {phi!r}; valid values: {', '.join(MODEL_CONFIGS)}, or 'auto' "
-                                "to read the architecture from the checkpoint")
+                                "to read the architecture from the checkpoint (README, 'Models')")
     return CLIPConfig.from_dict(MODEL_CONFIGS[phi])
 
 
+def _tower_key(tower: VisionConfig | TextConfig, heads: bool = True, activation: bool = True) -> tuple:
+    """What builds a tower: its fields with the MLP ratio as the width it makes (4.9231 and 8192/1664 agree)."""
+    fields = {**asdict(tower), "mlp_ratio": tower.mlp_width}
+    if isinstance(tower, TextConfig):
+        fields.pop("dropout"), fields.pop("initializer_range")
+        if tower.is_bert:  # BERT builds its own MLP and GELU from intermediate_size
+            fields.pop("mlp_ratio"), fields.pop("activation")
+    if not heads:
+        fields.pop("heads")
+    if not activation:
+        fields.pop("activation", None)
+    return tuple(sorted(fields.items()))
+
+
+def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
+    """Equal networks: every size, head count and activation (training-only settings aside)."""
+    return a.embed_dim == b.embed_dim and _tower_key(a.vision) == _tower_key(b.vision) \
+        and _tower_key(a.text) == _tower_key(b.text)
+
+
+def architecture_differences(a: CLIPConfig, b: CLIPConfig) -> list[str]:
+    """Where towers with the same tensor shapes build different networks (heads, activation): weights of one load
+    into the other without an error and compute something else."""
+    found = []
+    for name, x, y in (("image", a.vision, b.vision), ("text", a.text, b.text)):
+        if _tower_key(x, heads=False, activation=False) != _tower_key(y, heads=False, activation=False):
+            continue  # different shapes: the state dict check names them
+        if x.heads != y.heads:
+            found.append(f"{name} heads {x.heads} vs {y.heads}")
+        if not (isinstance(x, TextConfig) and x.is_bert) and x.activation != y.activation:
+            found.append(f"{name} activation {x.activation} vs {y.activation}")
+    return found
+
+
 def phi_of(config: CLIPConfig) -> str | None:
-    """The table name whose sizes equal `config`, or None for a custom architecture."""
-    return next((phi for phi in MODEL_CONFIGS if get_config(phi) == config), None)
+    """The first table name that builds the same network as `config`, or None for a custom architecture."""
+    return next((phi for phi in MODEL_CONFIGS if same_architecture(get_config(phi), config)), None)
+
+
+def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
+    text = config.text if config.text.is_bert else replace(config.text, activation=activation)
+    return replace(config, vision=replace(config.vision, activation=activation), text=text)
 
 
 def _count_layers(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
@@ -119,14 +305,40 @@ def _count_layers(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state_dict if (m := regex.match(k))})
 
 
+class UnknownHeadsError(UserError, ValueError):
+    pass
+
+
+def _table_tower(shapes: VisionConfig | TextConfig, part: str) -> VisionConfig | TextConfig:
+    """The table's tower with these tensor shapes: it knows the head count, which no tensor shape shows."""
+    key = _tower_key(shapes, heads=False, activation=False)
+    towers = {_tower_key(getattr(get_config(phi), part)): getattr(get_config(phi), part) for phi in MODEL_CONFIGS}
+    found = {t.heads: t for t in towers.values() if _tower_key(t, heads=False, activation=False) == key}
+    if len(found) != 1:
+        what = "image" if part == "vision" else "text"
+        sizes = f"width {shapes.width}, {shapes.layers} layers"
+        raise UnknownHeadsError(
+            f"the {what} tower's tensor shapes ({sizes}) match no phi in the table, so its number of attention "
+            "heads is unknown (shapes do not show it); pass the phi it was trained as, or record its architecture "
+            "beside the file (README, 'Models')")
+    tower = next(iter(found.values()))
+    return replace(shapes, heads=tower.heads, mlp_ratio=tower.mlp_ratio)  # the table's ratio: 4.9231, not 8192/1664
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
-    """Sizes of a CLIP from tensor shapes in OpenAI's key layout (heads are width // 64, as published)."""
+    """The architecture of a state dict in OpenAI's key layout, from its tensor shapes and the table.
+
+    Shapes give every size but not the head counts, which come from the table row whose tower has the same
+    shapes (`UnknownHeadsError` when none has), nor the activation: the result uses OpenAI's QuickGELU, which
+    the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
+    """
     sd = state_dict
     conv = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    vision = VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=conv.shape[0],
-                          layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
-                          heads=conv.shape[0] // 64)
+    width = conv.shape[0]
+    vision = VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=width,
+                          layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=0,
+                          mlp_ratio=mlp_ratio_of(width, sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]))
     embed_dim = sd["text_projection"].shape[1]
     if "transformer.embeddings.word_embeddings.weight" in sd:
         words = sd["transformer.embeddings.word_embeddings.weight"]  # (vocab, width)
@@ -134,15 +346,16 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
         kind = "bert-pooler" if "ln_final.weight" in sd else "bert-cls"
         text = TextConfig(kind=kind, context_length=52 if kind == "bert-cls" else positions,
                           vocab_size=words.shape[0], width=words.shape[1],
-                          layers=_count_layers(sd, r"transformer\.encoder\.layer\.(\d+)\."), heads=words.shape[1] // 64,
+                          layers=_count_layers(sd, r"transformer\.encoder\.layer\.(\d+)\."), heads=0,
                           intermediate_size=sd["transformer.encoder.layer.0.intermediate.dense.weight"].shape[0],
                           max_position_embeddings=positions,
                           type_vocab_size=sd["transformer.embeddings.token_type_embeddings.weight"].shape[0])
         if kind == "bert-pooler" and positions != 512:
-            text = TextConfig(**{**asdict(text), "context_length": min(77, positions)})
+            text = replace(text, context_length=min(77, positions))
     else:
-        width = sd["ln_final.weight"].shape[0]
+        text_width = sd["ln_final.weight"].shape[0]
         text = TextConfig(kind="openai", context_length=sd["positional_embedding"].shape[0],
-                          vocab_size=sd["token_embedding.weight"].shape[0], width=width,
-                          layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\."), heads=width // 64)
-    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+                          vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
+                          layers=_count_layers(sd, r"transformer\.resblocks\.(\d+)\."), heads=0,
+                          mlp_ratio=mlp_ratio_of(text_width, sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]))
+    return CLIPConfig(embed_dim=embed_dim, vision=_table_tower(vision, "vision"), text=_table_tower(text, "text"))

@@ -14,7 +14,8 @@ class OpenAITextTower(nn.Module):
         self.context_length = config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-        self.transformer = Transformer(config.width, config.layers, config.heads, causal=True)
+        self.transformer = Transformer(config.width, config.layers, config.heads, causal=True,
+                                       mlp_width=config.mlp_width, activation=config.activation)
         self.ln_final = nn.LayerNorm(config.width)
         self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
         self.init_weights()

@@ -20,6 +20,10 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# Exact GELU is what open_clip's non-OpenAI weights (LAION, DataComp, ...) and transformers' "gelu" use.
+_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
 class Packing:
     """Rows of different lengths packed as (T, width) tokens, and back to zero-padded (N, L, width).
 
@@ -63,15 +67,17 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu"):
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {', '.join(_ACTIVATIONS)}")
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(4 * width, width)),
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", _ACTIVATIONS[activation]()),
+            ("c_proj", nn.Linear(mlp_width, width)),
         ]))
 
     def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
@@ -80,12 +86,14 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
+                 activation: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.causal = causal
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width or 4 * width, activation)
+                                        for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """x: (N, L, width), batch first; or (T, width), the tokens that `packing` kept."""

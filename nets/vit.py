@@ -18,7 +18,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, config.layers, config.heads)
+        self.transformer = Transformer(width, config.layers, config.heads, mlp_width=config.mlp_width,
+                                       activation=config.activation)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, embed_dim))
         self.init_weights()

@@ -42,12 +42,14 @@ def reference_for(config: CLIPConfig) -> ReferenceCLIP:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    """A tiny/VIT-T-8 state dict of seeded random weights, saved once for the tests that load a weight file."""
+    """A tiny/VIT-T-8 state dict of seeded random weights, saved once for the tests that load a weight file, as
+    training saves it (its architecture recorded beside it)."""
     from nets import get_config
+    from utils.weights.arch import save_weights
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("w") / "tiny.pth"
-    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), path)
+    save_weights(build_model(get_config("tiny/VIT-T-8")).state_dict(), path, get_config("tiny/VIT-T-8"), "tiny/VIT-T-8")
     return path
 
 

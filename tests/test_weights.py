@@ -14,7 +14,8 @@ from nets import build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens, reference_for
 from tests.test_models import _hf_clip
 from utils.errors import UserError
-from utils.weights.layouts import openai_to_transformers
+from utils.weights.arch import write_arch
+from utils.weights.layouts import openai_to_transformers, transformers_config
 from utils.weights.load import load_model, read_checkpoint
 
 
@@ -37,6 +38,7 @@ def test_original_repo_pth(tmp_path, reference_weights, dtype):
     _, sd = reference_weights
     path = tmp_path / "weights.pth"
     torch.save({k: v.to(dtype) for k, v in sd.items()}, path)
+    write_arch(path, SMALL)  # a custom architecture: its head count is not in the table
     model, phi = load_model(path, "auto")
     assert phi == "custom" and model.config == SMALL
     _assert_same_weights(model, {k: v.to(dtype) for k, v in sd.items()})
@@ -52,6 +54,7 @@ def test_openai_torchscript_archive(tmp_path, reference_weights):
     traced = torch.jit.trace(reference.half().float(), (pixels, tokens), check_trace=False).half()
     path = tmp_path / "ViT-T.pt"
     torch.jit.save(traced, path)
+    write_arch(path, SMALL)
     for name in ("input_resolution", "context_length", "vocab_size"):
         delattr(reference, name)
     checkpoint = read_checkpoint(path)
@@ -65,8 +68,8 @@ def test_transformers_clip_folder_and_files(tmp_path, reference_weights):
     _, sd = reference_weights
     hf = _hf_clip(SMALL, sd)
     hf.save_pretrained(tmp_path / "hf")
-    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", tmp_path / "pytorch_model.bin"):
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "pytorch_model.bin"):
         checkpoint = read_checkpoint(path)
         assert checkpoint.layout == "transformers-clip"
         model, _ = load_model(path, "auto")
@@ -80,6 +83,7 @@ def test_transformers_chinese_clip_folder(tmp_path):
     hf_sd = openai_to_transformers(ours.state_dict())
     (tmp_path / "cn").mkdir()
     save_file({k: v.contiguous() for k, v in hf_sd.items()}, tmp_path / "cn" / "model.safetensors")
+    transformers_config(config).save_pretrained(tmp_path / "cn")  # config.json: the head counts
     model, _ = load_model(tmp_path / "cn", "auto")
     assert model.config == config
     _assert_same_weights(model, ours.state_dict())
@@ -92,6 +96,7 @@ def test_self_cn_original_checkpoint_with_old_position_ids(tmp_path):
     # transformers < 4.31 saved this buffer; the original repo's checkpoints carry it.
     old = {**sd, "transformer.embeddings.position_ids": torch.arange(96)[None]}
     torch.save(old, tmp_path / "self_cn.pth")
+    write_arch(tmp_path / "self_cn.pth", config)
     model, _ = load_model(tmp_path / "self_cn.pth", "auto")
     assert model.config.text.kind == "bert-pooler"
     _assert_same_weights(model, sd)
@@ -101,6 +106,7 @@ def test_open_clip_checkpoint_with_module_prefix(tmp_path, reference_weights):
     _, sd = reference_weights
     torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()},
                 "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "epoch_3.pt")
+    write_arch(tmp_path / "epoch_3.pt", SMALL)
     model, _ = load_model(tmp_path / "epoch_3.pt", "auto")
     _assert_same_weights(model, sd)
 

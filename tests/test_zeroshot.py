@@ -15,6 +15,7 @@ from utils.errors import UserError
 from utils.eval.zeroshot import folder_dataset, zeroshot_metrics
 from utils.prompts import class_embeddings, load_templates
 from utils.tokenizer import build_tokenizer
+from utils.weights.arch import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,9 @@ def _eval(capsys, **settings):
 def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "tiny.pth"
-    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
+    # As training saves it (architecture recorded beside it): auto has nothing to say, stderr holds only errors.
+    save_weights(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights, get_config("tiny/VIT-T-8"),
+                 "tiny/VIT-T-8")
     tree = tmp_path / "classes"
     _folder_tree(tree)
     out = tmp_path / "results.json"

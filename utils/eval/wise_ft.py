@@ -10,9 +10,10 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.errors import UserError
-from utils.files import atomic_save, atomic_savefig, atomic_write_bytes, check_writable
+from utils.files import atomic_savefig, atomic_write_bytes, check_writable
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
 from utils.weights.pretrained import is_weight_name
+from utils.weights.arch import save_weights
 
 CONTROL_TYPES = ("", "retrieval", "zeroshot")
 OUTPUT_FILES = {"weights": "wise_ft_weights.pth", "results": "wise_ft_results.json", "plot": "wise_ft.png"}
@@ -169,7 +170,7 @@ def run_sweep(cfg: dict) -> dict:
     chosen = choose(rows)["alpha"]
     print(format_sweep(rows, label))
     print(f"chosen alpha {chosen:g}: {RULE}")
-    atomic_save(interpolate(start, finetuned, chosen, names), paths["weights"])
+    save_weights(interpolate(start, finetuned, chosen, names), paths["weights"], clip.net.config, clip.phi)
     plot_sweep(rows, label, chosen, paths["plot"])
     results = {"start": names[0], "finetuned": names[1], "phi": clip.phi, "dataset": cfg["datasets_val_json_path"],
                "control_type": cfg["control_type"], "control": (cfg["control_json_path"] or cfg["control_datasets_path"])

@@ -29,6 +29,7 @@ from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validatio
 from utils.train.loss import ClipLoss
 from utils.train.optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
+from utils.weights.arch import save_weights
 from utils.weights.load import init_model
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -306,16 +307,20 @@ class _Run:
         self.history.append(record)
         weights = plain_state_dict(self.model)
         if (epoch + 1) % cfg["save_period"] == 0 or epoch + 1 == cfg["Epoch"]:
-            atomic_save(weights, save_dir / f"ep{epoch + 1:03d}-loss{train_loss:.3f}-val_loss{val_loss:.3f}.pth")
+            self.save_weights(weights, save_dir / f"ep{epoch + 1:03d}-loss{train_loss:.3f}-val_loss{val_loss:.3f}.pth")
         if val_loss <= state["best_val_loss"]:
             state["best_val_loss"] = val_loss
-            atomic_save(weights, save_dir / "best_epoch_weights.pth")
-        atomic_save(weights, save_dir / "last_epoch_weights.pth")
+            self.save_weights(weights, save_dir / "best_epoch_weights.pth")
+        self.save_weights(weights, save_dir / "last_epoch_weights.pth")
         if self.tuning.get("lora_r", 0) > 0:
             save_adapter(self.model, save_dir / "last_epoch_lora")
         state["step"] = self.steps_per_epoch
         summary["state"] = str(self.save_state())
         state["step"] = 0
+
+    def save_weights(self, weights: dict, path: Path) -> None:
+        # The architecture goes beside each file: phi='auto' then knows the activation and head counts.
+        save_weights(weights, path, self.config, self.phi)
 
     def finish(self) -> dict:
         if self.history is not None:
@@ -336,7 +341,7 @@ def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path) -> Path:
         start, _, _ = init_model(phi, cfg["model_path"], cfg["bert_path"])
     alpha = cfg["wise_ft_alpha"]
     path = save_dir / f"wise_ft_alpha{alpha:g}_weights.pth"
-    atomic_save(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",
-                                                                    "the final weights")), path)
+    save_weights(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",
+                                                                     "the final weights")), path, start.config, phi)
     print(f"WiSE-FT: (1 - {alpha:g}) x starting weights + {alpha:g} x final weights saved to {path}")
     return path

@@ -11,6 +11,8 @@ from typing import Mapping
 
 import torch
 
+from nets.configs import ACTIVATIONS, UnsupportedArchitectureError
+
 # (transformers prefix, OpenAI prefix); per-block names below apply inside the `layers.N.` prefixes.
 _CLIP_PREFIXES = [
     ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
@@ -136,16 +138,74 @@ def transformers_config(config):
     import transformers
 
     v, t = config.vision, config.text
-    vision = dict(hidden_size=v.width, intermediate_size=4 * v.width, num_hidden_layers=v.layers,
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_width, num_hidden_layers=v.layers,
                   num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-                  hidden_act="quick_gelu")
+                  hidden_act=v.activation)
     if t.is_bert:
         from nets.text_bert import bert_config
 
         return transformers.ChineseCLIPConfig(text_config=bert_config(t).to_dict(), vision_config=vision,
                                               projection_dim=config.embed_dim)
     # EOT is the largest id, so transformers' first-EOS pooling picks the same token as OpenAI's argmax.
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=4 * t.width,
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
-                hidden_act="quick_gelu", bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1)
+                hidden_act=t.activation, bos_token_id=t.vocab_size - 2, eos_token_id=t.vocab_size - 1)
     return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.embed_dim)
+
+
+def _activation(act: str, where: str) -> str:
+    if act not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(f"{where}.hidden_act is {act!r}; the towers here build "
+                                           f"{' or '.join(ACTIVATIONS)} exactly")
+    return act
+
+
+def _check_layer_norm(eps: float, expected: float, where: str) -> None:
+    if abs(eps - expected) > expected * 1e-6:
+        raise UnsupportedArchitectureError(f"{where}.layer_norm_eps is {eps}; the towers here use {expected}")
+
+
+def config_from_transformers(config_json: Mapping):
+    """The inverse of `transformers_config`: this repo's config of a `transformers` CLIPModel / ChineseCLIPModel
+    `config.json`, its head counts, MLP widths and activations as the file says (transformers fills what it omits)."""
+    import transformers
+
+    from nets.configs import CLIPConfig, TextConfig, VisionConfig, mlp_ratio_of
+
+    model_type = config_json.get("model_type")
+    classes = {"clip": transformers.CLIPConfig, "chinese_clip": transformers.ChineseCLIPConfig}
+    if model_type not in classes:
+        raise UnsupportedArchitectureError(f"model_type {model_type!r}: only transformers' CLIPModel ('clip') and "
+                                           "ChineseCLIPModel ('chinese_clip') have the towers built here")
+    full = classes[model_type].from_dict(dict(config_json))
+    v, t = full.vision_config, full.text_config
+    _check_layer_norm(v.layer_norm_eps, 1e-5, "vision_config")
+    vision = VisionConfig(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                          layers=v.num_hidden_layers, heads=v.num_attention_heads,
+                          mlp_ratio=mlp_ratio_of(v.hidden_size, v.intermediate_size),
+                          activation=_activation(v.hidden_act, "vision_config"))
+    if model_type == "chinese_clip":
+        from nets.text_bert import bert_config
+
+        # Chinese-CLIP's tokenizer pads to 52; the BERT tower itself is transformers' own, so its settings must
+        # be the ones the tower here passes to BertModel.
+        text = TextConfig(kind="bert-cls", context_length=52, vocab_size=t.vocab_size, width=t.hidden_size,
+                          layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                          intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+                          type_vocab_size=t.type_vocab_size)
+        ours = bert_config(text)
+        for name in ("hidden_act", "layer_norm_eps", "position_embedding_type"):
+            if getattr(t, name, None) != getattr(ours, name, None):
+                raise UnsupportedArchitectureError(f"text_config.{name} is {getattr(t, name, None)!r}; the BERT "
+                                                   f"tower here uses {getattr(ours, name, None)!r}")
+    else:
+        _check_layer_norm(t.layer_norm_eps, 1e-5, "text_config")
+        # transformers pools the first EOS token (the argmax for its legacy id 2); OpenAI's tower pools the argmax.
+        if t.eos_token_id not in (2, t.vocab_size - 1):
+            raise UnsupportedArchitectureError(f"text_config.eos_token_id is {t.eos_token_id}: the text tower here "
+                                               "pools the largest token id (OpenAI's EOT, the last of the vocabulary)")
+        text = TextConfig(kind="openai", context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
+                          width=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                          mlp_ratio=mlp_ratio_of(t.hidden_size, t.intermediate_size),
+                          activation=_activation(t.hidden_act, "text_config"))
+    return CLIPConfig(embed_dim=full.projection_dim, vision=vision, text=text)

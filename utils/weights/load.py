@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -15,15 +16,18 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from nets.clip import CLIP, build_model
-from nets.configs import CLIPConfig, get_config, infer_config, phi_of
+from nets.configs import (CLIPConfig, architecture_differences, from_open_clip, get_config, infer_config, phi_of,
+                          with_activation)
 
 from utils.errors import UserError
-from utils.weights.layouts import to_openai, unwrap
+from utils.weights.arch import arch_path, read_arch
+from utils.weights.layouts import config_from_transformers, to_openai, unwrap
 from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, locate
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # transformers' save_pretrained names first, then open_clip's hub names (a folder holding such a repo's files).
 _HF_FILES = TRANSFORMERS_FILES + OPEN_CLIP_FILES
+_OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 @dataclass
@@ -31,7 +35,10 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]  # OpenAI key names
     layout: str  # the format it came in, for messages
     path: Path
-    config: CLIPConfig | None = None  # recorded by this project's training states
+    # The architecture recorded with the weights (a training state, the file beside them, open_clip's or
+    # transformers' config), and where it was read, for messages.
+    config: CLIPConfig | None = None
+    config_source: str = ""
 
 
 def _torch_load(path: Path):
@@ -49,6 +56,10 @@ def _torch_load(path: Path):
 
 
 def _read_hf_folder(folder: Path) -> Mapping[str, torch.Tensor]:
+    if (folder / _OPEN_CLIP_CONFIG).is_file():
+        for name in OPEN_CLIP_FILES:
+            if (folder / name).is_file():
+                return _read_file(folder / name)
     for name in _HF_FILES:
         path = folder / name
         if not path.is_file():
@@ -79,8 +90,25 @@ def _read_file(path: Path) -> Mapping:
     return _torch_load(path)
 
 
+def _library_config(path: Path) -> tuple[CLIPConfig, str] | None:
+    """The config open_clip's hub layout or a transformers folder keeps beside the weights, if any."""
+    folder = path if path.is_dir() else path.parent
+    for name, weights, read in ((_OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, lambda d: from_open_clip(d["model_cfg"])),
+                                ("config.json", TRANSFORMERS_FILES, config_from_transformers)):
+        config_path = folder / name
+        if not config_path.is_file() or not (path.is_dir() or path.name in weights):
+            continue
+        try:
+            return read(json.loads(config_path.read_text(encoding="utf-8"))), str(config_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{config_path} is not a readable {name} ({type(e).__name__}: {e})") from e
+        except UserError as e:
+            raise UserError(f"{config_path}: {e}") from e
+    return None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Any supported weight file or folder -> OpenAI-layout state dict (plus the config it recorded)."""
+    """Any supported weight file or folder -> OpenAI-layout state dict (plus the config recorded with it)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model_path {path} does not exist and is not a weight name. Give a file or folder, a "
@@ -90,15 +118,20 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     raw = _read_hf_folder(path) if path.is_dir() else _read_file(path)
     if not isinstance(raw, Mapping) or not raw:
         raise UserError(f"{path} holds a {type(raw).__name__}, not a state dict of tensors")
-    config = raw.get("config") if isinstance(raw.get("config"), Mapping) and "model" in raw else None
+    state = raw.get("config") if isinstance(raw.get("config"), Mapping) and "model" in raw else None
     state_dict, layout = to_openai(unwrap(raw))
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{path}: entries {bad[:5]} are not tensors; this is not a CLIP state dict")
-    return Checkpoint(state_dict, layout, path, CLIPConfig.from_dict(config["clip"]) if config else None)
+    if state:
+        recorded = CLIPConfig.from_dict(state["clip"]), f"the training state {path}"
+    else:
+        recorded = (None if path.is_dir() else read_arch(path)) or _library_config(path) or (None, "")
+    return Checkpoint(state_dict, layout, path, *recorded)
 
 
 def config_of(checkpoint: Checkpoint) -> CLIPConfig:
+    """The recorded architecture, else the one tensor shapes and the table give (QuickGELU: see `resolve`)."""
     if checkpoint.config is not None:
         return checkpoint.config
     try:
@@ -106,6 +139,39 @@ def config_of(checkpoint: Checkpoint) -> CLIPConfig:
     except (KeyError, IndexError) as e:
         raise UserError(f"{checkpoint.path} does not look like a CLIP checkpoint (no {e} tensor); "
                         "cannot infer its architecture") from e
+    except UserError as e:
+        raise UserError(f"{checkpoint.path}: {e}") from e
+
+
+def _activation_note(checkpoint: Checkpoint, config: CLIPConfig, phi: str) -> str:
+    gelu = phi_of(with_activation(config, "gelu"))
+    fix = f"pass phi={gelu!r}" if gelu else f"record the architecture in {arch_path(checkpoint.path).name} " \
+                                            "beside it (README, 'Models')"
+    return (f"{checkpoint.path}: tensor shapes cannot tell QuickGELU from GELU, and nothing recorded with the file "
+            f"says, so it is loaded as OpenAI's QuickGELU (phi={phi!r}); for GELU weights (LAION, DataComp, most "
+            f"open_clip tags) {fix}")
+
+
+def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str]]:
+    """(config, phi, lines to show) for a checkpoint loaded as `phi`, or as its own architecture for 'auto'.
+
+    'auto' is exact where the architecture was recorded with the weights; a bare state dict is OpenAI's
+    QuickGELU, and the line says so. A named phi that the record contradicts (same shapes, other heads or
+    activation) is refused: those weights would load and compute something else.
+    """
+    if phi == "auto":
+        config = config_of(checkpoint)
+        phi = phi_of(config) or "custom"
+        return config, phi, [] if checkpoint.config is not None else [_activation_note(checkpoint, config, phi)]
+    config = get_config(phi)
+    recorded = checkpoint.config
+    # Per tower: self-cn takes only the image tower of a checkpoint whose text tower is another kind.
+    if recorded is not None and (differences := architecture_differences(config, recorded)):
+        fit = phi_of(recorded)
+        raise UserError(f"phi={phi!r} does not match {checkpoint.config_source}, which records the same sizes with "
+                        f"another network ({', '.join(differences)}); pass "
+                        + (f"phi={fit!r} or phi='auto'" if fit else "phi='auto'"))
+    return config, phi, []
 
 
 def check_fits(wanted: Mapping[str, torch.Tensor], checkpoint: Checkpoint, phi: str) -> None:
@@ -143,11 +209,9 @@ def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     """
     model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
-    if phi == "auto":
-        config = config_of(checkpoint)
-        phi = phi_of(config) or "custom"
-    else:
-        config = get_config(phi)
+    config, phi, notes = resolve(checkpoint, phi)
+    for line in notes:
+        print(line, file=sys.stderr)
     model = build_model(config)
     load_into(model, checkpoint, phi)
     return model.float(), phi
@@ -190,15 +254,14 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     named = model_path
     model_path, phi = locate(model_path, phi)
     checkpoint = read_checkpoint(model_path)
-    config = config_of(checkpoint) if phi == "auto" else get_config(phi)
-    phi = (phi_of(config) or "custom") if phi == "auto" else phi
+    config, phi, notes = resolve(checkpoint, phi)
     model = build_model(config)
     visual = {k: v for k, v in checkpoint.state_dict.items() if k.startswith("visual.")}
     own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
     if not config.text.is_bert or own_text or not bert_path:
         load_into(model, checkpoint, phi)
         where = f"{_where(named, model_path)} ({checkpoint.layout} layout)"
-        return model.float(), phi, [f"image and text towers: {where}"]
+        return model.float(), phi, [f"image and text towers: {where}", *notes]
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
@@ -206,7 +269,7 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     model.load_state_dict({**model.state_dict(), **partial.state_dict}, strict=True)
     _load_bert_folder(model, bert_path)
     return model.float(), phi, [f"image tower + logit_scale: {_where(named, model_path)} (its text tower is not used)",
-                                f"text tower: BERT {bert_path}, projection random"]
+                                f"text tower: BERT {bert_path}, projection random", *notes]
 
 
 

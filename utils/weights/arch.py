@@ -1,0 +1,70 @@
+"""The architecture beside a weight file: `<file>.json`, written with the weights this project saves and read by
+phi='auto', so that what tensor shapes cannot show (activation, head counts) is known, not guessed.
+
+The weight file itself stays a plain OpenAI-key state dict, byte for byte what `torch.save(state_dict)` writes:
+`torch.load` gives the state dict, and open_clip's `load_checkpoint` loads it strictly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from nets.configs import CLIPConfig
+from utils.errors import UserError
+from utils.files import atomic_save, atomic_write_bytes
+
+_FORMAT = "clip-pytorch architecture"
+
+
+def arch_path(weights: str | Path) -> Path:
+    """`best_epoch_weights.pth` -> `best_epoch_weights.pth.json`: the whole name, so no other file shares it."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + ".json")
+
+
+def save_weights(state_dict, path: str | Path, config: CLIPConfig, phi: str) -> None:
+    """The state dict to `path` and its architecture beside it, each written atomically.
+
+    The old record goes first: a crash between the two writes leaves weights with no record (auto then says
+    what it assumes), never new weights with an old record that could name another activation.
+    """
+    path = Path(path)
+    arch_path(path).unlink(missing_ok=True)
+    atomic_save(state_dict, path)
+    write_arch(path, config, phi)
+
+
+def write_arch(weights: str | Path, config: CLIPConfig, phi: str = "custom") -> Path:
+    """Record the architecture of the existing weight file `weights` beside it (also for files saved elsewhere)."""
+    weights = Path(weights)
+    record = {"format": _FORMAT, "phi": phi, "bytes": weights.stat().st_size, "clip": config.to_dict()}
+    atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), arch_path(weights))
+    return arch_path(weights)
+
+
+def read_arch(path: str | Path) -> tuple[CLIPConfig, str] | None:
+    """(config, what to call its source in messages) from the record beside `path`, or None when there is none.
+
+    A record written for other bytes (the weights replaced by hand) is ignored, with one line saying so; a record
+    written by hand may leave `bytes` out.
+    """
+    path, record_path = Path(path), arch_path(path)
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{record_path} is not readable JSON ({e}); it should record the architecture of {path.name}"
+                        ": delete it to let phi='auto' read the tensor shapes, or pass phi") from e
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        return None  # someone else's JSON that happens to share the name
+    if "bytes" in record and record["bytes"] != path.stat().st_size:
+        print(f"{record_path} records a file of {record.get('bytes')} bytes, but {path.name} has "
+              f"{path.stat().st_size}: the weights were replaced, so the record is ignored", file=sys.stderr)
+        return None
+    try:
+        return CLIPConfig.from_dict(record["clip"]), str(record_path)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{record_path} does not hold a valid architecture ({e}); delete it or fix it "
+                        "(README, 'Models')") from e
