@@ -35,7 +35,8 @@ Epoch = 100
 Init_lr = 1e-4
 # Final learning rate of the decay.
 Min_lr = Init_lr * 0.01
-# The original's rule: multiply both rates by batch_size / 64, then clamp (Adam/AdamW: Init_lr at most 1e-4).
+# The original's rule: multiply both rates by batch_size / 64, then clamp Init_lr to [3e-5, 1e-4] (Adam/AdamW) or
+# [5e-4, 5e-2] (SGD), and Min_lr to a hundredth of those; the run prints which bound acted.
 scale_lr = True
 # "adamw", "adam" or "sgd".
 optimizer_type = "adamw"

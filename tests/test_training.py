@@ -323,8 +323,14 @@ def test_lr_scaling_says_what_it_changed():
 
     wanted = (3e-4, 3e-6)
     assert scaling_note(wanted, scaled_lrs(*wanted, 64, "adamw"), 64, "adamw") == (
-        "Init_lr 3e-4 -> 1e-4, Min_lr 3e-6 -> 1e-6 by the original's batch-size scaling (x 64/64, clamped for "
-        "adamw); --scale_lr false keeps yours")
+        "Init_lr 3e-4 -> 1e-4 (x 64/64 = 3e-4, capped at adamw's ceiling 1e-4), Min_lr 3e-6 -> 1e-6 (x 64/64 = "
+        "3e-6, capped at adamw's ceiling 1e-6) by the original's batch-size scaling; --scale_lr false keeps yours")
     assert scaling_note((1e-4, 1e-6), scaled_lrs(1e-4, 1e-6, 64, "adamw"), 64, "adamw") is None  # the defaults
     assert scaling_note((1e-4, 1e-6), scaled_lrs(1e-4, 1e-6, 32, "adamw"), 32, "adamw").startswith(
-        "Init_lr 1e-4 -> 5e-5, Min_lr 1e-6 -> 5e-7 by")
+        "Init_lr 1e-4 -> 5e-5 (x 32/64), Min_lr 1e-6 -> 5e-7 (x 32/64) by")
+    # The case: 1e-4 x 8/64 is 1.25e-5, so the floor acted, not the scaling alone.
+    assert scaling_note((1e-4, 1e-6), scaled_lrs(1e-4, 1e-6, 8, "adamw"), 8, "adamw").startswith(
+        "Init_lr 1e-4 -> 3e-5 (x 8/64 = 1.25e-5, raised to adamw's floor 3e-5), Min_lr 1e-6 -> 3e-7 (x 8/64 = "
+        "1.25e-7, raised to adamw's floor 3e-7)")
+    assert "(x 128/64 = 8e-2, capped at sgd's ceiling 5e-2)" in scaling_note(
+        (4e-2, 4e-4), scaled_lrs(4e-2, 4e-4, 128, "sgd"), 128, "sgd")
