@@ -84,6 +84,9 @@ def main(config: dict, explicit: dict) -> None:
 
     if config["mode"] not in _MODES:
         raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
+    from utils.predict.inputs import check_inputs
+
+    check_inputs(config)
 
     if config["mode"] == "export_onnx":
         from utils.export.onnx_export import run_export
@@ -150,7 +153,7 @@ def main(config: dict, explicit: dict) -> None:
         return
     from utils.predict.ask import ask_loop
 
-    ask_loop("Input image path:", lambda path: answer(score, path, names))
+    ask_loop("Input image path: ", lambda path: answer(score, path, names))
 
 if __name__ == "__main__":
     run_script(globals(), main)

@@ -75,6 +75,8 @@ def run_zeroshot(cfg: dict) -> dict:
     output = Path(cfg["output"]) if cfg["output"] else \
         Path("logs") / f"zeroshot_{Path(cfg['model_path']).stem if cfg['model_path'] else 'random'}_{dataset_name}.json"
     check_writable(output.parent, "output")
+    if cfg["templates"]:
+        load_templates(cfg["templates"])  # a given file reads alike in every language: checked before the model
     started = time.time()
     clip = CLIP.from_config(cfg)
     language = "cn" if clip.net.config.text.is_bert else "en"
