@@ -43,6 +43,7 @@ def test_eval_prints_the_original_dict_a_table_and_writes_json(trained):
     printed = eval(next(line for line in result.stdout.splitlines() if line.startswith("{'txt_r1'")))
     assert list(printed) == list(RECALL_KEYS)
     assert "image -> text" in result.stdout and "median rank" in result.stdout
+    assert "warning: the validation set has only 8 images" in result.stdout
     saved = json.loads((root / "result.json").read_text())
     assert saved["phi"] == "tiny/VIT-T-8" and saved["images"] == 8 and saved["captions"] == 40
     # The training-time EvalCallback and eval.py are one code path: identical numbers.

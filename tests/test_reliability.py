@@ -153,6 +153,18 @@ def test_bad_configuration_is_one_clear_message(toy, tmp_path, extra, fragments,
     _user_error(train(train_args(toy, tmp_path / "run", **extra), capsys), *fragments)
 
 
+def test_missing_data_is_reported_before_the_model_is_built(toy, tmp_path, capsys, monkeypatch):
+    import utils.train.run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data's paths were checked")
+
+    monkeypatch.setattr(utils.train.run, "init_model", no_model)
+    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
+        _user_error(train(train_args(toy, tmp_path / "run", **{setting: tmp_path / "none.json"}), capsys),
+                    f"{setting} {tmp_path / 'none.json'} does not exist")
+
+
 def test_weights_of_another_architecture_and_non_weight_files(toy, tmp_path, capsys):
     torch.save(build_model(get_config("tiny-cn/VIT-T-8")).state_dict(), tmp_path / "cn.pth")
     _user_error(train(train_args(toy, tmp_path / "run", model_path=tmp_path / "cn.pth"), capsys),

@@ -83,6 +83,7 @@ def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys, reque
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # no deprecated calls of ours, no bad defaults
     assert result.stdout.count("Total Loss:") == 2 and "|| Val Loss:" in result.stdout
     assert "r_mean" in result.stdout
+    assert "warning: the validation set has only 8 images, so R@1, R@5 and R@10 mean little" in result.stdout
     names = {p.name for p in tmp_path.iterdir()}
     assert {"best_epoch_weights.pth", "last_epoch_weights.pth"} <= names
     assert any(n.startswith("ep002-loss") and n.endswith(".pth") for n in names)

@@ -15,6 +15,7 @@ from utils.eval.encode import encode_images, encode_set, score
 from utils.eval.feature_cache import cache_key, load_features, save_features
 from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
 from utils.files import atomic_write_bytes, check_writable
+from utils.metrics import small_val_warning
 from utils.prompts import class_embeddings, load_templates
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
@@ -114,6 +115,8 @@ def run_retrieval(cfg: dict) -> dict:
     root = Path(cfg["datasets_path"])
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
                         columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
+    if warning := small_val_warning(len(entries), "Evaluate on more images for numbers that compare runs"):
+        print(warning)
     output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
     check_writable(output.parent, "output")
     started = time.time()
