@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from utils.errors import UserError
 
 _FOLDER_MODES = ("dir_predict", "search")  # web starts without a folder: its search tab stays empty
 
@@ -20,6 +20,6 @@ def check_inputs(config: dict) -> None:
         raise UserError(f"dir_origin_path {config['dir_origin_path']} is not a folder; give the folder of images "
                         f"to {'score' if mode == 'dir_predict' else 'search'}")
     if config["templates"] and mode not in ("fps", "export_onnx"):
-        from ..zeroshot import load_templates
+        from utils.prompts import load_templates
 
         load_templates(config["templates"])  # a given file or template reads alike in every language

@@ -31,7 +31,7 @@ def train_command(phi: str, output_dir: Path, written: dict, name: str) -> str:
     runs as printed."""
     from shlex import quote
 
-    from nets import get_config
+    from nets.configs import get_config
 
     bert = get_config(phi).text.is_bert
     demo = Path("logs") / ("demo_cn" if bert else "demo_en") / "last_epoch_weights.pth"
