@@ -45,8 +45,12 @@ letterbox_image = False
 skip_bad_samples = False
 # WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
-# Results as JSON; "" = logs/eval_<weights>_<dataset>.json.
+# Results as JSON; "" = logs/eval_<run folder>_<weights>_<dataset>.json (zeroshot: logs/zeroshot_...json, and
+# its confusion matrix as <output>_confusion.png beside it).
 output = ""
+# Replace result files that exist (output and its confusion plot; wise_ft: the sweep's three files); otherwise
+# eval refuses before any work.
+overwrite = False
 # Reuse features encoded earlier with the same weights, phi, dataset and preprocessing...
 feature_cache = True
 # ...kept in this folder.
@@ -65,8 +69,6 @@ control_datasets_path = ""
 control_json_path = ""
 # wise_ft: where wise_ft_weights.pth (the chosen alpha's weights), wise_ft_results.json and wise_ft.png go.
 wise_ft_save_dir = "logs/wise_ft"
-# wise_ft: replace those files when they exist; otherwise the sweep refuses before any work.
-wise_ft_overwrite = False
 
 def main(config: dict, explicit: dict) -> None:
     from utils.eval.run import run_eval

@@ -37,8 +37,11 @@ templates = ""
 image = ""
 # dir_predict: the folder whose images (searched recursively) are scored...
 dir_origin_path = "img/"
-# ...and where predictions.csv goes (path, then the top_k labels or captions with their probabilities).
+# ...and the folder of its CSV, predictions_<run folder>_<weights>_<folder>.csv (path, then the top_k labels or
+# captions with their probabilities).
 dir_save_path = "img_out/"
+# dir_predict: replace that CSV when it exists; otherwise dir_predict refuses before loading the model.
+overwrite = False
 # dir_predict: how many of the best labels (or captions) each row lists.
 top_k = 5
 # search: where the index of dir_origin_path's image features is kept (updated incrementally on each run)...
@@ -120,13 +123,14 @@ def main(config: dict, explicit: dict) -> None:
                         "--labels dog cat)")
     if config["mode"] == "dir_predict":
         from utils.predict.folder import predict_folder
+        from utils.predict.inputs import predictions_path
 
         import torch
 
         if targets is None:
             targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
         out, scored, problems = predict_folder(model, names, targets, config["dir_origin_path"],
-                                               config["dir_save_path"], config["top_k"], config["batch_size"])
+                                               predictions_path(config), config["top_k"], config["batch_size"])
         for problem in problems[:20]:
             print(f"skipped {problem}")
         print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")

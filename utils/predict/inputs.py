@@ -1,9 +1,10 @@
-"""predict.py's input paths, checked before any model loads: a missing image costs a second, not a model load."""
+"""predict.py's inputs and outputs, checked before any model loads: a missing image costs a second, not a model load."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import output_name, refuse_existing
 
 _FOLDER_MODES = ("dir_predict", "search")  # web starts without a folder: its search tab stays empty
 
@@ -19,7 +20,16 @@ def check_inputs(config: dict) -> None:
     if mode in _FOLDER_MODES and not Path(config["dir_origin_path"]).is_dir():
         raise UserError(f"dir_origin_path {config['dir_origin_path']} is not a folder; give the folder of images "
                         f"to {'score' if mode == 'dir_predict' else 'search'}")
+    if mode == "dir_predict":
+        refuse_existing([predictions_path(config)], config["overwrite"], "another dir_save_path")
     if config["templates"] and mode not in ("fps", "export_onnx"):
         from utils.prompts import load_templates
 
         load_templates(config["templates"])  # a given file or template reads alike in every language
+
+
+def predictions_path(config: dict) -> Path:
+    """dir_predict's CSV: named by the weights (with their run folder) and the folder scored, so another run's
+    predictions are never the same file."""
+    name = output_name(config["model_path"], Path(config["dir_origin_path"]).resolve().name)
+    return Path(config["dir_save_path"]) / f"predictions_{name}.csv"
