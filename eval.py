@@ -1,10 +1,15 @@
 r"""Image<->text retrieval recall@1/5/10 on a caption set (the original's metric and keys), or zero-shot
 classification of an image-folder tree (eval_type zeroshot).
 
-    python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+Examples after the demo and train.py --help's fine-tuning (<...>: your own folder):
+
+    python eval.py --model_path logs/finetune_en/last_epoch_weights.pth --phi auto \
         --datasets_path datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json
-    python eval.py --eval_type zeroshot --datasets_path my_classes/ --model_path ... --output results.json
-    python eval.py --eval_type wise_ft --wise_ft_start_path pretrained.pth --model_path finetuned.pth ...
+    python eval.py --eval_type zeroshot --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --datasets_path <my_classes/>        # one subfolder of images per class
+    python eval.py --eval_type wise_ft --phi auto --wise_ft_start_path logs/demo_en/last_epoch_weights.pth \
+        --model_path logs/finetune_en/last_epoch_weights.pth --datasets_path datasets/toy/ \
+        --datasets_val_json_path datasets/toy/en_val.json
 
 Every variable below is also a --flag of the same name; --help lists them.
 """

@@ -1,16 +1,25 @@
-"""Zero-shot prediction: type an image path, get one probability per caption (or label).
+r"""Zero-shot prediction: type an image path, get one probability per caption (or label).
 
-    python predict.py                              # the loop: "Input image path:", Ctrl-D or empty line to quit
-    python predict.py --image img/example.jpg      # answer once
-    python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
-    python predict.py --labels dog cat bird        # zero-shot classes through prompt templates
-    python predict.py --mode dir_predict --dir_origin_path my_photos/ --labels dog cat   # a folder to a CSV
-    python predict.py --mode search --dir_origin_path my_photos/   # text or an image path -> the best matches
-    python predict.py --mode web --dir_origin_path my_photos/      # a page on http://127.0.0.1:7860/
-    python predict.py --mode fps                   # images/s and captions/s of this model here
-    python predict.py --mode export_onnx --export_dir model_data/onnx   # image.onnx + text.onnx for deployment
-    python predict.py --mode predict_onnx --export_dir model_data/onnx  # the loop above, run by onnxruntime alone
-    python predict.py --mode export_hf --export_dir model_data/hf       # a transformers CLIPModel folder
+Examples with the demo's weights (python train.py --demo en writes them); for yours, change --model_path and --phi:
+
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto   # the loop: "Input image path: "
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg  # once
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg \
+        --captions "a red circle" "a blue square"    # any config variable below is a --flag
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg \
+        --labels circle square star                   # zero-shot classes through prompt templates
+    python predict.py --mode dir_predict --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/ --labels circle square  # a folder's images into a CSV in img_out/
+    python predict.py --mode search --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/ --query "a red circle"  # text or an image path -> the best matches
+    python predict.py --mode web --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/                        # a page on http://127.0.0.1:7860/
+    python predict.py --mode fps --model_path logs/demo_en/last_epoch_weights.pth --phi auto  # images/s here
+    python predict.py --mode export_onnx --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --export_dir model_data/onnx                  # image.onnx + text.onnx for deployment
+    python predict.py --mode predict_onnx --export_dir model_data/onnx --image img/example.jpg  # by onnxruntime
+    python predict.py --mode export_hf --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --export_dir model_data/hf                    # a transformers CLIPModel folder
 """
 from __future__ import annotations
 

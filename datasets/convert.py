@@ -1,9 +1,11 @@
 r"""Turn captions in any common layout into the original's JSON dataset (or WebDataset shards), checked.
 
-    python datasets/convert.py --source karpathy --input dataset_flickr8k.json --images Flicker8k_Dataset/ \
+Examples (<...>: your files); the last line it prints is the command to train on the result:
+
+    python datasets/convert.py --source karpathy --input <dataset_flickr8k.json> --images <Flicker8k_Dataset/> \
         --output_dir datasets/flickr8k --name flickr8k
-    python datasets/convert.py --source csv --input captions.csv --output_dir datasets/mine --name mine
-    python datasets/convert.py --source folder --input my_images/ --to wds --shard_size 1000
+    python datasets/convert.py --source csv --input <captions.csv> --output_dir datasets/mine --name mine
+    python datasets/convert.py --source folder --input <my_images/> --to wds --shard_size 1000
 
 Every variable below is also a --flag of the same name; --help lists them. README, "Bring your own data".
 """

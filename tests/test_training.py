@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -98,30 +97,6 @@ def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys, reque
     assert found == phi
     state = load_state(newest_state(tmp_path))
     assert state["config"]["phi"] == phi and state["epoch"] == 1
-
-
-def test_demo_prints_what_it_wrote_and_next_commands_that_run(toy, tmp_path, capsys, lang="en"):
-    save_dir = tmp_path / "demo"
-    data = ["--datasets_path", str(toy), "--datasets_train_json_path", str(toy / f"{lang}_train.json"),
-            "--datasets_val_json_path", str(toy / f"{lang}_val.json")]
-    result = train(["--demo", lang, "--Epoch", "1", "--batch_size", "8", "--num_workers", "0",
-                    "--save_dir", str(save_dir), *data], capsys)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Warning" not in result.stderr, result.stderr[-3000:]
-    assert f"written: weights {save_dir / 'last_epoch_weights.pth'}" in result.stdout
-    log_dir = next(save_dir.glob("loss_*"))
-    assert f"log folder {log_dir}/ (epoch_loss.png, epoch_recall.png," in result.stdout
-    predict, evaluate, board = (shlex.split(line) for line in result.stdout.split("next:\n")[1].splitlines()[:3])
-    assert board == ["tensorboard", "--logdir", str(save_dir)]
-    assert predict[:2] == ["python", "predict.py"] and evaluate[:2] == ["python", "eval.py"]
-    captions = predict[predict.index("--captions") + 1:]
-    assert len(captions) == 3 and "..." not in captions
-    # The printed commands, run as the command line runs them (in this process: tests/conftest.run_script).
-    code, out, err = run_script(*predict[1:], capsys=capsys)
-    assert code == 0 and len(out.splitlines()) == 3, err
-    code, out, err = run_script(*evaluate[1:], "--output", tmp_path / "eval.json", "--cache_dir", tmp_path / "cache",
-                                capsys=capsys)
-    assert code == 0 and "r_mean" in out, err
 
 
 def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
