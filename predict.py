@@ -53,8 +53,9 @@ dir_save_path = "img_out/"
 overwrite = False
 # dir_predict: how many of the best labels (or captions) each row lists.
 top_k = 5
-# search: where the index of dir_origin_path's image features is kept (updated incrementally on each run)...
-index_dir = "logs/search_index"
+# search and web: where the index of dir_origin_path's image features is kept (updated incrementally on each
+# run); "" = logs/search_index/<folder>_<hash of its full path>, one per indexed folder...
+index_dir = ""
 # ...re-encoded from scratch when true (needed after changing weights or phi)...
 rebuild_index = False
 # ...and answered once for this query (a text, or an image path) instead of asking in a loop.
@@ -96,9 +97,10 @@ def main(config: dict, explicit: dict) -> None:
 
     if config["mode"] not in _MODES:
         raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
-    from utils.predict.inputs import check_inputs
+    from utils.predict.inputs import check_inputs, index_dir
 
     check_inputs(config)
+    config = {**config, "index_dir": index_dir(config)}
 
     if config["mode"] == "export_onnx":
         from utils.export.onnx_export import run_export

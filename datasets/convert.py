@@ -27,9 +27,12 @@ images = ""
 output_dir = "datasets/"
 # The first part of every output file name.
 name = "mydata"
-# For sources without splits: the share of images for val and test, drawn at random with seed.
+# For sources without splits: the share of images drawn at random for the val split (recall@K wants at least
+# 100 val images; fewer are warned about)...
 val_ratio = 0.05
+# ...and for the test split...
 test_ratio = 0.0
+# ...drawn with this random seed (the same seed and input give the same splits).
 seed = 0
 # "json" (the original's format) or "wds" (tar shards <name>_<split>/00000.tar..., img2dataset's layout).
 to = "json"

@@ -92,6 +92,8 @@ def test_every_printed_command_runs_on_a_fresh_clone_after_the_demo(clone, monke
                 _run(command, monkeypatch)
     assert len(templates) == 4 and all(c[1] in ("eval.py", "datasets/convert.py") for c in templates)
     assert served and served[0]["port"] == 7860
+    # search and web indexed img/ into one index of their own, keyed by the folder.
+    assert [p.name[:4] for p in Path("logs/search_index").iterdir()] == ["img_"]
 
     # The demo says what it wrote, then its next steps with this run's paths and real captions (tensorboard is
     # not ours: its folder must exist).
@@ -130,3 +132,14 @@ def test_every_printed_command_runs_on_a_fresh_clone_after_the_demo(clone, monke
     private = [f"{p.relative_to(folder)} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in written
                if stat.S_IMODE(p.stat().st_mode) != 0o644]
     assert not private, private
+
+
+def test_the_default_search_index_is_one_per_folder(tmp_path):
+    from utils.predict.inputs import index_dir
+
+    config = {"index_dir": "", "dir_origin_path": str(tmp_path / "a" / "photos")}
+    first = index_dir(config)
+    assert Path(first).parent == Path("logs/search_index") and Path(first).name.startswith("photos_")
+    assert index_dir({**config, "dir_origin_path": str(tmp_path / "b" / "photos")}) != first  # same name, other folder
+    assert index_dir({**config, "dir_origin_path": str(tmp_path / "a" / "photos") + "/"}) == first
+    assert index_dir({**config, "index_dir": "mine"}) == "mine"

@@ -109,7 +109,7 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path,
     assert set(results["metrics"]) == {"acc1", "mean_per_class_recall"}  # 3 classes: no acc5
     assert results["classnames"] == ["blue things", "green things", "red things"] and results["images"] == 7
     assert (tmp_path / "results_confusion.png").stat().st_size > 0
-    assert "blue things" in first.stdout and "acc1" in first.stdout
+    assert "blue things" in first.stdout and "acc1" in first.stdout and "7 images, 3 classes, 1 template," in first.stdout
     refused = _eval(capsys, **folder_run)
     assert refused.returncode == 2 and refused.stderr == f"error: {out} already exists (and 1 more); choose another " \
                                                          "output, or pass --overwrite true to replace it\n"

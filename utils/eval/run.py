@@ -32,6 +32,11 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def counted(n: int, one: str, many: str = "") -> str:
+    """"1 template", "80 templates"."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def default_output(model_path: str, json_path: str, task: str = "eval") -> Path:
     return Path("logs") / f"{task}_{output_name(model_path, json_path)}.json"
 
@@ -98,7 +103,8 @@ def run_zeroshot(cfg: dict) -> dict:
     metrics = result["metrics"]
     print(format_classes(names, result))
     print(", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
-    print(f"{len(entries)} images, {len(names)} classes, {len(templates)} templates, {seconds:.1f} s")
+    print(f"{counted(len(entries), 'image')}, {counted(len(names), 'class', 'classes')}, "
+          f"{counted(len(templates), 'template')}, {seconds:.1f} s")
     plot_confusion(names, result["confusion"], plot, f"{dataset_name}: acc1 {100 * metrics['acc1']:.1f}%")
     atomic_write_bytes(json.dumps({
         "dataset": str(json_path or root), "model": cfg["model_path"] or clip.phi, "phi": clip.phi,
@@ -130,7 +136,7 @@ def run_retrieval(cfg: dict) -> dict:
     seconds = time.time() - started
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})
     print(format_table(metrics))
-    print(f"{len(entries)} images, {features[1].shape[0]} captions, {seconds:.1f} s")
+    print(f"{counted(len(entries), 'image')}, {counted(int(features[1].shape[0]), 'caption')}, {seconds:.1f} s")
     atomic_write_bytes(json.dumps({"metrics": metrics, "model_path": cfg["model_path"], "phi": clip.phi,
                                   "dataset": cfg["datasets_val_json_path"], "images": len(entries),
                                   "captions": int(features[1].shape[0]), "precision": clip.precision,

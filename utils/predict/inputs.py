@@ -1,6 +1,8 @@
 """predict.py's inputs and outputs, checked before any model loads: a missing image costs a second, not a model load."""
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 from utils.errors import UserError
@@ -33,3 +35,14 @@ def predictions_path(config: dict) -> Path:
     predictions are never the same file."""
     name = output_name(config["model_path"], Path(config["dir_origin_path"]).resolve().name)
     return Path(config["dir_save_path"]) / f"predictions_{name}.csv"
+
+
+def index_dir(config: dict) -> str:
+    """The search index's folder: index_dir when set, else one per indexed folder under logs/search_index, so
+    switching between folders keeps each one's features instead of re-encoding everything."""
+    if config["index_dir"]:
+        return config["index_dir"]
+    folder = Path(config["dir_origin_path"]).resolve()
+    key = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:8]
+    name = re.sub(r"[^\w.-]+", "_", folder.name) or "root"
+    return str(Path("logs") / "search_index" / f"{name}_{key}")
