@@ -143,3 +143,13 @@ def test_the_default_search_index_is_one_per_folder(tmp_path):
     assert index_dir({**config, "dir_origin_path": str(tmp_path / "b" / "photos")}) != first  # same name, other folder
     assert index_dir({**config, "dir_origin_path": str(tmp_path / "a" / "photos") + "/"}) == first
     assert index_dir({**config, "index_dir": "mine"}) == "mine"
+
+
+def test_the_readme_help_sample_is_the_real_text(monkeypatch):
+    """README's `python eval.py --help` sample is cut from the text the script prints at 120 columns."""
+    monkeypatch.setenv("COLUMNS", "120")
+    shown = run_script("eval.py", "--help").stdout.splitlines()
+    after = (ROOT / "README.md").read_text(encoding="utf-8").split("    $ python eval.py --help\n")[1].splitlines()
+    block = after[:next(i for i, line in enumerate(after) if line and not line.startswith("    "))]
+    sample = [line[4:] for line in block if line.strip() not in ("", "...")]  # "...": lines left out
+    assert len(sample) > 10 and [line for line in sample if line not in shown] == []
