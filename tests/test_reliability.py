@@ -246,7 +246,7 @@ def test_malicious_pickle_is_refused_by_every_entry_point(toy, tmp_path, capsys)
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     with evil.open("wb") as f:
-        pickle.dump({"model": _Exploit(marker), "optimizer": {}, "epoch": 0, "config": {}}, f)
+        pickle.dump({"model": _Exploit(marker), "optimizer": {}, "epoch": 0, "config": {}}, f, protocol=2)  # torch's legacy
     # Each entry point in this process (tests/conftest.run_script): the loaders are the same code a new
     # interpreter would run, and an executed payload would leave the marker just the same.
     runs = {
