@@ -126,4 +126,5 @@ def test_results_of_two_runs_get_two_names_and_none_is_replaced_unasked(trained,
     assert refused.returncode == 2 and "predictions_my_run_last_epoch_weights_photos.csv already exists; choose " \
                                        "another dir_save_path, or pass --overwrite true" in refused.stderr
     assert csv.read_text() == "my edits"
-    assert run_script("predict.py", *args, "--overwrite", "true").returncode == 0 and csv.read_text().startswith("path,")
+    replaced = run_script("predict.py", *args, "--overwrite", "true")
+    assert replaced.returncode == 0 and csv.read_text().startswith("path,")
