@@ -197,6 +197,9 @@ def test_written_files_get_the_mode_of_a_new_file_not_0600(tmp_path, umask):
     atomic_write_bytes(b"[]", tmp_path / "results.json")
     assert mode(tmp_path / "results.json") == 0o600 and (tmp_path / "results.json").read_bytes() == b"[]"
     assert not list(tmp_path.glob(".*.tmp"))
+    from utils.files import new_file_mode
+
+    assert new_file_mode() == 0o640  # for writers that make 0600 files of their own (safetensors, mkstemp)
 
 
 def test_weights_of_another_architecture_and_non_weight_files(toy, tmp_path, capsys):

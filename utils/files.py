@@ -100,6 +100,20 @@ def atomic_savefig(fig, path: str | Path) -> None:
     atomic_write_bytes(buffer.getvalue(), path)
 
 
+def new_file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask), for files that other writers create 0600
+    (safetensors' save_file, mkstemp)."""
+    try:  # Linux names the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _temporary_beside(path: Path) -> tuple[int, Path]:
     """(fd, path) of a new empty file `.<name>.<8 hex>.tmp` beside `path`, with the mode a new `path` would get.
 

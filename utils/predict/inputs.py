@@ -24,7 +24,7 @@ def check_inputs(config: dict) -> None:
                         f"to {'score' if mode == 'dir_predict' else 'search'}")
     if mode == "dir_predict":
         refuse_existing([predictions_path(config)], config["overwrite"], "another dir_save_path")
-    if config["templates"] and mode not in ("fps", "export_onnx"):
+    if config["templates"] and mode not in ("fps", "export_onnx", "export_hf"):
         from utils.prompts import load_templates
 
         load_templates(config["templates"])  # a given file or template reads alike in every language
