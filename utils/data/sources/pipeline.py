@@ -43,7 +43,8 @@ def train_command(phi: str, output_dir: Path, written: dict, name: str) -> str:
     val = f" --datasets_val_json_path {quote(str(written['val']))}" if "val" in written else ""
     return (f"train with: python train.py {start} --datasets_path {quote(str(output_dir))} --datasets_train_json_path "
             f"{quote(str(written['train']))}{val} --save_dir {quote(str(Path('logs') / name))}\n"
-            f"  (from {why}; to fine-tune a pretrained model give its --model_path and --phi: README, \"Weights\")")
+            f"  (from {why}; for pretrained weights give them instead, e.g. --model_path openai --phi "
+            "openai/VIT-B-32, downloaded once: README, \"Weights\")")
 
 
 def convert(cfg: dict) -> dict:
