@@ -20,7 +20,7 @@ from datasets.make_toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train.py", "eval.py", "predict.py", "datasets/convert.py")
+SCRIPTS = ("train.py", "eval.py", "predict.py", "datasets/convert.py", "datasets/curate.py")
 
 
 def commands(text: str) -> list[list[str]]:
