@@ -1,10 +1,15 @@
 r"""Image<->text retrieval recall@1/5/10 on a caption set (the original's metric and keys), or zero-shot
 classification of an image-folder tree (eval_type zeroshot).
 
-    python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+Examples after the demo and train.py --help's fine-tuning (<...>: your own folder):
+
+    python eval.py --model_path logs/finetune_en/last_epoch_weights.pth --phi auto \
         --datasets_path datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json
-    python eval.py --eval_type zeroshot --datasets_path my_classes/ --model_path ... --output results.json
-    python eval.py --eval_type wise_ft --wise_ft_start_path pretrained.pth --model_path finetuned.pth ...
+    python eval.py --eval_type zeroshot --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --datasets_path <my_classes/>        # one subfolder of images per class
+    python eval.py --eval_type wise_ft --phi auto --wise_ft_start_path logs/demo_en/last_epoch_weights.pth \
+        --model_path logs/finetune_en/last_epoch_weights.pth --datasets_path datasets/toy/ \
+        --datasets_val_json_path datasets/toy/en_val.json
 
 Every variable below is also a --flag of the same name; --help lists them.
 """
@@ -45,8 +50,12 @@ letterbox_image = False
 skip_bad_samples = False
 # WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
-# Results as JSON; "" = logs/eval_<weights>_<dataset>.json.
+# Results as JSON; "" = logs/eval_<run folder>_<weights>_<dataset>.json (zeroshot: logs/zeroshot_...json, and
+# its confusion matrix as <output>_confusion.png beside it).
 output = ""
+# Replace result files that exist (output and its confusion plot; wise_ft: the sweep's three files); otherwise
+# eval refuses before any work.
+overwrite = False
 # Reuse features encoded earlier with the same weights, phi, dataset and preprocessing...
 feature_cache = True
 # ...kept in this folder.
@@ -65,8 +74,6 @@ control_datasets_path = ""
 control_json_path = ""
 # wise_ft: where wise_ft_weights.pth (the chosen alpha's weights), wise_ft_results.json and wise_ft.png go.
 wise_ft_save_dir = "logs/wise_ft"
-# wise_ft: replace those files when they exist; otherwise the sweep refuses before any work.
-wise_ft_overwrite = False
 
 def main(config: dict, explicit: dict) -> None:
     from utils.eval.run import run_eval

@@ -1,16 +1,25 @@
-"""Zero-shot prediction: type an image path, get one probability per caption (or label).
+r"""Zero-shot prediction: type an image path, get one probability per caption (or label).
 
-    python predict.py                              # the loop: "Input image path:", Ctrl-D or empty line to quit
-    python predict.py --image img/example.jpg      # answer once
-    python predict.py --captions "a dog" "a cat"   # any config variable below is a --flag
-    python predict.py --labels dog cat bird        # zero-shot classes through prompt templates
-    python predict.py --mode dir_predict --dir_origin_path my_photos/ --labels dog cat   # a folder to a CSV
-    python predict.py --mode search --dir_origin_path my_photos/   # text or an image path -> the best matches
-    python predict.py --mode web --dir_origin_path my_photos/      # a page on http://127.0.0.1:7860/
-    python predict.py --mode fps                   # images/s and captions/s of this model here
-    python predict.py --mode export_onnx --export_dir model_data/onnx   # image.onnx + text.onnx for deployment
-    python predict.py --mode predict_onnx --export_dir model_data/onnx  # the loop above, run by onnxruntime alone
-    python predict.py --mode export_hf --export_dir model_data/hf       # a transformers CLIPModel folder
+Examples with the demo's weights (python train.py --demo en writes them); for yours, change --model_path and --phi:
+
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto   # the loop: "Input image path: "
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg  # once
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg \
+        --captions "a red circle" "a blue square"    # any config variable below is a --flag
+    python predict.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto --image img/example.jpg \
+        --labels circle square star                   # zero-shot classes through prompt templates
+    python predict.py --mode dir_predict --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/ --labels circle square  # a folder's images into a CSV in img_out/
+    python predict.py --mode search --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/ --query "a red circle"  # text or an image path -> the best matches
+    python predict.py --mode web --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/                        # a page on http://127.0.0.1:7860/
+    python predict.py --mode fps --model_path logs/demo_en/last_epoch_weights.pth --phi auto  # images/s here
+    python predict.py --mode export_onnx --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --export_dir model_data/onnx                  # image.onnx + text.onnx for deployment
+    python predict.py --mode predict_onnx --export_dir model_data/onnx --image img/example.jpg  # by onnxruntime
+    python predict.py --mode export_hf --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --export_dir model_data/hf                    # a transformers CLIPModel folder
 """
 from __future__ import annotations
 
@@ -37,12 +46,16 @@ templates = ""
 image = ""
 # dir_predict: the folder whose images (searched recursively) are scored...
 dir_origin_path = "img/"
-# ...and where predictions.csv goes (path, then the top_k labels or captions with their probabilities).
+# ...and the folder of its CSV, predictions_<run folder>_<weights>_<folder>.csv (path, then the top_k labels or
+# captions with their probabilities).
 dir_save_path = "img_out/"
+# dir_predict: replace that CSV when it exists; otherwise dir_predict refuses before loading the model.
+overwrite = False
 # dir_predict: how many of the best labels (or captions) each row lists.
 top_k = 5
-# search: where the index of dir_origin_path's image features is kept (updated incrementally on each run)...
-index_dir = "logs/search_index"
+# search and web: where the index of dir_origin_path's image features is kept (updated incrementally on each
+# run); "" = logs/search_index/<folder>_<hash of its full path>, one per indexed folder...
+index_dir = ""
 # ...re-encoded from scratch when true (needed after changing weights or phi)...
 rebuild_index = False
 # ...and answered once for this query (a text, or an image path) instead of asking in a loop.
@@ -84,6 +97,10 @@ def main(config: dict, explicit: dict) -> None:
 
     if config["mode"] not in _MODES:
         raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
+    from utils.predict.inputs import check_inputs, index_dir
+
+    check_inputs(config)
+    config = {**config, "index_dir": index_dir(config)}
 
     if config["mode"] == "export_onnx":
         from utils.export.onnx_export import run_export
@@ -117,13 +134,14 @@ def main(config: dict, explicit: dict) -> None:
                         "--labels dog cat)")
     if config["mode"] == "dir_predict":
         from utils.predict.folder import predict_folder
+        from utils.predict.inputs import predictions_path
 
         import torch
 
         if targets is None:
             targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
         out, scored, problems = predict_folder(model, names, targets, config["dir_origin_path"],
-                                               config["dir_save_path"], config["top_k"], config["batch_size"])
+                                               predictions_path(config), config["top_k"], config["batch_size"])
         for problem in problems[:20]:
             print(f"skipped {problem}")
         print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")
@@ -150,7 +168,7 @@ def main(config: dict, explicit: dict) -> None:
         return
     from utils.predict.ask import ask_loop
 
-    ask_loop("Input image path:", lambda path: answer(score, path, names))
+    ask_loop("Input image path: ", lambda path: answer(score, path, names))
 
 if __name__ == "__main__":
     run_script(globals(), main)

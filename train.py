@@ -1,9 +1,13 @@
-"""Train or fine-tune CLIP on a JSON caption dataset (the original repo's format).
+r"""Train or fine-tune CLIP on a JSON caption dataset (the original repo's format).
 
-    python train.py --demo en                       # toy set, tiny model, CPU, a few minutes
-    python train.py --model_path openai --datasets_path datasets/flickr8k/ ...
-    torchrun --nproc_per_node 4 train.py --distributed true ...
+    python train.py --demo en       # toy set, tiny model, CPU, a few minutes; then fine-tune its weights:
+    python train.py --model_path logs/demo_en/last_epoch_weights.pth --phi tiny/VIT-T-8 --datasets_path datasets/toy/ \
+        --datasets_train_json_path datasets/toy/en_train.json --datasets_val_json_path datasets/toy/en_val.json \
+        --Epoch 1 --save_dir logs/finetune_en
 
+Your own data: datasets/convert.py checks it and prints the command to train on it. Pretrained weights by name
+(--model_path openai --phi openai/VIT-B-32 downloads them once): README, "Weights"; several GPUs (torchrun): README,
+"Several GPUs or machines".
 Every variable below is also a --flag of the same name; --help lists them.
 """
 from utils.config import run_script
@@ -35,7 +39,8 @@ Epoch = 100
 Init_lr = 1e-4
 # Final learning rate of the decay.
 Min_lr = Init_lr * 0.01
-# The original's rule: multiply both rates by batch_size / 64, then clamp (Adam/AdamW: Init_lr at most 1e-4).
+# The original's rule: multiply both rates by batch_size / 64, then clamp Init_lr to [3e-5, 1e-4] (Adam/AdamW) or
+# [5e-4, 5e-2] (SGD), and Min_lr to a hundredth of those; the run prints which bound acted.
 scale_lr = True
 # "adamw", "adam" or "sgd".
 optimizer_type = "adamw"

@@ -1,9 +1,11 @@
 r"""Turn captions in any common layout into the original's JSON dataset (or WebDataset shards), checked.
 
-    python datasets/convert.py --source karpathy --input dataset_flickr8k.json --images Flicker8k_Dataset/ \
+Examples (<...>: your files); the last line it prints is the command to train on the result:
+
+    python datasets/convert.py --source karpathy --input <dataset_flickr8k.json> --images <Flicker8k_Dataset/> \
         --output_dir datasets/flickr8k --name flickr8k
-    python datasets/convert.py --source csv --input captions.csv --output_dir datasets/mine --name mine
-    python datasets/convert.py --source folder --input my_images/ --to wds --shard_size 1000
+    python datasets/convert.py --source csv --input <captions.csv> --output_dir datasets/mine --name mine
+    python datasets/convert.py --source folder --input <my_images/> --to wds --shard_size 1000
 
 Every variable below is also a --flag of the same name; --help lists them. README, "Bring your own data".
 """
@@ -25,9 +27,12 @@ images = ""
 output_dir = "datasets/"
 # The first part of every output file name.
 name = "mydata"
-# For sources without splits: the share of images for val and test, drawn at random with seed.
+# For sources without splits: the share of images drawn at random for the val split (recall@K wants at least
+# 100 val images; fewer are warned about)...
 val_ratio = 0.05
+# ...and for the test split...
 test_ratio = 0.0
+# ...drawn with this random seed (the same seed and input give the same splits).
 seed = 0
 # "json" (the original's format) or "wds" (tar shards <name>_<split>/00000.tar..., img2dataset's layout).
 to = "json"

@@ -1,8 +1,12 @@
 r"""Clean a caption file with a CLIP model: drop pairs whose image and caption disagree, near-duplicate images,
 and list validation images that leak from the training set.
 
-    python datasets/curate.py --datasets_path datasets/flickr8k --input datasets/flickr8k/flickr8k_train.json \
-        --output datasets/flickr8k/flickr8k_train_kept.json --against datasets/flickr8k/flickr8k_val.json
+    python datasets/curate.py --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --datasets_path datasets/toy/ --input datasets/toy/en_train.json --against datasets/toy/en_val.json \
+        --output logs/curate/en_train_kept.json
+
+(the demo's weights on the toy set, after python train.py --demo en; for your data, pretrained weights such as
+--model_path openai --phi openai/VIT-B-32 and your caption files)
 
 Writes the kept entries to `output` (kept.json) and, beside it, kept_scores.csv (every pair's score),
 kept_scores.png (their histogram), kept_duplicates.json (near-duplicate groups) and, with `against`,

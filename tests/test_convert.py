@@ -238,7 +238,8 @@ def test_existing_outputs_are_never_overwritten_without_overwrite(tmp_path):
     assert _convert("jsonl", lines, tmp_path, overwrite=True)["train"][0]["caption"] == ["one"]
 
 
-def test_the_script_summarises_and_says_how_to_train(tmp_path, capsys):
+def test_the_script_summarises_and_says_how_to_train(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no demo has run here
     _image(tmp_path / "a.jpg")
     _image(tmp_path / "b.jpg", colour=(1, 2, 3))
     long = " ".join(["word"] * 100)
@@ -250,10 +251,22 @@ def test_the_script_summarises_and_says_how_to_train(tmp_path, capsys):
     assert "train        2 images         3 captions" in out
     assert "exact-duplicate images: 0; exact-duplicate captions: 1" in out
     assert "captions longer than the text tower's context: 1 (33.3%" in out
-    assert f"train with: python train.py --datasets_path {tmp_path} --datasets_train_json_path " \
-           f"{tmp_path / 'mine_train.json'}" in out
+    assert f"train with: python train.py --model_path '' --phi openai/VIT-B-32 --datasets_path {tmp_path} " \
+           f"--datasets_train_json_path {tmp_path / 'mine_train.json'} --save_dir logs/mine\n" \
+           "  (from random weights" in out
+    assert "warning: the validation set" not in out  # no val split at all: nothing to warn about
     code, _, err = run_script("datasets/convert.py", "--source", "excel", capsys=capsys)
     assert code == 2 and err.startswith("error: source 'excel' is not one of karpathy, coco")
+
+
+def test_a_small_val_split_is_warned_about(tmp_path, capsys):
+    for i in range(40):
+        _image(tmp_path / f"{i}.jpg", colour=(i, 2 * i, 3 * i))
+    (tmp_path / "set.jsonl").write_text("".join(f'{{"image": "{i}.jpg", "caption": "c{i}"}}\n' for i in range(40)))
+    _convert("jsonl", tmp_path / "set.jsonl", tmp_path, val_ratio=0.05)
+    out = capsys.readouterr().out
+    assert "warning: the validation set has only 2 images, so R@1, R@5 and R@10 mean little (chance alone scores " \
+           "R@10 about 100%; R@K needs at least 10 x K images, 100 for all three). Raise --val_ratio" in out
 
 
 def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):

@@ -148,6 +148,9 @@ def test_url_downloads_once_then_loads_from_the_cache_with_the_server_gone(env, 
     assert phi == "tiny/VIT-T-8"
     cached = _files_in(env / "cache")
     assert [p.name for p in cached] == ["tiny.pth"] and cached[0].read_bytes() == data  # no .part, no stamp
+    from utils.files import new_file_mode
+
+    assert cached[0].stat().st_mode & 0o777 == new_file_mode()  # not mkstemp's 0600: a shared cache reads it
     again, _ = load_model(f"{base}/w/tiny.pth", "tiny/VIT-T-8")  # the server is gone
     _same_weights(again, state)
 

@@ -38,8 +38,8 @@ def test_loop_survives_bad_input_then_answers_and_exits_on_eof(tiny_weights, tmp
                       stdin)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("cannot open") == 5 and "DecompressionBombError" in result.stdout
-    assert result.stdout.count("Input image path:") == 7  # six answers, then EOF
-    probs = [float(p) for p in re.findall(r"^(?:Input image path:)?(\d\.\d{4})  ", result.stdout, re.M)]
+    assert result.stdout.count("Input image path: ") == 7  # six answers, then EOF
+    probs = [float(p) for p in re.findall(r"^(?:Input image path: )?(\d\.\d{4})  ", result.stdout, re.M)]
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-4)
     assert "Traceback" not in result.stderr
 
@@ -70,16 +70,50 @@ def test_detect_image_matches_features_by_hand(tiny_weights):
 
 
 def test_bf16_inference_is_close_to_fp32(tiny_weights):
+    import warnings
+
     pixels = torch.randn(4, 3, 64, 64)
     fp32 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False).detect_image_for_eval(pixels)[0]
-    bf16 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False,
-                precision="bf16").detect_image_for_eval(pixels)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = CLIP(model_path=str(tiny_weights), phi="tiny/VIT-T-8", cuda=False,
+                    precision="bf16").detect_image_for_eval(pixels)[0]
+    # A CPU without bf16 units is told that fp32 is faster there; one with them is not.
+    slow = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert [str(w.message).split(" runs ")[0] for w in caught] == (["precision='bf16' on a CPU without bf16 units"]
+                                                                    if slow else [])
     assert bf16.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(fp32, bf16.float()).min() > 0.99
 
 
 def test_image_flag_with_an_unreadable_image_says_what_failed_and_exits_2(tiny_weights, tmp_path, _predict):
-    result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--image", tmp_path / "missing.jpg"])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    result = _predict(["--model_path", tiny_weights, "--phi", "auto", "--image", tmp_path / "notes.jpg"])
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: cannot open '{tmp_path / 'missing.jpg'}' (FileNotFoundError")
+    assert result.stderr.startswith(f"error: cannot open '{tmp_path / 'notes.jpg'}' (UnidentifiedImageError")
     assert "try again" not in result.stderr
+
+
+def test_input_paths_are_checked_before_the_model_loads(tiny_weights, tmp_path, _predict, monkeypatch):
+    import clip
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(clip.CLIP, "__init__", no_model)
+    model = ["--model_path", tiny_weights, "--phi", "tiny/VIT-T-8"]
+    for args, expected in (
+            (["--image", tmp_path / "missing.jpg"], f"image {tmp_path / 'missing.jpg'} does not exist"),
+            (["--image", tmp_path], f"image {tmp_path} is a folder"),
+            (["--mode", "dir_predict", "--dir_origin_path", tmp_path / "none"], f"dir_origin_path {tmp_path / 'none'} "
+             "is not a folder"),
+            (["--mode", "search", "--dir_origin_path", tmp_path / "none"], f"dir_origin_path {tmp_path / 'none'}"),
+            (["--labels", "dog", "--templates", tmp_path / "t.json"], f"templates file {tmp_path / 't.json'} does not "
+             "exist")):
+        result = _predict(model + args)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), (args, result.stderr)
+    (tmp_path / "classes" / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / "dog" / "a.png")
+    result = run_script("eval.py", *model, "--eval_type", "zeroshot", "--datasets_path", tmp_path / "classes",
+                        "--templates", tmp_path / "t.json", "--output", tmp_path / "out.json")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: templates file {tmp_path / 't.json'}")

@@ -32,7 +32,8 @@ def test_dir_predict_writes_the_top_labels_of_every_readable_image(tiny_weights,
                       "--top_k", 2, "--batch_size", 2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "broken.jpg" in result.stdout and "2 images scored" in result.stdout
-    rows = list(csv.reader((tmp_path / "out" / "predictions.csv").open()))
+    [written] = (tmp_path / "out").glob("predictions_*_tiny_photos.csv")  # named by weights and folder
+    rows = list(csv.reader(written.open()))
     assert rows[0] == ["path", "label1", "prob1", "label2", "prob2"]
     assert [r[0] for r in rows[1:]] == ["red.jpg", "sub/blue.png"]
     model = CLIP(model_path=str(tiny_weights), phi="auto", cuda=False)
@@ -53,7 +54,7 @@ def test_dir_predict_with_captions_and_with_nothing_readable(tiny_weights, tmp_p
     assert ok.returncode == 0, ok.stderr[-2000:]
     model = CLIP(model_path=str(tiny_weights), phi="auto", cuda=False)
     expected = model.detect_image(Image.open(photos / "g.jpg"), ["a green thing", "a red thing"])[0]
-    row = list(csv.reader((tmp_path / "o" / "predictions.csv").open()))[1]
+    row = list(csv.reader(next((tmp_path / "o").glob("predictions_*.csv")).open()))[1]
     assert {row[1]: float(row[2]), row[3]: float(row[4])} == pytest.approx(
         {"a green thing": expected[0], "a red thing": expected[1]}, abs=1e-4)
     (photos / "g.jpg").write_bytes(b"broken")

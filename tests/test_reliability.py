@@ -153,6 +153,55 @@ def test_bad_configuration_is_one_clear_message(toy, tmp_path, extra, fragments,
     _user_error(train(train_args(toy, tmp_path / "run", **extra), capsys), *fragments)
 
 
+def test_missing_data_is_reported_before_the_model_is_built(toy, tmp_path, capsys, monkeypatch):
+    import utils.train.run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data's paths were checked")
+
+    monkeypatch.setattr(utils.train.run, "init_model", no_model)
+    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
+        _user_error(train(train_args(toy, tmp_path / "run", **{setting: tmp_path / "none.json"}), capsys),
+                    f"{setting} {tmp_path / 'none.json'} does not exist")
+
+
+@pytest.fixture
+def umask():
+    """Sets the process's umask for one test (os.umask returns the old one) and puts it back."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_written_files_get_the_mode_of_a_new_file_not_0600(tmp_path, umask):
+    """mkstemp's 0600 survived the rename: weights, results and plots were readable by their owner only."""
+    import stat
+
+    import matplotlib.pyplot as plt
+
+    from utils.files import append_text, atomic_savefig, atomic_write_bytes
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    atomic_save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
+    atomic_write_bytes(b"{}", tmp_path / "results.json")
+    atomic_savefig(plt.figure(), tmp_path / "plot.png")
+    append_text(tmp_path / "history.jsonl", "{}\n")  # os.open with 0666 already: the reference
+    assert {p.name: mode(p) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["weights.pth", "results.json", "plot.png", "history.jsonl"], 0o644)
+    umask(0o027)
+    atomic_write_bytes(b"{}", tmp_path / "team.json")
+    assert mode(tmp_path / "team.json") == 0o640
+    (tmp_path / "results.json").chmod(0o600)  # a file the user made private stays private when replaced
+    atomic_write_bytes(b"[]", tmp_path / "results.json")
+    assert mode(tmp_path / "results.json") == 0o600 and (tmp_path / "results.json").read_bytes() == b"[]"
+    assert not list(tmp_path.glob(".*.tmp"))
+    from utils.files import new_file_mode
+
+    assert new_file_mode() == 0o640  # for writers that make 0600 files of their own (safetensors, mkstemp)
+
+
 def test_weights_of_another_architecture_and_non_weight_files(toy, tmp_path, capsys):
     torch.save(build_model(get_config("tiny-cn/VIT-T-8")).state_dict(), tmp_path / "cn.pth")
     _user_error(train(train_args(toy, tmp_path / "run", model_path=tmp_path / "cn.pth"), capsys),
@@ -200,7 +249,7 @@ def test_malicious_pickle_is_refused_by_every_entry_point(toy, tmp_path, capsys)
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     with evil.open("wb") as f:
-        pickle.dump({"model": _Exploit(marker), "optimizer": {}, "epoch": 0, "config": {}}, f)
+        pickle.dump({"model": _Exploit(marker), "optimizer": {}, "epoch": 0, "config": {}}, f, protocol=2)  # torch's legacy
     # Each entry point in this process (tests/conftest.run_script): the loaders are the same code a new
     # interpreter would run, and an executed payload would leave the marker just the same.
     runs = {

@@ -179,3 +179,32 @@ def test_a_real_browser_searches_and_classifies(server, tmp_path):
         assert (tmp_path / "search.png").stat().st_size > 0
     finally:
         browser.quit()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none: what a huge upload looks like before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_k_and_the_pixel_count_are_checked_with_a_message(server):
+    url = server["url"]
+    for k in ("-5", "0"):
+        status, raw = _get(f"{url}/api/search?q=red&k={k}")
+        assert status == 400 and f"got {k}" in json.loads(raw)["error"], (k, raw)
+    status, raw = _get(f"{url}/api/search?q=red&k=many")
+    assert status == 400 and json.loads(raw)["error"].startswith("k:")
+    status, body = _post(f"{url}/api/search_image", {"k": "-1"}, {"image": ("g.png", _png_header(8, 8))})
+    assert status == 400 and "got -1" in body["error"]
+    status, raw = _get(f"{url}/api/search?q=red&k=1000")  # above the index's size: all of it, as before
+    assert status == 200 and len(json.loads(raw)["results"]) == len(server["index"].paths)
+    # 156 Mpx is under PIL's refusal (179 Mpx); 400 Mpx is past it, where PIL names the pixels but not the sides.
+    for (width, height), shown in (((12_500, 12_500), "12500 x 12500 = 156 Mpx"), ((20_000, 20_000), "400 Mpx")):
+        status, body = _post(f"{url}/api/classify", {"texts": "a"}, {"image": ("huge.png", _png_header(width, height))})
+        assert status == 413 and f"huge.png is {shown}; the limit is 50 Mpx" in body["error"], body

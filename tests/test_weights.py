@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 
 from nets import build_model, get_config
-from tests.conftest import SMALL, bert_config, random_tokens, reference_for
+from tests.conftest import SMALL, bert_config, random_tokens, reference_for, traces_on_purpose
 from tests.test_models import _hf_clip
 from utils.errors import UserError
 from utils.weights.arch import write_arch
@@ -44,6 +44,7 @@ def test_original_repo_pth(tmp_path, reference_weights, dtype):
     _assert_same_weights(model, {k: v.to(dtype) for k, v in sd.items()})
 
 
+@traces_on_purpose
 def test_openai_torchscript_archive(tmp_path, reference_weights):
     reference, sd = reference_weights
     # OpenAI's archives also carry these three as tensors; they are not weights.
@@ -162,12 +163,13 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         load_model(path, "auto")
     raw = tmp_path / "evil_legacy.pth"
-    raw.write_bytes(pickle.dumps(_Exploit(marker)))
+    raw.write_bytes(pickle.dumps(_Exploit(marker), protocol=2))  # torch's legacy format is protocol 2
     with pytest.raises(UserError):
         load_model(raw, "auto")
     assert not marker.exists()
 
 
+@traces_on_purpose
 def test_malicious_torchscript_archive_is_refused(tmp_path, reference_weights):
     reference, _ = reference_weights
     pixels, tokens = torch.randn(1, 3, 32, 32), random_tokens(2, 1000)

@@ -172,13 +172,14 @@ def test_alphas_outside_0_1_are_one_line_and_exit_2_before_any_work(data, capsys
     assert result.returncode == 2 and result.stderr.strip() == message and not save_dir.exists()
 
 
-def test_existing_outputs_are_never_replaced_without_wise_ft_overwrite(data, capsys):
+def test_existing_outputs_are_never_replaced_without_overwrite(data, capsys):
     save_dir = data["root"] / "sweep"
     save_dir.mkdir()
     (save_dir / OUTPUT_FILES["plot"]).write_bytes(b"mine")
     result = _sweep(capsys, data, save_dir)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "wise_ft.png already exists; choose another wise_ft_save_dir or set wise_ft_overwrite=true" in result.stderr
+    assert "wise_ft.png already exists; choose another wise_ft_save_dir, or pass --overwrite true to replace it" \
+        in result.stderr
     assert sorted(p.name for p in save_dir.iterdir()) == [OUTPUT_FILES["plot"]]
     assert (save_dir / OUTPUT_FILES["plot"]).read_bytes() == b"mine"
     missing = _sweep(capsys, data, save_dir, "--wise_ft_start_path", data["root"] / "nope.pth")

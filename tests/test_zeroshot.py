@@ -112,8 +112,14 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path,
     assert set(results["metrics"]) == {"acc1", "mean_per_class_recall"}  # 3 classes: no acc5
     assert results["classnames"] == ["blue things", "green things", "red things"] and results["images"] == 7
     assert (tmp_path / "results_confusion.png").stat().st_size > 0
-    assert "blue things" in first.stdout and "acc1" in first.stdout
-    second = _eval(capsys, **folder_run)
+    assert "blue things" in first.stdout and "acc1" in first.stdout and "7 images, 3 classes, 1 template," in first.stdout
+    refused = _eval(capsys, **folder_run)
+    assert refused.returncode == 2 and refused.stderr == f"error: {out} already exists (and 1 more); choose another " \
+                                                         "output, or pass --overwrite true to replace it\n"
+    (tmp_path / "results.json").rename(tmp_path / "moved.json")  # the confusion plot alone is refused too
+    assert "results_confusion.png already exists" in _eval(capsys, **folder_run).stderr
+    (tmp_path / "moved.json").rename(tmp_path / "results.json")
+    second = _eval(capsys, **folder_run, overwrite="true")
     assert "using cached features" in second.stdout and json.loads(out.read_text())["metrics"] == results["metrics"]
 
     # The same images as the original's JSON with integer labels and a classnames file give the same numbers.
@@ -126,7 +132,7 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path,
                      output=tmp_path / "l.json", feature_cache="false")
     assert labelled.returncode == 0, labelled.stderr[-2000:]
     assert json.loads((tmp_path / "l.json").read_text())["metrics"] == pytest.approx(results["metrics"])
-    bad = _eval(capsys, **dict(folder_run, templates="a photo"))
+    bad = _eval(capsys, **dict(folder_run, templates="a photo", overwrite="true"))
     assert bad.returncode == 2 and bad.stderr.strip() == "error: template 'a photo' has no {c} where the class name goes"
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,11 +100,47 @@ def atomic_savefig(fig, path: str | Path) -> None:
     atomic_write_bytes(buffer.getvalue(), path)
 
 
+def new_file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask), for files that other writers create 0600
+    (safetensors' save_file, mkstemp)."""
+    try:  # Linux names the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """(fd, path) of a new empty file `.<name>.<8 hex>.tmp` beside `path`, with the mode a new `path` would get.
+
+    Not mkstemp: its files are 0600 and the rename keeps that, so weights, results and indexes came out readable
+    by their owner only (a team folder, a web server under another user, a copy to a shared disk could not read
+    them). Created 0666 and left to the umask, as any new file; a file being replaced keeps its own mode."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            if hasattr(os, "fchmod") and path.exists():
+                os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
+        except OSError:
+            pass  # the mode of a file about to be replaced is a courtesy, not worth failing the write for
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
     path = Path(path)
     with write_guard(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -140,3 +179,22 @@ def check_writable(folder: Path, setting: str = "save_dir") -> None:
             pass
     except OSError as e:
         raise UserError(f"{setting} {folder} is not writable ({e.strerror or e}); choose another {setting}") from e
+
+
+def output_name(model_path: str, dataset: str | Path) -> str:
+    """`<run folder>_<weights>_<dataset>` for a result's default file name: two runs' last_epoch_weights.pth
+    (logs/demo_en/, logs/my_run/) get two names. Characters a file name should not hold become "_"."""
+    weights = Path(model_path) if model_path else None
+    parts = [weights.parent.name, weights.stem] if weights else ["random"]
+    text = "_".join(p for p in [*parts, Path(dataset).stem] if p and p != ".")
+    return re.sub(r"[^\w.-]+", "_", text)
+
+
+def refuse_existing(paths, overwrite: bool, elsewhere: str) -> None:
+    """Nothing a user has is replaced unasked: a UserError naming the first of `paths` that exists, unless
+    `overwrite`. `elsewhere` says what else to choose ("another output")."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more}; choose {elsewhere}, or pass --overwrite true to "
+                        "replace it")

@@ -30,6 +30,20 @@ Indices = Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, int]
 CaptionLists = Sequence[Sequence[int]] | np.ndarray | torch.Tensor | Mapping[int, Sequence[int]]
 
 
+def small_val_warning(n_images: int, setting: str = "") -> str | None:
+    """A warning when a validation set is too small for recall@K to mean much, else None. R@K is a hit among
+    the best K of n images: below 10 x K images chance alone scores over 10%, and with K or fewer every query
+    hits (2 val images: r_mean 100). `setting` says where to get more images."""
+    weak = [k for k in RECALL_KS if n_images < 10 * k]
+    if not weak:
+        return None
+    names = [f"R@{k}" for k in weak]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return (f"warning: the validation set has only {n_images} images, so {listed} mean{'s' if len(weak) == 1 else ''} "
+            f"little (chance alone scores R@{weak[-1]} about {min(100.0, 100 * weak[-1] / max(n_images, 1)):.0f}%; "
+            f"R@K needs at least 10 x K images, 100 for all three){f'. {setting}' if setting else ''}")
+
+
 class _CaptionPairs(NamedTuple):
     """Every (image, caption) pair of img2txt, sorted by image; image i's pairs are offsets[i]:offsets[i + 1]."""
 

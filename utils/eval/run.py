@@ -14,7 +14,8 @@ from utils.errors import UserError
 from utils.eval.encode import encode_images, encode_set, score
 from utils.eval.feature_cache import cache_key, load_features, save_features
 from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
-from utils.files import atomic_write_bytes, check_writable
+from utils.files import atomic_write_bytes, check_writable, output_name, refuse_existing
+from utils.metrics import small_val_warning
 from utils.prompts import class_embeddings, load_templates
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
@@ -31,9 +32,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def default_output(model_path: str, json_path: str) -> Path:
-    weights = Path(model_path).stem if model_path else "random"
-    return Path("logs") / f"eval_{weights}_{Path(json_path).stem}.json"
+def counted(n: int, one: str, many: str = "") -> str:
+    """"1 template", "80 templates"."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def default_output(model_path: str, json_path: str, task: str = "eval") -> Path:
+    return Path("logs") / f"{task}_{output_name(model_path, json_path)}.json"
 
 
 EVAL_TYPES = ("retrieval", "zeroshot", "wise_ft")
@@ -72,9 +77,12 @@ def run_zeroshot(cfg: dict) -> dict:
     root = Path(cfg["datasets_path"])
     names, entries, json_path = zeroshot_set(cfg)
     dataset_name = Path(json_path).stem if json_path else root.resolve().name
-    output = Path(cfg["output"]) if cfg["output"] else \
-        Path("logs") / f"zeroshot_{Path(cfg['model_path']).stem if cfg['model_path'] else 'random'}_{dataset_name}.json"
+    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], dataset_name, "zeroshot")
+    plot = output.with_name(output.stem + "_confusion.png")
+    refuse_existing([output, plot], cfg["overwrite"], "another output")
     check_writable(output.parent, "output")
+    if cfg["templates"]:
+        load_templates(cfg["templates"])  # a given file reads alike in every language: checked before the model
     started = time.time()
     clip = CLIP.from_config(cfg)
     language = "cn" if clip.net.config.text.is_bert else "en"
@@ -95,8 +103,8 @@ def run_zeroshot(cfg: dict) -> dict:
     metrics = result["metrics"]
     print(format_classes(names, result))
     print(", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
-    print(f"{len(entries)} images, {len(names)} classes, {len(templates)} templates, {seconds:.1f} s")
-    plot = output.with_name(output.stem + "_confusion.png")
+    print(f"{counted(len(entries), 'image')}, {counted(len(names), 'class', 'classes')}, "
+          f"{counted(len(templates), 'template')}, {seconds:.1f} s")
     plot_confusion(names, result["confusion"], plot, f"{dataset_name}: acc1 {100 * metrics['acc1']:.1f}%")
     atomic_write_bytes(json.dumps({
         "dataset": str(json_path or root), "model": cfg["model_path"] or clip.phi, "phi": clip.phi,
@@ -110,10 +118,13 @@ def run_zeroshot(cfg: dict) -> dict:
 def run_retrieval(cfg: dict) -> dict:
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
+    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
+    refuse_existing([output], cfg["overwrite"], "another output")
+    check_writable(output.parent, "output")
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
                         columns=(cfg["csv_image_column"], cfg["csv_caption_column"]))
-    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
-    check_writable(output.parent, "output")
+    if warning := small_val_warning(len(entries), "Evaluate on more images for numbers that compare runs"):
+        print(warning)
     started = time.time()
     clip = CLIP.from_config(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
@@ -125,7 +136,7 @@ def run_retrieval(cfg: dict) -> dict:
     seconds = time.time() - started
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})
     print(format_table(metrics))
-    print(f"{len(entries)} images, {features[1].shape[0]} captions, {seconds:.1f} s")
+    print(f"{counted(len(entries), 'image')}, {counted(int(features[1].shape[0]), 'caption')}, {seconds:.1f} s")
     atomic_write_bytes(json.dumps({"metrics": metrics, "model_path": cfg["model_path"], "phi": clip.phi,
                                   "dataset": cfg["datasets_val_json_path"], "images": len(entries),
                                   "captions": int(features[1].shape[0]), "precision": clip.precision,

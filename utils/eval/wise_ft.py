@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 
 from utils.errors import UserError
-from utils.files import atomic_savefig, atomic_write_bytes, check_writable
+from utils.files import atomic_savefig, atomic_write_bytes, check_writable, refuse_existing
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
 from utils.weights.pretrained import is_weight_name
 from utils.weights.arch import save_weights
@@ -43,9 +43,7 @@ def check_sweep(cfg: Mapping) -> tuple[list[float], dict[str, Path]]:
     if cfg["control_type"] == "retrieval" and not cfg["control_json_path"]:
         raise UserError("control_type retrieval needs control_json_path, the control set's caption file")
     paths = output_paths(cfg["wise_ft_save_dir"])
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not cfg["wise_ft_overwrite"]:
-        raise UserError(f"{existing[0]} already exists; choose another wise_ft_save_dir or set wise_ft_overwrite=true")
+    refuse_existing(paths.values(), cfg["overwrite"], "another wise_ft_save_dir")
     check_writable(Path(cfg["wise_ft_save_dir"]), "wise_ft_save_dir")
     return alphas, paths
 

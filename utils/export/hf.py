@@ -19,7 +19,7 @@ from PIL import Image
 
 from utils.data.images import OPENAI_MEAN, OPENAI_STD
 from utils.errors import UserError
-from utils.files import write_error
+from utils.files import new_file_mode, write_error
 from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
 from utils.weights.layouts import openai_to_transformers, transformers_config
 
@@ -205,6 +205,7 @@ def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]
         for name, data in files.items():
             if isinstance(data, dict):
                 save_file(data, temp / name, metadata={"format": "pt"})
+                os.chmod(temp / name, new_file_mode())  # save_file's own temporary file is 0600
             else:
                 (temp / name).write_bytes(data)
             with open(temp / name, "rb") as f:

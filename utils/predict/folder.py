@@ -49,14 +49,14 @@ def _as_list(batch):
 
 
 @torch.no_grad()
-def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str | Path, save_dir: str | Path,
+def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str | Path, out: str | Path,
                    top_k: int = 5, batch_size: int = 32, num_workers: int = 0) -> tuple[Path, int, list[str]]:
-    """Write save_dir/predictions.csv: each readable image's path (relative to folder), its top_k names and
-    their probabilities. `targets` are unit text or class embeddings, one per name. Returns (csv path, images
-    scored, problems)."""
+    """Write the CSV `out`: each readable image's path (relative to folder), its top_k names and their
+    probabilities. `targets` are unit text or class embeddings, one per name. Returns (csv path, images scored,
+    problems)."""
     paths = images_under(folder)
-    save_dir = Path(save_dir)
-    check_writable(save_dir, "dir_save_path")
+    out = Path(out)
+    check_writable(out.parent, "dir_save_path")
     k = min(top_k, len(names))
     scale = model.net.logit_scale.exp().float()
     rows, problems = [], []
@@ -82,6 +82,5 @@ def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str |
     writer = csv.writer(text)
     writer.writerow(["path"] + [f"{field}{rank}" for rank in range(1, k + 1) for field in ("label", "prob")])
     writer.writerows(rows)
-    out = save_dir / "predictions.csv"
     atomic_write_bytes(text.getvalue().encode("utf-8"), out)
     return out, len(rows), problems

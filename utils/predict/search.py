@@ -175,4 +175,4 @@ def run_search(model, config: dict) -> None:
             return str(e)
         return None
 
-    ask_loop("Search (text, or an image path):", answer_or_why)
+    ask_loop("Search (text, or an image path): ", answer_or_why)

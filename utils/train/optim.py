@@ -12,13 +12,16 @@ from utils.errors import UserError
 NOMINAL_BATCH = 64  # the original scales learning rates by batch_size / 64
 
 
+def lr_bounds(optimizer_type: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The original's (floor, ceiling) of the scaled Init_lr and of the scaled Min_lr (a hundredth of those)."""
+    low, high = (3e-5, 1e-4) if optimizer_type in ("adam", "adamw") else (5e-4, 5e-2)
+    return (low, high), (low * 1e-2, high * 1e-2)
+
+
 def scaled_lrs(init_lr: float, min_lr: float, batch_size: int, optimizer_type: str) -> tuple[float, float]:
     """The original's batch-size scaling of the learning rate, clamped to its per-optimiser limits."""
-    adam = optimizer_type in ("adam", "adamw")
-    limit_max, limit_min = (1e-4, 3e-5) if adam else (5e-2, 5e-4)
-    init = min(max(batch_size / NOMINAL_BATCH * init_lr, limit_min), limit_max)
-    low = min(max(batch_size / NOMINAL_BATCH * min_lr, limit_min * 1e-2), limit_max * 1e-2)
-    return init, low
+    return tuple(min(max(batch_size / NOMINAL_BATCH * rate, low), high)
+                 for rate, (low, high) in zip((init_lr, min_lr), lr_bounds(optimizer_type)))
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -40,13 +43,22 @@ def _short(rate: float) -> str:
 
 def scaling_note(wanted: tuple[float, float], scaled: tuple[float, float], batch_size: int,
                  optimizer_type: str) -> str | None:
-    """What the batch-size scaling did to the rates the user set, or None when it left them as they were."""
-    changes = [f"{name} {_short(a)} -> {_short(b)}" for name, a, b in zip(("Init_lr", "Min_lr"), wanted, scaled)
-               if not math.isclose(a, b, rel_tol=1e-9)]
+    """What the batch-size scaling did to the rates the user set, and which bound acted, or None when it left
+    them as they were: `Init_lr 1e-4 -> 3e-5 (x 8/64 = 1.25e-5, raised to adamw's floor 3e-5)`."""
+    changes = []
+    for name, a, b, (low, high) in zip(("Init_lr", "Min_lr"), wanted, scaled, lr_bounds(optimizer_type)):
+        if math.isclose(a, b, rel_tol=1e-9):
+            continue
+        product = batch_size / NOMINAL_BATCH * a
+        how = f"x {batch_size}/{NOMINAL_BATCH}"
+        if math.isclose(b, low, rel_tol=1e-9) and product < low:
+            how += f" = {_short(product)}, raised to {optimizer_type}'s floor {_short(low)}"
+        elif math.isclose(b, high, rel_tol=1e-9) and product > high:
+            how += f" = {_short(product)}, capped at {optimizer_type}'s ceiling {_short(high)}"
+        changes.append(f"{name} {_short(a)} -> {_short(b)} ({how})")
     if not changes:
         return None
-    return (f"{', '.join(changes)} by the original's batch-size scaling (x {batch_size}/{NOMINAL_BATCH}, clamped "
-            f"for {optimizer_type}); --scale_lr false keeps yours")
+    return f"{', '.join(changes)} by the original's batch-size scaling; --scale_lr false keeps yours"
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

@@ -22,6 +22,7 @@ from utils.files import atomic_save
 from utils.finetune.accum import check_accum
 from utils.finetune.lora import add_lora, plain_state_dict, save_adapter
 from utils.finetune.partial import apply_locks, parameter_summary
+from utils.metrics import small_val_warning
 from utils.tokenizer import build_tokenizer
 from utils.train.checkpoint import load_state, newest_state, prune_states, state_path
 from utils.train.distributed import DistInfo, cleanup, init_distributed
@@ -87,7 +88,20 @@ def _check_settings(cfg: dict, device: torch.device, info: DistInfo) -> tuple[st
         raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
                         f"{cfg['Epoch']}")
     check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
+    _check_data_paths(cfg)
     return precision, augment_level(cfg["augment"], cfg["datasets_random"])
+
+
+def _check_data_paths(cfg: dict) -> None:
+    """The data's files exist: found missing before the model is built and its weights read, not after."""
+    if not Path(cfg["datasets_path"]).is_dir():
+        raise UserError(f"datasets_path {cfg['datasets_path']} does not exist; point it at the folder the JSON image "
+                        "paths are relative to")
+    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
+        path = cfg[setting]
+        if not (setting == "datasets_train_json_path" and is_shard_source(path)) and not Path(path).is_file():
+            raise UserError(f"{setting} {path} does not exist; give the caption file to "
+                            f"{'train on' if 'train' in setting else 'validate on'}")
 
 
 def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict, precision: str, augment: str) -> dict:
@@ -239,6 +253,9 @@ class _Run:
             print(note)
         print(f"{self.n_train} train / {len(self.val_entries)} val images, {self.steps_per_epoch} steps per epoch, "
               f"lr {self.init_lr:.2e} -> {self.min_lr:.2e} ({cfg['lr_decay_type']})")
+        if warning := small_val_warning(len(self.val_entries), "Give datasets_val_json_path more images "
+                                                               "(convert.py: --val_ratio) before choosing weights by it"):
+            print(warning)
         if self.resumed:
             print(f"resumed from {self.resume_path} at epoch {state['epoch'] + 1}, step {state['step']}")
 

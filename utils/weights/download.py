@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.files import WriteError, atomic_write_bytes
+from utils.files import WriteError, atomic_write_bytes, new_file_mode
 
 CACHE_ENV = "CLIP_CACHE"  # where URL downloads are kept; hub files stay in huggingface_hub's own cache
 BASE_ENV = "CLIP_DOWNLOAD_BASE"  # a mirror that serves the table's files under their own names
@@ -122,6 +122,8 @@ def _download(source: str, target: Path, sha256: str, hint: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target, so the final rename is atomic; the leading dot keeps it out of listings.
     fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would survive the rename: a shared cache could not read it
     try:
         h = hashlib.sha256()
         done = 0

@@ -25,7 +25,30 @@ def _too_long(phi: str, bert_vocab_path: str):
     return lambda caption: measure(caption) > room and len(tokenizer.encode(caption)) > room
 
 
+def train_command(phi: str, output_dir: Path, written: dict, name: str) -> str:
+    """The train.py command for what was written, with weights that are here: the demo's (of phi's language)
+    when it has run, else random ones. Every setting the default would get wrong is spelled out, so the line
+    runs as printed."""
+    from shlex import quote
+
+    from nets.configs import get_config
+
+    bert = get_config(phi).text.is_bert
+    demo = Path("logs") / ("demo_cn" if bert else "demo_en") / "last_epoch_weights.pth"
+    if demo.is_file():
+        start, why = f"--model_path {quote(str(demo))} --phi {'tiny-cn' if bert else 'tiny'}/VIT-T-8", \
+            "the demo's weights, to try the pipeline"
+    else:
+        start, why = f"--model_path '' --phi {quote(phi)}", "random weights"
+    val = f" --datasets_val_json_path {quote(str(written['val']))}" if "val" in written else ""
+    return (f"train with: python train.py {start} --datasets_path {quote(str(output_dir))} --datasets_train_json_path "
+            f"{quote(str(written['train']))}{val} --save_dir {quote(str(Path('logs') / name))}\n"
+            f"  (from {why}; for pretrained weights give them instead, e.g. --model_path openai --phi "
+            "openai/VIT-B-32, downloaded once: README, \"Weights\")")
+
+
 def convert(cfg: dict) -> dict:
+    from utils.metrics import small_val_warning
     from utils.data.sources import SOURCES
 
     if cfg["source"] not in SOURCES:
@@ -64,13 +87,14 @@ def convert(cfg: dict) -> dict:
     print(f"{cfg['source']} {input_path} -> {output_dir}")
     print(summary(splits, _too_long(cfg["phi"], cfg["bert_vocab_path"]), problems, captionless,
                   source.problems.empty_captions, source.problems.uncaptioned))
+    if splits.get("val") and (warning := small_val_warning(len(splits["val"]), "Raise --val_ratio (or give the "
+                                                                            "source a bigger val split)")):
+        print(warning)
     for split in SPLITS:
         if split in written:
             target = written[split]
             shown = target if isinstance(target, Path) else f"{target[0].parent}/{{00000..{len(target) - 1:05d}}}.tar"
             print(f"  wrote {shown}")
     if cfg["to"] == "json" and "train" in written:
-        val = f" --datasets_val_json_path {written['val']}" if "val" in written else ""
-        print(f"train with: python train.py --datasets_path {output_dir} --datasets_train_json_path "
-              f"{written['train']}{val}")
+        print(train_command(cfg["phi"], output_dir, written, cfg["name"]))
     return {"splits": {s: len(splits[s]) for s in SPLITS}, "written": written, "problems": problems}

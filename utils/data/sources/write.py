@@ -17,7 +17,7 @@ from PIL import Image
 
 from utils.data.sources.records import SHOWN, Record
 from utils.errors import UserError
-from utils.files import atomic_write_bytes
+from utils.files import atomic_write_bytes, refuse_existing
 
 SPLITS = ("train", "val", "test")
 
@@ -69,17 +69,10 @@ def relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
 
 
-def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
-                        "; choose another name or output_dir, or pass --overwrite true to replace it")
-
-
 def write_json(splits: dict[str, list[Record]], output_dir: Path, name: str, overwrite: bool) -> dict[str, Path]:
     """`<name>_<split>.json` in the original's format, image paths relative to output_dir."""
     targets = {split: output_dir / f"{name}_{split}.json" for split in SPLITS if splits[split]}
-    _refuse_existing(list(targets.values()), overwrite)
+    refuse_existing(list(targets.values()), overwrite, "another name or output_dir")
     for split, path in targets.items():
         entries = [{"image": relative(r.image, output_dir), "caption": r.captions} for r in splits[split]]
         atomic_write_bytes(json.dumps(entries, ensure_ascii=False, indent=1).encode("utf-8"), path)
@@ -97,7 +90,7 @@ def write_shards(splits: dict[str, list[Record]], output_dir: Path, name: str, s
             continue
         folder = output_dir / f"{name}_{split}"
         shards = [folder / f"{i:05d}.tar" for i in range(-(-len(records) // shard_size))]
-        _refuse_existing(shards, overwrite)
+        refuse_existing(shards, overwrite, "another name or output_dir")
         folder.mkdir(parents=True, exist_ok=True)
         for number, shard in enumerate(shards):
             buffer = io.BytesIO()

@@ -1,0 +1,48 @@
+"""predict.py's inputs and outputs, checked before any model loads: a missing image costs a second, not a model load."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.files import output_name, refuse_existing
+
+_FOLDER_MODES = ("dir_predict", "search")  # web starts without a folder: its search tab stays empty
+
+
+def check_inputs(config: dict) -> None:
+    """A UserError naming the first input of `config` that cannot be read; the weights are the loader's."""
+    mode = config["mode"]
+    if config["image"] and mode in ("predict", "predict_onnx"):
+        image = Path(config["image"])
+        if not image.is_file():
+            raise UserError(f"image {image} {'is a folder' if image.is_dir() else 'does not exist'}; give the path "
+                            "of an image file")
+    if mode in _FOLDER_MODES and not Path(config["dir_origin_path"]).is_dir():
+        raise UserError(f"dir_origin_path {config['dir_origin_path']} is not a folder; give the folder of images "
+                        f"to {'score' if mode == 'dir_predict' else 'search'}")
+    if mode == "dir_predict":
+        refuse_existing([predictions_path(config)], config["overwrite"], "another dir_save_path")
+    if config["templates"] and mode not in ("fps", "export_onnx", "export_hf"):
+        from utils.prompts import load_templates
+
+        load_templates(config["templates"])  # a given file or template reads alike in every language
+
+
+def predictions_path(config: dict) -> Path:
+    """dir_predict's CSV: named by the weights (with their run folder) and the folder scored, so another run's
+    predictions are never the same file."""
+    name = output_name(config["model_path"], Path(config["dir_origin_path"]).resolve().name)
+    return Path(config["dir_save_path"]) / f"predictions_{name}.csv"
+
+
+def index_dir(config: dict) -> str:
+    """The search index's folder: index_dir when set, else one per indexed folder under logs/search_index, so
+    switching between folders keeps each one's features instead of re-encoding everything."""
+    if config["index_dir"]:
+        return config["index_dir"]
+    folder = Path(config["dir_origin_path"]).resolve()
+    key = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:8]
+    name = re.sub(r"[^\w.-]+", "_", folder.name) or "root"
+    return str(Path("logs") / "search_index" / f"{name}_{key}")
