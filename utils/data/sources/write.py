@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from utils.data.sources.records import SHOWN, Record
-from utils.errors import UserError
 from utils.files import atomic_write_bytes, refuse_existing
 
 SPLITS = ("train", "val", "test")
