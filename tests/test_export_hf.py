@@ -218,8 +218,13 @@ def _open_clip_config(config) -> dict:
                          "heads": t.heads, "layers": t.layers, "mlp_ratio": getattr(t, "mlp_ratio", 4.0)}}
 
 
-def test_open_clip_loads_this_projects_weight_file_features_1e4(tmp_path, tiny_weights):
+def test_open_clip_loads_this_projects_weight_file_features_1e4(tmp_path, tiny_weights, monkeypatch):
     open_clip = pytest.importorskip("open_clip")
+    from open_clip import factory
+
+    # Registered for this test only: test_open_clip compares the registry with the model table.
+    monkeypatch.setattr(factory, "_MODEL_CONFIGS", dict(factory._MODEL_CONFIGS))
+    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
     config = get_config("tiny/VIT-T-8")
     configs = tmp_path / "open_clip_configs"
     configs.mkdir()
