@@ -137,7 +137,7 @@ def test_resnet_of_sizes_in_no_row_is_refused_not_guessed():
 @traces_on_purpose
 def test_openai_torchscript_resnet_archive_loads_exactly(tmp_path):
     from tests.test_weights import save_openai_torchscript
-    from utils.weights import load_model
+    from utils.weights.load import load_model
 
     torch.manual_seed(0)
     reference = open_clip_model(get_config("tiny/RN-T"))
