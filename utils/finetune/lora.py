@@ -23,12 +23,16 @@ _ALIASES = {
     "bert": {"attn": ("attention.self.query", "attention.self.key", "attention.self.value",
                       "attention.output.dense"),
              "mlp": ("intermediate.dense", "output.dense")},
+    # A ResNet image tower's only attention and Linear layers are its attention pool's; its convolutions get none.
+    "resnet": {"attn": ("attnpool.q_proj", "attnpool.k_proj", "attnpool.v_proj", "attnpool.c_proj"), "mlp": ()},
 }
 ADAPTER_NAME = "default"
 
 
 def _kind(model, tower_name: str) -> str:
-    return "bert" if tower_name == "text" and model.config.text.is_bert else "openai"
+    if tower_name == "text":
+        return "bert" if model.config.text.is_bert else "openai"
+    return "resnet" if model.config.vision.kind == "resnet" else "openai"
 
 
 def _ends_with(name: str, suffixes) -> bool:
