@@ -52,11 +52,16 @@ def test_fine_tuning_keeps_batch_norm_statistics_unless_told(trained, capsys):
     assert not torch.equal(tuned["visual.layer1.0.bn3.weight"], start["visual.layer1.0.bn3.weight"])
     assert not torch.equal(tuned["visual.conv1.weight"], start["visual.conv1.weight"])
     updated = train(train_args(root / "toy", root / "updated", model_path=root / "start.pth", phi="auto", Epoch=1,
-                               eval_flag="false", freeze_bn_stats="false"), capsys)
+                               eval_flag="false", freeze_bn_stats="false", wise_ft_alpha=0.5), capsys)
     assert updated.returncode == 0, updated.stderr[-3000:]
     assert "BatchNorm statistics: updated by every batch" in updated.stdout
     moved = torch.load(root / "updated" / "last_epoch_weights.pth", weights_only=True)
     assert all(not torch.equal(moved[k], v) for k, v in _running_stats(start).items())
+    # WiSE-FT blends the statistics too; BatchNorm's batch counters (now apart) are the fine-tuned ones.
+    blend = torch.load(root / "updated" / "wise_ft_alpha0.5_weights.pth", weights_only=True)
+    key = "visual.layer1.0.bn1.running_mean"
+    torch.testing.assert_close(blend[key], (start[key] + moved[key]) / 2)
+    assert blend["visual.bn1.num_batches_tracked"] == moved["visual.bn1.num_batches_tracked"] > 0
 
 
 def test_eval_retrieval_equals_the_training_callback_and_zero_shot_runs(trained, tmp_path, capsys):
