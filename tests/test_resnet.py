@@ -147,3 +147,27 @@ def test_openai_torchscript_resnet_archive_loads_exactly(tmp_path):
     model, phi = load_model(path, "auto")
     assert phi == "tiny/RN-T"
     assert_features_match(model.eval(), reference, 64, 49408)
+
+
+def test_grad_checkpointing_recomputes_blocks_only_while_batch_norm_is_frozen():
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny/RN-T"))
+    perturb_(model)
+    plain = build_model(get_config("tiny/RN-T"))
+    plain.load_state_dict(model.state_dict())
+    model.set_grad_checkpointing(True)
+    calls, block = [], model.visual.layer2[0]
+    forward = block.forward
+    block.forward = lambda x: calls.append(1) or forward(x)  # counts recomputations too, which skip hooks
+    pixels = torch.randn(4, 3, 64, 64)
+    for train_stats in (False, True):  # eval-mode BatchNorm (frozen statistics), then train mode
+        calls.clear()
+        for net in (model, plain):
+            net.visual.train(train_stats)
+            net.zero_grad()
+            net.encode_image(pixels).square().sum().backward()
+        assert len(calls) == (1 if train_stats else 2)  # recomputed in the backward pass only when frozen
+        for (name, a), b in zip(model.visual.named_parameters(), plain.visual.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+        # Statistics move once per forward, as without checkpointing.
+        torch.testing.assert_close(model.visual.layer2[0].bn1.running_mean, plain.visual.layer2[0].bn1.running_mean)

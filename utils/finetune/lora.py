@@ -62,8 +62,10 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
     if unmatched:
         linear = sorted({n.rsplit(".", 1)[-1] for t in towers for n, m in getattr(model, t).named_modules()
                          if isinstance(m, nn.Linear)})
+        resnet = " (a ResNet image tower has no MLP: its only Linear layers are its attention pool's)" \
+            if "visual" in towers and _kind(model, "visual") == "resnet" else ""
         raise UserError(f"lora_targets {', '.join(map(repr, unmatched))} match no layer of the "
-                        f"{' and '.join(towers)} tower(s); use 'attn', 'mlp' or a Linear layer's name "
+                        f"{' and '.join(towers)} tower(s){resnet}; use 'attn', 'mlp' or a Linear layer's name "
                         f"({', '.join(linear)})")
     return sorted(set(modules)), sorted(set(params))
 

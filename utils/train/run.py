@@ -249,8 +249,13 @@ class _Run:
         for line in self.sources:
             print(line)
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            print("BatchNorm statistics: " + ("frozen as loaded" if batch_norm_stats_frozen(cfg) else
-                                              "updated by every batch") + " (freeze_bn_stats)")
+            frozen = batch_norm_stats_frozen(cfg)
+            # Batch statistics are a micro-batch's and a process's own, not the global batch's.
+            split = [] if frozen else [w for w, on in (("micro-batch", cfg["accum_freq"] > 1),
+                                                       ("process", info.world_size > 1)) if on]
+            print("BatchNorm statistics: " + ("frozen as loaded" if frozen else "updated by every batch")
+                  + " (freeze_bn_stats)" + (f"; each {' and '.join(split)} normalises with its own, so a step is "
+                                            "not exactly one whole batch's" if split else ""))
         if cfg["scale_lr"] and (note := scaling_note((cfg["Init_lr"], cfg["Min_lr"]), (self.init_lr, self.min_lr),
                                                       cfg["batch_size"], cfg["optimizer_type"])):
             print(note)
