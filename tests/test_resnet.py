@@ -104,8 +104,8 @@ def test_every_open_clip_resnet_has_its_shapes_heads_and_activation(size):
         activation = getattr(ours.config.text, "activation", "quick_gelu")
         assert (activation == "quick_gelu") == (type(reference.transformer.resblocks[0].mlp.gelu).__name__ ==
                                                 "QuickGELU"), name
-        # phi='auto' finds the same sizes (the first row of them, OpenAI's name) from the shapes alone.
-        assert infer_config(ours.state_dict()).vision == ours.config.vision
+        # phi='auto' finds the sizes and heads from the shapes alone: OpenAI's name (a bare file is OpenAI's).
+        assert phi_of(infer_config(ours.state_dict())) == f"openai/{size}"
 
 
 def test_tiny_resnet_forward_and_auto_config():
