@@ -1,6 +1,9 @@
 """OpenAI's ResNet CLIPs: exact against open_clip on random weights, every size's shapes, and phi='auto'."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -118,8 +121,6 @@ def test_tiny_resnet_forward_and_auto_config():
 
 
 def test_resnet_config_round_trips_through_a_dict_and_json():
-    import json
-
     config = get_config("RN101-quickgelu")
     assert CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert hash(config) == hash(CLIPConfig.from_dict(config.to_dict()))
@@ -170,3 +171,22 @@ def test_grad_checkpointing_recomputes_blocks_only_while_batch_norm_is_frozen():
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
         # Statistics move once per forward, as without checkpointing.
         torch.testing.assert_close(model.visual.layer2[0].bn1.running_mean, plain.visual.layer2[0].bn1.running_mean)
+
+
+def test_open_clip_hub_folder_of_a_custom_gelu_resnet_loads_with_auto_within_1e_4(tmp_path):
+    from utils.weights.load import load_model
+
+    # SMALL_RN's sizes (its 16 pool heads are in no table row) with exact GELU, as open_clip's hub layout says.
+    cfg = dict(embed_dim=48, vision_cfg=dict(image_size=64, layers=[2, 1, 1, 2], width=16, head_width=32),
+               text_cfg=dict(context_length=77, vocab_size=1000, width=64, heads=2, layers=2))
+    torch.manual_seed(0)
+    reference = open_clip.model.CLIP(**cfg).eval()
+    perturb_(reference)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    model, phi = load_model(folder, "auto")
+    assert phi == "custom" and model.config.vision == dataclasses.replace(SMALL_RN.vision, activation="gelu")
+    assert model.config.text.activation == "gelu"
+    assert_features_match(model.eval(), reference, 64, 1000)
