@@ -18,4 +18,4 @@ def open_clip_model(config) -> nn.Module:
         vision_cfg=vision,
         text_cfg=dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
                       layers=t.layers),
-        quick_gelu=True)
+        quick_gelu=t.activation == "quick_gelu")  # open_clip's one switch for both towers
