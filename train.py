@@ -95,14 +95,18 @@ letterbox_image = False
 skip_bad_samples = False
 # Freeze the image tower (LiT).
 lock_image = False
-# ...but keep its last N groups training (groups: embeddings, each block, the last block with ln_post, proj).
+# ...but keep its last N groups training (groups: embeddings, each block, the last block with ln_post, proj;
+# a ResNet's: stem, its 4 stages, the attention pool).
 lock_image_unlocked_groups = 0
 # Freeze the text tower.
 lock_text = False
 # ...but keep its last N groups training (embeddings, each block, the last block with the final norm, projection).
 lock_text_unlocked_layers = 0
-# Freeze the LayerNorms of the locked groups too; False lets their gains and biases train.
+# Freeze the LayerNorms (a ResNet's BatchNorms) of the locked groups too; False lets their gains and biases train.
 lock_layer_norm = True
+# ResNet towers: keep BatchNorm's running statistics as loaded (small fine-tuning batches ruin them; gains and
+# biases still train). False updates them; None (auto): frozen when model_path gives starting weights.
+freeze_bn_stats = None
 # LoRA rank (peft adapters on the unlocked towers; the base weights freeze); 0 = no LoRA. Saved weights are merged.
 lora_r = 0
 # LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_r.

@@ -153,9 +153,12 @@ def main() -> None:
             nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
     state_dict = ours.state_dict()
     peers = {"open_clip": open_clip_peer(config, state_dict)}
-    if not args.no_transformers:
+    resnet = config.vision.kind == "resnet"
+    if not args.no_transformers and not resnet:
         peers["transformers"] = transformers_peer(config, state_dict)
     notes = [f"{name} is not installed: its columns are skipped" for name, peer in peers.items() if peer is None]
+    if resnet and not args.no_transformers:
+        notes.append("transformers has no CLIP with OpenAI's ResNet image tower: its columns are skipped")
     peers = {name: peer.to(device) for name, peer in peers.items() if peer is not None}
     # What CLIP(precision=...) runs: the whole model cast. fp16 is offered on CUDA only.
     low_precision = [torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16]

@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import CLIPConfig
+from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
 from .vit import VisionTransformer
 
 TEXT_PREFIX = "text."
+# config.vision.kind -> the image tower; both keep OpenAI's keys under `visual.`.
+IMAGE_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}
 
 
 def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
@@ -35,7 +38,7 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.visual = VisionTransformer(config.vision, config.embed_dim)
+        self.visual = IMAGE_TOWERS[config.vision.kind](config.vision, config.embed_dim)
         if config.text.is_bert:
             from .text_bert import BertTextTower  # importing transformers' BERT costs seconds; only when used
 
@@ -51,7 +54,7 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enable
+        self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

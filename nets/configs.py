@@ -16,6 +16,11 @@ from utils.errors import UserError
 #   bert-pooler  BertModel pooler output -> ln_final -> text_projection (bubbliiiing's self-cn)
 #   bert-cls     BertModel [CLS] hidden state -> text_projection (Chinese-CLIP)
 TEXT_KINDS = ("openai", "bert-pooler", "bert-cls")
+# Image tower kinds:
+#   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
+#   resnet   OpenAI's ModifiedResNet: `layers` = blocks in each of its 4 stages, `width` = the stem's
+#            channels, `heads` = the attention pool's; patch_size is 32, the stride of the grid it pools
+VISION_KINDS = ("vit", "resnet")
 
 
 # MLP activations of the OpenAI-style towers: OpenAI trained with QuickGELU (x * sigmoid(1.702 x)); LAION,
@@ -39,14 +44,25 @@ class VisionConfig:
     image_size: int
     patch_size: int
     width: int
-    layers: int
+    layers: int | tuple[int, ...]
     heads: int
     mlp_ratio: float = 4.0
     activation: str = "quick_gelu"
+    kind: str = "vit"
 
     @property
     def mlp_width(self) -> int:
         return mlp_width(self.width, self.mlp_ratio)
+
+    def __post_init__(self):
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"vision kind {self.kind!r} is not one of {VISION_KINDS}")
+        if isinstance(self.layers, list):  # read back from JSON; a tuple keeps the config hashable
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if (self.kind == "resnet") != isinstance(self.layers, tuple) or \
+                (self.kind == "resnet" and len(self.layers) != 4):
+            raise ValueError(f"a {self.kind} tower takes {'4 stage depths' if self.kind == 'resnet' else 'one int'} "
+                             f"as layers, not {self.layers!r}")
 
 
 @dataclass(frozen=True)
@@ -214,8 +230,6 @@ def unsupported_open_clip_settings(model_cfg: Mapping) -> list[str]:
             if key in sizes or key in _OPEN_CLIP_TRAINING or (key in defaults and value == defaults[key]):
                 continue
             found.append(f"{part}{key}={value!r}")
-    if isinstance(model_cfg.get("vision_cfg", {}).get("layers"), (list, tuple)):
-        found.append("vision_cfg.layers (a ResNet image tower)")
     return found
 
 
@@ -230,15 +244,21 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
                                            "causal text model, which is what this project builds exactly")
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    resnet = isinstance(v.get("layers"), (list, tuple))  # a ModifiedResNet: its attention pool is width * 32 wide
     width = v.get("width", 768)
     head_width = v.get("head_width", 64)
-    if width % head_width:
+    if (width * 32 if resnet else width) % head_width:
         raise UnsupportedArchitectureError(f"open_clip config: vision width {width} is not a multiple of its head "
                                            f"width {head_width}")
-    vision = VisionConfig(image_size=_square(v.get("image_size", 224), "image_size"),
-                          patch_size=_square(v.get("patch_size", 16), "patch_size"), width=width,
-                          layers=v.get("layers", 12), heads=width // head_width,
-                          mlp_ratio=float(v.get("mlp_ratio", 4.0)), activation=activation)
+    if resnet:
+        vision = VisionConfig(kind="resnet", image_size=_square(v.get("image_size", 224), "image_size"),
+                              patch_size=32, width=width, layers=tuple(v["layers"]), heads=width * 32 // head_width,
+                              activation=activation)
+    else:
+        vision = VisionConfig(image_size=_square(v.get("image_size", 224), "image_size"),
+                              patch_size=_square(v.get("patch_size", 16), "patch_size"), width=width,
+                              layers=v.get("layers", 12), heads=width // head_width,
+                              mlp_ratio=float(v.get("mlp_ratio", 4.0)), activation=activation)
     text = TextConfig(kind="openai", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
                       width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
                       mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation)
@@ -247,6 +267,33 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
 
 MODEL_CONFIGS.update({f"{name}{suffix}": _open_clip_row(*row, quick_gelu=bool(suffix))
                       for name, row in OPEN_CLIP_VITS.items() for suffix in ("", "-quickgelu")})
+
+# OpenAI's ResNet CLIPs with open_clip's sizes (its model_configs/RN*.json): name -> (embed_dim, blocks per
+# stage, stem width, image size, text width, text heads). The attention pool has OpenAI's head width, 64: its
+# input is stem width x 32 wide. The text tower is OpenAI's 12-layer causal transformer.
+_RESNETS = {
+    "RN50": (1024, (3, 4, 6, 3), 64, 224, 512, 8),
+    "RN101": (512, (3, 4, 23, 3), 64, 224, 512, 8),
+    "RN50x4": (640, (4, 6, 10, 6), 80, 288, 640, 10),
+    "RN50x16": (768, (6, 8, 18, 8), 96, 384, 768, 12),
+    "RN50x64": (1024, (3, 15, 36, 10), 128, 448, 1024, 16),
+}
+
+
+def _resnet(embed_dim: int, blocks: tuple, width: int, image_size: int, text: dict) -> dict:
+    vision = dict(kind="resnet", image_size=image_size, patch_size=32, width=width, layers=blocks, heads=width // 2)
+    return dict(embed_dim=embed_dim, vision=vision, text=text)
+
+
+for _name, (_embed, _blocks, _width, _size, _text_width, _text_heads) in _RESNETS.items():
+    _row = _resnet(_embed, _blocks, _width, _size, _openai_text(_text_width, 12, _text_heads))
+    # OpenAI trained its ResNets' text towers with QuickGELU; open_clip's name without -quickgelu is exact GELU.
+    MODEL_CONFIGS[f"openai/{_name}"] = MODEL_CONFIGS[f"{_name}-quickgelu"] = _row
+    # open_clip's quick_gelu is one switch for the whole model; a ResNet tower has no MLP to use it.
+    MODEL_CONFIGS[_name] = dict(_row, vision=dict(_row["vision"], activation="gelu"),
+                                text=dict(_row["text"], activation="gelu"))
+# 64 px, one block per stage: a ResNet CLIP small enough for the CPU tests and demos.
+MODEL_CONFIGS["tiny/RN-T"] = _resnet(128, (1, 1, 1, 1), 16, 64, _openai_text(128, 3, 2))
 
 
 def get_config(phi: str) -> CLIPConfig:
@@ -305,6 +352,13 @@ def _count_layers(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state_dict if (m := regex.match(k))})
 
 
+def _resnet_shapes(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
+    """A ModifiedResNet's sizes from its shapes; heads=0: the attention pool's head count is in no shape."""
+    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return VisionConfig(kind="resnet", image_size=grid * 32, patch_size=32, width=sd["visual.conv3.weight"].shape[0],
+                        layers=tuple(_count_layers(sd, rf"visual\.layer{i}\.(\d+)\.") for i in range(1, 5)), heads=0)
+
+
 class UnknownHeadsError(UserError, ValueError):
     pass
 
@@ -333,12 +387,15 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
     """
     sd = state_dict
-    conv = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    width = conv.shape[0]
-    vision = VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=width,
-                          layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=0,
-                          mlp_ratio=mlp_ratio_of(width, sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]))
+    if "visual.attnpool.positional_embedding" in sd:
+        vision = _resnet_shapes(sd)
+    else:
+        conv = sd["visual.conv1.weight"]  # (width, 3, patch, patch)
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        width = conv.shape[0]
+        vision = VisionConfig(image_size=conv.shape[-1] * grid, patch_size=conv.shape[-1], width=width,
+                              layers=_count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."), heads=0,
+                              mlp_ratio=mlp_ratio_of(width, sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]))
     embed_dim = sd["text_projection"].shape[1]
     if "transformer.embeddings.word_embeddings.weight" in sd:
         words = sd["transformer.embeddings.word_embeddings.weight"]  # (vocab, width)

@@ -30,6 +30,9 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(p, std=scale)
         self.transformer.init_weights()
 
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.transformer.grad_checkpointing = enable
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv1(pixels.to(self.conv1.weight.dtype))  # N, width, grid, grid
         x = x.flatten(2).transpose(1, 2)  # N, grid*grid, width

@@ -146,7 +146,8 @@ def test_partial_locks_unlock_the_last_groups():
     assert len(text_groups(cn.text)) == len(cn.text.transformer.encoder.layer) + 2
 
 
-@pytest.mark.parametrize("config", [SMALL, bert_config("bert-cls", 52)], ids=["openai", "bert"])
+@pytest.mark.parametrize("config", [SMALL, bert_config("bert-cls", 52), get_config("tiny/RN-T")],
+                         ids=["openai", "bert", "resnet"])
 def test_merged_lora_weights_give_the_adapter_models_features_within_1e_5(config):
     torch.manual_seed(0)
     model = build_model(config).eval()

@@ -49,7 +49,10 @@ def test_every_open_clip_name_has_open_clip_json_sizes_heads_and_activation():
 def test_the_table_holds_every_open_clip_config_the_towers_build_exactly():
     buildable = {name for name in open_clip.list_models() if not unsupported_open_clip_settings(_open_clip_json(name))}
     assert buildable <= set(MODEL_CONFIGS)
-    assert {"ViT-B-32", "ViT-H-14-378-quickgelu", "ViT-bigG-14", "ViT-L-14-336-quickgelu"} <= buildable
+    assert {"ViT-B-32", "ViT-H-14-378-quickgelu", "ViT-bigG-14", "ViT-L-14-336-quickgelu", "RN50",
+            "RN50x64-quickgelu"} <= buildable
+    for name in buildable:  # the table's rows are what from_open_clip makes of open_clip's JSON
+        assert get_config(name) == from_open_clip(_open_clip_json(name)), name
     # Refused for a reason the towers here cannot follow exactly, each named:
     why = {name: unsupported_open_clip_settings(_open_clip_json(name)) for name in
            ("ViT-M-16-alt", "ViT-H-14-CLIPA", "ViT-B-16-SigLIP", "EVA02-B-16", "coca_ViT-B-32",

@@ -44,25 +44,34 @@ def test_original_repo_pth(tmp_path, reference_weights, dtype):
     _assert_same_weights(model, {k: v.to(dtype) for k, v in sd.items()})
 
 
+def save_openai_torchscript(model, image_size: int, vocab_size: int, path) -> None:
+    """`model` traced and saved in fp16 as OpenAI publishes its weights (`ViT-B-32.pt`, `RN50.pt`); `model` is
+    left in fp32, as it was."""
+    # OpenAI's archives also carry these three as tensors; they are not weights. (open_clip's model has the
+    # last two as ints, put back afterwards.)
+    extras = {"input_resolution": image_size, "context_length": 77, "vocab_size": vocab_size}
+    kept = {name: model.__dict__.pop(name) for name in extras if name in model.__dict__}
+    for name, value in extras.items():
+        model.register_buffer(name, torch.tensor(value))
+    pixels, tokens = torch.randn(1, 3, image_size, image_size), random_tokens(2, vocab_size)
+    traced = torch.jit.trace(model.half().float(), (pixels, tokens), check_trace=False).half()
+    torch.jit.save(traced, path)
+    for name in extras:
+        delattr(model, name)
+    model.__dict__.update(kept)
+    model.float()
+
+
 @traces_on_purpose
 def test_openai_torchscript_archive(tmp_path, reference_weights):
     reference, sd = reference_weights
-    # OpenAI's archives also carry these three as tensors; they are not weights.
-    reference.register_buffer("input_resolution", torch.tensor(32))
-    reference.register_buffer("context_length", torch.tensor(77))
-    reference.register_buffer("vocab_size", torch.tensor(1000))
-    pixels, tokens = torch.randn(1, 3, 32, 32), random_tokens(2, 1000)
-    traced = torch.jit.trace(reference.half().float(), (pixels, tokens), check_trace=False).half()
     path = tmp_path / "ViT-T.pt"
-    torch.jit.save(traced, path)
+    save_openai_torchscript(reference, 32, 1000, path)
     write_arch(path, SMALL)
-    for name in ("input_resolution", "context_length", "vocab_size"):
-        delattr(reference, name)
     checkpoint = read_checkpoint(path)
     assert checkpoint.layout == "openai"
     model, _ = load_model(path, "auto")
     _assert_same_weights(model, {k: v.half() for k, v in sd.items()})
-    reference.float()
 
 
 def test_transformers_clip_folder_and_files(tmp_path, reference_weights):

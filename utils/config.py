@@ -49,6 +49,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "wise_ft_alphas": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                        and all(_number(lambda a: 0 <= a <= 1)(a) for a in v), "one or more numbers from 0 to 1"),
     "Cuda": (lambda v: v is None or isinstance(v, bool), "true, false or auto"),
+    "freeze_bn_stats": (lambda v: v is None or isinstance(v, bool), "true, false or auto"),
     "num_workers": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                     "a whole number, 0 or more, or auto"),
 }
@@ -146,7 +147,7 @@ def _check_rules(config: Mapping[str, Any]) -> None:
 
 # Variables whose None default stands for "decide for me", and what they take instead.
 _OPEN_METAVARS = {"Cuda": "true|false|auto", "num_workers": "INT|auto", "precision": "fp32|fp16|bf16|auto",
-                  "wise_ft_alpha": "0..1|none"}
+                  "wise_ft_alpha": "0..1|none", "freeze_bn_stats": "true|false|auto"}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

@@ -23,12 +23,16 @@ _ALIASES = {
     "bert": {"attn": ("attention.self.query", "attention.self.key", "attention.self.value",
                       "attention.output.dense"),
              "mlp": ("intermediate.dense", "output.dense")},
+    # A ResNet image tower's only attention and Linear layers are its attention pool's; its convolutions get none.
+    "resnet": {"attn": ("attnpool.q_proj", "attnpool.k_proj", "attnpool.v_proj", "attnpool.c_proj"), "mlp": ()},
 }
 ADAPTER_NAME = "default"
 
 
 def _kind(model, tower_name: str) -> str:
-    return "bert" if tower_name == "text" and model.config.text.is_bert else "openai"
+    if tower_name == "text":
+        return "bert" if model.config.text.is_bert else "openai"
+    return "resnet" if model.config.vision.kind == "resnet" else "openai"
 
 
 def _ends_with(name: str, suffixes) -> bool:
@@ -58,8 +62,10 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
     if unmatched:
         linear = sorted({n.rsplit(".", 1)[-1] for t in towers for n, m in getattr(model, t).named_modules()
                          if isinstance(m, nn.Linear)})
+        resnet = " (a ResNet image tower has no MLP: its only Linear layers are its attention pool's)" \
+            if "visual" in towers and _kind(model, "visual") == "resnet" else ""
         raise UserError(f"lora_targets {', '.join(map(repr, unmatched))} match no layer of the "
-                        f"{' and '.join(towers)} tower(s); use 'attn', 'mlp' or a Linear layer's name "
+                        f"{' and '.join(towers)} tower(s){resnet}; use 'attn', 'mlp' or a Linear layer's name "
                         f"({', '.join(linear)})")
     return sorted(set(modules)), sorted(set(params))
 

@@ -4,10 +4,16 @@ A tower is a sequence of groups, input side first: the embeddings (with the ViT'
 per transformer block, the last block together with the final norm (ViT ln_post, OpenAI ln_final, BERT
 pooler and ln_final), then the projection. `unlocked` = N keeps the last N groups of a locked tower
 trainable; this is how open_clip counts `lock_image_unlocked_groups` / `lock_text_unlocked_layers`.
+A ResNet image tower's groups are its stem, its four stages and its attention pool (which projects too).
 """
 from __future__ import annotations
 
 from torch import nn
+
+from nets.modified_resnet import ModifiedResNet
+
+# The norms whose gains and biases lock_layer_norm=False keeps training in locked groups.
+_NORMS = (nn.LayerNorm, nn.BatchNorm2d)
 
 
 def _groups(modules_and_params) -> list[list]:
@@ -15,6 +21,9 @@ def _groups(modules_and_params) -> list[list]:
 
 
 def vision_groups(visual) -> list[list]:
+    if isinstance(visual, ModifiedResNet):
+        stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
+        return _groups([stem, *visual.stages, visual.attnpool])
     blocks = list(visual.transformer.resblocks)
     return _groups([[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
                     *blocks[:-1], [blocks[-1], visual.ln_post], visual.proj])
@@ -36,8 +45,9 @@ def _parameters(item) -> list[nn.Parameter]:
 
 
 def lock_tower(groups: list[list], unlocked: int, freeze_layer_norm: bool) -> None:
-    """Freeze every group but the last `unlocked`; with freeze_layer_norm=False the LayerNorms of the
-    frozen groups keep training (a few thousand gains and biases that let the locked features re-centre)."""
+    """Freeze every group but the last `unlocked`; with freeze_layer_norm=False the LayerNorms (a ResNet's
+    BatchNorms) of the frozen groups keep training (a few thousand gains and biases that let the locked
+    features re-centre)."""
     frozen = groups[:len(groups) - unlocked] if unlocked > 0 else groups
     for group in frozen:
         for item in group:
@@ -45,7 +55,7 @@ def lock_tower(groups: list[list], unlocked: int, freeze_layer_norm: bool) -> No
                 p.requires_grad_(False)
             if not freeze_layer_norm and isinstance(item, nn.Module):
                 for module in item.modules():
-                    if isinstance(module, nn.LayerNorm):
+                    if isinstance(module, _NORMS):
                         for p in module.parameters():
                             p.requires_grad_(True)
 
@@ -62,6 +72,25 @@ def apply_locks(model, cfg: dict) -> None:
 
 def tower_trains(tower: nn.Module) -> bool:
     return any(p.requires_grad for p in tower.parameters())
+
+
+def batch_norm_stats_frozen(cfg: dict) -> bool:
+    """train.py's freeze_bn_stats, its None resolved: frozen when starting from weights, not from random ones."""
+    setting = cfg.get("freeze_bn_stats")
+    return bool(cfg.get("model_path")) if setting is None else setting
+
+
+def freeze_batch_norm_stats(model: nn.Module, frozen: bool) -> int:
+    """Put BatchNorm layers in eval mode, so their running statistics stay as they are: all of them when
+    `frozen`, else those with no parameter training (a locked group's). Call after `model.train()`. Gains and
+    biases that train keep training. Returns how many are held."""
+    held = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and \
+                (frozen or not any(p.requires_grad for p in module.parameters())):
+            module.eval()
+            held += 1
+    return held
 
 
 def parameter_summary(model: nn.Module) -> str:

@@ -48,8 +48,11 @@ def check_pair(start: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.
     kinds = [k for k in shared if start[k].is_floating_point() != finetuned[k].is_floating_point()]
     if kinds:
         problems.append(f"{len(kinds)} tensors are floating point in one file only (first: {', '.join(kinds[:3])})")
+    # BatchNorm's batch counter moves whenever its statistics do; it weighs nothing (momentum is set), so the
+    # fine-tuned count is kept.
     fixed = [k for k in shared if k not in kinds and not finetuned[k].is_floating_point()
-             and start[k].shape == finetuned[k].shape and not torch.equal(start[k].cpu(), finetuned[k].cpu())]
+             and start[k].shape == finetuned[k].shape and not k.endswith("num_batches_tracked")
+             and not torch.equal(start[k].cpu(), finetuned[k].cpu())]
     if fixed:
         problems.append(f"{len(fixed)} integer tensors differ (first: {', '.join(fixed[:3])})")
     if problems:

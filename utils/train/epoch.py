@@ -13,7 +13,7 @@ from utils.callbacks import LossHistory
 from utils.device import PRECISIONS, autocast
 from utils.errors import UserError
 from utils.finetune.accum import CachedBatch
-from utils.finetune.partial import tower_trains
+from utils.finetune.partial import batch_norm_stats_frozen, freeze_batch_norm_stats, tower_trains
 from utils.train.distributed import DistInfo, all_true, mean_across
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -51,6 +51,7 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
     model.train()
     for tower in (_unwrap(model).visual, _unwrap(model).text):
         tower.train(tower_trains(tower))  # a frozen tower also keeps its dropout off
+    freeze_batch_norm_stats(_unwrap(model), batch_norm_stats_frozen(cfg))
     total = len(loader) + start_step
     accum_freq = cfg.get("accum_freq", 1)
     bar = tqdm(loader, total=total, initial=start_step, desc=f"Epoch {epoch}/{cfg['Epoch']}", disable=not info.is_main,

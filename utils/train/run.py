@@ -21,7 +21,7 @@ from utils.errors import UserError
 from utils.files import atomic_save
 from utils.finetune.accum import check_accum
 from utils.finetune.lora import add_lora, plain_state_dict, save_adapter
-from utils.finetune.partial import apply_locks, parameter_summary
+from utils.finetune.partial import apply_locks, batch_norm_stats_frozen, parameter_summary
 from utils.metrics import small_val_warning
 from utils.tokenizer import build_tokenizer
 from utils.train.checkpoint import load_state, newest_state, prune_states, state_path
@@ -248,6 +248,14 @@ class _Run:
                   f"{self.local_batch // cfg['accum_freq']} per process, every negative kept")
         for line in self.sources:
             print(line)
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            frozen = batch_norm_stats_frozen(cfg)
+            # Batch statistics are a micro-batch's and a process's own, not the global batch's.
+            split = [] if frozen else [w for w, on in (("micro-batch", cfg["accum_freq"] > 1),
+                                                       ("process", info.world_size > 1)) if on]
+            print("BatchNorm statistics: " + ("frozen as loaded" if frozen else "updated by every batch")
+                  + " (freeze_bn_stats)" + (f"; each {' and '.join(split)} normalises with its own, so a step is "
+                                            "not exactly one whole batch's" if split else ""))
         if cfg["scale_lr"] and (note := scaling_note((cfg["Init_lr"], cfg["Min_lr"]), (self.init_lr, self.min_lr),
                                                       cfg["batch_size"], cfg["optimizer_type"])):
             print(note)
