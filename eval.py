@@ -40,6 +40,9 @@ templates = ""
 batch_size = 64
 # Image loading processes; None: as many as this machine's cores, at most 4.
 num_workers = None
+# Decode JPEGs only as large as the model's input needs (several times faster on photos); false decodes every
+# image in full, for numbers reproduced bit for bit.
+fast_decode = True
 # Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from utils.data.images import Letterbox, eval_transform, to_tensor
+from utils.data.images import Letterbox, crop_sides, eval_sides, eval_transform, to_tensor
 from utils.errors import UserError
 
 AUGMENTS = ("light", "none", "strong")
@@ -64,7 +64,8 @@ def augment_level(augment: str, datasets_random: bool) -> str:
 
 class CaptionAugment:
     """`(image, caption) -> (pixels, caption)` at one of AUGMENTS; random draws use torch's global generator,
-    which CaptionDataset seeds per sample."""
+    which CaptionDataset seeds per sample. `sides`: the (short, long) pixels an image must keep for it
+    (utils/data/images.open_image)."""
 
     def __init__(self, size: int, level: str = "light", letterbox: bool = False):
         if level not in AUGMENTS:
@@ -72,8 +73,10 @@ class CaptionAugment:
         self.level = level
         if level == "none":
             self.geometry, self.colour = eval_transform(size, letterbox), None
+            self.sides = eval_sides(size, letterbox)
             return
         crop = v2.RandomResizedCrop(size, scale=CROP_SCALES[level], interpolation=InterpolationMode.BICUBIC)
+        self.sides = crop_sides(size, crop.scale, crop.ratio, letterbox)
         self.geometry = v2.Compose([*([Letterbox(size)] if letterbox else []), crop, *to_tensor()])
         self.colour = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
                                   v2.RandomGrayscale(p=0.2)]) if level == "strong" else None

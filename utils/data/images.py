@@ -1,7 +1,11 @@
-"""Opening user images as RGB whatever their mode, and the preprocessing CLIP was trained with."""
+"""Opening user images as RGB whatever their mode, decoded at the scale the model needs, and the preprocessing
+CLIP was trained with."""
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,8 +39,53 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_rgb(path) -> Image.Image:
-    with Image.open(path) as image:
-        return to_rgb(image)
+    """The whole image, decoded in full: what open_image(path, None) gives."""
+    return open_image(path, None)
+
+
+def open_image(source: str | Path | bytes | BinaryIO, sides: Sequence[int] | None) -> Image.Image:
+    """Upright RGB image (see to_rgb) from a path, bytes or a binary file.
+
+    `sides` = (short, long): the fewest pixels the upright image's short and long sides must keep for the
+    transform that follows (see eval_sides and crop_sides). A JPEG is then decoded at the smallest of libjpeg's
+    DCT scales (1/8, 1/4, 1/2, 1) that keeps both, several times faster than in full; other formats, and
+    `sides=None`, decode in full."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with Image.open(source) as image:
+        return decoded(image, sides)
+
+
+def decoded(image: Image.Image, sides: Sequence[int] | None) -> Image.Image:
+    """An opened image not yet decoded (Image.open's), as open_image returns it: for callers that read the
+    header first (the web page checks the pixel count)."""
+    if sides is not None and image.width and image.height:
+        short, long = (max(1, int(side)) for side in sides)
+        # draft() only reduces by k while the image stays at least the size asked for, in stored orientation;
+        # the short side is the short side whichever way EXIF turns the picture.
+        image.draft(None, (short, long) if image.width <= image.height else (long, short))
+    return to_rgb(image)
+
+
+def eval_sides(size: int, letterbox: bool = False) -> tuple[int, int]:
+    """(short, long) an image needs for eval_transform(size, letterbox) to downscale only: resize + centre crop
+    scales the short side to `size`, letterbox the long side."""
+    return (1, size) if letterbox else (size, size)
+
+
+def crop_sides(size: int, scale: Sequence[float], ratio: Sequence[float], letterbox: bool = False) -> tuple[int, int]:
+    """(short, long) an image needs so that a random resized crop of area share >= scale[0] and aspect ratio
+    within `ratio`, resized to size x size, is never upscaled: even the smallest crop keeps `size` pixels a side.
+
+    A crop of share s and aspect r of a W x H image is sqrt(s W H r) x sqrt(s W H / r), so its shorter side is at
+    least sqrt(s_min * r_min * W * H) >= sqrt(s_min * r_min) * short side, with r_min = min(ratio[0], 1/ratio[1]).
+    torchvision's fallback (the centre crop of the whole image within the ratio) keeps the whole short side.
+    After a letterbox the crop is taken from the size x size canvas, which needs only the long side."""
+    if letterbox:
+        return eval_sides(size, True)
+    narrowest = min(ratio[0], 1 / ratio[1], 1.0)
+    short = math.ceil(size / math.sqrt(scale[0] * narrowest)) + 1  # + 1: torchvision rounds the crop's sides
+    return short, short
 
 
 class Letterbox:

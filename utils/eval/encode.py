@@ -28,8 +28,9 @@ def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[l
 @torch.no_grad()
 def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
                   num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                  progress: bool = True) -> torch.Tensor:
-    loader = DataLoader(ImageDataset(entries, root, transform), batch_size=batch_size, num_workers=num_workers,
+                  progress: bool = True, sides: Sequence[int] | None = None) -> torch.Tensor:
+    """Unit features of the images of `entries`; `sides`: decode JPEGs only this large (utils/images.open_image)."""
+    loader = DataLoader(ImageDataset(entries, root, transform, sides), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []
     with autocast(device, dtype):
@@ -54,12 +55,13 @@ def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_s
 
 def encode_set(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
                batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               progress: bool = True, sides: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised features of every image and every caption of `entries`, each encoded once."""
     was_training = model.training
     model.eval()
     captions, _, _ = caption_index(entries)
-    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress)
+    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress,
+                                   sides)
     text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
     model.train(was_training)
     return image_features, text_features
@@ -73,7 +75,8 @@ def score(entries: Sequence[dict], image_features: torch.Tensor, text_features: 
 
 def evaluate(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
              batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, sides: Sequence[int] | None = None) -> dict[str, float]:
     """The original's recall dict (plus ranks) for image<->text retrieval over `entries`."""
-    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress)
+    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress,
+                          sides)
     return score(entries, *features, device=device)

@@ -37,7 +37,7 @@ def trim_padding(tokens: np.ndarray) -> np.ndarray:
 
 
 class OnnxCLIP:
-    def __init__(self, export_dir: str | Path, threads: int = 0):
+    def __init__(self, export_dir: str | Path, threads: int = 0, fast_decode: bool = True):
         import onnxruntime as ort
 
         from utils.tokenizer import build_tokenizer
@@ -52,6 +52,9 @@ class OnnxCLIP:
         except ValueError as e:
             raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); export again") from e
         self.phi = self.config["phi"]
+        from utils.data.images import eval_sides
+
+        self.decode_sides = eval_sides(self.config["image_size"], self.config["letterbox"]) if fast_decode else None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         sessions = []
@@ -65,6 +68,12 @@ class OnnxCLIP:
         self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
                                          folder / self.config["vocab"])
         self.logit_scale = float(self.config["logit_scale"])
+
+    def open_image(self, source) -> Image.Image:
+        """As `clip.CLIP.open_image`: JPEGs decoded only as large as the exported input needs."""
+        from utils.data.images import open_image
+
+        return open_image(source, self.decode_sides)
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
         from utils.data.images import to_rgb

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_SUFFIXES, image_files, open_rgb
+from utils.data.images import IMAGE_SUFFIXES, image_files
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
 
@@ -31,15 +31,15 @@ def images_under(folder: str | Path) -> list[Path]:
 class _Pictures(Dataset):
     """(index, pixels or None, why not) per image: an unreadable file is reported, not fatal."""
 
-    def __init__(self, paths: Sequence[Path], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: Sequence[Path], open_image, transform):
+        self.paths, self.open_image, self.transform = paths, open_image, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(open_rgb(self.paths[index])), None
+            return index, self.transform(self.open_image(self.paths[index])), None
         except Exception as e:  # PIL raises many types for unreadable files
             return index, None, f"{type(e).__name__}: {e}"
 
@@ -60,7 +60,7 @@ def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str |
     k = min(top_k, len(names))
     scale = model.net.logit_scale.exp().float()
     rows, problems = [], []
-    loader = DataLoader(_Pictures(paths, model.transform), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_Pictures(paths, model.open_image, model.transform), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     for batch in tqdm(loader, desc="images", unit="batch"):
         good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]

@@ -116,8 +116,6 @@ def encode_paths(model, batch_size: int = 32) -> Callable[[Sequence[Path]], tupl
     """paths -> (unit features of the readable ones, in order; the unreadable paths)."""
     import torch.nn.functional as F
 
-    from utils.data.images import open_rgb
-
     @torch.no_grad()
     def encode(paths: Sequence[Path]) -> tuple[torch.Tensor, list[Path]]:
         rows, failed = [], []
@@ -126,7 +124,7 @@ def encode_paths(model, batch_size: int = 32) -> Callable[[Sequence[Path]], tupl
             pixels = []
             for path in paths[start:start + batch_size]:
                 try:
-                    pixels.append(model.transform(open_rgb(path)))
+                    pixels.append(model.transform(model.open_image(path)))
                 except Exception:  # unreadable: left out of the index, counted
                     failed.append(path)
             if pixels:
@@ -141,12 +139,10 @@ def _query_vector(model, text: str) -> tuple[torch.Tensor, str]:
     """A query's unit vector: an existing image file is searched by example, anything else as text."""
     import torch.nn.functional as F
 
-    from utils.data.images import open_rgb
-
     path = Path(text)
     if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
         try:
-            image = open_rgb(path)
+            image = model.open_image(path)
         except Exception as e:  # unreadable: say so, then search nothing
             raise UserError(f"cannot open {text!r} ({type(e).__name__}: {e})") from e
         return F.normalize(model.detect_image_for_eval(images=[image])[0].float(), dim=-1)[0].cpu(), "image"
