@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -65,6 +66,23 @@ def decoded(image: Image.Image, sides: Sequence[int] | None) -> Image.Image:
         # the short side is the short side whichever way EXIF turns the picture.
         image.draft(None, (short, long) if image.width <= image.height else (long, short))
     return to_rgb(image)
+
+
+def decode_ahead(items: Sequence[Any], load: Callable[[Any], Any], batch_size: int,
+                 threads: int) -> Iterator[list[Any]]:
+    """[load(item) for item in batch] for each batch of `items` in order, loaded by `threads` threads while the
+    caller works on the batch before: decoding overlaps encoding, and at most two batches are held at once.
+    PIL decodes and resizes without the GIL, so threads decode in parallel with no process start-up."""
+    batches: Iterable[Sequence[Any]] = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending = None
+        for batch in batches:
+            submitted = [pool.submit(load, item) for item in batch]
+            if pending is not None:
+                yield [future.result() for future in pending]
+            pending = submitted
+        if pending is not None:
+            yield [future.result() for future in pending]
 
 
 def eval_sides(size: int, letterbox: bool = False) -> tuple[int, int]:

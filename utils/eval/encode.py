@@ -29,7 +29,7 @@ def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[l
 def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
                   num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
                   progress: bool = True, sides: Sequence[int] | None = None) -> torch.Tensor:
-    """Unit features of the images of `entries`; `sides`: decode JPEGs only this large (utils/images.open_image)."""
+    """Unit features of the images of `entries`; `sides`: decode JPEGs only this large (utils/data/images.open_image)."""
     loader = DataLoader(ImageDataset(entries, root, transform, sides), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []

@@ -88,7 +88,7 @@ class ShardStream(IterableDataset):
                  rank: int = 0, world_size: int = 1, workers: int = 0, samples_per_epoch: int = 0,
                  sides: Sequence[int] | None = None):
         self.shards = shard_paths(pattern)
-        self.sides = sides  # decode JPEGs only this large (utils/images.open_image); None: in full
+        self.sides = sides  # decode JPEGs only this large (utils/data/images.open_image); None: in full
         self.counts = shard_counts(self.shards)
         self.transform, self.tokenizer = transform, tokenizer
         self.local_batch, self.seed = local_batch, seed
