@@ -132,3 +132,18 @@ def test_reduced_decode_changes_the_model_input_little(tmp_path):
     reduced = transform(open_image(path, eval_sides(224)))
     assert full.shape == reduced.shape == (3, 224, 224)
     assert (full - reduced).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("letterbox", [False, True])
+def test_eval_transform_equals_torchvision_v2_bit_for_bit(letterbox):
+    """EvalTransform leaves torchvision out of inference start-up; its output must not change for it."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from utils.data.images import Letterbox, to_tensor
+
+    geometry = [Letterbox(64)] if letterbox else [v2.Resize(64, interpolation=InterpolationMode.BICUBIC),
+                                                   v2.CenterCrop(64)]
+    reference = v2.Compose([*geometry, *to_tensor()])
+    for size in [(97, 61), (61, 97), (64, 64), (65, 300), (33, 20)]:
+        image = photo(size)
+        assert torch.equal(eval_transform(64, letterbox)(image), reference(image)), size

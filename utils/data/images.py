@@ -106,18 +106,36 @@ def crop_sides(size: int, scale: Sequence[float], ratio: Sequence[float], letter
     return short, short
 
 
+def letterbox(image: Image.Image, size: int, fill: Sequence[int] = LETTERBOX_FILL) -> Image.Image:
+    """The whole image resized to fit size x size, keeping its aspect ratio, centred on a `fill` canvas."""
+    scale = size / max(image.size)
+    w, h = (max(1, round(d * scale)) for d in image.size)
+    canvas = Image.new("RGB", (size, size), tuple(fill))
+    canvas.paste(image.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
 class Letterbox:
-    """Fit the whole image inside size x size, keeping its aspect ratio, on a grey canvas."""
+    """letterbox() as a transform, for torchvision pipelines."""
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        scale = self.size / max(image.size)
-        w, h = (max(1, round(d * scale)) for d in image.size)
-        canvas = Image.new("RGB", (self.size, self.size), LETTERBOX_FILL)
-        canvas.paste(image.resize((w, h), Image.BICUBIC), ((self.size - w) // 2, (self.size - h) // 2))
-        return canvas
+        return letterbox(image, self.size)
+
+
+def resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize of the shorter side to `size` (the longer one rounded down), then the centre size x size:
+    torchvision's v2.Resize + v2.CenterCrop on a PIL image, step for step."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def to_tensor() -> list:
@@ -127,11 +145,29 @@ def to_tensor() -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_MEAN, OPENAI_STD)]
 
 
-def eval_transform(size: int, letterbox: bool = False):
-    """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox: a
-    torchvision v2.Compose from a PIL image to a normalised float tensor."""
-    from torchvision.transforms import InterpolationMode, v2
+class EvalTransform:
+    """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox, from a
+    PIL image to a normalised float tensor (3, size, size).
 
-    if letterbox:
-        return v2.Compose([Letterbox(size), *to_tensor()])
-    return v2.Compose([v2.Resize(size, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(size), *to_tensor()])
+    The same operations as torchvision's v2 Resize, CenterCrop, ToImage, ToDtype and Normalize, in the same order
+    (tests hold it equal bit for bit), without importing torchvision: its import pulls in torch._dynamo, which
+    doubles the start-up of predict.py and eval.py."""
+
+    def __init__(self, size: int, letterbox: bool = False):
+        self.size, self.letterbox = size, letterbox
+
+    def __call__(self, image: Image.Image):
+        import torch
+
+        image = letterbox(image, self.size) if self.letterbox else resize_crop(image, self.size)
+        pixels = torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8))
+        pixels = pixels.permute(2, 0, 1)  # H, W, 3 -> 3, H, W
+        pixels = pixels.to(torch.float32).mul_(1.0 / 255)
+        mean = torch.as_tensor(OPENAI_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(OPENAI_STD, dtype=torch.float32).view(-1, 1, 1)
+        return pixels.sub(mean).div_(std)
+
+
+def eval_transform(size: int, letterbox: bool = False) -> EvalTransform:
+    """OpenAI's inference preprocessing, or letterbox (see EvalTransform)."""
+    return EvalTransform(size, letterbox)
