@@ -79,6 +79,9 @@ control_json_path = ""
 wise_ft_save_dir = "logs/wise_ft"
 
 def main(config: dict, explicit: dict) -> None:
+    from utils.eval.settings import check_settings
+
+    check_settings(config)  # before torch is imported: a mistake is reported at once
     from utils.eval.run import run_eval
 
     run_eval(config)

@@ -90,14 +90,11 @@ def answer(model, score, path: str, names: list[str]) -> str | None:
     return None
 
 
-_MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf")
-
-
 def main(config: dict, explicit: dict) -> None:
     from utils.errors import UserError
+    from utils.predict.settings import check_settings
 
-    if config["mode"] not in _MODES:
-        raise UserError(f"mode {config['mode']!r} is not one of {', '.join(_MODES)}")
+    check_settings(config)  # before torch is imported: a mistake is reported at once
     from utils.predict.inputs import check_inputs, index_dir
 
     check_inputs(config)

@@ -137,6 +137,9 @@ resume_force = False
 demo = ""
 
 def main(config: dict, explicit: dict) -> None:
+    from utils.train.settings import check_settings
+
+    check_settings(config)  # before torch is imported: a mistake is reported at once
     from utils.train.demo import run_demo
     from utils.train.run import run_training
 

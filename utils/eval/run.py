@@ -13,6 +13,7 @@ from utils.device import loader_workers
 from utils.errors import UserError
 from utils.eval.encode import encode_images, encode_set, score
 from utils.eval.feature_cache import cache_key, load_features, save_features
+from utils.eval.settings import EVAL_TYPES
 from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
 from utils.files import atomic_write_bytes, check_writable, output_name, refuse_existing
 from utils.metrics import small_val_warning
@@ -39,9 +40,6 @@ def counted(n: int, one: str, many: str = "") -> str:
 
 def default_output(model_path: str, json_path: str, task: str = "eval") -> Path:
     return Path("logs") / f"{task}_{output_name(model_path, json_path)}.json"
-
-
-EVAL_TYPES = ("retrieval", "zeroshot", "wise_ft")
 
 
 def run_eval(cfg: dict) -> dict:
