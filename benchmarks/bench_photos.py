@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+WEIGHTS: dict[str, str] = {}  # phi -> weight file (--weights), else random weights
+
+
 def make_photos(folder: Path, count: int, size: tuple[int, int] = (4032, 3024)) -> list[Path]:
     """`count` photo-like JPEGs (quality 92) in `folder`, made once."""
     from PIL import Image, ImageDraw
@@ -95,15 +98,14 @@ def part_decode(paths: list[Path], phis: list[str]) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     for phi in phis:
         torch.manual_seed(0)
-        model = CLIP(model_path="", phi=phi)
-        if model.net.config.vision.image_size != 224:
-            transform_phi = model.transform
-            full = torch.stack([transform_phi(open_image(p, None)) for p in paths])
-            reduced = torch.stack([transform_phi(model.open_image(p)) for p in paths])
+        weights = WEIGHTS.get(phi, "")
+        model = CLIP(model_path=weights, phi="auto" if weights else phi)
+        full = torch.stack([model.transform(open_image(p, None)) for p in paths])
+        reduced = torch.stack([model.transform(model.open_image(p)) for p in paths])
         with torch.no_grad():
             a, b = (torch.nn.functional.normalize(model.net.encode_image(x), dim=-1) for x in (full, reduced))
         cosine = (a * b).sum(-1)
-        print(f"  {phi} features (random weights), reduced vs full: cosine mean {cosine.mean():.5f}, "
+        print(f"  {phi} features ({weights or 'random weights'}), reduced vs full: cosine mean {cosine.mean():.5f}, "
               f"min {cosine.min():.5f}")
 
 
@@ -216,7 +218,10 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["decode", "predict", "resize", "loader"])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workdir", default="/tmp/clip_bench_photos")
+    parser.add_argument("--weights", nargs="*", default=[], metavar="PHI=FILE",
+                        help="trained weights for a phi's feature comparison (e.g. the demo's for tiny/VIT-T-8)")
     args = parser.parse_args()
+    WEIGHTS.update(item.split("=", 1) for item in args.weights)
     work = Path(args.workdir)
     if args.photos:
         from utils.data.images import image_files
