@@ -42,15 +42,18 @@ def encode_images(model, entries: Sequence[dict], root: str | Path, transform: C
 @torch.no_grad()
 def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_size: int, device: torch.device,
                     dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
-    tokens = tokenizer(list(captions))
+    # A caption that appears more than once (short captions of a shared vocabulary often do) is encoded once.
+    unique = list(dict.fromkeys(captions))
+    tokens = tokenizer(unique)
     # Batches of similar length trim almost no padding away in the text tower: sort by token count.
     order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
-    features = torch.empty(len(captions), model.config.embed_dim)
+    features = torch.empty(len(unique), model.config.embed_dim)
     with autocast(device, dtype):
-        for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(unique), batch_size), desc="captions", disable=not progress, leave=False):
             rows = order[start:start + batch_size]
             features[rows] = F.normalize(model.encode_text(tokens[rows].to(device)).float(), dim=-1).cpu()
-    return features
+    row_of = {caption: row for row, caption in enumerate(unique)}
+    return features[torch.tensor([row_of[caption] for caption in captions], dtype=torch.long)]
 
 
 def encode_set(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
