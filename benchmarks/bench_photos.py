@@ -139,7 +139,12 @@ def part_predict(paths: list[Path], phis: list[str], work: Path, batch_size: int
         rows = {}
         model = CLIP(model_path="", phi=phi, fast_decode=False)
         model_only = encoding_speed(model, (batch_size,), repeats=3)["images"][batch_size]
-        print(f"  {phi}: model only (predict.py --mode fps, batch {batch_size}): {model_only:.2f} images/s")
+        pixels = torch.randn(batch_size, 3, model.net.config.vision.image_size, model.net.config.vision.image_size)
+        with Timer() as timer, torch.no_grad():
+            for _ in range(3):
+                model.net.encode_image(pixels)
+        print(f"  {phi}: model only (predict.py --mode fps, batch {batch_size}): {model_only:.2f} images/s, "
+              f"{1000 * timer.cpu / (3 * batch_size):.1f} CPU ms/image")
         with Timer() as timer:
             today_loop(model, paths, batch_size)
         rows["today"] = len(paths) / timer.wall
