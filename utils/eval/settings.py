@@ -11,7 +11,7 @@ def check_settings(cfg: dict) -> None:
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
     weights_exist(cfg["model_path"])
     if cfg["eval_type"] == "wise_ft":
-        weights_exist(cfg["wise_ft_start_path"])
+        weights_exist(cfg["wise_ft_start_path"], "wise_ft_start_path")
     folder_exists(cfg, "datasets_path", "the folder the JSON image paths are relative to (zeroshot: the class "
                   "folders)")
     if cfg["eval_type"] != "zeroshot":
