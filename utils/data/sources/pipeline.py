@@ -48,7 +48,6 @@ def train_command(phi: str, output_dir: Path, written: dict, name: str) -> str:
 
 
 def convert(cfg: dict) -> dict:
-    from utils.metrics import small_val_warning
     from utils.data.sources import SOURCES
 
     if cfg["source"] not in SOURCES:
@@ -101,6 +100,8 @@ def convert(cfg: dict) -> dict:
                   source.problems.empty_captions, source.problems.uncaptioned))
     if resized:
         print(f"  {resized}")
+    from utils.metrics import small_val_warning  # imports torch: after the settings are checked
+
     if splits.get("val") and (warning := small_val_warning(len(splits["val"]), "Raise --val_ratio (or give the "
                                                                             "source a bigger val split)")):
         print(warning)
