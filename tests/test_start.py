@@ -32,7 +32,7 @@ CASES = [
     ("train.py", ["--optimizer_type", "lion"], "optimizer_type 'lion' is not one of"),
     ("train.py", ["--model_path", "missing.pth"], "model_path missing.pth does not exist"),
     ("train.py", ["--model_path", "", "--datasets_path", "{tmp}", "--datasets_train_json_path", "{tmp}/no.json"],
-     "annotation file {tmp}/no.json does not exist"),
+     "datasets_train_json_path {tmp}/no.json does not exist"),
     ("train.py", ["--Epoch", "0"], "--Epoch must be at least 1"),
     ("eval.py", ["--eval_type", "knn"], "eval_type 'knn' is not one of retrieval, zeroshot, wise_ft"),
     ("eval.py", ["--model_path", "missing.pth"], "model_path missing.pth does not exist"),

@@ -52,9 +52,7 @@ class OnnxCLIP:
         except ValueError as e:
             raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); export again") from e
         self.phi = self.config["phi"]
-        from utils.data.images import eval_sides
-
-        self.decode_sides = eval_sides(self.config["image_size"], self.config["letterbox"]) if fast_decode else None
+        self.fast_decode = fast_decode
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         sessions = []
@@ -74,6 +72,12 @@ class OnnxCLIP:
         from utils.data.images import open_image
 
         return open_image(source, self.decode_sides)
+
+    @property
+    def decode_sides(self) -> tuple[int, int] | None:
+        from utils.data.images import eval_sides
+
+        return eval_sides(self.config["image_size"], self.config["letterbox"]) if self.fast_decode else None
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
         from utils.data.images import to_rgb

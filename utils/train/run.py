@@ -30,6 +30,7 @@ from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validatio
 from utils.train.loss import ClipLoss
 from utils.train.optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
+from utils.train.settings import check_data_paths
 from utils.weights.arch import save_weights
 from utils.weights.load import init_model
 
@@ -88,20 +89,8 @@ def _check_settings(cfg: dict, device: torch.device, info: DistInfo) -> tuple[st
         raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
                         f"{cfg['Epoch']}")
     check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
-    _check_data_paths(cfg)
+    check_data_paths(cfg)
     return precision, augment_level(cfg["augment"], cfg["datasets_random"])
-
-
-def _check_data_paths(cfg: dict) -> None:
-    """The data's files exist: found missing before the model is built and its weights read, not after."""
-    if not Path(cfg["datasets_path"]).is_dir():
-        raise UserError(f"datasets_path {cfg['datasets_path']} does not exist; point it at the folder the JSON image "
-                        "paths are relative to")
-    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
-        path = cfg[setting]
-        if not (setting == "datasets_train_json_path" and is_shard_source(path)) and not Path(path).is_file():
-            raise UserError(f"{setting} {path} does not exist; give the caption file to "
-                            f"{'train on' if 'train' in setting else 'validate on'}")
 
 
 def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict, precision: str, augment: str) -> dict:

@@ -1,19 +1,16 @@
 """train.py's settings that can be checked before torch is imported (utils/checks.py)."""
 from __future__ import annotations
 
-from utils.checks import PRECISION_NAMES, file_exists, folder_exists, one_of, weights_exist
+from pathlib import Path
+
+from utils.checks import PRECISION_NAMES, file_exists, one_of, weights_exist
 from utils.data.augment import AUGMENTS
+from utils.data.sources.shards import is_shard_source
 from utils.errors import UserError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_DECAYS = ("cos", "step")
 DEMOS = ("en", "cn")
-
-
-def is_shard_pattern(path: str) -> bool:
-    """Whether datasets_train_json_path names WebDataset shards: a brace pattern, a .tar, or a list file of shards."""
-    text = str(path)
-    return text.endswith(".tar") or ("{" in text and ".tar" in text) or text.endswith((".shards", ".shardlist"))
 
 
 def check_settings(cfg: dict) -> None:
@@ -32,7 +29,16 @@ def check_settings(cfg: dict) -> None:
         file_exists(cfg, "resume", "training state")
     elif not cfg["resume"]:
         weights_exist(cfg["model_path"])
-    folder_exists(cfg, "datasets_path", "the folder the JSON image paths are relative to")
-    if not is_shard_pattern(cfg["datasets_train_json_path"]):
-        file_exists(cfg, "datasets_train_json_path", "annotation file")
-    file_exists(cfg, "datasets_val_json_path", "annotation file")
+    check_data_paths(cfg)
+
+
+def check_data_paths(cfg: dict) -> None:
+    """The data's files exist: found missing before torch is imported and the model built, not after."""
+    if not Path(cfg["datasets_path"]).is_dir():
+        raise UserError(f"datasets_path {cfg['datasets_path']} does not exist; point it at the folder the JSON image "
+                        "paths are relative to")
+    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
+        path = cfg[setting]
+        if not (setting == "datasets_train_json_path" and is_shard_source(path)) and not Path(path).is_file():
+            raise UserError(f"{setting} {path} does not exist; give the caption file to "
+                            f"{'train on' if 'train' in setting else 'validate on'}")

@@ -23,17 +23,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from utils.data.images import open_image
 from utils.data.sources.shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
+from utils.data.sources.shards import is_shard_source  # noqa: F401  (callers import it from here too)
 from utils.errors import UserError
 from utils.files import atomic_write_bytes
 
 COUNTS_FILE = ".clip_sample_counts.json"
 SHUFFLE_BUFFER = 1000
-
-
-def is_shard_source(path: str) -> bool:
-    """Whether datasets_train_json_path names shards: a brace pattern, a .tar, or a list file of shards."""
-    text = str(path)
-    return text.endswith(".tar") or ("{" in text and ".tar" in text) or text.endswith((".shards", ".shardlist"))
 
 
 def shard_counts(shards: list[Path]) -> list[int]:
