@@ -155,7 +155,7 @@ def part_predict(paths: list[Path], phis: list[str], work: Path, batch_size: int
             names = ["a photo of a dog", "a photo of a cat"]
             targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
             with Timer() as timer:
-                predict_folder(model, names, targets, folder, work / "predictions", 2, batch_size)
+                predict_folder(model, names, targets, folder, work / "predictions.csv", 2, batch_size)
             label = "fast_decode" if fast else "full decode"
             rows[f"dir_predict {label}"] = len(paths) / timer.wall
             print(f"    dir_predict, {label:<15} {rate(len(paths), timer)}  "
