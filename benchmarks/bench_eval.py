@@ -117,6 +117,7 @@ def main() -> None:
     print(f"open_clip loop: {peer_time:.1f} s ({peer_cpu:.1f} CPU s)  r_mean {peer_metrics['r_mean']:.3f}")
     for precision in args.precision:
         output = work / f"ours_{precision}.json"
+        output.unlink(missing_ok=True)  # eval.py refuses to replace an earlier run's results
         ours_time, _, ours_cpu = timed([sys.executable, str(ROOT / "eval.py"), "--model_path", str(weights), "--phi", args.phi,
                               "--datasets_path", str(json_path.parent), "--datasets_val_json_path", str(json_path),
                               "--precision", precision, "--feature_cache", "false", "--output", str(output),
