@@ -40,6 +40,9 @@ templates = ""
 batch_size = 64
 # Image loading processes; None: as many as this machine's cores, at most 4.
 num_workers = None
+# Decode JPEGs only as large as the model's input needs (several times faster on photos); false decodes every
+# image in full, for numbers reproduced bit for bit.
+fast_decode = True
 # Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
@@ -76,6 +79,9 @@ control_json_path = ""
 wise_ft_save_dir = "logs/wise_ft"
 
 def main(config: dict, explicit: dict) -> None:
+    from utils.eval.settings import check_settings
+
+    check_settings(config)  # before torch is imported: a mistake is reported at once
     from utils.eval.run import run_eval
 
     run_eval(config)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -74,12 +76,19 @@ def make_data(folder: Path, n: int) -> Path:
     return json_path
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    start = time.perf_counter()
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[float, str, float]:
+    """(wall seconds, stdout, CPU seconds of the process and its children): on a loaded machine the CPU time
+    is the steadier measure."""
+    start, cpu = time.perf_counter(), children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    return time.perf_counter() - start, out.stdout
+    return time.perf_counter() - start, out.stdout, children_cpu() - cpu
 
 
 def main() -> None:
@@ -102,18 +111,21 @@ def main() -> None:
     peer_script = work / "peer_eval.py"
     peer_script.write_text(PEER.format(root=str(ROOT), json_path=str(json_path), weights=str(weights),
                                        root_dir=str(json_path.parent)))
-    peer_time, peer_out = timed([sys.executable, str(peer_script)])
+    print(f"{args.images} images; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    peer_time, peer_out, peer_cpu = timed([sys.executable, str(peer_script)])
     peer_metrics = json.loads(peer_out.strip().splitlines()[-1])
-    print(f"open_clip loop: {peer_time:.1f} s  r_mean {peer_metrics['r_mean']:.3f}")
+    print(f"open_clip loop: {peer_time:.1f} s ({peer_cpu:.1f} CPU s)  r_mean {peer_metrics['r_mean']:.3f}")
     for precision in args.precision:
         output = work / f"ours_{precision}.json"
-        ours_time, _ = timed([sys.executable, str(ROOT / "eval.py"), "--model_path", str(weights), "--phi", args.phi,
+        output.unlink(missing_ok=True)  # eval.py refuses to replace an earlier run's results
+        ours_time, _, ours_cpu = timed([sys.executable, str(ROOT / "eval.py"), "--model_path", str(weights), "--phi", args.phi,
                               "--datasets_path", str(json_path.parent), "--datasets_val_json_path", str(json_path),
                               "--precision", precision, "--feature_cache", "false", "--output", str(output),
                               "--num_workers", "2", "--batch_size", "64"])
         metrics = json.loads(output.read_text())["metrics"]
-        print(f"eval.py {precision}: {ours_time:.1f} s  r_mean {metrics['r_mean']:.3f}  "
-              f"speed-up {peer_time / ours_time:.2f}x vs open_clip fp32")
+        print(f"eval.py {precision}: {ours_time:.1f} s ({ours_cpu:.1f} CPU s)  r_mean {metrics['r_mean']:.3f}  "
+              f"speed-up {peer_time / ours_time:.2f}x ({peer_cpu / ours_cpu:.2f}x in CPU time) vs open_clip fp32")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      (default logs/gpu_check; open_clip installed for the peers)
 #
-# PARTS="tests inference train accum onnx demo" (the default) picks the parts to run.
+# PARTS="tests inference train accum onnx demo decode" (the default) picks the parts to run; decode compares
+# nvJPEG decoding on the GPU with the CPU's reduced-scale decode for 12-MP photos (bench_gpu_decode.py).
 set -uo pipefail
 out=${1:-logs/gpu_check}
-parts=" ${PARTS:-tests inference train accum onnx demo} "
+parts=" ${PARTS:-tests inference train accum onnx demo decode} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -36,4 +37,6 @@ done
     --export_fp16 true --Cuda true --export_dir "$(mktemp -d)/onnx_fp16" 2>&1 | tee "$out/export_onnx_fp16.txt"
 
 [[ $parts == *" demo "* ]] && { time $py train.py --demo en --Cuda true ; } 2>&1 | tail -40 | tee "$out/demo_en.txt"
+
+[[ $parts == *" decode "* ]] && $py benchmarks/bench_gpu_decode.py --count 64 --batch 32 2>&1 | tee "$out/bench_gpu_decode.txt"
 exit 0

@@ -51,6 +51,14 @@ bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
 skip_malformed = False
 # Replace output files that exist already (never done otherwise).
 overwrite = False
+# Write every image once with its short side at this many pixels (never upscaled, EXIF orientation applied,
+# aspect kept) to <output_dir>/<name>_<resize>px/, and point the output at those copies; 0 = the images as they
+# are. A rerun keeps the copies already written and intact.
+resize = 0
+# JPEG quality of the resized copies (1 to 100).
+jpeg_quality = 90
+# Processes that resize; None: one per core.
+num_workers = None
 
 
 def main(config: dict, explicit: dict) -> None:

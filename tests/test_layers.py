@@ -1,7 +1,7 @@
 """The house rule: imports run one way, from the scripts down to the ground, and no two modules import each other.
 
 Layers (README, "Where things are"); a module may import its own layer or a lower one:
-  0 ground       utils.errors, utils.config, utils.device, utils.files
+  0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks
   1 text, data   utils.tokenizer, utils.metrics, utils.prompts, utils.dataloader, utils.data, nets.configs (the
                  model table is data: convert's caption-length check reads it), datasets.make_toy
   2 models       nets, utils.weights
@@ -23,7 +23,7 @@ PACKAGES = ("utils", "nets", "datasets")
 SCRIPTS = ("clip", "train", "eval", "predict")
 
 LAYERS = {
-    "utils.errors": 0, "utils.config": 0, "utils.device": 0, "utils.files": 0,
+    "utils.errors": 0, "utils.config": 0, "utils.device": 0, "utils.files": 0, "utils.checks": 0,
     "utils.tokenizer": 1, "utils.metrics": 1, "utils.prompts": 1, "utils.dataloader": 1, "utils.data": 1,
     "nets.configs": 1, "datasets.make_toy": 1,
     "nets": 2, "utils.weights": 2,

@@ -110,12 +110,13 @@ class EvalCallback:
     """Recall@K on the validation set every `period` epochs, through the same code as eval.py."""
 
     def __init__(self, entries, root, transform: Callable, tokenizer: Callable, batch_size: int, num_workers: int,
-                 device, dtype, period: int, enabled: bool = True):
+                 device, dtype, period: int, enabled: bool = True, sides=None):
         self.args = (entries, root, transform, tokenizer, batch_size, num_workers, device, dtype)
+        self.sides = sides
         self.period, self.enabled = period, enabled and period > 0
 
     def due(self, epoch: int, last_epoch: int) -> bool:
         return self.enabled and (epoch % self.period == 0 or epoch == last_epoch)
 
     def __call__(self, model) -> dict[str, float]:
-        return evaluate(model, *self.args)
+        return evaluate(model, *self.args, sides=self.sides)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from utils.data.images import open_rgb
+from utils.data.images import open_image
 from utils.errors import UserError
 
 
@@ -61,15 +61,16 @@ class CaptionDataset(Dataset):
     the pair (utils/data/augment.CaptionAugment), so that augmentation can keep the caption true.
 
     Indexed by (epoch, index), as EpochSampler yields them: persistent workers keep their own copy of
-    the dataset, so the epoch travels with each index rather than being set on the dataset.
+    the dataset, so the epoch travels with each index rather than being set on the dataset. `sides`: decode
+    JPEGs only as large as the transform needs (utils/data/images.open_image); None decodes in full.
     """
 
     def __init__(self, entries: Sequence[dict], root: str | Path,
                  transform: Callable[[Image.Image, str], tuple[torch.Tensor, str]], tokenizer: Callable,
-                 seed: int = 0):
+                 seed: int = 0, sides: Sequence[int] | None = None):
         self.entries, self.root = entries, Path(root)
         self.transform, self.tokenizer = transform, tokenizer
-        self.seed = seed
+        self.seed, self.sides = seed, sides
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -79,7 +80,7 @@ class CaptionDataset(Dataset):
         entry = self.entries[index]
         rng = sample_rng(self.seed, epoch, index)
         caption = entry["caption"][rng.integers(len(entry["caption"]))]
-        image = open_rgb(self.root / entry["image"])
+        image = open_image(self.root / entry["image"], self.sides)
         # torchvision's random transforms draw from torch's global generator: seed it per sample, locally.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2 ** 63)))
@@ -88,17 +89,18 @@ class CaptionDataset(Dataset):
 
 
 class ImageDataset(Dataset):
-    """Evaluation images, each once, in annotation order."""
+    """Evaluation images, each once, in annotation order; `sides` as CaptionDataset's."""
 
-    def __init__(self, entries: Sequence[dict], root: str | Path, transform: Callable):
+    def __init__(self, entries: Sequence[dict], root: str | Path, transform: Callable,
+                 sides: Sequence[int] | None = None):
         self.paths = [Path(root) / e["image"] for e in entries]
-        self.transform = transform
+        self.transform, self.sides = transform, sides
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(open_rgb(self.paths[index]))
+        return self.transform(open_image(self.paths[index], self.sides))
 
 
 class EpochSampler(DistributedSampler):

@@ -14,13 +14,15 @@ caption together, `(image, caption) -> (pixels, caption)`, and only in ways unde
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
 
-from utils.data.images import Letterbox, eval_transform, to_tensor
+from utils.data.images import Letterbox, crop_sides, eval_sides, eval_transform, to_tensor
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 AUGMENTS = ("light", "none", "strong")
 CROP_SCALES = {"light": (0.9, 1.0), "strong": (0.5, 1.0)}
@@ -64,7 +66,8 @@ def augment_level(augment: str, datasets_random: bool) -> str:
 
 class CaptionAugment:
     """`(image, caption) -> (pixels, caption)` at one of AUGMENTS; random draws use torch's global generator,
-    which CaptionDataset seeds per sample."""
+    which CaptionDataset seeds per sample. `sides`: the (short, long) pixels an image must keep for it
+    (utils/data/images.open_image)."""
 
     def __init__(self, size: int, level: str = "light", letterbox: bool = False):
         if level not in AUGMENTS:
@@ -72,13 +75,19 @@ class CaptionAugment:
         self.level = level
         if level == "none":
             self.geometry, self.colour = eval_transform(size, letterbox), None
+            self.sides = eval_sides(size, letterbox)
             return
+        from torchvision.transforms import InterpolationMode, v2
+
         crop = v2.RandomResizedCrop(size, scale=CROP_SCALES[level], interpolation=InterpolationMode.BICUBIC)
+        self.sides = crop_sides(size, crop.scale, crop.ratio, letterbox)
         self.geometry = v2.Compose([*([Letterbox(size)] if letterbox else []), crop, *to_tensor()])
         self.colour = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
                                   v2.RandomGrayscale(p=0.2)]) if level == "strong" else None
 
     def __call__(self, image: Image.Image, caption: str) -> tuple[torch.Tensor, str]:
+        import torch
+
         if self.level == "strong":
             if torch.rand(()) < 0.5:
                 image, caption = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), mirror_caption(caption)

@@ -219,7 +219,7 @@ def run_curate(cfg: dict) -> dict:
 
     def images_of(items: Sequence[dict], folder: Path) -> torch.Tensor:
         return encode_images(clip.net, items, folder, clip.transform, cfg["batch_size"], cfg["num_workers"],
-                             clip.device).float()
+                             clip.device, sides=clip.decode_sides).float()
 
     image_features = images_of(entries, root)
     captions, txt2img, _ = caption_index(entries)

@@ -28,8 +28,9 @@ def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[l
 @torch.no_grad()
 def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
                   num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                  progress: bool = True) -> torch.Tensor:
-    loader = DataLoader(ImageDataset(entries, root, transform), batch_size=batch_size, num_workers=num_workers,
+                  progress: bool = True, sides: Sequence[int] | None = None) -> torch.Tensor:
+    """Unit features of the images of `entries`; `sides`: decode JPEGs only this large (utils/data/images.open_image)."""
+    loader = DataLoader(ImageDataset(entries, root, transform, sides), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     features = []
     with autocast(device, dtype):
@@ -41,25 +42,29 @@ def encode_images(model, entries: Sequence[dict], root: str | Path, transform: C
 @torch.no_grad()
 def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_size: int, device: torch.device,
                     dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
-    tokens = tokenizer(list(captions))
+    # A caption that appears more than once (short captions of a shared vocabulary often do) is encoded once.
+    unique = list(dict.fromkeys(captions))
+    tokens = tokenizer(unique)
     # Batches of similar length trim almost no padding away in the text tower: sort by token count.
     order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
-    features = torch.empty(len(captions), model.config.embed_dim)
+    features = torch.empty(len(unique), model.config.embed_dim)
     with autocast(device, dtype):
-        for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(unique), batch_size), desc="captions", disable=not progress, leave=False):
             rows = order[start:start + batch_size]
             features[rows] = F.normalize(model.encode_text(tokens[rows].to(device)).float(), dim=-1).cpu()
-    return features
+    row_of = {caption: row for row, caption in enumerate(unique)}
+    return features[torch.tensor([row_of[caption] for caption in captions], dtype=torch.long)]
 
 
 def encode_set(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
                batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               progress: bool = True, sides: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised features of every image and every caption of `entries`, each encoded once."""
     was_training = model.training
     model.eval()
     captions, _, _ = caption_index(entries)
-    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress)
+    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress,
+                                   sides)
     text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
     model.train(was_training)
     return image_features, text_features
@@ -73,7 +78,8 @@ def score(entries: Sequence[dict], image_features: torch.Tensor, text_features: 
 
 def evaluate(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
              batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, sides: Sequence[int] | None = None) -> dict[str, float]:
     """The original's recall dict (plus ranks) for image<->text retrieval over `entries`."""
-    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress)
+    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress,
+                          sides)
     return score(entries, *features, device=device)

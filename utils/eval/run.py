@@ -13,6 +13,7 @@ from utils.device import loader_workers
 from utils.errors import UserError
 from utils.eval.encode import encode_images, encode_set, score
 from utils.eval.feature_cache import cache_key, load_features, save_features
+from utils.eval.settings import EVAL_TYPES
 from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
 from utils.files import atomic_write_bytes, check_writable, output_name, refuse_existing
 from utils.metrics import small_val_warning
@@ -39,9 +40,6 @@ def counted(n: int, one: str, many: str = "") -> str:
 
 def default_output(model_path: str, json_path: str, task: str = "eval") -> Path:
     return Path("logs") / f"{task}_{output_name(model_path, json_path)}.json"
-
-
-EVAL_TYPES = ("retrieval", "zeroshot", "wise_ft")
 
 
 def run_eval(cfg: dict) -> dict:
@@ -89,11 +87,11 @@ def run_zeroshot(cfg: dict) -> dict:
     templates = load_templates(cfg["templates"], language)
     preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
                      "letterbox": cfg["letterbox_image"], "precision": clip.precision, "classnames": names,
-                     "templates": templates}
+                     "templates": templates, "decode_sides": clip.decode_sides}
 
     def encode() -> tuple:
         images = encode_images(clip.net, entries, root, clip.transform, cfg["batch_size"], cfg["num_workers"],
-                               clip.device)
+                               clip.device, sides=clip.decode_sides)
         return images, class_embeddings(clip.net.encode_text, clip.tokenizer, names, templates, clip.device)
 
     image_features, classes = _cached(cfg, clip, json_path, root, entries, preprocessing, encode)
@@ -128,10 +126,11 @@ def run_retrieval(cfg: dict) -> dict:
     started = time.time()
     clip = CLIP.from_config(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
-                     "precision": clip.precision, "context_length": clip.net.config.text.context_length}
+                     "precision": clip.precision, "context_length": clip.net.config.text.context_length,
+                     "decode_sides": clip.decode_sides}
     features = _cached(cfg, clip, cfg["datasets_val_json_path"], root, entries, preprocessing,
                        lambda: encode_set(clip.net, entries, root, clip.transform, clip.tokenizer, cfg["batch_size"],
-                                          cfg["num_workers"], clip.device))
+                                          cfg["num_workers"], clip.device, sides=clip.decode_sides))
     metrics = score(entries, *features, device=clip.device)
     seconds = time.time() - started
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})

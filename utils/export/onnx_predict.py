@@ -37,7 +37,7 @@ def trim_padding(tokens: np.ndarray) -> np.ndarray:
 
 
 class OnnxCLIP:
-    def __init__(self, export_dir: str | Path, threads: int = 0):
+    def __init__(self, export_dir: str | Path, threads: int = 0, fast_decode: bool = True):
         import onnxruntime as ort
 
         from utils.tokenizer import build_tokenizer
@@ -52,6 +52,7 @@ class OnnxCLIP:
         except ValueError as e:
             raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); export again") from e
         self.phi = self.config["phi"]
+        self.fast_decode = fast_decode
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         sessions = []
@@ -65,6 +66,18 @@ class OnnxCLIP:
         self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
                                          folder / self.config["vocab"])
         self.logit_scale = float(self.config["logit_scale"])
+
+    def open_image(self, source) -> Image.Image:
+        """As `clip.CLIP.open_image`: JPEGs decoded only as large as the exported input needs."""
+        from utils.data.images import open_image
+
+        return open_image(source, self.decode_sides)
+
+    @property
+    def decode_sides(self) -> tuple[int, int] | None:
+        from utils.data.images import eval_sides
+
+        return eval_sides(self.config["image_size"], self.config["letterbox"]) if self.fast_decode else None
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
         from utils.data.images import to_rgb

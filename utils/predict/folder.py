@@ -4,14 +4,13 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_SUFFIXES, image_files, open_rgb
+from utils.data.images import IMAGE_SUFFIXES, decode_ahead, image_files
+from utils.device import loader_workers
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
 
@@ -28,31 +27,21 @@ def images_under(folder: str | Path) -> list[Path]:
     return paths
 
 
-class _Pictures(Dataset):
-    """(index, pixels or None, why not) per image: an unreadable file is reported, not fatal."""
-
-    def __init__(self, paths: Sequence[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.transform(open_rgb(self.paths[index])), None
-        except Exception as e:  # PIL raises many types for unreadable files
-            return index, None, f"{type(e).__name__}: {e}"
-
-
-def _as_list(batch):
-    return batch
+def loaded(model, path: Path) -> tuple[torch.Tensor | None, str | None]:
+    """(pixels, None) of the image at `path` as `model` sees it, or (None, why not): an unreadable file is
+    reported, not fatal."""
+    try:
+        return model.transform(model.open_image(path)), None
+    except Exception as e:  # PIL raises many types for unreadable files
+        return None, f"{type(e).__name__}: {e}"
 
 
 @torch.no_grad()
 def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str | Path, out: str | Path,
-                   top_k: int = 5, batch_size: int = 32, num_workers: int = 0) -> tuple[Path, int, list[str]]:
+                   top_k: int = 5, batch_size: int = 32, threads: int | None = None) -> tuple[Path, int, list[str]]:
     """Write the CSV `out`: each readable image's path (relative to folder), its top_k names and their
-    probabilities. `targets` are unit text or class embeddings, one per name. Returns (csv path, images scored,
+    probabilities. `targets` are unit text or class embeddings, one per name; `threads` decode the next batch
+    while the model encodes this one (None: one per core, at most 4). Returns (csv path, images scored,
     problems)."""
     paths = images_under(folder)
     out = Path(out)
@@ -60,9 +49,9 @@ def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str |
     k = min(top_k, len(names))
     scale = model.net.logit_scale.exp().float()
     rows, problems = [], []
-    loader = DataLoader(_Pictures(paths, model.transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_as_list)
-    for batch in tqdm(loader, desc="images", unit="batch"):
+    batches = decode_ahead(list(enumerate(paths)), lambda item: (item[0], *loaded(model, item[1])), batch_size,
+                           loader_workers(threads))
+    for batch in tqdm(batches, desc="images", unit="batch", total=-(-len(paths) // batch_size)):
         good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]
         problems += [f"{paths[i]}: {why}" for i, pixels, why in batch if pixels is None]
         if not good:

@@ -112,23 +112,24 @@ def top_k(features: torch.Tensor, vector: torch.Tensor, k: int) -> tuple[list[fl
     return best_scores[order].tolist(), best_rows[order].tolist()
 
 
-def encode_paths(model, batch_size: int = 32) -> Callable[[Sequence[Path]], tuple[torch.Tensor, list[Path]]]:
-    """paths -> (unit features of the readable ones, in order; the unreadable paths)."""
+def encode_paths(model, batch_size: int = 32, threads: int | None = None
+                 ) -> Callable[[Sequence[Path]], tuple[torch.Tensor, list[Path]]]:
+    """paths -> (unit features of the readable ones, in order; the unreadable paths). `threads` decode the next
+    batch while the model encodes this one (None: one per core, at most 4)."""
     import torch.nn.functional as F
 
-    from utils.data.images import open_rgb
+    from utils.data.images import decode_ahead
+    from utils.device import loader_workers
+    from utils.predict.folder import loaded
 
     @torch.no_grad()
     def encode(paths: Sequence[Path]) -> tuple[torch.Tensor, list[Path]]:
         rows, failed = [], []
         dtype = next(model.net.parameters()).dtype
-        for start in range(0, len(paths), batch_size):
-            pixels = []
-            for path in paths[start:start + batch_size]:
-                try:
-                    pixels.append(model.transform(open_rgb(path)))
-                except Exception:  # unreadable: left out of the index, counted
-                    failed.append(path)
+        for batch in decode_ahead(list(paths), lambda path: (path, loaded(model, path)[0]), batch_size,
+                                  loader_workers(threads)):
+            failed += [path for path, pixels in batch if pixels is None]  # unreadable: left out, counted
+            pixels = [pixels for _, pixels in batch if pixels is not None]
             if pixels:
                 batch = torch.stack(pixels).to(model.device, dtype)
                 rows.append(F.normalize(model.net.encode_image(batch).float(), dim=-1).cpu())
@@ -141,12 +142,10 @@ def _query_vector(model, text: str) -> tuple[torch.Tensor, str]:
     """A query's unit vector: an existing image file is searched by example, anything else as text."""
     import torch.nn.functional as F
 
-    from utils.data.images import open_rgb
-
     path = Path(text)
     if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
         try:
-            image = open_rgb(path)
+            image = model.open_image(path)
         except Exception as e:  # unreadable: say so, then search nothing
             raise UserError(f"cannot open {text!r} ({type(e).__name__}: {e})") from e
         return F.normalize(model.detect_image_for_eval(images=[image])[0].float(), dim=-1)[0].cpu(), "image"

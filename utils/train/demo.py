@@ -60,13 +60,11 @@ def _predict_example(cfg: dict, weights: Path) -> dict:
 
     from clip import CLIP
 
-    from utils.data.images import open_rgb
-
     entry = json.loads(Path(cfg["datasets_val_json_path"]).read_text(encoding="utf-8"))[0]
     image_path = Path(cfg["datasets_path"]) / entry["image"]
     model = CLIP(model_path=str(weights), phi=cfg["phi"], cuda=cfg["Cuda"], precision="fp32")
     captions = [entry["caption"][0]] + EXAMPLES[cfg["demo"]]
-    probs = model.detect_image(open_rgb(image_path), captions)[0]
+    probs = model.detect_image(model.open_image(image_path), captions)[0]
     print(f"\npredict example: {image_path}")
     for p, caption in sorted(zip(probs, captions), key=lambda pair: -pair[0]):
         print(f"  {p:.4f}  {caption}")

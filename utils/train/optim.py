@@ -8,6 +8,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR, StepLR
 
 from utils.errors import UserError
+from utils.train.settings import LR_DECAYS, OPTIMIZERS
 
 NOMINAL_BATCH = 64  # the original scales learning rates by batch_size / 64
 
@@ -22,10 +23,6 @@ def scaled_lrs(init_lr: float, min_lr: float, batch_size: int, optimizer_type: s
     """The original's batch-size scaling of the learning rate, clamped to its per-optimiser limits."""
     return tuple(min(max(batch_size / NOMINAL_BATCH * rate, low), high)
                  for rate, (low, high) in zip((init_lr, min_lr), lr_bounds(optimizer_type)))
-
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_DECAYS = ("cos", "step")
 
 
 def check_schedule_choices(optimizer_type: str, lr_decay_type: str) -> None:

@@ -30,6 +30,7 @@ from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validatio
 from utils.train.loss import ClipLoss
 from utils.train.optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
+from utils.train.settings import check_data_paths
 from utils.weights.arch import save_weights
 from utils.weights.load import init_model
 
@@ -88,20 +89,8 @@ def _check_settings(cfg: dict, device: torch.device, info: DistInfo) -> tuple[st
         raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
                         f"{cfg['Epoch']}")
     check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
-    _check_data_paths(cfg)
+    check_data_paths(cfg)
     return precision, augment_level(cfg["augment"], cfg["datasets_random"])
-
-
-def _check_data_paths(cfg: dict) -> None:
-    """The data's files exist: found missing before the model is built and its weights read, not after."""
-    if not Path(cfg["datasets_path"]).is_dir():
-        raise UserError(f"datasets_path {cfg['datasets_path']} does not exist; point it at the folder the JSON image "
-                        "paths are relative to")
-    for setting in ("datasets_train_json_path", "datasets_val_json_path"):
-        path = cfg[setting]
-        if not (setting == "datasets_train_json_path" and is_shard_source(path)) and not Path(path).is_file():
-            raise UserError(f"{setting} {path} does not exist; give the caption file to "
-                            f"{'train on' if 'train' in setting else 'validate on'}")
 
 
 def _train(cfg: dict, device: torch.device, info: DistInfo, explicit: dict, precision: str, augment: str) -> dict:
@@ -168,11 +157,14 @@ class _Run:
         self.local_batch = cfg["batch_size"] // info.world_size
         size = config.vision.image_size
         train_augment = CaptionAugment(size, augment, cfg["letterbox_image"])
+        val_augment = CaptionAugment(size, "none", cfg["letterbox_image"])
+        # Reduced-scale JPEG decoding keeps what each transform needs; fast_decode=False decodes in full.
+        train_sides, self.val_sides = (train_augment.sides, val_augment.sides) if cfg["fast_decode"] else (None, None)
         if is_shard_source(cfg["datasets_train_json_path"]):
             # The stream is its own sampler: set_epoch(epoch, start_batch) and batches_per_epoch().
             self.train_sampler = ShardStream(cfg["datasets_train_json_path"], train_augment, self.tokenizer,
                                              self.local_batch, cfg["seed"], info.rank, info.world_size,
-                                             cfg["num_workers"], cfg["train_samples_per_epoch"])
+                                             cfg["num_workers"], cfg["train_samples_per_epoch"], sides=train_sides)
             self.n_train = self.train_sampler.total_samples()
             _check_batch("training", self.n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
             # Not persistent: each epoch's workers must see the stream's new epoch.
@@ -184,12 +176,13 @@ class _Run:
                                       cfg["skip_bad_samples"], quiet=not info.is_main, columns=columns)
             self.n_train = len(train_entries)
             _check_batch("training", self.n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
-            train_set = CaptionDataset(train_entries, root, train_augment, self.tokenizer, seed=cfg["seed"])
+            train_set = CaptionDataset(train_entries, root, train_augment, self.tokenizer, seed=cfg["seed"],
+                                       sides=train_sides)
             self.train_sampler = EpochSampler(train_set, self.local_batch, info.world_size, info.rank,
                                               seed=cfg["seed"])
             self.train_loader = _loader(train_set, self.train_sampler, self.local_batch, cfg, device)
-        val_set = CaptionDataset(self.val_entries, root, CaptionAugment(size, "none", cfg["letterbox_image"]),
-                                 self.tokenizer, seed=cfg["seed"])
+        val_set = CaptionDataset(self.val_entries, root, val_augment, self.tokenizer, seed=cfg["seed"],
+                                 sides=self.val_sides)
         val_batch = max(min(cfg["batch_size"], len(self.val_entries)) // info.world_size, 1)
         val_sampler = EpochSampler(val_set, val_batch, info.world_size, info.rank, seed=cfg["seed"], shuffle=False)
         self.val_loader = _loader(val_set, val_sampler, val_batch, cfg, device)
@@ -235,7 +228,8 @@ class _Run:
         self.evaluator = EvalCallback(self.val_entries, self.root,
                                       eval_transform(self.config.vision.image_size, cfg["letterbox_image"]),
                                       self.tokenizer, cfg["batch_size"], cfg["num_workers"], self.device,
-                                      PRECISIONS[self.precision], cfg["eval_period"], cfg["eval_flag"])
+                                      PRECISIONS[self.precision], cfg["eval_period"], cfg["eval_flag"],
+                                      sides=self.val_sides)
         if not info.is_main:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)

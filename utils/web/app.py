@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
-from utils.data.images import to_rgb
+from utils.data.images import decoded
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD = 10 * 2**20
@@ -42,7 +42,7 @@ def _too_many_pixels(name: str, pixels: int, size: str = "") -> HTTPException:
                               "scale it down and upload it again")
 
 
-async def _image(upload: UploadFile) -> Image.Image:
+async def _image(upload: UploadFile, model) -> Image.Image:
     name = upload.filename or "the upload"
     data = await upload.read(MAX_UPLOAD + 1)
     if len(data) > MAX_UPLOAD:
@@ -63,7 +63,7 @@ async def _image(upload: UploadFile) -> Image.Image:
         if width * height > MAX_PIXELS:
             raise _too_many_pixels(name, width * height, f"{width} x {height} = ")
         try:
-            return to_rgb(image)
+            return decoded(image, model.decode_sides)  # a JPEG at the scale the model needs
         except Exception:  # a header that reads but pixels that do not
             raise HTTPException(400, f"{name} is not an image this page can read") from None
 
@@ -98,7 +98,7 @@ def create_app(model, index=None, folder: str | Path | None = None, templates: s
         names = [t.strip() for t in texts.splitlines() if t.strip()]
         if not names:
             raise HTTPException(400, "type at least one label or caption, one per line")
-        picture = await _image(image)
+        picture = await _image(image, model)
         if kind == "labels":
             probs = model.classify(picture, model.class_embeddings(names, templates))[0]
         else:
@@ -120,7 +120,7 @@ def create_app(model, index=None, folder: str | Path | None = None, templates: s
     @app.post("/api/search_image")
     async def search_image(image: UploadFile = File(...), k: int = Form(12)):
         k = _check_k(k)
-        picture = await _image(image)
+        picture = await _image(image, model)
         return _results(F.normalize(model.detect_image_for_eval(images=[picture])[0].float(), dim=-1)[0].cpu(), k)
 
     @app.get("/images/{relative:path}")

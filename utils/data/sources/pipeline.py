@@ -48,7 +48,6 @@ def train_command(phi: str, output_dir: Path, written: dict, name: str) -> str:
 
 
 def convert(cfg: dict) -> dict:
-    from utils.metrics import small_val_warning
     from utils.data.sources import SOURCES
 
     if cfg["source"] not in SOURCES:
@@ -59,6 +58,11 @@ def convert(cfg: dict) -> dict:
         raise UserError("val_ratio and test_ratio must be 0 or more, with room left for train (sum below 1)")
     if not cfg["name"]:
         raise UserError("name must not be empty: it starts every output file name")
+    # Callers from before --resize existed (tests, benchmarks) pass no resize settings: the images as they are.
+    cfg = {"resize": 0, "jpeg_quality": 90, "num_workers": None, **cfg}
+    if cfg["resize"] < 0 or not 1 <= cfg["jpeg_quality"] <= 100:
+        raise UserError(f"resize must be 0 (keep the images) or a short side in pixels, got {cfg['resize']}; "
+                        f"jpeg_quality 1 to 100, got {cfg['jpeg_quality']}")
     input_path = Path(cfg["input"])
     if not input_path.exists() and cfg["source"] != "wds":
         raise UserError(f"input {input_path} does not exist")
@@ -76,6 +80,13 @@ def convert(cfg: dict) -> dict:
     splits, problems, captionless = usable(assign_splits(records, cfg["val_ratio"], cfg["test_ratio"], cfg["seed"]))
     if not any(splits.values()):
         raise UserError(f"none of the {len(records)} images of {input_path} is usable:\n  " + "\n  ".join(problems[:20]))
+    resized = ""
+    if cfg["resize"]:
+        from utils.data.sources.resize import resize_splits
+
+        splits, resized, failed = resize_splits(splits, output_dir / f"{cfg['name']}_{cfg['resize']}px", cfg["resize"],
+                                                cfg["jpeg_quality"], cfg["num_workers"])
+        problems += failed
     if cfg["to"] == "json":
         written = write_json(splits, output_dir, cfg["name"], cfg["overwrite"])
         from utils.data.preflight import preflight
@@ -87,6 +98,10 @@ def convert(cfg: dict) -> dict:
     print(f"{cfg['source']} {input_path} -> {output_dir}")
     print(summary(splits, _too_long(cfg["phi"], cfg["bert_vocab_path"]), problems, captionless,
                   source.problems.empty_captions, source.problems.uncaptioned))
+    if resized:
+        print(f"  {resized}")
+    from utils.metrics import small_val_warning  # imports torch: after the settings are checked
+
     if splits.get("val") and (warning := small_val_warning(len(splits["val"]), "Raise --val_ratio (or give the "
                                                                             "source a bigger val split)")):
         print(warning)

@@ -90,3 +90,9 @@ def read_wds(source: Source) -> Iterator[Record]:
                 yield Record(path, source.captions(texts, where), None, where)
         except tarfile.TarError as e:
             source.problems.add(str(shard), f"not a readable tar file ({e})")
+
+
+def is_shard_source(path: str) -> bool:
+    """Whether datasets_train_json_path names shards: a brace pattern, a .tar, or a list file of shards."""
+    text = str(path)
+    return text.endswith(".tar") or ("{" in text and ".tar" in text) or text.endswith((".shards", ".shardlist"))

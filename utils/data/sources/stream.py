@@ -10,32 +10,25 @@ the interrupted epoch and drops the batches it already trained, landing on the s
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from utils.data.images import to_rgb
+from utils.data.images import open_image
 from utils.data.sources.shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
+from utils.data.sources.shards import is_shard_source  # noqa: F401  (callers import it from here too)
 from utils.errors import UserError
 from utils.files import atomic_write_bytes
 
 COUNTS_FILE = ".clip_sample_counts.json"
 SHUFFLE_BUFFER = 1000
-
-
-def is_shard_source(path: str) -> bool:
-    """Whether datasets_train_json_path names shards: a brace pattern, a .tar, or a list file of shards."""
-    text = str(path)
-    return text.endswith(".tar") or ("{" in text and ".tar" in text) or text.endswith((".shards", ".shardlist"))
 
 
 def shard_counts(shards: list[Path]) -> list[int]:
@@ -87,8 +80,10 @@ class ShardStream(IterableDataset):
     """(pixels, tokens) batches of `local_batch` from shards; `set_epoch(epoch, start_batch)` before each pass."""
 
     def __init__(self, pattern: str, transform: Callable, tokenizer: Callable, local_batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1, workers: int = 0, samples_per_epoch: int = 0):
+                 rank: int = 0, world_size: int = 1, workers: int = 0, samples_per_epoch: int = 0,
+                 sides: Sequence[int] | None = None):
         self.shards = shard_paths(pattern)
+        self.sides = sides  # decode JPEGs only this large (utils/data/images.open_image); None: in full
         self.counts = shard_counts(self.shards)
         self.transform, self.tokenizer = transform, tokenizer
         self.local_batch, self.seed = local_batch, seed
@@ -143,8 +138,7 @@ class ShardStream(IterableDataset):
         captions = [c for c in sample_captions(files) if isinstance(c, str) and c.strip()]
         if extension is None or not captions:
             raise ValueError("no image" if extension is None else "no caption")
-        with Image.open(io.BytesIO(files[extension])) as image:
-            image = to_rgb(image)
+        image = open_image(files[extension], self.sides)
         caption = captions[int(rng.integers(len(captions)))]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2 ** 63)))

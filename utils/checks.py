@@ -1,0 +1,42 @@
+"""Checks of a script's settings that need no torch, run before it is imported: a misspelt choice or a missing
+file is reported in a fraction of a second instead of after seconds of importing."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from utils.errors import UserError
+
+# utils.device.PRECISIONS' names (tests/test_start.py holds them equal); that module imports torch.
+PRECISION_NAMES = ("fp32", "fp16", "bf16")
+
+
+def one_of(cfg: dict, name: str, choices: Sequence, also: Sequence = ()) -> None:
+    """cfg[name] must be one of `choices` (or of `also`, values such as "" or None meaning "decide for me")."""
+    if cfg[name] not in (*choices, *also):
+        raise UserError(f"{name} {cfg[name]!r} is not one of {', '.join(map(str, choices))}")
+
+
+def weights_exist(path: str, setting: str = "model_path") -> None:
+    """A weight setting must name an existing file or folder, or be written as a weight name for the loader to
+    fetch: a pretrained tag, hf-hub:ORG/NAME or a URL (utils/weights/pretrained.is_weight_name's rule; that
+    module imports torch). '' means random weights."""
+    text = str(path)
+    if (not text or Path(text).exists() or text.startswith("hf-hub:") or re.match(r"https?://", text)
+            or re.fullmatch(r"[\w-]+", text)):
+        return
+    random = "; model_path='' starts from random weights" if setting == "model_path" else ""
+    raise UserError(f"{setting} {path} does not exist and is not a weight name. Give a file or folder, a pretrained "
+                    "tag with its phi (--phi ViT-B-32 --model_path laion2b_s34b_b79k, or openai), hf-hub:ORG/NAME or "
+                    f"an http(s) URL (README, 'Weights'){random}.")
+
+
+def file_exists(cfg: dict, name: str, what: str) -> None:
+    if not Path(cfg[name]).is_file():
+        raise UserError(f"{what} {cfg[name]} does not exist; check {name}")
+
+
+def folder_exists(cfg: dict, name: str, what: str) -> None:
+    if not Path(cfg[name]).is_dir():
+        raise UserError(f"{name} {cfg[name]} does not exist; point it at {what}")

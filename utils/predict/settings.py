@@ -1,0 +1,14 @@
+"""predict.py's settings that can be checked before torch is imported (utils/checks.py); the inputs it reads
+are utils/predict/inputs.py's."""
+from __future__ import annotations
+
+from utils.checks import PRECISION_NAMES, one_of, weights_exist
+
+MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf")
+
+
+def check_settings(cfg: dict) -> None:
+    one_of(cfg, "mode", MODES)
+    one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
+    if cfg["mode"] != "predict_onnx":
+        weights_exist(cfg["model_path"])
