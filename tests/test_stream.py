@@ -13,7 +13,8 @@ from datasets.make_toy import make_toy_dataset
 from tests.test_training import run_train, step_losses, train_args
 from utils.data.augment import CaptionAugment
 from utils.data.sources.pipeline import convert
-from utils.data.sources.stream import ShardStream, is_shard_source, span
+from utils.data.sources.shards import is_shard_source
+from utils.data.sources.stream import ShardStream, span
 from utils.tokenizer import build_tokenizer
 
 SHARD_SIZE = 5

@@ -12,7 +12,7 @@ import torch
 
 from clip import CLIP
 from utils.data.preflight import preflight
-from utils.data.sources.stream import is_shard_source
+from utils.data.sources.shards import is_shard_source
 from utils.device import loader_workers
 from utils.errors import UserError
 from utils.eval.encode import caption_index, encode_captions, encode_images

@@ -14,7 +14,8 @@ from utils.callbacks import EvalCallback, LossHistory
 from utils.data.augment import CaptionAugment, augment_level
 from utils.data.images import eval_transform
 from utils.data.preflight import preflight
-from utils.data.sources.stream import ShardStream, is_shard_source
+from utils.data.sources.shards import is_shard_source
+from utils.data.sources.stream import ShardStream
 from utils.dataloader import CaptionDataset, EpochSampler
 from utils.device import PRECISIONS, loader_workers, resolve_device
 from utils.errors import UserError

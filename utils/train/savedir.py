@@ -199,7 +199,7 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
     the state's architecture is refused unless resume_force is set; the state's architecture is used either way."""
     from nets import get_config
 
-    from utils.data.sources.stream import is_shard_source
+    from utils.data.sources.shards import is_shard_source
 
     train, lines, inexact = saved.get("train", {}), [], []
     # Shards are dealt to processes, then to their dataloader workers: with shards both counts decide the data

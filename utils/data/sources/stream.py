@@ -23,7 +23,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from utils.data.images import open_image
 from utils.data.sources.shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
-from utils.data.sources.shards import is_shard_source  # noqa: F401  (callers import it from here too)
 from utils.errors import UserError
 from utils.files import atomic_write_bytes
 
