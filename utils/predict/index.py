@@ -188,8 +188,10 @@ def set_param(index, name: str, value: int) -> None:
         faiss.downcast_index(index.index).hnsw.efSearch = value
 
 
-def exact_top(emb: Embeddings, queries: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
-    """Ids of the k rows (of every row of `emb`) with the largest inner product with each query, by brute force."""
+def exact_top(emb: Embeddings, queries: np.ndarray, k: int, kept: list[np.ndarray] | None = None,
+              chunk: int = 65536) -> np.ndarray:
+    """Ids of the k rows (of `kept`, each part's local rows; default all) with the largest inner product with each
+    query, by brute force."""
     import torch
 
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
@@ -197,11 +199,13 @@ def exact_top(emb: Embeddings, queries: np.ndarray, k: int, chunk: int = 65536) 
     best_ids = torch.zeros((len(q), 0), dtype=torch.long)
     for part, start in enumerate(emb.starts):
         vectors = emb.vectors(part)
-        for s in range(0, len(vectors), chunk):
-            scores = q @ torch.from_numpy(np.asarray(vectors[s:s + chunk], dtype=np.float32)).T
+        rows = np.arange(len(vectors)) if kept is None else kept[part]
+        for s in range(0, len(rows), chunk):
+            block = rows[s:s + chunk]
+            scores = q @ torch.from_numpy(np.asarray(vectors[block], dtype=np.float32)).T
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             best_scores = torch.cat([best_scores, top.values], dim=1)
-            best_ids = torch.cat([best_ids, top.indices + start + s], dim=1)
+            best_ids = torch.cat([best_ids, torch.from_numpy(block + start)[top.indices]], dim=1)
             keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1).indices
             best_scores, best_ids = best_scores.gather(1, keep), best_ids.gather(1, keep)
     order = best_scores.argsort(dim=1, descending=True)
@@ -223,8 +227,8 @@ def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progres
     to train it) against exact search. Returns (index, report)."""
     faiss = _faiss()
     started = time.perf_counter()
-    kept = [emb.kept(part) + start for part, start in enumerate(emb.starts)]
-    ids = np.concatenate(kept)
+    local = [emb.kept(part) for part in range(len(emb.names))]
+    ids = np.concatenate([rows + start for rows, start in zip(local, emb.starts)])
     rng = np.random.default_rng(seed)
     held_out = np.sort(rng.choice(ids, size=min(queries, len(ids)), replace=False))
     index = new_index(key, emb.dim)
@@ -238,23 +242,22 @@ def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progres
         sample = np.sort(rng.choice(pool, size=size, replace=False))
         progress(f"training {key} on {size:,} vectors")
         index.train(emb.rows_at(sample))
-    for part, rows in enumerate(kept):
+    for part, rows in enumerate(local):
         vectors = emb.vectors(part)
-        local = rows - emb.starts[part]
-        for s in range(0, len(local), 100_000):
-            chunk = local[s:s + 100_000]
+        for s in range(0, len(rows), 100_000):
+            chunk = rows[s:s + 100_000]
             index.add_with_ids(np.asarray(vectors[chunk], dtype=np.float32), chunk + emb.starts[part])
     build_seconds = time.perf_counter() - started
     report = {"key": key, "vectors": int(index.ntotal), "dim": emb.dim, "build_seconds": round(build_seconds, 2),
               "memory_bytes": memory_of(index)}
-    report.update(tune(index, emb, held_out))
+    report.update(tune(index, emb, held_out, local))
     return index, report
 
 
-def tune(index, emb: Embeddings, held_out: np.ndarray, k: int = 10) -> dict:
+def tune(index, emb: Embeddings, held_out: np.ndarray, kept: list[np.ndarray] | None = None, k: int = 10) -> dict:
     """Set the index's speed/recall knob to the smallest value reaching TARGET_RECALL on the held-out rows."""
     queries = emb.rows_at(held_out)
-    exact = exact_top(emb, queries, k + 1)
+    exact = exact_top(emb, queries, k + 1, kept)
     name, values = search_params(index)
     chosen, recall = None, 0.0
     for value in values or [None]:
