@@ -4,8 +4,8 @@
                                      [--queries 1000] [--clusters 1000] [--threads 2] [--keep DIR]
 
 Unit vectors drawn from a mixture of `--clusters` Gaussian clusters (each vector: its cluster's unit centre
-plus noise of the same norm, renormalised, so a vector's cosine with its centre is about 0.7, as CLIP image
-features cluster by content) are written as an embeddings folder in float16, as mode="embed" writes it, part by
+plus isotropic noise of norm `--noise`, renormalised: cosine with the centre about 0.7 at 1, 0.5 at 1.7; CLIP
+image features cluster by content, though less cleanly than either) are written as an embeddings folder in float16, as mode="embed" writes it, part by
 part (nothing holds all vectors in memory, so 10M runs where the index fits). Each index type is then built by
 utils/predict/index.build exactly as mode="index" builds it (its search setting tuned on held-out rows to
 recall@10 >= 0.95), and timed on those held-out rows at batch 1 and batch 64. The `Flat` row is exact search
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PART = 100_000
 
 
-def write_vectors(folder: Path, n: int, dim: int, clusters: int, seed: int = 0) -> None:
+def write_vectors(folder: Path, n: int, dim: int, clusters: int, noise: float = 1.0, seed: int = 0) -> None:
     """n mixture-of-clusters unit vectors as an embeddings folder of float16 parts (metadata: the row number)."""
     from utils.predict.embed import write_part
 
@@ -42,7 +42,7 @@ def write_vectors(folder: Path, n: int, dim: int, clusters: int, seed: int = 0) 
         count = min(PART, n - start)
         part_rng = np.random.default_rng([seed, part])
         x = centres[part_rng.integers(clusters, size=count)]
-        x = x + part_rng.standard_normal((count, dim)).astype(np.float32) / np.sqrt(dim)
+        x = x + noise * part_rng.standard_normal((count, dim)).astype(np.float32) / np.sqrt(dim)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         write_part(folder, str(part).zfill(width), x.astype(np.float16), None,
                    {"image_path": [str(i) for i in range(start, start + count)]})
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--index_memory", default="4G")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=1.0, help="noise norm / centre norm: 1 gives cosine ~0.7 "
+                        "with the centre, 1.7 about 0.5")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", default="", help="an embeddings folder to reuse (written there when missing)")
     args = parser.parse_args()
@@ -77,8 +79,8 @@ def main() -> None:
     try:
         if not (folder / "img_emb").is_dir():
             started = time.perf_counter()
-            write_vectors(folder, args.vectors, args.dim, args.clusters)
-            print(f"wrote {args.vectors:,} x {args.dim} float16 vectors ({args.clusters} clusters) to {folder} in "
+            write_vectors(folder, args.vectors, args.dim, args.clusters, args.noise)
+            print(f"wrote {args.vectors:,} x {args.dim} float16 vectors ({args.clusters} clusters, noise {args.noise}) to {folder} in "
                   f"{time.perf_counter() - started:.0f} s")
         emb = Embeddings.open(folder)
         memory = parse_memory(args.index_memory)
@@ -88,7 +90,7 @@ def main() -> None:
         exact_ms = None
         for kind in args.types:
             key = choose_key(emb.total, emb.dim, memory, kind)
-            index, report = build(emb, key, queries=args.queries, progress=lambda line: None)
+            index, report = build(emb, key, queries=args.queries, progress=lambda line: print(line, file=sys.stderr, flush=True))
             rng = np.random.default_rng(1)
             held = np.sort(rng.choice(emb.total, size=min(args.queries, emb.total), replace=False))
             queries = emb.rows_at(held)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,15 +82,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gloo_rank(rank: int, world: int, port: int, jobs: list[list[str]], codes) -> None:
-    # torchrun's environment: predict.py --distributed true joins the group through it, as under torchrun.
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    for j, args in enumerate(jobs):
+def _gloo_rank(rank: int, world: int, ports: list[int], jobs: list[list[str]], codes) -> None:
+    for j, (args, port) in enumerate(zip(jobs, ports)):
+        # torchrun's environment: predict.py --distributed true joins the group through it, as under torchrun.
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
         result = run_script("predict.py", *args, threads=1)
         codes[rank * len(jobs) + j] = result.returncode
         if result.returncode:
-            print(result.stderr[-3000:], file=sys.stderr)
+            print(f"rank {rank}, {args[-1]}: {result.stderr[-3000:]}", file=sys.stderr, flush=True)
 
 
 def test_two_gloo_processes_embed_each_item_once_equal_to_one_process(data, tiny_weights, single, tmp_path):
@@ -97,7 +98,14 @@ def test_two_gloo_processes_embed_each_item_once_equal_to_one_process(data, tiny
     jobs = [embed_args(tiny_weights, source, tmp_path / name, distributed="true")
             for name, source in sources(data).items()]
     codes = mp.get_context("spawn").Array("i", [-1] * 4)
-    mp.spawn(_gloo_rank, args=(2, _free_port(), jobs, codes), nprocs=2, join=True)
+    # A port per job: the first group's store may still hold its port when the second one starts.
+    processes = mp.spawn(_gloo_rank, args=(2, [_free_port(), _free_port()], jobs, codes), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not processes.join(timeout=5):
+        if time.monotonic() > deadline:  # a rank stuck at a collective: fail, do not hang the suite
+            for process in processes.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 300 s")
     assert list(codes) == [0, 0, 0, 0]
     for name in sources(data):
         one, two = read(out / name), read(tmp_path / name)

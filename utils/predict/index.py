@@ -247,9 +247,11 @@ def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progres
         for s in range(0, len(rows), 100_000):
             chunk = rows[s:s + 100_000]
             index.add_with_ids(np.asarray(vectors[chunk], dtype=np.float32), chunk + emb.starts[part])
+        progress(f"added part {emb.names[part]} ({index.ntotal:,} vectors)")
     build_seconds = time.perf_counter() - started
     report = {"key": key, "vectors": int(index.ntotal), "dim": emb.dim, "build_seconds": round(build_seconds, 2),
               "memory_bytes": memory_of(index)}
+    progress(f"built in {build_seconds:.1f} s; tuning on {len(held_out)} held-out vectors")
     report.update(tune(index, emb, held_out, local))
     return index, report
 
