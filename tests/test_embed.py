@@ -253,3 +253,31 @@ def test_bad_input_is_one_line_before_any_work(data, tiny_weights, single, tmp_p
         result = run_script("predict.py", *embed_args(tiny_weights, source, extra.get("embeddings_dir", tmp_path / "o")))
         assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_search_answers_from_a_built_index(data, tiny_weights, single, tmp_path, capsys):
+    from clip import CLIP
+
+    out, _ = single
+    code, built, err = run_script("predict.py", "--mode", "index", "--embeddings_dir", out / "captions",
+                                  "--index_dir", tmp_path / "index", capsys=capsys)
+    assert code == 0 and "Flat, 10 vectors" in built and "recall@10 1.000" in built, err
+    code, found, err = run_script("predict.py", "--mode", "search", "--index_dir", tmp_path / "index", "--model_path",
+                                  tiny_weights, "--phi", "auto", "--query", "a red circle", "--top_k", "3",
+                                  "--Cuda", "false", capsys=capsys)
+    assert code == 0, err
+    lines = found.splitlines()
+    assert lines[0].startswith(f"index {tmp_path / 'index'}: 10 images (Flat over")
+    images, _, rows = read(out / "captions")
+    first = sorted({r["image_path"]: i for i, r in reversed(list(enumerate(rows)))}.items(), key=lambda kv: kv[1])
+    model = CLIP(model_path=str(tiny_weights), phi="auto", cuda=False)
+    text = F.normalize(model.detect_image_for_eval(texts=["a red circle"])[1].float(), dim=-1)[0].numpy()
+    scores = np.array([images[i].astype(np.float32) @ text for _, i in first])
+    expected = [first[i][0] for i in np.argsort(-scores)[:3]]
+    assert [line.split("  ", 1)[1] for line in lines[1:]] == expected
+    # Weights other than the embeddings' are refused rather than answered with nonsense.
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1e-3 for k, v in torch.load(tiny_weights, weights_only=True).items()}, other)
+    code, _, err = run_script("predict.py", "--mode", "search", "--index_dir", tmp_path / "index", "--model_path",
+                              other, "--phi", "auto", "--query", "x", "--Cuda", "false", capsys=capsys)
+    assert code == 2 and "other weights" in err

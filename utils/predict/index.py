@@ -214,12 +214,13 @@ def exact_top(emb: Embeddings, queries: np.ndarray, k: int, kept: list[np.ndarra
 
 def recall_at(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: int = 10) -> float:
     """Mean share of each query's exact k nearest others (itself left out) that `found` lists among its k."""
-    hits = 0
+    hits = wanted = 0
     for row, query in enumerate(query_ids):
         truth = [i for i in exact[row] if i != query][:k]
         got = [i for i in found[row] if i != query and i >= 0][:k]
         hits += len(set(truth) & set(got))
-    return hits / (k * len(query_ids))
+        wanted += len(truth)  # fewer than k when the index holds fewer than k others
+    return hits / max(1, wanted)
 
 
 def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progress=print) -> tuple[object, dict]:
