@@ -32,7 +32,7 @@ PART = 100_000
 
 def write_vectors(folder: Path, n: int, dim: int, clusters: int, noise: float = 1.0, seed: int = 0) -> None:
     """n mixture-of-clusters unit vectors as an embeddings folder of float16 parts (metadata: the row number)."""
-    from utils.predict.embed import write_part
+    from utils.predict.index import write_part
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
@@ -69,7 +69,7 @@ def main() -> None:
     import faiss
     import torch
 
-    from utils.checkpoint import human_size
+    from utils.files import human_size
     from utils.predict.index import Embeddings, build, choose_key, ms_per_query, parse_memory
     from utils.predict.search import top_k
 

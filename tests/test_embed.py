@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from PIL import Image
 
 from datasets.make_toy import make_toy_dataset
 from tests.conftest import run_script
@@ -123,7 +121,7 @@ def test_two_gloo_processes_embed_each_item_once_equal_to_one_process(data, tiny
 
 def test_features_equal_detect_image_for_eval_within_float16_rounding(data, tiny_weights, single):
     from clip import CLIP
-    from utils.images import open_rgb
+    from utils.data.images import open_rgb
 
     out, _ = single
     images, texts, rows = read(out / "captions")
@@ -146,6 +144,7 @@ _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import utils.predict.embed as embed
+import utils.predict.index as index
 calls = [0]
 write = embed.atomic_write_bytes
 def dying_write(data, path):
@@ -153,7 +152,7 @@ def dying_write(data, path):
     if calls[0] == {kill_at}:  # embed.json, part 0's three files, part 1's image file: then kill -9
         os.kill(os.getpid(), signal.SIGKILL)
     write(data, path)
-embed.atomic_write_bytes = dying_write
+embed.atomic_write_bytes = index.atomic_write_bytes = dying_write
 from utils.config import run_script
 import predict
 run_script(vars(predict), predict.main, {args!r})

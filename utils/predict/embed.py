@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import atomic_write_bytes, check_writable
-from ..errors import UserError
-from ..images import open_rgb, to_rgb
+from utils.data.images import open_rgb, to_rgb
+from utils.errors import UserError
+from utils.files import atomic_write_bytes, check_writable
+from utils.predict.index import part_done, part_notes, part_paths, write_part
 
 MANIFEST = "embed.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -75,7 +76,7 @@ def _sizes(items: list[Item], size: int) -> list[int]:
 
 
 def folder_plan(folder: str | Path, part_size: int) -> Plan:
-    from .folder import images_under
+    from utils.predict.folder import images_under
 
     folder = Path(folder)
     items = [Item(str(path)) for path in images_under(folder)]
@@ -87,8 +88,8 @@ def caption_items(caption_file: str | Path, datasets_path: str | Path = "",
                   columns: tuple[str, str] = ("filepath", "title")) -> tuple[list[Item], Path]:
     """The entries of a caption file train.py reads (JSON list, JSON Lines, CSV, TSV) as items, image paths
     joined to `datasets_path` (default: the caption file's folder). Malformed entries are refused together."""
-    from ..dataloader import entry_problem, normalise
-    from ..preflight import read_annotations
+    from utils.dataloader import entry_problem, normalise
+    from utils.data.preflight import read_annotations
 
     caption_file = Path(caption_file)
     if not caption_file.is_file():
@@ -117,7 +118,7 @@ def caption_plan(caption_file: str | Path, datasets_path: str | Path, part_size:
 def _shard_items(shard: Path, limit: int | None = None) -> list[Item]:
     from itertools import islice
 
-    from ..sources.shards import IMAGE_EXTENSIONS, sample_captions, samples
+    from utils.data.sources.shards import IMAGE_EXTENSIONS, sample_captions, samples
 
     items = []
     for key, files in islice(samples(shard), limit):
@@ -138,7 +139,7 @@ def _shard_items(shard: Path, limit: int | None = None) -> list[Item]:
 
 def shard_plan(pattern: str) -> Plan:
     """One part per shard, in the shards' order; captions are embedded when the first sample has any."""
-    from ..sources.shards import shard_paths
+    from utils.data.sources.shards import shard_paths
 
     shards = shard_paths(pattern)
     stats = [(str(s), s.stat().st_size, s.stat().st_mtime_ns) for s in shards]
@@ -151,7 +152,7 @@ def plan_input(config: dict) -> Plan:
     source = config["caption_file"]
     if not source:
         return folder_plan(config["dir_origin_path"], config["part_size"])
-    from ..sources.stream import is_shard_source
+    from utils.data.sources.stream import is_shard_source
 
     if is_shard_source(source) or Path(source).is_dir():
         return shard_plan(source)
@@ -233,53 +234,6 @@ def caption_file_features(model, caption_file: str | Path, datasets_path: str | 
     return item_features(model, items, batch_size, num_workers, problems, text=True)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def part_paths(out: str | Path, name: str) -> dict[str, Path]:
-    out = Path(out)
-    return {"img_emb": out / "img_emb" / f"img_emb_{name}.npy", "text_emb": out / "text_emb" / f"text_emb_{name}.npy",
-            "metadata": out / "metadata" / f"metadata_{name}.parquet"}
-
-
-def write_part(out: str | Path, name: str, images: np.ndarray, texts: np.ndarray | None, columns: dict[str, list],
-               notes: dict | None = None) -> None:
-    """One part's files, each atomically, the metadata last: its presence says the part is complete. `notes`
-    (unreadable images, ...) travel in the parquet file's key-value metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    paths = part_paths(out, name)
-    for key in ("img_emb", "metadata") + (("text_emb",) if texts is not None else ()):
-        paths[key].parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(_npy_bytes(images), paths["img_emb"])
-    if texts is not None:
-        atomic_write_bytes(_npy_bytes(texts), paths["text_emb"])
-    table = pa.table({k: pa.array(v, type=pa.string() if k in ("image_path", "caption", "shard") else None)
-                      for k, v in columns.items()})
-    if notes:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"clip_embed": json.dumps(notes).encode("utf-8")})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(buffer.getvalue(), paths["metadata"])
-
-
-def part_done(out: str | Path, name: str, text: bool) -> bool:
-    paths = part_paths(out, name)
-    return paths["metadata"].is_file() and paths["img_emb"].is_file() and (not text or paths["text_emb"].is_file())
-
-
-def part_notes(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    raw = (pq.read_schema(path).metadata or {}).get(b"clip_embed")
-    return json.loads(raw) if raw else {}
-
-
 def embed_part(model, plan: Plan, part: int, out: Path, dtype, batch_size: int, num_workers: int, bar=None) -> int:
     """Embed and write part `part`; returns its row count."""
     items = plan.parts[part]()
@@ -336,9 +290,9 @@ def run_embed(config: dict) -> dict:
 
     from clip import CLIP
 
-    from ..device import resolve_device
-    from ..distributed import cleanup, init_distributed
-    from .search import model_identity
+    from utils.device import resolve_device
+    from utils.train.distributed import cleanup, init_distributed
+    from utils.predict.search import model_identity
 
     if config["embed_dtype"] not in DTYPES:
         raise UserError(f"embed_dtype {config['embed_dtype']!r} is not one of {', '.join(DTYPES)}")
@@ -351,7 +305,7 @@ def run_embed(config: dict) -> dict:
     try:
         model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                      cuda=config["Cuda"], precision=config["precision"])
-        manifest = {"model": model_identity(config["model_path"], model.phi), "phi": model.phi,
+        manifest = {"model": model_identity(model.weights_path or "", model.phi), "phi": model.phi,
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),
                     "letterbox_image": config["letterbox_image"]}

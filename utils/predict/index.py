@@ -10,6 +10,7 @@ folder, grown by one part per update.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write_bytes, human_size
-from ..errors import UserError
+from utils.files import atomic_write_bytes, human_size
+from utils.errors import UserError
 
 MANIFEST = "index.json"
 INDEX_FILE = "knn.index"
@@ -90,6 +91,53 @@ def choose_key(n: int, d: int, memory: int, kind: str = "auto") -> str:
     smallest = index_bytes(f"{coarse},PQ4", n, d)
     raise UserError(f"index_memory {human_size(memory)} cannot hold {n:,} vectors: the smallest index (PQ4) needs "
                     f"{human_size(smallest)}; raise index_memory")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def part_paths(out: str | Path, name: str) -> dict[str, Path]:
+    out = Path(out)
+    return {"img_emb": out / "img_emb" / f"img_emb_{name}.npy", "text_emb": out / "text_emb" / f"text_emb_{name}.npy",
+            "metadata": out / "metadata" / f"metadata_{name}.parquet"}
+
+
+def write_part(out: str | Path, name: str, images: np.ndarray, texts: np.ndarray | None, columns: dict[str, list],
+               notes: dict | None = None) -> None:
+    """One part's files, each atomically, the metadata last: its presence says the part is complete. `notes`
+    (unreadable images, ...) travel in the parquet file's key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = part_paths(out, name)
+    for key in ("img_emb", "metadata") + (("text_emb",) if texts is not None else ()):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_npy_bytes(images), paths["img_emb"])
+    if texts is not None:
+        atomic_write_bytes(_npy_bytes(texts), paths["text_emb"])
+    table = pa.table({k: pa.array(v, type=pa.string() if k in ("image_path", "caption", "shard") else None)
+                      for k, v in columns.items()})
+    if notes:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"clip_embed": json.dumps(notes).encode("utf-8")})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(buffer.getvalue(), paths["metadata"])
+
+
+def part_done(out: str | Path, name: str, text: bool) -> bool:
+    paths = part_paths(out, name)
+    return paths["metadata"].is_file() and paths["img_emb"].is_file() and (not text or paths["text_emb"].is_file())
+
+
+def part_notes(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(b"clip_embed")
+    return json.loads(raw) if raw else {}
 
 
 @dataclass

@@ -118,7 +118,7 @@ class SearchIndex:
         keep = [known[p][0] for p in kept]
         where = [self._where[i] for i in keep]
         if added:
-            from utils.predict.embed import write_part
+            from utils.predict.index import write_part
 
             name = str(max((int(n) for n in self._parts), default=-1) + 1).zfill(PART_WIDTH)
             vectors = encoded.float().numpy()
