@@ -252,6 +252,11 @@ def test_bad_input_is_one_line_before_any_work(data, tiny_weights, single, tmp_p
         result = run_script("predict.py", *embed_args(tiny_weights, source, extra.get("embeddings_dir", tmp_path / "o")))
         assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+    before = files(out / "folder")
+    result = run_script("predict.py", "--mode", "search", "--model_path", tiny_weights, "--phi", "auto", "--Cuda",
+                        "false", "--dir_origin_path", data / "photos", "--index_dir", out / "folder", "--query", "x")
+    assert result.returncode == 2 and 'written by mode "embed"' in result.stderr
+    assert files(out / "folder") == before  # a folder search never takes embed's output as its own index
 
 
 def test_search_answers_from_a_built_index(data, tiny_weights, single, tmp_path, capsys):

@@ -45,6 +45,10 @@ class SearchIndex:
         self._parts: list[str] = []
         self._removed: dict[str, list[int]] = {}
         self._exact = None
+        if (self.dir / "embed.json").is_file():  # never take (and delete) what mode "embed" wrote for an index
+            raise UserError(f"index_dir {self.dir} holds embeddings written by mode \"embed\"; index them with "
+                            f"--mode index --embeddings_dir {self.dir} --index_dir <a new folder>, or choose another "
+                            "index_dir")
         if rebuild or not (self.dir / MANIFEST).is_file():
             self._forget_files(keep_parts=[])
             return
