@@ -291,8 +291,8 @@ def run_embed(config: dict) -> dict:
     from clip import CLIP
 
     from utils.device import resolve_device
-    from utils.train.distributed import cleanup, init_distributed
     from utils.predict.search import model_identity
+    from utils.train.distributed import cleanup, init_distributed
 
     if config["embed_dtype"] not in DTYPES:
         raise UserError(f"embed_dtype {config['embed_dtype']!r} is not one of {', '.join(DTYPES)}")
@@ -309,9 +309,10 @@ def run_embed(config: dict) -> dict:
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),
                     "letterbox_image": config["letterbox_image"]}
-        resumed = check_manifest(out, manifest)  # every rank: all refuse together, none waits on the others
+        # Every rank checks: all refuse together, and none waits at a barrier for one that gave up.
+        check_writable(out, "embeddings_dir")
+        resumed = check_manifest(out, manifest)
         if info.is_main:
-            check_writable(out, "embeddings_dir")
             if not resumed:
                 atomic_write_bytes(json.dumps(manifest, indent=1).encode("utf-8"), out / MANIFEST)
             done = sum(part_done(out, plan.name(p), plan.text) for p in range(len(plan.parts)))
