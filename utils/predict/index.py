@@ -225,7 +225,7 @@ def search_params(index) -> tuple[str, list[int]]:
         nlist = faiss.extract_index_ivf(index).nlist
     except RuntimeError:  # neither IVF nor HNSW: exact
         return "", []
-    return "nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= nlist]
+    return "nprobe", [p for p in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p <= nlist]
 
 
 def set_param(index, name: str, value: int) -> None:
