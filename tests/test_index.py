@@ -69,10 +69,10 @@ def test_each_index_type_against_brute_force(folder, kind):
 def test_choice_follows_count_and_budget():
     gib = 2 ** 30
     assert choose_key(50_000, 512, 4 * gib) == "Flat"
-    assert choose_key(50_000, 512, 150 * 2 ** 20) == "IVF256,Flat"  # Flat would take over half the budget
-    assert choose_key(1_000_000, 512, 4 * gib) == "IVF1024,Flat"
-    assert choose_key(1_000_000, 512, 500 * 2 ** 20) == "IVF1024,PQ256"
-    assert choose_key(10_000_000, 512, 2 * gib) == "IVF4096,PQ128"  # 10M in 1.3 GiB
+    assert choose_key(50_000, 512, 150 * 2 ** 20) == "IVF1024,Flat"  # Flat would take over half the budget
+    assert choose_key(1_000_000, 512, 4 * gib) == "IVF4096,Flat"
+    assert choose_key(1_000_000, 512, 500 * 2 ** 20) == "IVF4096,PQ256"
+    assert choose_key(10_000_000, 512, 2 * gib) == "IVF16384_HNSW32,PQ128"  # 10M in 1.3 GiB
     assert choose_key(10_000_000, 512, 4 * gib, "HNSW") == "HNSW32"
     assert choose_key(10_000_000, 512, 4 * gib, "IVF1024,PQ32") == "IVF1024,PQ32"
     with pytest.raises(UserError, match="raise index_memory"):
