@@ -72,7 +72,7 @@ def choose_key(n: int, d: int, memory: int, kind: str = "auto") -> str:
     After autofaiss's rule (exact for few vectors, HNSW where its links fit, IVF while full vectors fit,
     else IVF with product quantisation as fine as the budget allows), except that HNSW is not chosen on its own:
     its build inserts ~400 vectors/s per CPU core at 512-d (measured here), most of an hour for a million, where an
-    IVF builds in two and answers as fast. `kind` "HNSW" asks for it anyway."""
+    IVF builds in two minutes and answers as fast. `kind` "HNSW" asks for it anyway."""
     if kind not in KINDS:
         return kind  # a FAISS index_factory string, taken as it is
     nlist = n_lists(n)
