@@ -14,7 +14,6 @@ exists is done. A kill at any moment therefore loses at most the parts in flight
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils.data.images import open_rgb, to_rgb
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
 from utils.predict.index import part_done, part_notes, part_paths, write_part
@@ -38,14 +35,12 @@ SHOWN = 20
 
 @dataclass(frozen=True)
 class Item:
-    """One image to embed: what opens it, the path its metadata shows, its captions (none in a folder)."""
+    """One image to embed: the path its metadata shows (a file's path, or a shard sample's key), its captions (none
+    in a folder), and for shard samples the image's bytes and the shard."""
     image_path: str
     captions: tuple[str, ...] = ()
-    open: Callable[[], Image.Image] | None = field(default=None, compare=False)
+    data: bytes | None = field(default=None, compare=False, repr=False)
     shard: str | None = None
-
-    def picture(self) -> Image.Image:
-        return self.open() if self.open is not None else open_rgb(self.image_path)
 
 
 @dataclass
@@ -129,11 +124,7 @@ def _shard_items(shard: Path, limit: int | None = None) -> list[Item]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             captions = ()
 
-        def picture(data=data) -> Image.Image:
-            with Image.open(io.BytesIO(data)) as image:
-                return to_rgb(image)
-
-        items.append(Item(key, captions, picture, str(shard)))
+        items.append(Item(key, captions, data, str(shard)))
     return items
 
 
@@ -152,7 +143,7 @@ def plan_input(config: dict) -> Plan:
     source = config["caption_file"]
     if not source:
         return folder_plan(config["dir_origin_path"], config["part_size"])
-    from utils.data.sources.stream import is_shard_source
+    from utils.data.sources.shards import is_shard_source
 
     if is_shard_source(source) or Path(source).is_dir():
         return shard_plan(source)
@@ -160,17 +151,19 @@ def plan_input(config: dict) -> Plan:
 
 
 class _Pictures(Dataset):
-    """(index, pixels or None, why not) per item: an unreadable image is reported, never fatal."""
+    """(index, pixels or None, why not) per item, opened as the model opens images (CLIP.open_image: decoded at the
+    scale the transform needs unless fast_decode is off); an unreadable image is reported, never fatal."""
 
-    def __init__(self, items: Sequence[Item], transform):
-        self.items, self.transform = items, transform
+    def __init__(self, items: Sequence[Item], model):
+        self.items, self.open, self.transform = items, model.open_image, model.transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
+        item = self.items[index]
         try:
-            return index, self.transform(self.items[index].picture()), None
+            return index, self.transform(self.open(item.data if item.data is not None else item.image_path)), None
         except Exception as e:  # PIL raises many types for unreadable files
             return index, None, f"{type(e).__name__}: {e}"
 
@@ -189,7 +182,7 @@ def item_features(model, items: Sequence[Item], batch_size: int = 32, num_worker
     `progress(n)` is told of each batch's n images, read or not."""
     problems = [] if problems is None else problems
     dtype = next(model.net.parameters()).dtype
-    loader = DataLoader(_Pictures(items, model.transform), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_Pictures(items, model), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     for batch in loader:
         if progress is not None:
@@ -304,11 +297,11 @@ def run_embed(config: dict) -> dict:
     info = init_distributed(config["distributed"], device.type == "cuda")
     try:
         model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
-                     cuda=config["Cuda"], precision=config["precision"])
+                     cuda=config["Cuda"], precision=config["precision"], fast_decode=config["fast_decode"])
         manifest = {"model": model_identity(model.weights_path or "", model.phi), "phi": model.phi,
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),
-                    "letterbox_image": config["letterbox_image"]}
+                    "letterbox_image": config["letterbox_image"], "fast_decode": config["fast_decode"]}
         # Every rank checks: all refuse together, and none waits at a barrier for one that gave up.
         check_writable(out, "embeddings_dir")
         resumed = check_manifest(out, manifest)
