@@ -14,6 +14,12 @@ Examples with the demo's weights (python train.py --demo en writes them); for yo
         --dir_origin_path img/ --query "a red circle"  # text or an image path -> the best matches
     python predict.py --mode web --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --dir_origin_path img/                        # a page on http://127.0.0.1:7860/
+    python predict.py --mode embed --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --dir_origin_path img/ --embeddings_dir logs/emb  # features in clip-retrieval's layout, in parts
+    torchrun --nproc_per_node 2 predict.py --mode embed --distributed true --caption_file train.json ...
+    python predict.py --mode index --embeddings_dir logs/emb --index_dir logs/idx  # FAISS, sized to index_memory
+    python predict.py --mode search --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
+        --index_dir logs/idx --query "a red circle" --top_k 5   # answered from that index
     python predict.py --mode fps --model_path logs/demo_en/last_epoch_weights.pth --phi auto  # images/s here
     python predict.py --mode export_onnx --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --export_dir model_data/onnx                  # image.onnx + text.onnx for deployment
@@ -26,9 +32,11 @@ from __future__ import annotations
 from utils.config import run_script
 
 # "predict" (ask for image paths in a loop), "dir_predict" (every image of a folder into a CSV), "search" (find
-# images of dir_origin_path by text or by example), "web" (a local page for both), "fps" (speed), "export_onnx"
-# (write the model as ONNX to export_dir), "predict_onnx" (the "predict" loop on export_dir with onnxruntime) or
-# "export_hf" (write the model to export_dir as a transformers CLIPModel / ChineseCLIPModel folder).
+# images of dir_origin_path, or of an index built by "index", by text or by example), "web" (a local page for both),
+# "embed" (features of a folder, caption file or shards into embeddings_dir), "index" (a FAISS index of
+# embeddings_dir in index_dir), "fps" (speed), "export_onnx" (write the model as ONNX to export_dir),
+# "predict_onnx" (the "predict" loop on export_dir with onnxruntime) or "export_hf" (write the model to export_dir
+# as a transformers CLIPModel / ChineseCLIPModel folder).
 mode = "predict"
 # Weights: a file or folder, or a name downloaded once: a pretrained tag of phi ("openai",
 # "laion2b_s34b_b79k"), hf-hub:ORG/NAME or an http(s) URL (README, "Weights"); "" = random weights.
@@ -54,12 +62,33 @@ overwrite = False
 # dir_predict: how many of the best labels (or captions) each row lists.
 top_k = 5
 # search and web: where the index of dir_origin_path's image features is kept (updated incrementally on each
-# run); "" = logs/search_index/<folder>_<hash of its full path>, one per indexed folder...
+# run); "" = logs/search_index/<folder>_<hash of its full path>, one per indexed folder; or an index built by
+# mode "index" (then answered from as it is). index: where that index is written...
 index_dir = ""
 # ...re-encoded from scratch when true (needed after changing weights or phi)...
 rebuild_index = False
 # ...and answered once for this query (a text, or an image path) instead of asking in a loop.
 query = ""
+# embed: a caption file train.py reads (JSON list, JSON Lines, CSV, TSV) or WebDataset shards (a brace pattern,
+# a .tar, a folder of .tar files); "" embeds the images of dir_origin_path.
+caption_file = ""
+# embed: the folder the caption file's image paths are relative to; "" = the caption file's folder.
+datasets_path = ""
+# embed writes (and index reads) here: img_emb/, text_emb/, metadata/ in clip-retrieval's layout.
+embeddings_dir = "logs/embeddings"
+# embed: images per part file; a rerun after a crash redoes only unfinished parts (shards: one part per shard).
+part_size = 10000
+# embed: "float16" (clip-retrieval's default, half the disk) or "float32".
+embed_dtype = "float16"
+# embed: processes that decode images beside the model (0: in the main process).
+num_workers = 2
+# embed: one process per GPU (or gloo processes on CPUs) under torchrun, each taking its share of the parts.
+distributed = False
+# index: "auto" (exact Flat while it fits comfortably, else IVF / IVF-PQ chosen from the vector count and
+# index_memory), "Flat", "HNSW", "IVF", "IVFPQ", or any faiss index_factory string such as "IVF4096,PQ64".
+index_type = "auto"
+# index: the memory the index may take, e.g. "4G", "500M".
+index_memory = "4G"
 # web: the port of the page, served on 127.0.0.1 only.
 port = 7860
 # dir_predict and fps: images per batch (fps also measures batch 1).
@@ -100,6 +129,16 @@ def main(config: dict, explicit: dict) -> None:
     check_inputs(config)
     config = {**config, "index_dir": index_dir(config)}
 
+    if config["mode"] == "embed":
+        from utils.predict.embed import run_embed
+
+        run_embed(config)
+        return
+    if config["mode"] == "index":
+        from utils.predict.index import run_index
+
+        run_index(config)
+        return
     if config["mode"] == "export_onnx":
         from utils.export.onnx_export import run_export
 

@@ -6,7 +6,9 @@
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      (default logs/gpu_check; open_clip installed for the peers)
 #
 # PARTS="tests inference train accum onnx demo decode" (the default) picks the parts to run; decode compares
-# nvJPEG decoding on the GPU with the CPU's reduced-scale decode for 12-MP photos (bench_gpu_decode.py).
+# nvJPEG decoding on the GPU with the CPU's reduced-scale decode for 12-MP photos (bench_gpu_decode.py). "embed"
+# (mode=embed under torchrun on nccl) and "index10m" (bench_index at 10M vectors in a 2 GiB budget: 10 GB of
+# scratch disk, CPU-bound, tens of minutes) run only when named.
 set -uo pipefail
 out=${1:-logs/gpu_check}
 parts=" ${PARTS:-tests inference train accum onnx demo decode} "
@@ -39,4 +41,12 @@ done
 [[ $parts == *" demo "* ]] && { time $py train.py --demo en --Cuda true ; } 2>&1 | tail -40 | tee "$out/demo_en.txt"
 
 [[ $parts == *" decode "* ]] && $py benchmarks/bench_gpu_decode.py --count 64 --batch 32 2>&1 | tee "$out/bench_gpu_decode.txt"
+
+[[ $parts == *" embed "* ]] && { toy=$(mktemp -d); $py -c "from datasets.make_toy import make_toy_dataset as m; \
+m('$toy', n_train=256, n_val=2, seed=0)" && $py -m torch.distributed.run --nproc_per_node 1 predict.py --mode embed \
+    --distributed true --Cuda true --model_path "" --phi openai/VIT-B-32 --caption_file "$toy/en_train.json" \
+    --embeddings_dir "$toy/emb" --part_size 64; } 2>&1 | tail -5 | tee "$out/embed_nccl.txt"
+
+[[ $parts == *" index10m "* ]] && $py benchmarks/bench_index.py --vectors 10000000 --index_memory 2G --types auto \
+    --threads "$(nproc)" 2>&1 | grep -v WARNING | tee "$out/bench_index_10m.txt"
 exit 0

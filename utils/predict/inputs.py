@@ -19,7 +19,7 @@ def check_inputs(config: dict) -> None:
         if not image.is_file():
             raise UserError(f"image {image} {'is a folder' if image.is_dir() else 'does not exist'}; give the path "
                             "of an image file")
-    if mode in _FOLDER_MODES and not Path(config["dir_origin_path"]).is_dir():
+    if mode in _FOLDER_MODES and not Path(config["dir_origin_path"]).is_dir() and not _built_index(config):
         raise UserError(f"dir_origin_path {config['dir_origin_path']} is not a folder; give the folder of images "
                         f"to {'score' if mode == 'dir_predict' else 'search'}")
     if mode == "dir_predict":
@@ -28,6 +28,14 @@ def check_inputs(config: dict) -> None:
         from utils.prompts import load_templates
 
         load_templates(config["templates"])  # a given file or template reads alike in every language
+
+
+def _built_index(config: dict) -> bool:
+    """Whether index_dir holds an index built by mode "index", which search answers from without a folder."""
+    from utils.predict.index import read_manifest
+
+    manifest = read_manifest(config["index_dir"]) if config["index_dir"] else None
+    return manifest is not None and manifest.get("embeddings_dir") != "."
 
 
 def predictions_path(config: dict) -> Path:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from utils.checks import PRECISION_NAMES, one_of, weights_exist
 
-MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf")
+MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf", "embed",
+         "index")
 
 
 def check_settings(cfg: dict) -> None:
     one_of(cfg, "mode", MODES)
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
-    if cfg["mode"] != "predict_onnx":
+    one_of(cfg, "embed_dtype", ("float16", "float32"))
+    if cfg["mode"] not in ("predict_onnx", "index"):  # index reads embeddings, no model
         weights_exist(cfg["model_path"])

@@ -1,4 +1,4 @@
-"""The web app: JSON endpoints over a CLIP model and a SearchIndex, and the indexed folder's images.
+"""The web app: JSON endpoints over a CLIP model and a search index, and the indexed folder's images.
 
 FastAPI because the page is one static HTML/JS file talking to four small JSON endpoints: nothing is fetched from
 outside (no CDN, no fonts, no telemetry, unlike Gradio's defaults), and the server is a plain ASGI app that tests
@@ -134,20 +134,20 @@ def create_app(model, index=None, folder: str | Path | None = None, templates: s
 
 
 def serve(model, config: dict) -> None:
-    """predict.py mode="web": index dir_origin_path (when it exists) and serve the page on 127.0.0.1:port."""
+    """predict.py mode="web": serve the page on 127.0.0.1:port, searching the index in index_dir when it was built
+    by mode "index", else dir_origin_path (indexed there first, when it exists)."""
     import uvicorn
 
-    from utils.predict.search import SearchIndex, encode_paths, model_identity
+    from utils.predict.index import read_manifest
+    from utils.predict.search import open_index
 
-    index, folder = None, Path(config["dir_origin_path"])
-    if folder.is_dir():
-        index = SearchIndex(config["index_dir"], model_identity(model.weights_path or "", model.phi),
-                            config["rebuild_index"])
-        counts = index.update(folder, encode_paths(model, config["batch_size"]))
-        print(f"index {config['index_dir']}: {len(index.paths)} images of {folder} ({counts['new']} new, "
-              f"{counts['changed']} changed, {counts['removed']} removed)")
+    index = folder = None
+    manifest = read_manifest(config["index_dir"])
+    if Path(config["dir_origin_path"]).is_dir() or (manifest is not None and manifest["embeddings_dir"] != "."):
+        index, folder, line = open_index(model, config)
+        print(line)
     else:
-        print(f"dir_origin_path {folder} is not a folder: the search tab stays empty")
+        print(f"dir_origin_path {config['dir_origin_path']} is not a folder: the search tab stays empty")
     print(f"open http://127.0.0.1:{config['port']}/  (Ctrl-C stops the server)")
-    uvicorn.run(create_app(model, index, folder if index else None, config["templates"]), host="127.0.0.1",
+    uvicorn.run(create_app(model, index, folder, config["templates"]), host="127.0.0.1",
                 port=config["port"], log_level="warning")
