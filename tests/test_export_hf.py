@@ -149,16 +149,16 @@ def test_export_read_back_with_phi_auto_gives_equal_tensors(exported, phi):
     assert all(torch.equal(original[k], loaded[k]) for k in original)
 
 
-def test_self_cn_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+def test_self_cn_refused_in_one_line_before_anything_is_written(tmp_path, capsys, tiny_weights):
     folder = tmp_path / "new" / "hf"
-    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tmp_path / "missing.pth",
+    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tiny_weights,
                         "--phi", "self-cn/VIT-B-32", "--export_dir", folder, capsys=capsys)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "self-cn" in result.stderr and "ln_final" in result.stderr
     assert not list(tmp_path.iterdir())  # not even export_dir's parent
 
 
-def test_resnet_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+def test_resnet_refused_in_one_line_before_anything_is_written(tmp_path, capsys, tiny_weights):
     resnets = [phi for phi in MODEL_CONFIGS if getattr(get_config(phi).vision, "kind", "vit") == "resnet"]
     if not resnets:
         # Until the table has ResNet rows, the rule itself: a config whose image tower is a ResNet.
@@ -167,18 +167,18 @@ def test_resnet_refused_in_one_line_before_anything_is_written(tmp_path, capsys)
         assert "ResNet" in export_hf.refusal(dataclasses.replace(config, vision=resnet))
         return
     folder = tmp_path / "hf"
-    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tmp_path / "missing.pth",
+    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tiny_weights,
                         "--phi", resnets[0], "--export_dir", folder, capsys=capsys)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "ResNet" in result.stderr
     assert not folder.exists()
 
 
-def test_existing_folder_refused_unless_an_earlier_export(tmp_path, exported, capsys):
+def test_existing_folder_refused_unless_an_earlier_export(tmp_path, exported, capsys, tiny_weights):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tmp_path / "missing.pth",
+    result = run_script("predict.py", "--mode", "export_hf", "--model_path", tiny_weights,
                         "--phi", "tiny/VIT-T-8", "--export_dir", mine, capsys=capsys)
     assert result.returncode == 2 and "not empty" in result.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
