@@ -285,3 +285,13 @@ def test_search_answers_from_a_built_index(data, tiny_weights, single, tmp_path,
     code, _, err = run_script("predict.py", "--mode", "search", "--index_dir", tmp_path / "index", "--model_path",
                               other, "--phi", "auto", "--query", "x", "--Cuda", "false", capsys=capsys)
     assert code == 2 and "other weights" in err
+
+
+def test_index_without_index_dir_is_refused_and_borrows_no_folder_search_index(single, tmp_path, capsys, monkeypatch):
+    # The folder search's default index_dir (logs/search_index/<folder>_<hash>) is not a place to build into:
+    # that folder's search would then answer from the built index.
+    monkeypatch.chdir(tmp_path)
+    out, _ = single
+    code, _, err = run_script("predict.py", "--mode", "index", "--embeddings_dir", out / "captions", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--index_dir" in err, err
+    assert not (tmp_path / "logs").exists()

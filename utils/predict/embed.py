@@ -287,10 +287,6 @@ def run_embed(config: dict) -> dict:
     from utils.predict.search import model_identity
     from utils.train.distributed import cleanup, init_distributed
 
-    if config["embed_dtype"] not in DTYPES:
-        raise UserError(f"embed_dtype {config['embed_dtype']!r} is not one of {', '.join(DTYPES)}")
-    if config["part_size"] < 1:
-        raise UserError("part_size must be at least 1")
     out = Path(config["embeddings_dir"])
     plan = plan_input(config)
     device = resolve_device(config["Cuda"])

@@ -3,6 +3,7 @@ are utils/predict/inputs.py's."""
 from __future__ import annotations
 
 from utils.checks import PRECISION_NAMES, one_of, weights_exist
+from utils.errors import UserError
 
 MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf", "embed",
          "index")
@@ -12,5 +13,10 @@ def check_settings(cfg: dict) -> None:
     one_of(cfg, "mode", MODES)
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
     one_of(cfg, "embed_dtype", ("float16", "float32"))
+    if cfg["part_size"] < 1:
+        raise UserError(f"part_size must be at least 1, got {cfg['part_size']}")
+    if cfg["mode"] == "index" and not cfg["index_dir"]:
+        raise UserError("mode index writes the index to index_dir, which is empty; give --index_dir FOLDER (a new "
+                        "or empty folder)")
     if cfg["mode"] not in ("predict_onnx", "index"):  # index reads embeddings, no model
         weights_exist(cfg["model_path"])
