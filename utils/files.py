@@ -114,15 +114,15 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _temporary_beside(path: Path) -> tuple[int, Path]:
-    """(fd, path) of a new empty file `.<name>.<8 hex>.tmp` beside `path`, with the mode a new `path` would get.
+def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """(fd, path) of a new empty file `.<name>.<8 hex><suffix>` beside `path`, with the mode a new `path` would get.
 
     Not mkstemp: its files are 0600 and the rename keeps that, so weights, results and indexes came out readable
     by their owner only (a team folder, a web server under another user, a copy to a shared disk could not read
     them). Created 0666 and left to the umask, as any new file; a file being replaced keeps its own mode."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
@@ -140,7 +140,7 @@ def _atomic_write(path: str | Path, write) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file or the new one."""
     path = Path(path)
     with write_guard(path):
-        fd, tmp = _temporary_beside(path)
+        fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -7,7 +7,6 @@ and an earlier export stays as it was.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from PIL import Image
 from utils.data.images import OPENAI_MEAN, OPENAI_STD
 from utils.errors import UserError
 from utils.files import new_file_mode, write_error
-from utils.tokenizer import DEFAULT_BPE_PATH, EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
+from utils.tokenizer import EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
 from utils.weights.layouts import openai_to_transformers, transformers_config
 
 # Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
@@ -56,8 +55,7 @@ def _json(data: dict) -> bytes:
 def _bpe_files(context_length: int) -> dict[str, bytes]:
     """vocab.json and merges.txt of OpenAI's BPE, in the layout of openai/clip-vit-base-patch32 on the hub."""
     tokenizer = BPETokenizer()
-    with gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:NUM_MERGES + 1]  # line 0 is the file's own header
+    merges = [" ".join(pair) for pair in sorted(tokenizer.merge_ranks, key=tokenizer.merge_ranks.get)]
     # The pad token is EOT, as on the hub: "!" (id 0, this project's padding) would become a special token
     # and split "!!" apart. The tower stops reading at the first EOT, so what pads after it changes nothing.
     special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
@@ -219,10 +217,11 @@ def write_folder(folder: Path, files: dict[str, bytes | dict[str, torch.Tensor]]
     except UserError:
         raise
     except Exception as e:  # whatever the writer raised: one line, the temporary folder gone first
-        if old.exists() and not folder.exists():
-            old.rename(folder)
         raise write_error(folder / name, e, "the transformers export; an earlier export there is untouched") from e
     finally:
+        # Here, not in the except: a Ctrl-C between the two renames must not lose the earlier export either.
+        if old.exists() and not folder.exists():
+            old.rename(folder)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 

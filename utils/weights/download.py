@@ -7,14 +7,13 @@ import http.client
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.files import WriteError, atomic_write_bytes, new_file_mode
+from utils.files import WriteError, atomic_write_bytes, temporary_beside
 
 CACHE_ENV = "CLIP_CACHE"  # where URL downloads are kept; hub files stay in huggingface_hub's own cache
 BASE_ENV = "CLIP_DOWNLOAD_BASE"  # a mirror that serves the table's files under their own names
@@ -121,9 +120,7 @@ def fetch_url(url: str, sha256: str = "", *, use_mirror: bool = False) -> Path:
 def _download(source: str, target: Path, sha256: str, hint: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target, so the final rename is atomic; the leading dot keeps it out of listings.
-    fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    if hasattr(os, "fchmod"):
-        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would survive the rename: a shared cache could not read it
+    fd, part = temporary_beside(target, ".part")  # the mode a new file gets, not mkstemp's 0600
     try:
         h = hashlib.sha256()
         done = 0
