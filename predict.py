@@ -127,7 +127,8 @@ def main(config: dict, explicit: dict) -> None:
     from utils.predict.inputs import check_inputs, index_dir
 
     check_inputs(config)
-    config = {**config, "index_dir": index_dir(config)}
+    if config["mode"] in ("search", "web"):  # mode index builds only where it is told (a default would be a search's)
+        config = {**config, "index_dir": index_dir(config)}
 
     if config["mode"] == "embed":
         from utils.predict.embed import run_embed

@@ -47,10 +47,8 @@ def predictions_path(config: dict) -> Path:
 
 def index_dir(config: dict) -> str:
     """The search index's folder: index_dir when set, else one per indexed folder under logs/search_index, so
-    switching between folders keeps each one's features instead of re-encoding everything. Other modes keep
-    index_dir as given: mode "index" building into a folder search's default would make that folder's search
-    answer from the built index."""
-    if config["index_dir"] or config["mode"] not in ("search", "web"):
+    switching between folders keeps each one's features instead of re-encoding everything."""
+    if config["index_dir"]:
         return config["index_dir"]
     folder = Path(config["dir_origin_path"]).resolve()
     key = hashlib.sha256(str(folder).encode("utf-8")).hexdigest()[:8]
