@@ -181,12 +181,13 @@ def check_writable(folder: Path, setting: str = "save_dir") -> None:
         raise UserError(f"{setting} {folder} is not writable ({e.strerror or e}); choose another {setting}") from e
 
 
-def output_name(model_path: str, dataset: str | Path) -> str:
+def output_name(model_path: str, dataset: str) -> str:
     """`<run folder>_<weights>_<dataset>` for a result's default file name: two runs' last_epoch_weights.pth
-    (logs/demo_en/, logs/my_run/) get two names. Characters a file name should not hold become "_"."""
+    (logs/demo_en/, logs/my_run/) get two names. `dataset` is a name, used whole: a folder such as `cifar.a`
+    keeps its dot (a caller with a file passes its stem). Characters a file name should not hold become "_"."""
     weights = Path(model_path) if model_path else None
     parts = [weights.parent.name, weights.stem] if weights else ["random"]
-    text = "_".join(p for p in [*parts, Path(dataset).stem] if p and p != ".")
+    text = "_".join(p for p in [*parts, dataset] if p and p != ".")
     return re.sub(r"[^\w.-]+", "_", text)
 
 

@@ -16,7 +16,7 @@ from utils.data.sources.shards import is_shard_source
 from utils.device import loader_workers
 from utils.errors import UserError
 from utils.eval.encode import caption_index, encode_captions, encode_images
-from utils.files import atomic_savefig, atomic_write_bytes, check_writable
+from utils.files import atomic_savefig, atomic_write_bytes, check_writable, refuse_existing
 
 DUPLICATE_MODES = ("drop", "list", "off")
 CAPTION_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -194,11 +194,7 @@ def check_settings(cfg: dict) -> dict[str, Path]:
     for name in ("input", "against"):
         if cfg[name] and Path(cfg[name]).resolve() in {p.resolve() for p in paths.values()}:
             raise UserError(f"{name} {cfg[name]} is also an output of this run; choose another output")
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not cfg["overwrite"]:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise UserError(f"{existing[0]} already exists{more}; choose another output, or pass --overwrite true to "
-                        "replace it")
+    refuse_existing(paths.values(), cfg["overwrite"], "another output")
     check_writable(output.parent, "output")
     return paths
 

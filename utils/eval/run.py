@@ -38,8 +38,8 @@ def counted(n: int, one: str, many: str = "") -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
 
 
-def default_output(model_path: str, json_path: str, task: str = "eval") -> Path:
-    return Path("logs") / f"{task}_{output_name(model_path, json_path)}.json"
+def default_output(model_path: str, dataset: str, task: str = "eval") -> Path:
+    return Path("logs") / f"{task}_{output_name(model_path, dataset)}.json"
 
 
 def run_eval(cfg: dict) -> dict:
@@ -116,7 +116,7 @@ def run_zeroshot(cfg: dict) -> dict:
 def run_retrieval(cfg: dict) -> dict:
     cfg = {**cfg, "num_workers": loader_workers(cfg["num_workers"])}
     root = Path(cfg["datasets_path"])
-    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], cfg["datasets_val_json_path"])
+    output = Path(cfg["output"]) if cfg["output"] else default_output(cfg["model_path"], Path(cfg["datasets_val_json_path"]).stem)
     refuse_existing([output], cfg["overwrite"], "another output")
     check_writable(output.parent, "output")
     entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
