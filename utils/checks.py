@@ -18,13 +18,18 @@ def one_of(cfg: dict, name: str, choices: Sequence, also: Sequence = ()) -> None
         raise UserError(f"{name} {cfg[name]!r} is not one of {', '.join(map(str, choices))}")
 
 
+def is_weight_name(model_path: str | Path) -> bool:
+    """Whether `model_path` is written as a name (a tag, hf-hub:, a URL) rather than as a path. Here, not in
+    utils/weights/pretrained.py which resolves the names: that module imports torch."""
+    text = str(model_path)
+    return text.startswith("hf-hub:") or bool(re.match(r"https?://", text)) or bool(re.fullmatch(r"[\w-]+", text))
+
+
 def weights_exist(path: str, setting: str = "model_path") -> None:
     """A weight setting must name an existing file or folder, or be written as a weight name for the loader to
-    fetch: a pretrained tag, hf-hub:ORG/NAME or a URL (utils/weights/pretrained.is_weight_name's rule; that
-    module imports torch). '' means random weights."""
+    fetch: a pretrained tag, hf-hub:ORG/NAME or a URL. '' means random weights."""
     text = str(path)
-    if (not text or Path(text).exists() or text.startswith("hf-hub:") or re.match(r"https?://", text)
-            or re.fullmatch(r"[\w-]+", text)):
+    if not text or Path(text).exists() or is_weight_name(text):
         return
     random = "; model_path='' starts from random weights" if setting == "model_path" else ""
     raise UserError(f"{setting} {path} does not exist and is not a weight name. Give a file or folder, a pretrained "

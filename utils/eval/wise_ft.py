@@ -9,10 +9,10 @@ from typing import Mapping, Sequence
 
 import torch
 
+from utils.checks import is_weight_name
 from utils.errors import UserError
 from utils.files import atomic_savefig, atomic_write_bytes, check_writable, refuse_existing
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
-from utils.weights.pretrained import is_weight_name
 from utils.weights.arch import save_weights
 
 CONTROL_TYPES = ("", "retrieval", "zeroshot")

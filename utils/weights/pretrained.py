@@ -186,12 +186,6 @@ def phi_with_activation(phi: str, activation: str, source: str) -> str:
                     f"table has no {activation} variant of it; loading would give wrong features")
 
 
-def is_weight_name(model_path: str | Path) -> bool:
-    """Whether `model_path` is written as a name (a tag, hf-hub:, a URL) rather than as a path."""
-    text = str(model_path)
-    return text.startswith("hf-hub:") or bool(re.match(r"https?://", text)) or bool(re.fullmatch(r"[\w-]+", text))
-
-
 def locate(model_path: str | Path, phi: str) -> Located:
     """model_path as written by the user -> the local weights (downloaded on first use) and the phi to build.
 
