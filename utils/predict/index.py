@@ -353,6 +353,13 @@ def read_manifest(index_dir: str | Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
+def is_built_index(index_dir: str | Path) -> bool:
+    """Whether index_dir holds an index built by mode "index" (answered from as it is), rather than a folder
+    search's own index (embeddings kept inside it, "." in the manifest) or nothing."""
+    manifest = read_manifest(index_dir) if index_dir else None
+    return manifest is not None and manifest.get("embeddings_dir") != "."
+
+
 class VectorIndex:
     """An index folder opened for search: FAISS index, removed rows, and the metadata that names each id."""
 

@@ -31,11 +31,9 @@ def check_inputs(config: dict) -> None:
 
 
 def _built_index(config: dict) -> bool:
-    """Whether index_dir holds an index built by mode "index", which search answers from without a folder."""
-    from utils.predict.index import read_manifest
+    from utils.predict.index import is_built_index  # numpy and the index's format: not needed by most modes
 
-    manifest = read_manifest(config["index_dir"]) if config["index_dir"] else None
-    return manifest is not None and manifest.get("embeddings_dir") != "."
+    return is_built_index(config["index_dir"])
 
 
 def predictions_path(config: dict) -> Path:

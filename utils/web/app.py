@@ -138,12 +138,11 @@ def serve(model, config: dict) -> None:
     by mode "index", else dir_origin_path (indexed there first, when it exists)."""
     import uvicorn
 
-    from utils.predict.index import read_manifest
+    from utils.predict.index import is_built_index
     from utils.predict.search import open_index
 
     index = folder = None
-    manifest = read_manifest(config["index_dir"])
-    if Path(config["dir_origin_path"]).is_dir() or (manifest is not None and manifest["embeddings_dir"] != "."):
+    if Path(config["dir_origin_path"]).is_dir() or is_built_index(config["index_dir"]):
         index, folder, line = open_index(model, config)
         print(line)
     else:
