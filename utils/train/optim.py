@@ -25,13 +25,6 @@ def scaled_lrs(init_lr: float, min_lr: float, batch_size: int, optimizer_type: s
                  for rate, (low, high) in zip((init_lr, min_lr), lr_bounds(optimizer_type)))
 
 
-def check_schedule_choices(optimizer_type: str, lr_decay_type: str) -> None:
-    if optimizer_type not in OPTIMIZERS:
-        raise UserError(f"optimizer_type {optimizer_type!r} is not one of {', '.join(OPTIMIZERS)}")
-    if lr_decay_type not in LR_DECAYS:
-        raise UserError(f"lr_decay_type {lr_decay_type!r} is not one of {', '.join(LR_DECAYS)}")
-
-
 def _short(rate: float) -> str:
     """3e-4, not 0.0003 or 3.000e-04."""
     mantissa, exponent = f"{rate:.2e}".split("e")

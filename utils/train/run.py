@@ -29,9 +29,9 @@ from utils.train.checkpoint import load_state, newest_state, prune_states, state
 from utils.train.distributed import DistInfo, cleanup, init_distributed
 from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validation_loss
 from utils.train.loss import ClipLoss
-from utils.train.optim import build_optimizer, build_scheduler, check_schedule_choices, scaled_lrs, scaling_note
+from utils.train.optim import build_optimizer, build_scheduler, scaled_lrs, scaling_note
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
-from utils.train.settings import check_data_paths
+from utils.train.settings import check_data_paths, check_schedule
 from utils.weights.arch import save_weights
 from utils.weights.load import init_model
 
@@ -85,10 +85,7 @@ def run_training(cfg: dict, explicit: dict | None = None) -> dict:
 def _check_settings(cfg: dict, device: torch.device, info: DistInfo) -> tuple[str, str]:
     """Settings checked before any file is read or written; returns the precision and the augmentation level."""
     precision = resolve_training_precision(cfg, device)
-    check_schedule_choices(cfg["optimizer_type"], cfg["lr_decay_type"])
-    if cfg["Init_Epoch"] >= cfg["Epoch"]:
-        raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
-                        f"{cfg['Epoch']}")
+    check_schedule(cfg)
     check_accum(cfg["accum_freq"], cfg["batch_size"] // info.world_size, info.world_size)
     check_data_paths(cfg)
     return precision, augment_level(cfg["augment"], cfg["datasets_random"])

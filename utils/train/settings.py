@@ -19,17 +19,23 @@ def check_settings(cfg: dict) -> None:
         one_of(cfg, "demo", DEMOS)
         return
     one_of(cfg, "augment", AUGMENTS)
-    one_of(cfg, "optimizer_type", OPTIMIZERS)
-    one_of(cfg, "lr_decay_type", LR_DECAYS)
+    check_schedule(cfg)
     one_of(cfg, "precision", PRECISION_NAMES, also=("",))
-    if cfg["Init_Epoch"] >= cfg["Epoch"]:
-        raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
-                        f"{cfg['Epoch']}")
     if cfg["resume"] not in ("", "auto"):
         file_exists(cfg, "resume", "training state")
     elif not cfg["resume"]:
         weights_exist(cfg["model_path"])
     check_data_paths(cfg)
+
+
+def check_schedule(cfg: dict) -> None:
+    """The optimiser, the schedule and the epochs: train.py checks them before torch, run_training (which the demo
+    and library callers reach without train.py's check) again before any file is touched."""
+    one_of(cfg, "optimizer_type", OPTIMIZERS)
+    one_of(cfg, "lr_decay_type", LR_DECAYS)
+    if cfg["Init_Epoch"] >= cfg["Epoch"]:
+        raise UserError(f"Init_Epoch {cfg['Init_Epoch']} leaves no epoch to train: it must be below Epoch "
+                        f"{cfg['Epoch']}")
 
 
 def check_data_paths(cfg: dict) -> None:
