@@ -171,12 +171,11 @@ def test_a_module_outside_the_layers_is_named(copy_of_repo):
         "utils.stray has no layer: add it (or its folder) to LAYERS in tests/test_layers.py and to README"]
 
 
-def test_readme_where_things_are_names_every_folder_and_top_module():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+def test_where_things_are_names_every_folder_and_top_module():
+    section = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
     utils = ROOT / "utils"
     folders = sorted(p.name for p in utils.iterdir() if (p / "__init__.py").is_file())
     modules = sorted(p.name for p in utils.glob("*.py") if p.name != "__init__.py")
     missing = [f"{name}/" for name in folders if f"{name}/" not in section] + \
               [name for name in modules if name not in section]
-    assert missing == [], f"README's 'Where things are' does not name {missing}"
+    assert missing == [], f"docs/layout.md ('Where things are') does not name {missing}"
