@@ -66,15 +66,16 @@ SKIPPED = {  # documented command -> why it cannot run here
     "torchrun --nproc_per_node 4 predict.py --mode embed --distributed true "
     "--caption_file 'shards/{00000..00127}.tar' --embeddings_dir emb/":
         "four processes and 128 shards (tests/test_embed.py runs gloo processes)",
-    "python predict.py --mode export_onnx ... --export_fp16 true": "a template: ... stands for the line above's settings",
+    "python predict.py --mode export_onnx ... --export_fp16 true":
+        "a template: ... stands for the line above's settings",
     "python train.py --batch_size 256 --accum_freq 8 ...": "a template: ... stands for the user's settings",
     "torchrun --nproc_per_node 4 train.py --distributed true --batch_size 256 ...": "a template, four processes",
     "torchrun --nnodes 2 --nproc_per_node 4 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 "
     "train.py --distributed true ...": "a template, two machines",
     "python train.py --resume logs/state_step00000002.pt --phi openai/VIT-B-16 --batch_size 16 ...":
-        "a template; tests/test_reliability.py checks these resume messages",
+        "a template; tests/test_savedir.py checks these resume messages",
     "python train.py --resume logs/state_step00000002.pt --phi openai/VIT-B-16 --batch_size 16 --resume_force true "
-    "...": "a template; tests/test_reliability.py checks these resume messages",
+    "...": "a template; tests/test_savedir.py checks these resume messages",
     "curl -F image=@img/example.jpg -F $'texts=circle\\nsquare' http://127.0.0.1:7860/api/classify":
         "needs the page serving; tests/test_web.py calls these endpoints",
     "curl 'http://127.0.0.1:7860/api/search?q=a%20red%20circle&k=5'":
@@ -244,11 +245,13 @@ HELP_EXAMPLES = _help_examples()
 TEMPLATES = [c for c in HELP_EXAMPLES if any("<" in part for part in c)]  # <...>: the user's own files
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(c, id=shlex.join(c)[:90],
-                 marks=[pytest.mark.skip(reason="the demo is the module fixture's run")] if c[1:3] == ["train.py", "--demo"]
-                 else [pytest.mark.skip(reason="a template: <...> stands for the user's own files")] if c in TEMPLATES
-                 else []) for c in HELP_EXAMPLES])
+def _help_param(command):
+    reason = ("the demo is the module fixture's run" if command[1:3] == ["train.py", "--demo"] else
+              "a template: <...> stands for the user's own files" if command in TEMPLATES else None)
+    return pytest.param(command, id=shlex.join(command)[:90], marks=[pytest.mark.skip(reason=reason)] if reason else [])
+
+
+@pytest.mark.parametrize("command", [_help_param(c) for c in HELP_EXAMPLES])
 def test_each_help_example_runs(clone, monkeypatch, serving, command):
     _run(command, monkeypatch)
     if command[1:4] == ["predict.py", "--mode", "web"]:
