@@ -1,6 +1,6 @@
 """The house rule: imports run one way, from the scripts down to the ground, and no two modules import each other.
 
-Layers (README, "Where things are"); a module may import its own layer or a lower one:
+Layers (docs/layout.md, "Where things are"); a module may import its own layer or a lower one:
   0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks
   1 text, data   utils.tokenizer, utils.metrics, utils.prompts, utils.dataloader, utils.data, nets.configs (the
                  model table is data: convert's caption-length check reads it), datasets.make_toy
@@ -79,7 +79,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
 def violations(root: Path) -> list[str]:
     modules = project_modules(root)
     graph = {m: imports_of(m, p, set(modules)) for m, p in modules.items()}
-    problems = [f"{m} has no layer: add it (or its folder) to LAYERS in tests/test_layers.py and to README"
+    problems = [f"{m} has no layer: add it (or its folder) to LAYERS in tests/test_layers.py and to docs/layout.md"
                 for m in modules if layer_of(m) is None]
     for module, targets in sorted(graph.items()):
         for target in sorted(targets):
@@ -168,15 +168,14 @@ def test_a_relative_import_is_read_like_an_absolute_one(copy_of_repo):
 def test_a_module_outside_the_layers_is_named(copy_of_repo):
     (copy_of_repo / "utils" / "stray.py").write_text('"""Planted."""\n')
     assert violations(copy_of_repo) == [
-        "utils.stray has no layer: add it (or its folder) to LAYERS in tests/test_layers.py and to README"]
+        "utils.stray has no layer: add it (or its folder) to LAYERS in tests/test_layers.py and to docs/layout.md"]
 
 
-def test_readme_where_things_are_names_every_folder_and_top_module():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+def test_where_things_are_names_every_folder_and_top_module():
+    section = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
     utils = ROOT / "utils"
     folders = sorted(p.name for p in utils.iterdir() if (p / "__init__.py").is_file())
     modules = sorted(p.name for p in utils.glob("*.py") if p.name != "__init__.py")
     missing = [f"{name}/" for name in folders if f"{name}/" not in section] + \
               [name for name in modules if name not in section]
-    assert missing == [], f"README's 'Where things are' does not name {missing}"
+    assert missing == [], f"docs/layout.md ('Where things are') does not name {missing}"
