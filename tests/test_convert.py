@@ -270,7 +270,7 @@ def test_a_small_val_split_is_warned_about(tmp_path, capsys):
 
 
 def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
     from tests.test_training import step_losses, train_args
     from tests.test_training import train as run_train
     from utils.data.preflight import preflight

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]

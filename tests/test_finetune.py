@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens
 from tests.test_training import train, train_args

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]

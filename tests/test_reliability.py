@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from clip import CLIP
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from tests.test_training import ROOT, TRAIN_ENV, step_losses, train, train_args

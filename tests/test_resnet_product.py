@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import run_script
 from tests.test_eval import run_eval

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.test_training import train, train_args
 from utils.errors import UserError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.test_training import run_train, step_losses, train_args
 from utils.data.augment import CaptionAugment
 from utils.data.sources.pipeline import convert

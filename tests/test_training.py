@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from utils.errors import UserError
