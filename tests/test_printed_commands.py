@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,9 @@ SKIPPED = {  # documented command -> why it cannot run here
     "pip install -r requirements.txt && python train.py --demo en":
         "installs from the network; the module's fixture runs the demo, shortened",
     "pip install -r requirements.txt && python -m pytest -q": "the whole suite, this test among it",
+    "python -m pytest -q": "the whole suite, this test among it",
+    "python -m pytest -q -m 'not slow'": "most of the suite (tests/test_suite_settings.py runs it on a planted folder)",
+    "python -m pytest -q --lf": "the suite's last failures (tests/test_suite_settings.py runs it on a planted folder)",
     "python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi tiny/VIT-T-8 --datasets_path "
     "datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json":
         "the demo's printed eval line, run by test_the_demos_next_steps (a second run is refused: its result exists)",
