@@ -35,7 +35,7 @@ def train_once(level: str, seed: int, epochs: int, lang: str, save_root: Path) -
     """(val r_mean, seconds) of one from-scratch run."""
     import train
     import utils.train.run as training
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
     from utils.config import config_block
     from utils.data.augment import CaptionAugment
     from utils.train.demo import demo_config

@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--convert-images", type=int, default=20000)
     args = parser.parse_args()
 
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -41,7 +41,7 @@ def main() -> None:
 
     import torch
 
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
     from nets import build_model, get_config
 
     with tempfile.TemporaryDirectory() as tmp:

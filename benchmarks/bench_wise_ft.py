@@ -125,7 +125,7 @@ def main() -> None:
 
     import torch
 
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
     from utils.train.demo import DEMO_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,7 +42,7 @@ done
 
 [[ $parts == *" decode "* ]] && $py benchmarks/bench_gpu_decode.py --count 64 --batch 32 2>&1 | tee "$out/bench_gpu_decode.txt"
 
-[[ $parts == *" embed "* ]] && { toy=$(mktemp -d); $py -c "from datasets.make_toy import make_toy_dataset as m; \
+[[ $parts == *" embed "* ]] && { toy=$(mktemp -d); $py -c "from utils.data.toy import make_toy_dataset as m; \
 m('$toy', n_train=256, n_val=2, seed=0)" && $py -m torch.distributed.run --nproc_per_node 1 predict.py --mode embed \
     --distributed true --Cuda true --model_path "" --phi openai/VIT-B-32 --caption_file "$toy/en_train.json" \
     --embeddings_dir "$toy/emb" --part_size 64; } 2>&1 | tail -5 | tee "$out/embed_nccl.txt"

@@ -2,19 +2,38 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import CLIPConfig
+from .configs import CLIPConfig, TextConfig, VisionConfig
 from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
 from .vit import VisionTransformer
 
 TEXT_PREFIX = "text."
-# config.vision.kind -> the image tower; both keep OpenAI's keys under `visual.`.
-IMAGE_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}
+
+
+def _bert_tower(config: TextConfig, embed_dim: int) -> nn.Module:
+    from .text_bert import BertTextTower  # importing transformers' BERT costs seconds; only when used
+
+    return BertTextTower(config, embed_dim)
+
+
+# A tower kind is a row: kind -> builder(tower config, embed_dim) -> module. Image towers keep OpenAI's keys under
+# `visual.`; text towers at the top level of the file, as OpenAI's do (the `text.` prefix never reaches a file).
+IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": VisionTransformer,
+                                                                     "resnet": ModifiedResNet}
+TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
+                                                                  "bert-pooler": _bert_tower, "bert-cls": _bert_tower}
+
+
+def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:
+    if config.kind not in towers:
+        raise ValueError(f"no builder for tower kind {config.kind!r}; known: {', '.join(towers)}")
+    return towers[config.kind](config, embed_dim)
 
 
 def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
@@ -38,13 +57,8 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.visual = IMAGE_TOWERS[config.vision.kind](config.vision, config.embed_dim)
-        if config.text.is_bert:
-            from .text_bert import BertTextTower  # importing transformers' BERT costs seconds; only when used
-
-            self.text = BertTextTower(config.text, config.embed_dim)
-        else:
-            self.text = OpenAITextTower(config.text, config.embed_dim)
+        self.visual = build_tower(IMAGE_TOWERS, config.vision, config.embed_dim)
+        self.text = build_tower(TEXT_TOWERS, config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_state_dict_post_hook(_drop_text_prefix)
         self.register_load_state_dict_pre_hook(_add_text_prefix)

@@ -1,5 +1,14 @@
-"""Model table: every `phi` is a row of data (this project's, and open_clip's OpenAI-architecture ViTs), turned
-into dataclasses here; `from_open_clip` reads open_clip's configs, `infer_config` a bare state dict's shapes."""
+"""Model table: every `phi` is one row of data, turned into dataclasses here; `from_open_clip` reads open_clip's
+configs, `infer_config` a bare state dict's shapes.
+
+The rows are one encoding, CLIPConfig dataclasses written by keyword in one Python table, rather than open_clip's
+JSON file per model: 69 of the 72 phis use OpenAI's text tower at its context and vocabulary, and most are the
+GELU or QuickGELU twin of another, which a table says once (`_openai_text`, `_activation_twins`) where JSON files
+repeat it; the dataclasses check every row when the module loads; the whole table reads in one sitting. Its values are plain dicts
+(`CLIPConfig.to_dict`), the form a weight file's architecture record holds, so the table is JSON-able data.
+A tower kind (`VisionConfig.kind`, `TextConfig.kind`) names its builder in nets/clip.py's `IMAGE_TOWERS` /
+`TEXT_TOWERS`: a new kind is a name below, a builder there and rows that use it.
+"""
 from __future__ import annotations
 
 import math
@@ -108,76 +117,163 @@ class CLIPConfig:
         return cls(embed_dim=d["embed_dim"], vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]))
 
 
-def _openai_text(width: int, layers: int, heads: int) -> dict:
-    return dict(kind="openai", context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads)
+def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
+    text = config.text if config.text.is_bert else replace(config.text, activation=activation)
+    return replace(config, vision=replace(config.vision, activation=activation), text=text)
 
 
-def _bert_base_chinese(kind: str, context_length: int) -> dict:
-    return dict(kind=kind, context_length=context_length, vocab_size=21128, width=768, layers=12, heads=12,
-                intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+def _openai_text(*, width: int, heads: int, layers: int = 12) -> TextConfig:
+    """OpenAI's causal text tower at its context and vocabulary (every OpenAI and open_clip row here)."""
+    return TextConfig(kind="openai", context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads)
 
 
-_VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12)
-_VIT_B_16 = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12)
-_VIT_L_14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16)
+def _bert_base_chinese(kind: str, context_length: int) -> TextConfig:
+    return TextConfig(kind=kind, context_length=context_length, vocab_size=21128, width=768, layers=12, heads=12,
+                      intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+
+
+_VIT_B_32 = VisionConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12)
+_VIT_B_16 = VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12)
+_VIT_L_14 = VisionConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16)
 # 64 px, patch 8: an 8x8 grid. Head width 64 as in every published model, so phi="auto" recovers it.
-_VIT_T_8 = dict(image_size=64, patch_size=8, width=128, layers=3, heads=2)
+_VIT_T_8 = VisionConfig(image_size=64, patch_size=8, width=128, layers=3, heads=2)
 
-MODEL_CONFIGS: dict[str, dict] = {
-    "openai/VIT-B-32": dict(embed_dim=512, vision=_VIT_B_32, text=_openai_text(512, 12, 8)),
-    "openai/VIT-B-16": dict(embed_dim=512, vision=_VIT_B_16, text=_openai_text(512, 12, 8)),
-    "openai/VIT-L-14": dict(embed_dim=768, vision=_VIT_L_14, text=_openai_text(768, 12, 12)),
-    "openai/VIT-L-14-336": dict(embed_dim=768, vision=dict(_VIT_L_14, image_size=336), text=_openai_text(768, 12, 12)),
+# This project's rows: OpenAI's releases (QuickGELU, the dataclasses' default), the original repo's Chinese
+# models and the tiny ones of the CPU tests and demos.
+_PROJECT: dict[str, CLIPConfig] = {
+    "openai/VIT-B-32": CLIPConfig(embed_dim=512, vision=_VIT_B_32, text=_openai_text(width=512, heads=8)),
+    "openai/VIT-B-16": CLIPConfig(embed_dim=512, vision=_VIT_B_16, text=_openai_text(width=512, heads=8)),
+    "openai/VIT-L-14": CLIPConfig(embed_dim=768, vision=_VIT_L_14, text=_openai_text(width=768, heads=12)),
+    "openai/VIT-L-14-336": CLIPConfig(embed_dim=768, vision=replace(_VIT_L_14, image_size=336),
+                                      text=_openai_text(width=768, heads=12)),
     # The original repo feeds BERT untruncated captions, so its context is BERT's own 512 positions.
-    "self-cn/VIT-B-32": dict(embed_dim=512, vision=_VIT_B_32, text=_bert_base_chinese("bert-pooler", 512)),
-    "cn-clip/VIT-B-16": dict(embed_dim=512, vision=_VIT_B_16, text=_bert_base_chinese("bert-cls", 52)),
-    "tiny/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8, text=_openai_text(128, 3, 2)),
+    "self-cn/VIT-B-32": CLIPConfig(embed_dim=512, vision=_VIT_B_32, text=_bert_base_chinese("bert-pooler", 512)),
+    "cn-clip/VIT-B-16": CLIPConfig(embed_dim=512, vision=_VIT_B_16, text=_bert_base_chinese("bert-cls", 52)),
+    "tiny/VIT-T-8": CLIPConfig(embed_dim=128, vision=_VIT_T_8, text=_openai_text(width=128, heads=2, layers=3)),
     # Chinese-CLIP's [CLS] head: from scratch, self-cn's pooler head lets this small BERT collapse to one
     # text feature for every caption on some seeds. Dropout 0 and a wider init let it learn in minutes.
-    "tiny-cn/VIT-T-8": dict(embed_dim=128, vision=_VIT_T_8,
-                            text=dict(kind="bert-cls", context_length=52, vocab_size=21128, width=128, layers=3,
-                                      heads=2, intermediate_size=512, max_position_embeddings=128,
-                                      type_vocab_size=2, dropout=0.0, initializer_range=0.05)),
-}
-
-# open_clip 3.3's configs whose towers are OpenAI's ViT and causal text transformer, as its model_configs
-# JSON gives them: name -> (embed_dim, (image size, patch, width, layers, head width, MLP ratio),
-# (text width, heads, layers)); context 77 and vocabulary 49408 throughout. Each is two phis: open_clip's name
-# with exact GELU, as open_clip builds it, and `<name>-quickgelu` with OpenAI's activation.
-OPEN_CLIP_VITS: dict[str, tuple] = {
-    "ViT-S-32": (384, (224, 32, 384, 12, 64, 4.0), (384, 6, 12)),
-    "ViT-S-32-alt": (256, (224, 32, 384, 12, 64, 4.0), (256, 4, 10)),
-    "ViT-S-16": (384, (224, 16, 384, 12, 64, 4.0), (384, 6, 12)),
-    "ViT-S-16-alt": (256, (224, 16, 384, 12, 64, 4.0), (256, 4, 10)),
-    "ViT-M-32": (512, (224, 32, 512, 12, 64, 4.0), (512, 8, 12)),
-    "ViT-M-32-alt": (384, (224, 32, 512, 12, 64, 4.0), (384, 6, 12)),
-    "ViT-M-16": (512, (224, 16, 512, 12, 64, 4.0), (512, 8, 12)),
-    "ViT-B-32": (512, (224, 32, 768, 12, 64, 4.0), (512, 8, 12)),
-    "ViT-B-32-256": (512, (256, 32, 768, 12, 64, 4.0), (512, 8, 12)),
-    "ViT-B-32-plus-256": (640, (256, 32, 896, 12, 64, 4.0), (640, 10, 12)),
-    "ViT-B-16": (512, (224, 16, 768, 12, 64, 4.0), (512, 8, 12)),
-    "ViT-B-16-plus": (640, (224, 16, 896, 12, 64, 4.0), (640, 10, 12)),
-    "ViT-B-16-plus-240": (640, (240, 16, 896, 12, 64, 4.0), (640, 10, 12)),
-    "ViT-L-14": (768, (224, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
-    "ViT-L-14-280": (768, (280, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
-    "ViT-L-14-336": (768, (336, 14, 1024, 24, 64, 4.0), (768, 12, 12)),
-    "ViT-L-16": (768, (224, 16, 1024, 24, 64, 4.0), (768, 12, 12)),
-    "ViT-L-16-320": (768, (320, 16, 1024, 24, 64, 4.0), (768, 12, 12)),
-    "ViT-H-14": (1024, (224, 14, 1280, 32, 80, 4.0), (1024, 16, 24)),
-    "ViT-H-14-378": (1024, (378, 14, 1280, 32, 80, 4.0), (1024, 16, 24)),
-    "ViT-H-16": (1024, (224, 16, 1280, 32, 80, 4.0), (1024, 16, 24)),
-    "ViT-g-14": (1024, (224, 14, 1408, 40, 88, 4.3637), (1024, 16, 24)),
-    "ViT-bigG-14": (1280, (224, 14, 1664, 48, 104, 4.9231), (1280, 20, 32)),
-    "ViT-e-14": (1280, (224, 14, 1792, 56, 112, 8.5715), (1280, 20, 36)),
+    "tiny-cn/VIT-T-8": CLIPConfig(embed_dim=128, vision=_VIT_T_8,
+                                  text=TextConfig(kind="bert-cls", context_length=52, vocab_size=21128, width=128,
+                                                  layers=3, heads=2, intermediate_size=512,
+                                                  max_position_embeddings=128, type_vocab_size=2, dropout=0.0,
+                                                  initializer_range=0.05)),
 }
 
 
-def _open_clip_row(embed_dim: int, vision: tuple, text: tuple, quick_gelu: bool) -> dict:
-    image_size, patch_size, width, layers, head_width, mlp_ratio = vision
-    return from_open_clip(dict(embed_dim=embed_dim, quick_gelu=quick_gelu,
-                               vision_cfg=dict(image_size=image_size, patch_size=patch_size, width=width,
-                                               layers=layers, head_width=head_width, mlp_ratio=mlp_ratio),
-                               text_cfg=dict(width=text[0], heads=text[1], layers=text[2]))).to_dict()
+def _vit(*, image_size: int, patch_size: int, width: int, layers: int, head_width: int = 64,
+         mlp_ratio: float = 4.0) -> VisionConfig:
+    """An image tower in open_clip's JSON terms: its vision_cfg gives head_width, the table holds heads."""
+    return VisionConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+                        heads=width // head_width, mlp_ratio=mlp_ratio)
+
+
+# open_clip 3.3's configs whose towers are OpenAI's ViT and causal text transformer, with its model_configs
+# JSON's sizes; each is two phis (_activation_twins).
+OPEN_CLIP_VITS: dict[str, CLIPConfig] = {
+    "ViT-S-32": CLIPConfig(embed_dim=384, vision=_vit(image_size=224, patch_size=32, width=384, layers=12),
+                           text=_openai_text(width=384, heads=6)),
+    "ViT-S-32-alt": CLIPConfig(embed_dim=256, vision=_vit(image_size=224, patch_size=32, width=384, layers=12),
+                               text=_openai_text(width=256, heads=4, layers=10)),
+    "ViT-S-16": CLIPConfig(embed_dim=384, vision=_vit(image_size=224, patch_size=16, width=384, layers=12),
+                           text=_openai_text(width=384, heads=6)),
+    "ViT-S-16-alt": CLIPConfig(embed_dim=256, vision=_vit(image_size=224, patch_size=16, width=384, layers=12),
+                               text=_openai_text(width=256, heads=4, layers=10)),
+    "ViT-M-32": CLIPConfig(embed_dim=512, vision=_vit(image_size=224, patch_size=32, width=512, layers=12),
+                           text=_openai_text(width=512, heads=8)),
+    "ViT-M-32-alt": CLIPConfig(embed_dim=384, vision=_vit(image_size=224, patch_size=32, width=512, layers=12),
+                               text=_openai_text(width=384, heads=6)),
+    "ViT-M-16": CLIPConfig(embed_dim=512, vision=_vit(image_size=224, patch_size=16, width=512, layers=12),
+                           text=_openai_text(width=512, heads=8)),
+    "ViT-B-32": CLIPConfig(embed_dim=512, vision=_vit(image_size=224, patch_size=32, width=768, layers=12),
+                           text=_openai_text(width=512, heads=8)),
+    "ViT-B-32-256": CLIPConfig(embed_dim=512, vision=_vit(image_size=256, patch_size=32, width=768, layers=12),
+                               text=_openai_text(width=512, heads=8)),
+    "ViT-B-32-plus-256": CLIPConfig(embed_dim=640, vision=_vit(image_size=256, patch_size=32, width=896, layers=12),
+                                    text=_openai_text(width=640, heads=10)),
+    "ViT-B-16": CLIPConfig(embed_dim=512, vision=_vit(image_size=224, patch_size=16, width=768, layers=12),
+                           text=_openai_text(width=512, heads=8)),
+    "ViT-B-16-plus": CLIPConfig(embed_dim=640, vision=_vit(image_size=224, patch_size=16, width=896, layers=12),
+                                text=_openai_text(width=640, heads=10)),
+    "ViT-B-16-plus-240": CLIPConfig(embed_dim=640, vision=_vit(image_size=240, patch_size=16, width=896, layers=12),
+                                    text=_openai_text(width=640, heads=10)),
+    "ViT-L-14": CLIPConfig(embed_dim=768, vision=_vit(image_size=224, patch_size=14, width=1024, layers=24),
+                           text=_openai_text(width=768, heads=12)),
+    "ViT-L-14-280": CLIPConfig(embed_dim=768, vision=_vit(image_size=280, patch_size=14, width=1024, layers=24),
+                               text=_openai_text(width=768, heads=12)),
+    "ViT-L-14-336": CLIPConfig(embed_dim=768, vision=_vit(image_size=336, patch_size=14, width=1024, layers=24),
+                               text=_openai_text(width=768, heads=12)),
+    "ViT-L-16": CLIPConfig(embed_dim=768, vision=_vit(image_size=224, patch_size=16, width=1024, layers=24),
+                           text=_openai_text(width=768, heads=12)),
+    "ViT-L-16-320": CLIPConfig(embed_dim=768, vision=_vit(image_size=320, patch_size=16, width=1024, layers=24),
+                               text=_openai_text(width=768, heads=12)),
+    "ViT-H-14": CLIPConfig(embed_dim=1024,
+                           vision=_vit(image_size=224, patch_size=14, width=1280, layers=32, head_width=80),
+                           text=_openai_text(width=1024, heads=16, layers=24)),
+    "ViT-H-14-378": CLIPConfig(embed_dim=1024,
+                               vision=_vit(image_size=378, patch_size=14, width=1280, layers=32, head_width=80),
+                               text=_openai_text(width=1024, heads=16, layers=24)),
+    "ViT-H-16": CLIPConfig(embed_dim=1024,
+                           vision=_vit(image_size=224, patch_size=16, width=1280, layers=32, head_width=80),
+                           text=_openai_text(width=1024, heads=16, layers=24)),
+    "ViT-g-14": CLIPConfig(embed_dim=1024,
+                           vision=_vit(image_size=224, patch_size=14, width=1408, layers=40, head_width=88,
+                                       mlp_ratio=4.3637),
+                           text=_openai_text(width=1024, heads=16, layers=24)),
+    "ViT-bigG-14": CLIPConfig(embed_dim=1280,
+                              vision=_vit(image_size=224, patch_size=14, width=1664, layers=48, head_width=104,
+                                          mlp_ratio=4.9231),
+                              text=_openai_text(width=1280, heads=20, layers=32)),
+    "ViT-e-14": CLIPConfig(embed_dim=1280,
+                           vision=_vit(image_size=224, patch_size=14, width=1792, layers=56, head_width=112,
+                                       mlp_ratio=8.5715),
+                           text=_openai_text(width=1280, heads=20, layers=36)),
+}
+
+
+def _resnet(*, image_size: int, width: int, layers: tuple[int, int, int, int]) -> VisionConfig:
+    """OpenAI's ModifiedResNet: the attention pool is `width` x 32 wide with OpenAI's head width, 64."""
+    return VisionConfig(kind="resnet", image_size=image_size, patch_size=32, width=width, layers=layers,
+                        heads=width // 2)
+
+
+# OpenAI's ResNet CLIPs with open_clip's sizes (its model_configs/RN*.json); each is three phis (_activation_twins).
+_RESNETS: dict[str, CLIPConfig] = {
+    "RN50": CLIPConfig(embed_dim=1024, vision=_resnet(image_size=224, width=64, layers=(3, 4, 6, 3)),
+                       text=_openai_text(width=512, heads=8)),
+    "RN101": CLIPConfig(embed_dim=512, vision=_resnet(image_size=224, width=64, layers=(3, 4, 23, 3)),
+                        text=_openai_text(width=512, heads=8)),
+    "RN50x4": CLIPConfig(embed_dim=640, vision=_resnet(image_size=288, width=80, layers=(4, 6, 10, 6)),
+                         text=_openai_text(width=640, heads=10)),
+    "RN50x16": CLIPConfig(embed_dim=768, vision=_resnet(image_size=384, width=96, layers=(6, 8, 18, 8)),
+                          text=_openai_text(width=768, heads=12)),
+    "RN50x64": CLIPConfig(embed_dim=1024, vision=_resnet(image_size=448, width=128, layers=(3, 15, 36, 10)),
+                          text=_openai_text(width=1024, heads=16)),
+}
+
+
+def _activation_twins(rows: Mapping[str, CLIPConfig], openai_release: bool = False) -> dict[str, CLIPConfig]:
+    """open_clip's name is exact GELU, as open_clip builds it; `<name>-quickgelu` OpenAI's QuickGELU. With
+    `openai_release`, OpenAI's own weights come first as `openai/<name>` (QuickGELU), so phi_of names them."""
+    table = {}
+    for name, config in rows.items():
+        gelu, quick = with_activation(config, "gelu"), with_activation(config, "quick_gelu")
+        # open_clip's quick_gelu is one switch for the whole model: a ResNet tower records it, with no MLP
+        # to use it.
+        table.update({f"openai/{name}": quick, f"{name}-quickgelu": quick, name: gelu} if openai_release
+                     else {name: gelu, f"{name}-quickgelu": quick})
+    return table
+
+
+# Every phi: name -> its config as a plain dict (CLIPConfig.to_dict, the shape a weight file's arch record holds).
+# A new family (or tower kind) is one more mapping of rows here.
+MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
+    **_PROJECT,
+    **_activation_twins(OPEN_CLIP_VITS),
+    **_activation_twins(_RESNETS, openai_release=True),
+    # 64 px, one block per stage: a ResNet CLIP small enough for the CPU tests and demos.
+    "tiny/RN-T": CLIPConfig(embed_dim=128, vision=_resnet(image_size=64, width=16, layers=(1, 1, 1, 1)),
+                            text=_openai_text(width=128, heads=2, layers=3)),
+}.items()}
 
 
 class UnknownModelError(UserError, ValueError):
@@ -265,37 +361,6 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text)
 
 
-MODEL_CONFIGS.update({f"{name}{suffix}": _open_clip_row(*row, quick_gelu=bool(suffix))
-                      for name, row in OPEN_CLIP_VITS.items() for suffix in ("", "-quickgelu")})
-
-# OpenAI's ResNet CLIPs with open_clip's sizes (its model_configs/RN*.json): name -> (embed_dim, blocks per
-# stage, stem width, image size, text width, text heads). The attention pool has OpenAI's head width, 64: its
-# input is stem width x 32 wide. The text tower is OpenAI's 12-layer causal transformer.
-_RESNETS = {
-    "RN50": (1024, (3, 4, 6, 3), 64, 224, 512, 8),
-    "RN101": (512, (3, 4, 23, 3), 64, 224, 512, 8),
-    "RN50x4": (640, (4, 6, 10, 6), 80, 288, 640, 10),
-    "RN50x16": (768, (6, 8, 18, 8), 96, 384, 768, 12),
-    "RN50x64": (1024, (3, 15, 36, 10), 128, 448, 1024, 16),
-}
-
-
-def _resnet(embed_dim: int, blocks: tuple, width: int, image_size: int, text: dict) -> dict:
-    vision = dict(kind="resnet", image_size=image_size, patch_size=32, width=width, layers=blocks, heads=width // 2)
-    return dict(embed_dim=embed_dim, vision=vision, text=text)
-
-
-for _name, (_embed, _blocks, _width, _size, _text_width, _text_heads) in _RESNETS.items():
-    _row = _resnet(_embed, _blocks, _width, _size, _openai_text(_text_width, 12, _text_heads))
-    # OpenAI trained its ResNets' text towers with QuickGELU; open_clip's name without -quickgelu is exact GELU.
-    MODEL_CONFIGS[f"openai/{_name}"] = MODEL_CONFIGS[f"{_name}-quickgelu"] = _row
-    # open_clip's quick_gelu is one switch for the whole model; a ResNet tower has no MLP to use it.
-    MODEL_CONFIGS[_name] = dict(_row, vision=dict(_row["vision"], activation="gelu"),
-                                text=dict(_row["text"], activation="gelu"))
-# 64 px, one block per stage: a ResNet CLIP small enough for the CPU tests and demos.
-MODEL_CONFIGS["tiny/RN-T"] = _resnet(128, (1, 1, 1, 1), 16, 64, _openai_text(128, 3, 2))
-
-
 def get_config(phi: str) -> CLIPConfig:
     if phi not in MODEL_CONFIGS:
         raise UnknownModelError(f"unknown phi {phi!r}; valid values: {', '.join(MODEL_CONFIGS)}, or 'auto' "
@@ -340,11 +405,6 @@ def architecture_differences(a: CLIPConfig, b: CLIPConfig) -> list[str]:
 def phi_of(config: CLIPConfig) -> str | None:
     """The first table name that builds the same network as `config`, or None for a custom architecture."""
     return next((phi for phi in MODEL_CONFIGS if same_architecture(get_config(phi), config)), None)
-
-
-def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
-    text = config.text if config.text.is_bert else replace(config.text, activation=activation)
-    return replace(config, vision=replace(config.vision, activation=activation), text=text)
 
 
 def _count_layers(state_dict: Mapping[str, torch.Tensor], pattern: str) -> int:

@@ -113,6 +113,7 @@ def test_a_record_for_other_bytes_is_ignored(tmp_path, capsys):
     assert "the record is ignored" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_weights_carry_their_architecture_and_load_with_auto_exactly(toy, tmp_path, monkeypatch, capsys):
     # A GELU phi: its weights have the shapes of tiny/VIT-T-8's, so only the record can tell them apart.
     gelu = with_activation(get_config("tiny/VIT-T-8"), "gelu")

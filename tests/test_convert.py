@@ -269,8 +269,9 @@ def test_a_small_val_split_is_warned_about(tmp_path, capsys):
            "R@10 about 100%; R@K needs at least 10 x K images, 100 for all three). Raise --val_ratio" in out
 
 
+@pytest.mark.slow
 def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
     from tests.test_training import step_losses, train_args
     from tests.test_training import train as run_train
     from utils.data.preflight import preflight

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,7 @@ def _gloo_rank(rank: int, world: int, ports: list[int], jobs: list[list[str]], c
             print(f"rank {rank}, {args[-1]}: {result.stderr[-3000:]}", file=sys.stderr, flush=True)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_embed_each_item_once_equal_to_one_process(data, tiny_weights, single, tmp_path):
     out, results = single
     jobs = [embed_args(tiny_weights, source, tmp_path / name, distributed="true")
@@ -159,6 +160,7 @@ run_script(vars(predict), predict.main, {args!r})
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_part_then_rerun_ends_identical_to_an_uninterrupted_run(data, tiny_weights, single, tmp_path):
     out, _ = single
     args = [str(a) for a in embed_args(tiny_weights, sources(data)["captions"], tmp_path / "e")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from tests.test_training import train, train_args
@@ -87,6 +87,7 @@ def test_an_unwritable_output_is_refused_before_encoding(trained, tmp_path, caps
     assert code == 2 and err.startswith(f"error: output {tmp_path / 'file'} is not writable")
 
 
+@pytest.mark.slow
 def test_results_of_two_runs_get_two_names_and_none_is_replaced_unasked(trained, tmp_path, monkeypatch):
     """Two runs' last_epoch_weights.pth once shared logs/eval_last_epoch_weights_en_val.json; the second silently
     replaced the first's results. Now the run folder is in the name, and an existing result is refused."""

@@ -101,6 +101,7 @@ def _check_parity(folder: Path, ours: CLIP) -> None:
     assert torch.equal(ids[mask], ours.tokenize(captions)[:, :ids.shape[1]][mask])
 
 
+@pytest.mark.slow
 def test_clip_export_matches_transformers_probabilities_1e3_features_1e4(exported):
     weights, folder = exported("tiny/VIT-T-8")
     config = json.loads((folder / "config.json").read_text())
@@ -113,6 +114,7 @@ def test_clip_export_matches_transformers_probabilities_1e3_features_1e4(exporte
     _check_parity(folder, CLIP(model_path=str(weights), phi="tiny/VIT-T-8", cuda=False, precision="fp32"))
 
 
+@pytest.mark.slow
 def test_chinese_clip_export_matches_transformers_probabilities_1e3_features_1e4(exported):
     weights, folder = exported("tiny-cn/VIT-T-8")
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["ChineseCLIPModel"]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens
 from tests.test_training import train, train_args
@@ -60,6 +60,7 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SMALL, bert_config("bert-pooler", 52)], ids=["openai", "bert"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_checkpointing"])
 def test_accumulation_gradients_equal_one_batch_within_1e_5(config, checkpointing):
@@ -105,6 +106,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, state: dict, pi
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_accumulation_with_two_gloo_processes_equals_one_batch_within_1e_5(tmp_path):
     """2 processes x 2 micro-batches of 2 == one process with batch 8 (DDP averages, the loss spans both ranks)."""
     torch.manual_seed(0)
@@ -146,6 +148,7 @@ def test_partial_locks_unlock_the_last_groups():
     assert len(text_groups(cn.text)) == len(cn.text.transformer.encoder.layer) + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SMALL, bert_config("bert-cls", 52), get_config("tiny/RN-T")],
                          ids=["openai", "bert", "resnet"])
 def test_merged_lora_weights_give_the_adapter_models_features_within_1e_5(config):
@@ -200,6 +203,7 @@ def test_train_py_accum_freq_matches_the_whole_batch(toy, tmp_path, capsys):
     assert "choose one of 1, 2, 4, 8" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_train_py_lora_saves_merged_weights_and_the_adapter_and_resumes_exactly(toy, tmp_path, capsys):
     lora = dict(lora_r=4, lora_alpha=8, wise_ft_alpha=0.5)
     straight = _train(toy, tmp_path / "straight", capsys, **lora)

@@ -3,29 +3,34 @@
 Layers (docs/layout.md, "Where things are"); a module may import its own layer or a lower one:
   0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks
   1 text, data   utils.tokenizer, utils.metrics, utils.prompts, utils.dataloader, utils.data, nets.configs (the
-                 model table is data: convert's caption-length check reads it), datasets.make_toy
+                 model table is data: convert's caption-length check reads it)
   2 models       nets, utils.weights
   3 on a model   clip (the inference wrapper), utils.finetune (what the training run applies to a model)
   4 jobs         utils.train, utils.eval, utils.callbacks
   5 products     utils.export, utils.predict, utils.web
-  6 scripts      train, eval, predict, datasets.convert and the other scripts in datasets/
+  6 scripts      train, eval, predict and the scripts in datasets/ (a folder, not a package: `import datasets`
+                 is Hugging Face's)
 Imports inside functions count: a lazy import is still a dependency.
 """
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("utils", "nets", "datasets")
+PACKAGES = ("utils", "nets")
 SCRIPTS = ("clip", "train", "eval", "predict")
+SCRIPT_FOLDERS = ("datasets",)
 
 LAYERS = {
     "utils.errors": 0, "utils.config": 0, "utils.device": 0, "utils.files": 0, "utils.checks": 0,
     "utils.tokenizer": 1, "utils.metrics": 1, "utils.prompts": 1, "utils.dataloader": 1, "utils.data": 1,
-    "nets.configs": 1, "datasets.make_toy": 1,
+    "nets.configs": 1,
     "nets": 2, "utils.weights": 2,
     "clip": 3, "utils.finetune": 3,
     "utils.train": 4, "utils.eval": 4, "utils.callbacks": 4,
@@ -47,7 +52,7 @@ def layer_of(module: str) -> int | None:
 
 def project_modules(root: Path) -> dict[str, Path]:
     modules = {name: root / f"{name}.py" for name in SCRIPTS if (root / f"{name}.py").is_file()}
-    for package in PACKAGES:
+    for package in (*PACKAGES, *SCRIPT_FOLDERS):
         for path in sorted((root / package).rglob("*.py")):
             parts = path.relative_to(root).with_suffix("").parts
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -144,6 +149,25 @@ def copy_of_repo(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     return tmp_path
+
+
+def test_import_datasets_from_the_repo_root_is_the_installed_package_and_the_scripts_still_run(tmp_path):
+    # A stand-in for Hugging Face's `datasets`, installed on the path after the repo root (where a notebook or
+    # `python -c` run from a checkout puts the root): the folder of scripts must not shadow it.
+    site = tmp_path / "site"
+    (site / "datasets").mkdir(parents=True)
+    (site / "datasets" / "__init__.py").write_text('"""Stand-in."""\nSTAND_IN = True\n')
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    found = subprocess.run([sys.executable, "-c", "import datasets; print(datasets.__file__, datasets.STAND_IN)"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == [str(site / "datasets" / "__init__.py"), "True"]
+    made = subprocess.run([sys.executable, "datasets/make_toy.py", "--out", str(tmp_path / "toy"), "--n-train", "2",
+                           "--n-val", "1", "--size", "32"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in (tmp_path / "toy").glob("*.json")) == \
+        ["cn_train.json", "cn_val.json", "en_train.json", "en_val.json"]
 
 
 def test_a_planted_upward_import_fails(copy_of_repo):

@@ -111,6 +111,7 @@ def _hf_clip(config, state_dict):
     return hf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["small", "openai/VIT-B-32"])
 def test_parity_with_transformers_clip(which):
     torch.manual_seed(0)

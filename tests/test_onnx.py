@@ -135,6 +135,7 @@ def test_bert_full_length_path_equals_trimmed_forward_within_1e5(kind):
         assert torch.allclose(text.forward_padded(tokens), text(tokens), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_writes_the_files_and_reports_parity(tiny):
     _, net, folder, printed = tiny
     assert {p.name for p in folder.iterdir()} == {"image.onnx", "text.onnx", "config.json",
@@ -149,6 +150,7 @@ def test_export_writes_the_files_and_reports_parity(tiny):
         assert float(line.split("= ")[1].split()[0]) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7])
 def test_onnxruntime_equals_pytorch_within_1e4_tiny(tiny, batch):
     _, net, folder, _ = tiny
@@ -156,6 +158,7 @@ def test_onnxruntime_equals_pytorch_within_1e4_tiny(tiny, batch):
     _check_parity(net, sessions, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7])
 def test_onnxruntime_equals_pytorch_within_1e4_b32_shaped(b32, batch):
     _check_parity(*b32, batch)
@@ -174,6 +177,7 @@ def _check_parity(net, sessions, batch: int) -> None:
             assert _max_difference(sessions["text"], full, net.encode_text(full)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7])
 def test_onnxruntime_equals_pytorch_within_1e4_bert(bert, batch):
     net, sessions = bert
@@ -185,6 +189,7 @@ def test_onnxruntime_equals_pytorch_within_1e4_bert(bert, batch):
             assert _max_difference(sessions["text"], full, net.encode_text(full)) < 1e-4
 
 
+@pytest.mark.slow
 def test_fp16_text_export_runs_in_onnxruntime_within_2_percent():
     """The text file only: the image tower's ops are a subset of the text tower's plus one convolution."""
     torch.manual_seed(6)
@@ -218,6 +223,7 @@ def _probabilities(stdout: str) -> dict[str, float]:
     return {name: float(p) for p, name in pairs}
 
 
+@pytest.mark.slow
 def test_predict_onnx_scores_captions_and_labels_as_pytorch_within_1e3(tiny, capsys):
     weights, _, folder, _ = tiny
     model = CLIP(model_path=str(weights), phi="tiny/VIT-T-8", cuda=False)
@@ -239,6 +245,7 @@ def test_predict_onnx_scores_captions_and_labels_as_pytorch_within_1e3(tiny, cap
     assert max(abs(got[c] - p) for c, p in zip(labels, expected)) < 1e-3
 
 
+@pytest.mark.slow
 def test_predict_onnx_runs_where_torch_cannot_be_imported(tiny, capsys):
     """A deployment needs onnxruntime, not torch: the same answers with torch and torchvision unimportable."""
     import subprocess
@@ -254,6 +261,7 @@ def test_predict_onnx_runs_where_torch_cannot_be_imported(tiny, capsys):
     assert _probabilities(without.stdout) == pytest.approx(_probabilities(with_torch.stdout), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_clip_matches_detect_image_on_a_batch_of_its_own_calls(tiny):
     weights, _, folder, _ = tiny
     onnx_model = OnnxCLIP(folder)

@@ -128,6 +128,7 @@ def test_small_custom_configs_match_open_clip_within_1e_4(name, heads, mlp_width
     assert (_features(wrong, config)[0] - _features(reference, config)[0]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "ViT-B-16-plus-240"])
 def test_open_clip_models_match_within_1e_4(name):
     reference = _open_clip_model(_open_clip_json(name))
@@ -137,6 +138,7 @@ def test_open_clip_models_match_within_1e_4(name):
         assert (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-H-14", "ViT-H-14-378-quickgelu", "ViT-H-16", "ViT-g-14", "ViT-bigG-14",
                                   "ViT-e-14", "ViT-L-14-336"])
 def test_big_models_have_open_clip_parameter_names_and_shapes(name):
@@ -146,6 +148,7 @@ def test_big_models_have_open_clip_parameter_names_and_shapes(name):
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
 
+@pytest.mark.slow
 def test_laion_style_gelu_vit_b_32_file_loads_by_name_within_1e_4_and_auto_names_that_phi(tmp_path):
     # LAION's, DataComp's and most open_clip weights: OpenAI's keys and shapes, exact GELU.
     reference = _open_clip_model(_open_clip_json("ViT-B-32"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,9 @@ SKIPPED = {  # documented command -> why it cannot run here
     "pip install -r requirements.txt && python train.py --demo en":
         "installs from the network; the module's fixture runs the demo, shortened",
     "pip install -r requirements.txt && python -m pytest -q": "the whole suite, this test among it",
+    "python -m pytest -q": "the whole suite, this test among it",
+    "python -m pytest -q -m 'not slow'": "most of the suite (tests/test_suite_settings.py runs it on a planted folder)",
+    "python -m pytest -q --lf": "the suite's last failures (tests/test_suite_settings.py runs it on a planted folder)",
     "python eval.py --model_path logs/demo_en/last_epoch_weights.pth --phi tiny/VIT-T-8 --datasets_path "
     "datasets/toy/ --datasets_val_json_path datasets/toy/en_val.json":
         "the demo's printed eval line, run by test_the_demos_next_steps (a second run is refused: its result exists)",
@@ -251,6 +254,7 @@ def _help_param(command):
     return pytest.param(command, id=shlex.join(command)[:90], marks=[pytest.mark.skip(reason=reason)] if reason else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [_help_param(c) for c in HELP_EXAMPLES])
 def test_each_help_example_runs(clone, monkeypatch, serving, command):
     _run(command, monkeypatch)
@@ -262,11 +266,13 @@ def test_the_help_templates_are_the_ones_known():
     assert len(TEMPLATES) == 4 and all(c[1] in ("eval.py", "datasets/convert.py") for c in TEMPLATES)
 
 
+@pytest.mark.slow
 def test_search_and_web_share_one_index_per_folder(clone):
     # The help examples' search and web indexed img/ into one index of their own, keyed by the folder.
     assert [p.name[:4] for p in Path("logs/search_index").iterdir()] == ["img_"]
 
 
+@pytest.mark.slow
 def test_the_demo_says_what_it_wrote(clone):
     # The demo says what it wrote, then its next steps with this run's paths and real captions (tensorboard is
     # not ours: its folder must exist).
@@ -278,6 +284,7 @@ def test_the_demo_says_what_it_wrote(clone):
     assert board == ["tensorboard", "--logdir", "logs/demo_en"] and Path(board[2]).is_dir()
 
 
+@pytest.mark.slow
 def test_the_demos_next_steps(clone, monkeypatch):
     steps = commands(clone[1].split("next:\n")[1])
     assert [c[1] for c in steps] == ["predict.py", "eval.py"]
@@ -298,6 +305,7 @@ def _doc_param(page, command, shown):
     return pytest.param(command, shown, id=f"{page}: {command[:80]}", marks=marks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, shown", [_doc_param(*entry) for entry in DOCUMENTED])
 def test_each_documented_command_runs(clone, monkeypatch, serving, command, shown):
     """A `$ ` transcript must print the lines shown after it (at 120 columns; "..." stands for lines left out)
@@ -338,6 +346,7 @@ def test_the_help_sample_is_a_transcript():
     assert any(c == "python eval.py --help" and len(shown) > 10 for _, c, shown in DOCUMENTED)
 
 
+@pytest.mark.slow
 def test_everything_written_is_readable_by_others(clone):
     # Everything the commands wrote (weights, states, plots, results, CSV, index, WiSE-FT, ONNX) is 0644.
     folder = clone[0]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from clip import CLIP
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from tests.test_training import ROOT, TRAIN_ENV, step_losses, train, train_args
@@ -268,6 +268,7 @@ def test_malicious_pickle_is_refused_by_every_entry_point(toy, tmp_path, capsys)
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(toy, tmp_path, capsys):
     straight = train(train_args(toy, tmp_path / "a", Epoch=3, eval_flag="false"), capsys)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -292,6 +293,7 @@ def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(toy, tmp_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_state_and_says_how_to_resume(toy, tmp_path, capsys):
     args = train_args(toy, tmp_path / "run", Epoch=40, eval_flag="false")
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=TRAIN_ENV,

@@ -74,6 +74,7 @@ def test_small_resnet_equals_open_clip_within_1e_4():
         assert_features_match(ours, reference, 64, 1000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["RN50", "RN101-quickgelu"])
 def test_open_clip_resnet_features_within_1e_4(name):
     torch.manual_seed(0)
@@ -89,6 +90,7 @@ def _shapes(model) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in _weights(model.state_dict()).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"])
 def test_every_open_clip_resnet_has_its_shapes_heads_and_activation(size):
     references = {}
@@ -110,6 +112,7 @@ def test_every_open_clip_resnet_has_its_shapes_heads_and_activation(size):
         assert phi_of(infer_config(ours.state_dict())) == f"openai/{size}"
 
 
+@pytest.mark.slow
 def test_tiny_resnet_forward_and_auto_config():
     model = build_model(get_config("tiny/RN-T")).eval()
     pixels = torch.randn(3, 3, 64, 64)
@@ -134,6 +137,7 @@ def test_resnet_of_sizes_in_no_row_is_refused_not_guessed():
         infer_config(state_dict)
 
 
+@pytest.mark.slow
 @traces_on_purpose
 def test_openai_torchscript_resnet_archive_loads_exactly(tmp_path):
     from tests.test_weights import save_openai_torchscript
@@ -149,6 +153,7 @@ def test_openai_torchscript_resnet_archive_loads_exactly(tmp_path):
     assert_features_match(model.eval(), reference, 64, 49408)
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_recomputes_blocks_only_while_batch_norm_is_frozen():
     torch.manual_seed(0)
     model = build_model(get_config("tiny/RN-T"))
@@ -173,6 +178,7 @@ def test_grad_checkpointing_recomputes_blocks_only_while_batch_norm_is_frozen():
         torch.testing.assert_close(model.visual.layer2[0].bn1.running_mean, plain.visual.layer2[0].bn1.running_mean)
 
 
+@pytest.mark.slow
 def test_open_clip_hub_folder_of_a_custom_gelu_resnet_loads_with_auto_within_1e_4(tmp_path):
     from utils.weights.load import load_model
 

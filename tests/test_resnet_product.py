@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import run_script
 from tests.test_eval import run_eval
@@ -43,6 +43,7 @@ def trained(tmp_path_factory):
     return root, start, history
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_batch_norm_statistics_unless_told(trained, capsys):
     root, start, _ = trained
     tuned = torch.load(root / "run" / "last_epoch_weights.pth", weights_only=True)
@@ -64,6 +65,7 @@ def test_fine_tuning_keeps_batch_norm_statistics_unless_told(trained, capsys):
     assert blend["visual.bn1.num_batches_tracked"] == moved["visual.bn1.num_batches_tracked"] > 0
 
 
+@pytest.mark.slow
 def test_eval_retrieval_equals_the_training_callback_and_zero_shot_runs(trained, tmp_path, capsys):
     from tests.test_zeroshot import _eval, _folder_tree
 
@@ -81,6 +83,7 @@ def test_eval_retrieval_equals_the_training_callback_and_zero_shot_runs(trained,
     assert json.loads((tmp_path / "zs.json").read_text())["images"] == 7
 
 
+@pytest.mark.slow
 def test_predict_and_search_with_a_resnet(trained, tmp_path, capsys):
     from clip import CLIP
 
@@ -105,6 +108,7 @@ def test_predict_and_search_with_a_resnet(trained, tmp_path, capsys):
     assert path == str(photos / "1.png") and float(score) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_web_classify_with_a_resnet(trained, tmp_path):
     import uvicorn
 
@@ -162,6 +166,7 @@ def test_lora_adapts_only_the_attention_pool_of_a_resnet_tower():
     assert adapted == {f"visual.attnpool.{name}" for name in ("q_proj", "k_proj", "v_proj", "c_proj")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7])
 def test_resnet_image_tower_in_onnxruntime_within_1e4(resnet_session, batch):
     net, sess = resnet_session

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.test_training import train, train_args
 from utils.errors import UserError
 
@@ -320,6 +320,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(tmp_path):
     from utils.train.savedir import SaveDirLock
 
@@ -345,12 +346,14 @@ def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(tmp_path):
 
 # 3. Resuming with settings that differ from the state's.
 
+@pytest.mark.slow
 def test_an_explicit_phi_that_contradicts_the_state_is_refused(toy, tmp_path, capsys, stopped_state):
     state = _copy_state(stopped_state, tmp_path)
     result = _train(capsys, toy, tmp_path, resume=state, phi="openai/VIT-B-16", batch_size=16)
     _one_line_error(result, "phi", "openai/VIT-B-16", "tiny/VIT-T-8", str(state), "--resume_force true")
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_lists_them_and_says_it_will_not_match(toy, tmp_path, capsys, stopped_state):
     state = _copy_state(stopped_state, tmp_path)
     result = _train(capsys, toy, tmp_path, resume=state, phi="openai/VIT-B-16", batch_size=16, resume_force="true",
@@ -364,6 +367,7 @@ def test_resume_with_changed_settings_lists_them_and_says_it_will_not_match(toy,
     assert "phi=tiny/VIT-T-8" in out
 
 
+@pytest.mark.slow
 def test_resume_with_only_harmless_changes_is_silent(toy, tmp_path, capsys, stopped_state):
     state = _copy_state(stopped_state, tmp_path)
     result = _train(capsys, toy, tmp_path, resume=state, stop_after_steps=1, eval_period=3, save_period=2,
@@ -374,6 +378,7 @@ def test_resume_with_only_harmless_changes_is_silent(toy, tmp_path, capsys, stop
 
 # 4. A damaged newest state.
 
+@pytest.mark.slow
 def test_a_damaged_newest_state_names_the_newest_intact_one(toy, tmp_path, capsys, stopped_state):
     intact = _copy_state(stopped_state, tmp_path, step=2)
     damaged = tmp_path / "state_step00000005.pt"

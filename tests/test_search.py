@@ -82,6 +82,7 @@ def test_updates_encode_only_new_and_changed_images_and_drop_deleted_ones(tmp_pa
     assert SearchIndex(tmp_path / "index", "model-2", rebuild=True).paths == []
 
 
+@pytest.mark.slow
 def test_search_mode_end_to_end_by_text_and_by_example(tmp_path, capsys):
     torch.manual_seed(3)
     weights = tmp_path / "tiny.pth"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from tests.test_training import run_train, step_losses, train_args
 from utils.data.augment import CaptionAugment
 from utils.data.sources.pipeline import convert
@@ -57,6 +57,7 @@ def test_span_follows_the_loaders_turns():
     assert [span(w, 3, 4, 8) for w in range(3)] == [(2, 3), (1, 3), (1, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size, workers", [(1, 1), (2, 2), (2, 1)])
 def test_every_sample_is_used_at_most_once_per_epoch_across_ranks_and_workers(shards, world_size, workers):
     for epoch in range(3):
@@ -79,6 +80,7 @@ def test_every_sample_is_used_at_most_once_per_epoch_across_ranks_and_workers(sh
     assert orders[0] != orders[1] and sorted(orders[0]) != []  # reshuffled every epoch
 
 
+@pytest.mark.slow
 def test_a_resumed_epoch_yields_exactly_the_rest_with_loader_workers(shards):
     stream = _stream(shards, workers=2)
     stream.set_epoch(1)
@@ -121,6 +123,7 @@ def test_too_few_shards_or_samples_for_the_processes_is_refused(shards):
         _stream(shards, rank=0, world_size=2, workers=2, batch=16)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_from_shards_and_resume_exactly(shards, tmp_path):
     data = dict(datasets_path=shards / "toy", datasets_train_json_path=shards / "toy_train" / "{00000..00007}.tar",
                 datasets_val_json_path=shards / "toy" / "en_val.json", Epoch=2, num_workers=1)

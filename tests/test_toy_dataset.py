@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.make_toy import (
+from utils.data.toy import (
     BACKGROUNDS_CN, COLOURS, COLOURS_CN, SHAPES_CN, annotation_paths, main, make_toy_dataset, sample_scene,
 )
 

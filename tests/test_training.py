@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import ScriptResult, run_script
 from utils.errors import UserError
@@ -72,6 +72,7 @@ def default_run(toy, tmp_path_factory) -> tuple[Path, ScriptResult]:
     return save_dir, train(train_args(toy, save_dir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phi, lang", [("tiny/VIT-T-8", "en"), ("tiny-cn/VIT-T-8", "cn")])
 def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys, request):
     if (phi, lang) == ("tiny/VIT-T-8", "en"):
@@ -99,6 +100,7 @@ def test_smoke_train_through_entry_point(toy, tmp_path, phi, lang, capsys, reque
     assert state["config"]["phi"] == phi and state["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
     single = train(train_args(toy, tmp_path / "one", Epoch=1), capsys)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -114,6 +116,7 @@ def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys, default_run):
     straight_dir, straight = default_run
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -129,6 +132,7 @@ def test_resume_mid_epoch_ends_with_the_same_weights(toy, tmp_path, capsys, defa
     assert step_losses(straight_dir) == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_worker_count(toy, tmp_path, capsys):
     zero = train(train_args(toy, tmp_path / "w0", Epoch=1, eval_flag="false"), capsys)
     two = train(train_args(toy, tmp_path / "w2", Epoch=1, eval_flag="false", num_workers=2), capsys)
@@ -182,6 +186,7 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_logit_scale():
     assert "text.transformer.embeddings.word_embeddings.weight" in {cn_names[id(p)] for p in cn_no_decay["params"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, frozen, trained", [("lock_image", "visual.", "text."), ("lock_text", "text.", "visual.")])
 def test_lock_flags_freeze_what_they_say(toy, tmp_path, flag, frozen, trained, capsys):
     before = build_model(get_config("tiny/VIT-T-8")).state_dict()
@@ -221,6 +226,7 @@ def _nan_setup(nan_steps):
     return model, criterion, optimizer, scheduler, scaler, loader, state, cfg
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted():
     model, criterion, optimizer, scheduler, scaler, loader, state, cfg = _nan_setup({2, 4})
     fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, 1, 0, state, cfg, torch.device("cpu"),
@@ -229,6 +235,7 @@ def test_non_finite_steps_are_skipped_and_counted():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_persistent_non_finite_loss_stops_with_a_message():
     model, criterion, optimizer, scheduler, scaler, loader, state, cfg = _nan_setup({2, 3, 4, 5})
     with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(epoch 1, step 3\)"):
@@ -251,6 +258,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_fp16_saved_weights_load_back(tmp_path):
     model = build_model(get_config("tiny/VIT-T-8"))
     torch.save({k: v.half() for k, v in model.state_dict().items()}, tmp_path / "half.pth")
@@ -260,6 +268,7 @@ def test_fp16_saved_weights_load_back(tmp_path):
     assert math.isclose(loaded.logit_scale.item(), model.logit_scale.detach().half().item(), rel_tol=0)
 
 
+@pytest.mark.slow
 def test_partial_init_image_tower_from_checkpoint_text_tower_from_bert_folder(tmp_path):
     from transformers import BertModel
 

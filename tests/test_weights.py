@@ -62,6 +62,7 @@ def save_openai_torchscript(model, image_size: int, vocab_size: int, path) -> No
     model.float()
 
 
+@pytest.mark.slow
 @traces_on_purpose
 def test_openai_torchscript_archive(tmp_path, reference_weights):
     reference, sd = reference_weights
@@ -74,6 +75,7 @@ def test_openai_torchscript_archive(tmp_path, reference_weights):
     _assert_same_weights(model, {k: v.half() for k, v in sd.items()})
 
 
+@pytest.mark.slow
 def test_transformers_clip_folder_and_files(tmp_path, reference_weights):
     _, sd = reference_weights
     hf = _hf_clip(SMALL, sd)
@@ -178,6 +180,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @traces_on_purpose
 def test_malicious_torchscript_archive_is_refused(tmp_path, reference_weights):
     reference, _ = reference_weights

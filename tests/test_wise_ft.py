@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import run_script
 from utils.errors import UserError
@@ -105,6 +105,7 @@ def _retrieval(capsys, data, weights: Path, json_name: str, out: str, **settings
     return {"metrics": json.loads((data["root"] / out).read_text())["metrics"], "stdout": result.stdout}
 
 
+@pytest.mark.slow
 def test_sweep_rows_equal_plain_eval_and_the_chosen_blend_is_saved(data, capsys):
     save_dir = data["root"] / "sweep"
     result = _sweep(capsys, data, save_dir, wise_ft_alphas=[1, 0, 0.5], control_type="retrieval",
@@ -140,6 +141,7 @@ def test_sweep_rows_equal_plain_eval_and_the_chosen_blend_is_saved(data, capsys)
     assert blend["metrics"] == pytest.approx(rows[0.5]["val"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_zeroshot_control_scores_as_eval_zeroshot(data, capsys):
     tree = data["root"] / "classes"
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):

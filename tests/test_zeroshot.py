@@ -94,6 +94,7 @@ def _eval(capsys, **settings):
                       capsys=capsys)
 
 
+@pytest.mark.slow
 def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "tiny.pth"
@@ -136,6 +137,7 @@ def test_eval_zeroshot_end_to_end_on_a_folder_tree_and_a_labelled_json(tmp_path,
     assert bad.returncode == 2 and bad.stderr.strip() == "error: template 'a photo' has no {c} where the class name goes"
 
 
+@pytest.mark.slow
 def test_predict_labels_with_one_template_equal_the_captions_it_makes(tmp_path, capsys):
     torch.manual_seed(1)
     weights = tmp_path / "tiny.pth"

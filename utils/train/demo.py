@@ -34,7 +34,7 @@ def demo_config(config: dict, explicit: dict) -> dict:
 def run_demo(config: dict, explicit: dict) -> dict:
     import time
 
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
 
     from utils.train.run import run_training
 
