@@ -58,12 +58,17 @@ class Preprocess:
 
     @classmethod
     def from_open_clip(cls, cfg: Mapping, source: str) -> "Preprocess":
-        """open_clip's `preprocess_cfg` (an open_clip_config.json) with open_clip's defaults for what it leaves out:
-        its `fill_color` is 0 (black), as open_clip pads."""
-        fill = cfg.get("fill_color", 0)
+        """open_clip's `preprocess_cfg` (an open_clip_config.json) with open_clip's defaults for what it leaves out.
+        A `longest` record pads as open_clip does (`fill_color`, 0 = black, when left out); for the others the fill
+        is only used by letterbox_image=True, which keeps this project's grey."""
+        fill = cfg.get("fill_color", 0 if cfg.get("resize_mode") == "longest" else LETTERBOX_FILL)
+        # open_clip's choices; 'random' (a training option) is bicubic at inference, as open_clip makes it.
+        interpolation = {None: "bicubic", "random": "bicubic"}.get(cfg.get("interpolation"), cfg.get("interpolation"))
         try:
-            return cls(mean=_channels(cfg.get("mean", OPENAI_MEAN)), std=_channels(cfg.get("std", OPENAI_STD)),
-                       interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
+            if interpolation not in ("bicubic", "bilinear"):
+                raise UserError(f"interpolation {interpolation!r} is not one of bicubic, bilinear, random")
+            return cls(mean=_channels(cfg.get("mean") or OPENAI_MEAN), std=_channels(cfg.get("std") or OPENAI_STD),
+                       interpolation=interpolation,
                        resize_mode=cfg.get("resize_mode") or "shortest", fill=_channels(fill))
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"{source}: preprocess_cfg {cfg!r} is not valid ({e})") from e

@@ -5,7 +5,6 @@ through `utils.weights.torchscript`, and `transformers` folders prefer safetenso
 """
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from dataclasses import dataclass

@@ -19,7 +19,7 @@ from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
-from utils.weights.folders import OPEN_CLIP_FILES, TRANSFORMERS_FILES, find_layout
+from utils.weights.folders import find_layout
 
 QUICK_GELU, GELU = "quick_gelu", "gelu"
 _OPENAI = "https://openaipublic.azureedge.net/clip/models/"
