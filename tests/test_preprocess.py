@@ -222,19 +222,30 @@ def _exported_model(tmp_path, name: str) -> CLIP:
     return CLIP(model_path=str(folder), phi="auto", cuda=False, precision="fp32", fast_decode=False)
 
 
-@pytest.mark.parametrize("name", RECORDS)
-def test_onnx_export_keeps_the_weights_preprocessing_1e4(name, photos, tmp_path):
+def test_onnx_export_keeps_the_weights_preprocessing_1e4(photos, tmp_path):
+    """One export (about 15 s): the letterboxing record with its own mean, std and fill; the numpy preprocessing
+    of every other record is held to EvalTransform below."""
     pytest.importorskip("onnxruntime")
     from utils.export.onnx_export import export_files, write_files
     from utils.export.onnx_predict import OnnxCLIP
 
-    model = _exported_model(tmp_path, name)
+    model = _exported_model(tmp_path, "longest-fill")
     (tmp_path / "onnx").mkdir()
     write_files(tmp_path / "onnx", export_files(model, log=lambda line: None))
     onnx = OnnxCLIP(tmp_path / "onnx", fast_decode=False)
     got = onnx.encode_image(onnx.preprocess(photos))
     assert np.abs(got - _ours(model, photos).numpy()).max() < 1e-4
-    assert OnnxCLIP(tmp_path / "onnx").decode_sides == model.transform.decode_sides()
+    assert OnnxCLIP(tmp_path / "onnx").decode_sides == model.transform.decode_sides() == (1, SIZE)
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_onnx_numpy_preprocessing_of_each_record_equals_eval_transform_1e6(name, photos):
+    from utils.export.preprocess import pixels, to_config
+
+    record = Preprocess.from_open_clip(RECORDS[name], name)
+    config = {"image_size": SIZE, "dtype": "float32", **to_config(record)}
+    expected = torch.stack([eval_transform(SIZE, preprocess=record)(image) for image in photos]).numpy()
+    assert np.abs(pixels(photos, config) - expected).max() < 1e-6
 
 
 @pytest.mark.parametrize("name", ["shortest-inception-bilinear", "squash"])

@@ -99,7 +99,8 @@ def check_dtypes(wanted: Mapping[str, torch.Tensor], checkpoint: "Checkpoint") -
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Any supported weight file or folder -> OpenAI-layout state dict (plus the config recorded with it)."""
+    """Any supported weight file or folder -> OpenAI-layout state dict, plus the architecture and preprocessing
+    recorded with it (a training state, the record beside a file, an open_clip or transformers layout)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model_path {path} does not exist and is not a weight name. Give a file or folder, a "
