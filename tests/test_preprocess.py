@@ -178,9 +178,10 @@ def test_weights_fine_tuned_from_a_laion_tag_keep_its_mean_in_their_record(laion
     assert preprocess_of(again).mean == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.slow
 def test_a_training_run_from_a_laion_tag_writes_its_mean_beside_the_weights(laion_cache, tmp_path, capsys):
     from tests.test_training import train, train_args
-    from datasets.make_toy import make_toy_dataset
+    from utils.data.toy import make_toy_dataset
 
     make_toy_dataset(tmp_path / "toy", n_train=8, n_val=4, seed=1)
     args = train_args(tmp_path / "toy", tmp_path / "logs", phi="ViT-L-14", model_path="laion2b_s32b_b82k",
@@ -222,6 +223,7 @@ def _exported_model(tmp_path, name: str) -> CLIP:
     return CLIP(model_path=str(folder), phi="auto", cuda=False, precision="fp32", fast_decode=False)
 
 
+@pytest.mark.slow
 def test_onnx_export_keeps_the_weights_preprocessing_1e4(photos, tmp_path):
     """One export (about 15 s): the letterboxing record with its own mean, std and fill; the numpy preprocessing
     of every other record is held to EvalTransform below."""
