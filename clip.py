@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
-from utils.data.images import eval_sides, eval_transform, open_image, to_rgb
+from utils.data.images import eval_transform, open_image, to_rgb
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
-from utils.weights.load import load_model
-from utils.weights.pretrained import locate
+from utils.weights.load import load, preprocess_of
 
 
 class CLIP(object):
@@ -24,7 +23,8 @@ class CLIP(object):
         "model_path": "openai",
         # A name from nets/configs.py MODEL_CONFIGS, or 'auto' to read the architecture from the weights.
         "phi": "openai/VIT-B-32",
-        # Letterbox keeps the whole image on a grey canvas; otherwise resize + centre crop, as OpenAI.
+        # Letterbox keeps the whole image on a grey canvas; otherwise the weights' own resize (OpenAI's resize +
+        # centre crop for most, a squash for some), with their mean and std.
         "letterbox_image": False,
         # None: use CUDA when available.
         "cuda": None,
@@ -59,8 +59,7 @@ class CLIP(object):
     def generate(self) -> None:
         self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
         if self.model_path:
-            self.weights_path, phi = locate(self.model_path, self.phi)
-            self.net, self.phi = load_model(self.weights_path, phi)
+            self.net, self.phi, self.weights_path = load(self.model_path, self.phi)
         elif self.phi == "auto":
             raise UserError("phi='auto' reads the architecture from model_path, which is empty")
         else:
@@ -69,8 +68,9 @@ class CLIP(object):
         text_kind = "bert" if config.text.is_bert else "openai"
         self.tokenizer = build_tokenizer(text_kind, config.text.context_length,
                                          self.bert_vocab_path if text_kind == "bert" else None)
-        self.transform = eval_transform(config.vision.image_size, self.letterbox_image)
-        self.decode_sides = eval_sides(config.vision.image_size, self.letterbox_image) if self.fast_decode else None
+        # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
+        self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
+        self.decode_sides = self.transform.decode_sides() if self.fast_decode else None
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()

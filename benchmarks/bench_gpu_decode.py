@@ -37,7 +37,8 @@ def main() -> None:
 
     from benchmarks.bench_photos import make_photos
     from clip import CLIP
-    from utils.data.images import OPENAI_MEAN, OPENAI_STD, decode_ahead
+    from utils.data.images import decode_ahead
+    from utils.data.preprocess import OPENAI_MEAN, OPENAI_STD
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("needs a CUDA device (or --device cpu for a dry run)")

@@ -139,10 +139,15 @@ def test_eval_transform_equals_torchvision_v2_bit_for_bit(letterbox):
     """EvalTransform leaves torchvision out of inference start-up; its output must not change for it."""
     from torchvision.transforms import InterpolationMode, v2
 
-    from utils.data.images import Letterbox, to_tensor
+    from utils.data.images import to_tensor
 
-    geometry = [Letterbox(64)] if letterbox else [v2.Resize(64, interpolation=InterpolationMode.BICUBIC),
-                                                   v2.CenterCrop(64)]
+    if letterbox:  # open_clip's resize_mode='longest', on the grey canvas this project letterboxes onto
+        from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+
+        geometry = [ResizeKeepRatio(64, longest=1, interpolation=InterpolationMode.BICUBIC),
+                    CenterCropOrPad(64, fill=(128, 128, 128))]
+    else:
+        geometry = [v2.Resize(64, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(64)]
     reference = v2.Compose([*geometry, *to_tensor()])
     for size in [(97, 61), (61, 97), (64, 64), (65, 300), (33, 20)]:
         image = photo(size)

@@ -22,7 +22,8 @@ from PIL import Image
 from clip import CLIP
 from nets import CLIPConfig, TextConfig, VisionConfig, build_model, get_config
 from tests.conftest import SMALL, bert_config, random_tokens, run_script
-from utils.data.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD, eval_transform, open_rgb
+from utils.data.images import eval_transform, open_rgb
+from utils.data.preprocess import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
 from utils.export import onnx_export
 from utils.export.onnx_export import export_tower, run_session, session
 from utils.export.onnx_predict import OnnxCLIP, trim_padding
@@ -142,7 +143,8 @@ def test_export_writes_the_files_and_reports_parity(tiny):
                                                    "bpe_simple_vocab_16e6.txt.gz"}
     config = json.loads((folder / "config.json").read_text())
     assert config["phi"] == "tiny/VIT-T-8" and config["image_size"] == 64 and config["context_length"] == 77
-    assert config["mean"] == list(OPENAI_MEAN) and config["std"] == list(OPENAI_STD) and not config["letterbox"]
+    assert config["mean"] == list(OPENAI_MEAN) and config["std"] == list(OPENAI_STD)
+    assert config["resize_mode"] == "shortest" and config["interpolation"] == "bicubic"
     assert config["dtype"] == "float32" and config["features"] == "unnormalised" and config["opset"] >= 17
     assert config["logit_scale"] == pytest.approx(net.logit_scale.exp().item())
     for name in ("image.onnx", "text.onnx"):

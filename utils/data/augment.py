@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from utils.data.images import Letterbox, crop_sides, eval_sides, eval_transform, to_tensor
+from utils.data.images import Resized, crop_sides, eval_transform, to_tensor
+from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,24 +67,33 @@ def augment_level(augment: str, datasets_random: bool) -> str:
 
 class CaptionAugment:
     """`(image, caption) -> (pixels, caption)` at one of AUGMENTS; random draws use torch's global generator,
-    which CaptionDataset seeds per sample. `sides`: the (short, long) pixels an image must keep for it
-    (utils/data/images.open_image)."""
+    which CaptionDataset seeds per sample. `preprocess`: the weights' record (utils/data/preprocess.py), whose
+    mean, std, filter and resize mode the crops use: a `longest` or `squash` record (or `letterbox`) makes the
+    square first and crops from it, as at evaluation. `sides`: the (short, long) pixels an image must keep for
+    it (utils/data/images.open_image)."""
 
-    def __init__(self, size: int, level: str = "light", letterbox: bool = False):
+    def __init__(self, size: int, level: str = "light", letterbox: bool = False, preprocess: Preprocess | None = None):
         if level not in AUGMENTS:
             raise UserError(f"augment {level!r} is not one of {', '.join(AUGMENTS)}")
         self.level = level
         if level == "none":
-            self.geometry, self.colour = eval_transform(size, letterbox), None
-            self.sides = eval_sides(size, letterbox)
+            self.geometry, self.colour = eval_transform(size, letterbox, preprocess), None
+            self.preprocess = self.geometry.preprocess
+            self.sides = self.geometry.decode_sides()
             return
         from torchvision.transforms import InterpolationMode, v2
 
-        crop = v2.RandomResizedCrop(size, scale=CROP_SCALES[level], interpolation=InterpolationMode.BICUBIC)
-        self.sides = crop_sides(size, crop.scale, crop.ratio, letterbox)
-        self.geometry = v2.Compose([*([Letterbox(size)] if letterbox else []), crop, *to_tensor()])
+        self.preprocess = record = eval_transform(size, letterbox, preprocess).preprocess
+        crop = v2.RandomResizedCrop(size, scale=CROP_SCALES[level], interpolation=InterpolationMode(record.interpolation))
+        self.sides = crop_sides(size, crop.scale, crop.ratio, record.resize_mode)
+        squared = [Resized(size, record)] if record.resize_mode != "shortest" else []
+        self.geometry = v2.Compose([*squared, crop, *to_tensor(record)])
         self.colour = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
                                   v2.RandomGrayscale(p=0.2)]) if level == "strong" else None
+
+    def decode_sides(self) -> tuple[int, int]:
+        """(short, long) pixels the decoder must keep for this augmentation to only downscale."""
+        return self.sides
 
     def __call__(self, image: Image.Image, caption: str) -> tuple[torch.Tensor, str]:
         import torch

@@ -1,5 +1,5 @@
-"""Opening user images as RGB whatever their mode, decoded at the scale the model needs, and the preprocessing
-CLIP was trained with."""
+"""Opening user images as RGB whatever their mode, decoded at the scale the model needs, and the eval transform
+of a preprocessing record (utils/data/preprocess.py)."""
 from __future__ import annotations
 
 import io
@@ -11,9 +11,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-LETTERBOX_FILL = (128, 128, 128)
+from utils.data.preprocess import LETTERBOX_FILL, OPENAI, PIL_FILTERS, Preprocess
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -85,89 +84,126 @@ def decode_ahead(items: Sequence[Any], load: Callable[[Any], Any], batch_size: i
             yield [future.result() for future in pending]
 
 
+def sides_for(size: int, resize_mode: str) -> tuple[int, int]:
+    """(short, long) an image needs for the eval resize of `resize_mode` to downscale only: `shortest` scales
+    the short side to `size`, `longest` the long side, `squash` both."""
+    return (1, size) if resize_mode == "longest" else (size, size)
+
+
 def eval_sides(size: int, letterbox: bool = False) -> tuple[int, int]:
-    """(short, long) an image needs for eval_transform(size, letterbox) to downscale only: resize + centre crop
-    scales the short side to `size`, letterbox the long side."""
-    return (1, size) if letterbox else (size, size)
+    """sides_for OpenAI's resize and crop, or the letterbox."""
+    return sides_for(size, "longest" if letterbox else "shortest")
 
 
-def crop_sides(size: int, scale: Sequence[float], ratio: Sequence[float], letterbox: bool = False) -> tuple[int, int]:
+def crop_sides(size: int, scale: Sequence[float], ratio: Sequence[float],
+               resize_mode: str = "shortest") -> tuple[int, int]:
     """(short, long) an image needs so that a random resized crop of area share >= scale[0] and aspect ratio
     within `ratio`, resized to size x size, is never upscaled: even the smallest crop keeps `size` pixels a side.
 
     A crop of share s and aspect r of a W x H image is sqrt(s W H r) x sqrt(s W H / r), so its shorter side is at
     least sqrt(s_min * r_min * W * H) >= sqrt(s_min * r_min) * short side, with r_min = min(ratio[0], 1/ratio[1]).
     torchvision's fallback (the centre crop of the whole image within the ratio) keeps the whole short side.
-    After a letterbox the crop is taken from the size x size canvas, which needs only the long side."""
-    if letterbox:
-        return eval_sides(size, True)
+    After a letterbox (`longest`) or a squash the crop is taken from the size x size square, which
+    needs only what that resize needs."""
+    if resize_mode != "shortest":
+        return sides_for(size, resize_mode)
     narrowest = min(ratio[0], 1 / ratio[1], 1.0)
     short = math.ceil(size / math.sqrt(scale[0] * narrowest)) + 1  # + 1: torchvision rounds the crop's sides
     return short, short
 
 
-def letterbox(image: Image.Image, size: int, fill: Sequence[int] = LETTERBOX_FILL) -> Image.Image:
-    """The whole image resized to fit size x size, keeping its aspect ratio, centred on a `fill` canvas."""
-    scale = size / max(image.size)
-    w, h = (max(1, round(d * scale)) for d in image.size)
+def _filter(interpolation: str) -> int:
+    return PIL_FILTERS[interpolation]
+
+
+def letterbox(image: Image.Image, size: int, fill: Sequence[int] = LETTERBOX_FILL,
+              interpolation: str = "bicubic") -> Image.Image:
+    """The whole image resized to fit size x size, keeping its aspect ratio, centred on a `fill` canvas: open_clip's
+    ResizeKeepRatio(longest=1) + CenterCropOrPad, step for step (its arithmetic, so the sides round alike)."""
+    w, h = image.size
+    ratio = max(h / size, w / size)
+    new_h, new_w = round(h / ratio), round(w / ratio)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), _filter(interpolation))
+    if (new_w, new_h) == (size, size):
+        return image
     canvas = Image.new("RGB", (size, size), tuple(fill))
-    canvas.paste(image.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
+    canvas.paste(image, ((size - new_w) // 2, (size - new_h) // 2))
     return canvas
 
 
-class Letterbox:
-    """letterbox() as a transform, for torchvision pipelines."""
+def squash(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Both sides resized to `size`, the aspect ratio given up: torchvision's Resize((size, size))."""
+    return image if image.size == (size, size) else image.resize((size, size), _filter(interpolation))
 
-    def __init__(self, size: int):
-        self.size = size
+
+class Resized:
+    """The eval resize of a Preprocess record (resize_crop, letterbox or squash) as a transform of PIL images."""
+
+    def __init__(self, size: int, preprocess: Preprocess = OPENAI):
+        self.size, self.preprocess = size, preprocess
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return letterbox(image, self.size)
+        p = self.preprocess
+        if p.resize_mode == "longest":
+            return letterbox(image, self.size, p.fill, p.interpolation)
+        if p.resize_mode == "squash":
+            return squash(image, self.size, p.interpolation)
+        return resize_crop(image, self.size, p.interpolation)
 
 
-def resize_crop(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize of the shorter side to `size` (the longer one rounded down), then the centre size x size:
+def resize_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize of the shorter side to `size` (the longer one rounded down), then the centre size x size:
     torchvision's v2.Resize + v2.CenterCrop on a PIL image, step for step."""
     w, h = image.size
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
+        image = image.resize((new_w, new_h), _filter(interpolation))
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor() -> list:
+def to_tensor(preprocess: Preprocess = OPENAI) -> list:
     import torch
     from torchvision.transforms import v2
 
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_MEAN, OPENAI_STD)]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocess.mean, preprocess.std)]
 
 
 class EvalTransform:
-    """OpenAI's inference preprocessing (bicubic resize of the short side, centre crop), or letterbox, from a
-    PIL image to a normalised float tensor (3, size, size).
+    """The inference preprocessing of a Preprocess record (OpenAI's by default: bicubic resize of the short side,
+    centre crop), from a PIL image to a normalised float tensor (3, size, size); `letterbox` keeps the whole
+    picture whatever the record's resize mode.
 
-    The same operations as torchvision's v2 Resize, CenterCrop, ToImage, ToDtype and Normalize, in the same order
-    (tests hold it equal bit for bit), without importing torchvision: its import pulls in torch._dynamo, which
-    doubles the start-up of predict.py and eval.py."""
+    The same operations as torchvision's v2 Resize, CenterCrop, ToImage, ToDtype and Normalize (open_clip's
+    image_transform for `longest` and `squash`), in the same order (tests hold it equal bit for bit), without
+    importing torchvision: its import pulls in torch._dynamo, which doubles the start-up of predict.py and
+    eval.py."""
 
-    def __init__(self, size: int, letterbox: bool = False):
-        self.size, self.letterbox = size, letterbox
+    def __init__(self, size: int, letterbox: bool = False, preprocess: Preprocess | None = None):
+        preprocess = preprocess or OPENAI
+        self.size, self.preprocess = size, preprocess.letterboxed() if letterbox else preprocess
+        self.letterbox = self.preprocess.resize_mode == "longest"
+        self.resize = Resized(size, self.preprocess)
+
+    def decode_sides(self) -> tuple[int, int]:
+        """(short, long) pixels the decoder must keep for this transform to only downscale (open_image)."""
+        return sides_for(self.size, self.preprocess.resize_mode)
 
     def __call__(self, image: Image.Image):
         import torch
 
-        image = letterbox(image, self.size) if self.letterbox else resize_crop(image, self.size)
+        image = self.resize(image)
         pixels = torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8))
         pixels = pixels.permute(2, 0, 1)  # H, W, 3 -> 3, H, W
         pixels = pixels.to(torch.float32).mul_(1.0 / 255)
-        mean = torch.as_tensor(OPENAI_MEAN, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.as_tensor(OPENAI_STD, dtype=torch.float32).view(-1, 1, 1)
+        mean = torch.as_tensor(self.preprocess.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.preprocess.std, dtype=torch.float32).view(-1, 1, 1)
         return pixels.sub(mean).div_(std)
 
 
-def eval_transform(size: int, letterbox: bool = False) -> EvalTransform:
-    """OpenAI's inference preprocessing, or letterbox (see EvalTransform)."""
-    return EvalTransform(size, letterbox)
+def eval_transform(size: int, letterbox: bool = False, preprocess: Preprocess | None = None) -> EvalTransform:
+    """The inference preprocessing of `preprocess` (OpenAI's when None), or letterbox (see EvalTransform)."""
+    return EvalTransform(size, letterbox, preprocess)

@@ -14,6 +14,7 @@ from utils.errors import UserError
 from utils.files import atomic_savefig, atomic_write_bytes, check_writable, refuse_existing
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
 from utils.weights.arch import save_weights
+from utils.weights.load import preprocess_of
 
 CONTROL_TYPES = ("", "retrieval", "zeroshot")
 OUTPUT_FILES = {"weights": "wise_ft_weights.pth", "results": "wise_ft_results.json", "plot": "wise_ft.png"}
@@ -169,7 +170,8 @@ def run_sweep(cfg: dict) -> dict:
     chosen = choose(rows)["alpha"]
     print(format_sweep(rows, label))
     print(f"chosen alpha {chosen:g}: {RULE}")
-    save_weights(interpolate(start, finetuned, chosen, names), paths["weights"], clip.net.config, clip.phi)
+    save_weights(interpolate(start, finetuned, chosen, names), paths["weights"], clip.net.config, clip.phi,
+                 preprocess_of(clip.net))
     plot_sweep(rows, label, chosen, paths["plot"])
     results = {"start": names[0], "finetuned": names[1], "phi": clip.phi, "dataset": cfg["datasets_val_json_path"],
                "control_type": cfg["control_type"], "control": (cfg["control_json_path"] or cfg["control_datasets_path"])

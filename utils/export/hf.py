@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from utils.data.images import OPENAI_MEAN, OPENAI_STD
+from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 from utils.files import new_file_mode, write_error
 from utils.tokenizer import EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
@@ -82,18 +82,14 @@ def _bert_files(vocab_path: Path, context_length: int) -> dict[str, bytes]:
     }
 
 
-def _image_processor(config) -> dict:
-    """OpenAI's eval transform (utils.data.images.eval_transform) as the image processor's settings."""
-    size = config.vision.image_size
+def _image_processor(config, preprocess: Preprocess) -> dict:
+    """The weights' eval transform (utils.data.images.eval_transform of their record) as the image processor's
+    settings, which Preprocess.from_transformers reads back."""
     chinese = config.text.is_bert
     return {
         "image_processor_type": "ChineseCLIPImageProcessor" if chinese else "CLIPImageProcessor",
         "processor_class": "ChineseCLIPProcessor" if chinese else "CLIPProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,  # PIL's BICUBIC
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD),
+        **preprocess.to_transformers(config.vision.image_size),
     }
 
 
@@ -109,6 +105,10 @@ def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
     `refusal`): bytes, or for model.safetensors the fp32 tensors under transformers' names."""
     net = model.net
     config = net.config
+    preprocess = model.transform.preprocess
+    if preprocess.resize_mode == "longest":
+        raise UserError("transformers' CLIPImageProcessor cannot letterbox (resize_mode 'longest'); export with "
+                        "letterbox_image=False, or use export_onnx, which keeps the letterbox")
     hf_config = transformers_config(config)
     hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
     hf_config.logit_scale_init_value = net.logit_scale.item()  # the config says what the weights hold
@@ -120,7 +120,7 @@ def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
     weights = {k: _own_storage(v.detach().float().cpu().contiguous())
                for k, v in openai_to_transformers(net.state_dict()).items()}
     files = {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,
-             "preprocessor_config.json": _json(_image_processor(config))}
+             "preprocessor_config.json": _json(_image_processor(config, preprocess))}
     if config.text.is_bert:
         files.update(_bert_files(Path(model.bert_vocab_path), config.text.context_length))
     else:
@@ -240,7 +240,8 @@ def run_export_hf(config: dict) -> None:
     if reason := refusal(model.net.config):
         raise UserError(f"cannot export {config['model_path']} (phi={model.phi!r}) to transformers: {reason}")
     if config["letterbox_image"]:
-        print("note: letterbox_image is not exported; transformers' image processor resizes and crops the centre")
+        print(f"note: letterbox_image is not exported; transformers' image processor does the weights' own resize "
+              f"({model.transform.preprocess.resize_mode})")
     files = export_files(model)
 
     def check(temp: Path) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.data.images import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
 from utils.files import check_writable, write_error
 from utils.tokenizer import DEFAULT_BPE_PATH
 
+from utils.export.preprocess import to_config
 from utils.export.towers import encoders
 
 # torch's exporter builds its graphs in opset 18 (TORCHLIB_OPSET); the issue asks for 17 or later.
@@ -79,10 +79,8 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         "phi": model.phi,
         "model": config.to_dict(),
         "image_size": config.vision.image_size,
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "letterbox": bool(model.letterbox_image),
-        "letterbox_fill": list(LETTERBOX_FILL),
+        # The weights' preprocessing (mean, std, interpolation, resize_mode, fill), letterbox_image applied.
+        **to_config(model.transform.preprocess),
         "context_length": config.text.context_length,
         "tokenizer": "bert" if config.text.is_bert else "openai",
         "vocab": vocab.name,

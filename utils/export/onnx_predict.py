@@ -75,9 +75,10 @@ class OnnxCLIP:
 
     @property
     def decode_sides(self) -> tuple[int, int] | None:
-        from utils.data.images import eval_sides
+        from utils.data.images import sides_for
 
-        return eval_sides(self.config["image_size"], self.config["letterbox"]) if self.fast_decode else None
+        return sides_for(self.config["image_size"], preprocess.record(self.config).resize_mode) \
+            if self.fast_decode else None
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
         from utils.data.images import to_rgb

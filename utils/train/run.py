@@ -14,6 +14,7 @@ from utils.callbacks import EvalCallback, LossHistory
 from utils.data.augment import CaptionAugment, augment_level
 from utils.data.images import eval_transform
 from utils.data.preflight import preflight
+from utils.data.preprocess import Preprocess
 from utils.data.sources.shards import is_shard_source
 from utils.data.sources.stream import ShardStream
 from utils.dataloader import CaptionDataset, EpochSampler
@@ -33,7 +34,7 @@ from utils.train.optim import build_optimizer, build_scheduler, scaled_lrs, scal
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
 from utils.train.settings import check_data_paths, check_schedule
 from utils.weights.arch import save_weights
-from utils.weights.load import init_model
+from utils.weights.load import init_model, preprocess_of
 
 def _ignore_sigint(_worker_id: int) -> None:
     # A terminal's Ctrl-C reaches every process in the group; only the main process should act on it.
@@ -132,6 +133,8 @@ class _Run:
                                                if k.startswith("lora_")}} if resumed else cfg
         if resumed:
             model = build_model(CLIPConfig.from_dict(resumed["config"]["clip"]))
+            if "preprocess" in resumed["config"]:  # the record of the weights the run started from
+                model.preprocess = Preprocess.from_dict(resumed["config"]["preprocess"], str(self.resume_path))
             self.phi, self.sources = resumed["config"]["phi"], [f"all weights: resumed from {self.resume_path}"]
         else:
             model, self.phi, self.sources = init_model(cfg["phi"], cfg["model_path"], cfg["bert_path"])
@@ -143,6 +146,7 @@ class _Run:
         model.set_grad_checkpointing(cfg["grad_checkpointing"])
         self.model = model.to(self.device)
         self.config = model.config
+        self.preprocess = preprocess_of(model)  # kept in the training states and beside every weight file
 
     def build_data(self, augment: str) -> None:
         cfg, info, device, config = self.cfg, self.info, self.device, self.config
@@ -154,8 +158,8 @@ class _Run:
                                      quiet=not info.is_main, columns=columns)
         self.local_batch = cfg["batch_size"] // info.world_size
         size = config.vision.image_size
-        train_augment = CaptionAugment(size, augment, cfg["letterbox_image"])
-        val_augment = CaptionAugment(size, "none", cfg["letterbox_image"])
+        train_augment = CaptionAugment(size, augment, cfg["letterbox_image"], self.preprocess)
+        val_augment = CaptionAugment(size, "none", cfg["letterbox_image"], self.preprocess)
         # Reduced-scale JPEG decoding keeps what each transform needs; fast_decode=False decodes in full.
         train_sides, self.val_sides = (train_augment.sides, val_augment.sides) if cfg["fast_decode"] else (None, None)
         if is_shard_source(cfg["datasets_train_json_path"]):
@@ -224,7 +228,8 @@ class _Run:
         cfg, info, state = self.cfg, self.info, self.state
         self.history = LossHistory(state["log_dir"]) if info.is_main else None
         self.evaluator = EvalCallback(self.val_entries, self.root,
-                                      eval_transform(self.config.vision.image_size, cfg["letterbox_image"]),
+                                      eval_transform(self.config.vision.image_size, cfg["letterbox_image"],
+                                                     self.preprocess),
                                       self.tokenizer, cfg["batch_size"], cfg["num_workers"], self.device,
                                       PRECISIONS[self.precision], cfg["eval_period"], cfg["eval_flag"],
                                       sides=self.val_sides)
@@ -267,7 +272,8 @@ class _Run:
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
                      **{k: state[k] for k in ("epoch", "step", "global_step", "bad_steps", "best_val_loss", "log_dir")},
-                     "config": {"clip": self.config.to_dict(), "phi": self.phi, "train": dict(self.cfg)}}, path)
+                     "config": {"clip": self.config.to_dict(), "phi": self.phi, "train": dict(self.cfg),
+                                "preprocess": self.preprocess.to_dict()}}, path)
         prune_states(self.save_dir, self.cfg["keep_states"])
         return path
 
@@ -337,7 +343,7 @@ class _Run:
 
     def save_weights(self, weights: dict, path: Path) -> None:
         # The architecture goes beside each file: phi='auto' then knows the activation and head counts.
-        save_weights(weights, path, self.config, self.phi)
+        save_weights(weights, path, self.config, self.phi, self.preprocess)
 
     def finish(self) -> dict:
         if self.history is not None:
@@ -359,6 +365,7 @@ def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path) -> Path:
     alpha = cfg["wise_ft_alpha"]
     path = save_dir / f"wise_ft_alpha{alpha:g}_weights.pth"
     save_weights(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",
-                                                                     "the final weights")), path, start.config, phi)
+                                                                     "the final weights")), path, start.config, phi,
+                 preprocess_of(start))
     print(f"WiSE-FT: (1 - {alpha:g}) x starting weights + {alpha:g} x final weights saved to {path}")
     return path

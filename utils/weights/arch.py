@@ -1,5 +1,7 @@
 """The architecture beside a weight file: `<file>.json`, written with the weights this project saves and read by
-phi='auto', so that what tensor shapes cannot show (activation, head counts) is known, not guessed.
+phi='auto', so that what tensor shapes cannot show (activation, head counts) is known, not guessed; with it the
+preprocessing the weights were trained with (utils/data/preprocess.py), so that a model fine-tuned from LAION's
+weights keeps their mean and std.
 
 The weight file itself stays a plain OpenAI-key state dict, byte for byte what `torch.save(state_dict)` writes:
 `torch.load` gives the state dict, and open_clip's `load_checkpoint` loads it strictly.
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 from nets.configs import CLIPConfig
+from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 from utils.files import atomic_save, atomic_write_bytes
 
@@ -23,7 +26,8 @@ def arch_path(weights: str | Path) -> Path:
     return weights.with_name(weights.name + ".json")
 
 
-def save_weights(state_dict, path: str | Path, config: CLIPConfig, phi: str) -> None:
+def save_weights(state_dict, path: str | Path, config: CLIPConfig, phi: str,
+                 preprocess: Preprocess | None = None) -> None:
     """The state dict to `path` and its architecture beside it, each written atomically.
 
     The old record goes first: a crash between the two writes leaves weights with no record (auto then says
@@ -32,19 +36,23 @@ def save_weights(state_dict, path: str | Path, config: CLIPConfig, phi: str) -> 
     path = Path(path)
     arch_path(path).unlink(missing_ok=True)
     atomic_save(state_dict, path)
-    write_arch(path, config, phi)
+    write_arch(path, config, phi, preprocess)
 
 
-def write_arch(weights: str | Path, config: CLIPConfig, phi: str = "custom") -> Path:
-    """Record the architecture of the existing weight file `weights` beside it (also for files saved elsewhere)."""
+def write_arch(weights: str | Path, config: CLIPConfig, phi: str = "custom",
+               preprocess: Preprocess | None = None) -> Path:
+    """Record the architecture of the existing weight file `weights` beside it (also for files saved elsewhere),
+    and its preprocessing (None: OpenAI's, left out of the record)."""
     weights = Path(weights)
-    record = {"format": _FORMAT, "phi": phi, "bytes": weights.stat().st_size, "clip": config.to_dict()}
+    record = {"format": _FORMAT, "phi": phi, "bytes": weights.stat().st_size, "clip": config.to_dict(),
+              **({"preprocess": preprocess.to_dict()} if preprocess is not None else {})}
     atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), arch_path(weights))
     return arch_path(weights)
 
 
-def read_arch(path: str | Path) -> tuple[CLIPConfig, str] | None:
-    """(config, what to call its source in messages) from the record beside `path`, or None when there is none.
+def read_arch(path: str | Path) -> tuple[CLIPConfig, Preprocess | None, str] | None:
+    """(config, preprocessing or None where the record has none, what to call its source in messages) from the
+    record beside `path`, or None when there is none.
 
     A record written for other bytes (the weights replaced by hand) is ignored, with one line saying so; a record
     written by hand may leave `bytes` out.
@@ -63,8 +71,9 @@ def read_arch(path: str | Path) -> tuple[CLIPConfig, str] | None:
         print(f"{record_path} records a file of {record.get('bytes')} bytes, but {path.name} has "
               f"{path.stat().st_size}: the weights were replaced, so the record is ignored", file=sys.stderr)
         return None
+    preprocess = Preprocess.from_dict(record["preprocess"], str(record_path)) if "preprocess" in record else None
     try:
-        return CLIPConfig.from_dict(record["clip"]), str(record_path)
+        return CLIPConfig.from_dict(record["clip"]), preprocess, str(record_path)
     except (KeyError, TypeError) as e:
         raise UserError(f"{record_path} does not hold a valid architecture ({e}); delete it or fix it "
                         "(README, 'Models')") from e

@@ -5,7 +5,6 @@ through `utils.weights.torchscript`, and `transformers` folders prefer safetenso
 """
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from dataclasses import dataclass
@@ -16,18 +15,15 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from nets.clip import CLIP, build_model
-from nets.configs import (CLIPConfig, architecture_differences, from_open_clip, get_config, infer_config, phi_of,
-                          with_activation)
+from nets.configs import CLIPConfig, architecture_differences, get_config, infer_config, phi_of, with_activation
 
+from utils.data.preprocess import OPENAI, Preprocess
 from utils.errors import UserError
 from utils.weights.arch import arch_path, read_arch
-from utils.weights.layouts import config_from_transformers, to_openai, unwrap
-from utils.weights.pretrained import OPEN_CLIP_FILES, TRANSFORMERS_FILES, locate
+from utils.weights.folders import file_layout, folder_layout, read_layout
+from utils.weights.layouts import to_openai, unwrap
+from utils.weights.pretrained import locate
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
-
-# transformers' save_pretrained names first, then open_clip's hub names (a folder holding such a repo's files).
-_HF_FILES = TRANSFORMERS_FILES + OPEN_CLIP_FILES
-_OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 @dataclass
@@ -39,6 +35,9 @@ class Checkpoint:
     # transformers' config), and where it was read, for messages.
     config: CLIPConfig | None = None
     config_source: str = ""
+    # The preprocessing recorded with the weights (this project's record, open_clip's preprocess_cfg,
+    # transformers' preprocessor_config.json); None where nothing says, which is OpenAI's.
+    preprocess: Preprocess | None = None
 
 
 def _torch_load(path: Path):
@@ -55,25 +54,13 @@ def _torch_load(path: Path):
                         "Point model_path at a .pth/.pt/.bin/.safetensors checkpoint or a transformers folder.") from e
 
 
-def _read_hf_folder(folder: Path) -> Mapping[str, torch.Tensor]:
-    if (folder / _OPEN_CLIP_CONFIG).is_file():
-        for name in OPEN_CLIP_FILES:
-            if (folder / name).is_file():
-                return _read_file(folder / name)
-    for name in _HF_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return _read_file(path)
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(_read_file(folder / shard))
-        return state
-    names = [n for n in _HF_FILES if not n.endswith(".index.json")]
-    raise UserError(f"{folder} is a folder without {', '.join(names[:-1])} or {names[-1]}; point model_path at a "
-                    "weight file, a transformers save_pretrained folder or an open_clip hub repo's files")
+def _read_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], tuple | None]:
+    """(the weights, (config, preprocessing, source) or None) of a folder in open_clip's or transformers' layout."""
+    layout = folder_layout(folder)
+    state: dict[str, torch.Tensor] = {}
+    for shard in layout.weights:
+        state.update(_read_file(shard))
+    return state, read_layout(layout)
 
 
 def _read_file(path: Path) -> Mapping:
@@ -90,32 +77,37 @@ def _read_file(path: Path) -> Mapping:
     return _torch_load(path)
 
 
-def _library_config(path: Path) -> tuple[CLIPConfig, str] | None:
-    """The config open_clip's hub layout or a transformers folder keeps beside the weights, if any."""
-    folder = path if path.is_dir() else path.parent
-    for name, weights, read in ((_OPEN_CLIP_CONFIG, OPEN_CLIP_FILES, lambda d: from_open_clip(d["model_cfg"])),
-                                ("config.json", TRANSFORMERS_FILES, config_from_transformers)):
-        config_path = folder / name
-        if not config_path.is_file() or not (path.is_dir() or path.name in weights):
-            continue
-        try:
-            return read(json.loads(config_path.read_text(encoding="utf-8"))), str(config_path)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{config_path} is not a readable {name} ({type(e).__name__}: {e})") from e
-        except UserError as e:
-            raise UserError(f"{config_path}: {e}") from e
-    return None
+def _recorded_with(path: Path) -> tuple | None:
+    """(config, preprocessing, source) recorded beside a weight file: this project's record, else the config of
+    the library layout it belongs to (open_clip's hub files, a transformers folder)."""
+    if (recorded := read_arch(path)) is not None:
+        return recorded
+    layout = file_layout(path)
+    return read_layout(layout) if layout is not None else None
+
+
+def check_dtypes(wanted: Mapping[str, torch.Tensor], checkpoint: "Checkpoint") -> None:
+    """Refuse an integer or bool tensor where the model has floats: a float tensor labelled I32 in a safetensors
+    header has the same byte size, loads, and predicts nan."""
+    given = checkpoint.state_dict
+    bad = next((k for k, v in wanted.items() if v.is_floating_point() and k in given
+                and not given[k].is_floating_point()), None)
+    if bad is not None:
+        raise UserError(f"{checkpoint.path}: tensor {bad!r} is {str(given[bad].dtype).removeprefix('torch.')}, which "
+                        "cannot hold weights (the model's is floating point); the file is damaged or was written with "
+                        "the wrong dtype: save or export it again")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Any supported weight file or folder -> OpenAI-layout state dict (plus the config recorded with it)."""
+    """Any supported weight file or folder -> OpenAI-layout state dict, plus the architecture and preprocessing
+    recorded with it (a training state, the record beside a file, an open_clip or transformers layout)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model_path {path} does not exist and is not a weight name. Give a file or folder, a "
                         "pretrained tag with its phi (--phi ViT-B-32 --model_path laion2b_s34b_b79k, or openai), "
                         "hf-hub:ORG/NAME or an http(s) URL (README, 'Weights'); model_path='' starts from random "
                         "weights.")
-    raw = _read_hf_folder(path) if path.is_dir() else _read_file(path)
+    raw, beside = _read_folder(path) if path.is_dir() else (_read_file(path), None)
     if not isinstance(raw, Mapping) or not raw:
         raise UserError(f"{path} holds a {type(raw).__name__}, not a state dict of tensors")
     state = raw.get("config") if isinstance(raw.get("config"), Mapping) and "model" in raw else None
@@ -124,10 +116,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if bad:
         raise UserError(f"{path}: entries {bad[:5]} are not tensors; this is not a CLIP state dict")
     if state:
-        recorded = CLIPConfig.from_dict(state["clip"]), f"the training state {path}"
-    else:
-        recorded = (None if path.is_dir() else read_arch(path)) or _library_config(path) or (None, "")
-    return Checkpoint(state_dict, layout, path, *recorded)
+        preprocess = Preprocess.from_dict(state["preprocess"], str(path)) if "preprocess" in state else None
+        return Checkpoint(state_dict, layout, path, CLIPConfig.from_dict(state["clip"]), f"the training state {path}",
+                          preprocess)
+    recorded = beside if path.is_dir() else _recorded_with(path)
+    config, preprocess, source = recorded or (None, None, "")
+    return Checkpoint(state_dict, layout, path, config, source, preprocess)
 
 
 def config_of(checkpoint: Checkpoint) -> CLIPConfig:
@@ -183,6 +177,7 @@ def check_fits(wanted: Mapping[str, torch.Tensor], checkpoint: Checkpoint, phi: 
     shapes = [f"{k}: checkpoint {given[k]} vs model {expected[k]}" for k in expected
               if k in given and given[k] != expected[k]]
     if not (missing or unexpected or shapes):
+        check_dtypes(wanted, checkpoint)
         return
     lines = [f"{checkpoint.path} ({checkpoint.layout} layout) does not fit phi={phi!r}:"]
     for title, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
@@ -201,20 +196,49 @@ def load_into(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
     model.load_state_dict(checkpoint.state_dict, strict=True)
 
 
+@dataclass
+class Opened:
+    """Weights located and read, their architecture resolved: what both loads below start from."""
+    checkpoint: Checkpoint
+    config: CLIPConfig
+    phi: str
+    notes: list[str]  # lines to show
+    preprocess: Preprocess  # a pretrained row's, else the one recorded with the files, else OpenAI's
+
+
+def open_weights(model_path: str | Path, phi: str) -> Opened:
+    """locate -> read -> resolve: a weight name is downloaded on first use, once per load."""
+    located = locate(model_path, phi)
+    checkpoint = read_checkpoint(located.path)
+    config, phi, notes = resolve(checkpoint, located.phi)
+    return Opened(checkpoint, config, phi, notes, located.preprocess or checkpoint.preprocess or OPENAI)
+
+
+def preprocess_of(model: CLIP) -> Preprocess:
+    """The preprocessing a model's weights were trained with: the loads here set `model.preprocess`, as open_clip
+    sets `visual.preprocess_cfg`; a model built with random weights has OpenAI's."""
+    return getattr(model, "preprocess", OPENAI)
+
+
 def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     """Build the model for `phi` (or the checkpoint's own architecture for phi='auto') and load it.
 
     `model_path` may be a weight name (utils/pretrained.py), downloaded on first use. Returns the model in fp32 on
-    the CPU and the resolved phi ('custom' when no table entry matches).
+    the CPU (its `preprocess`: see preprocess_of) and the resolved phi ('custom' when no table entry matches).
     """
-    model_path, phi = locate(model_path, phi)
-    checkpoint = read_checkpoint(model_path)
-    config, phi, notes = resolve(checkpoint, phi)
-    for line in notes:
+    model, phi, _ = load(model_path, phi)
+    return model, phi
+
+
+def load(model_path: str | Path, phi: str) -> tuple[CLIP, str, Path]:
+    """load_model, and the local weights behind a weight name (for caches keyed by the weights' bytes)."""
+    opened = open_weights(model_path, phi)
+    for line in opened.notes:
         print(line, file=sys.stderr)
-    model = _built_for_loading(config)
-    load_into(model, checkpoint, phi)
-    return model.float(), phi
+    model = _built_for_loading(opened.config)
+    load_into(model, opened.checkpoint, opened.phi)
+    model.preprocess = opened.preprocess
+    return model.float(), opened.phi, opened.checkpoint.path
 
 
 def _built_for_loading(config) -> CLIP:
@@ -263,26 +287,24 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
             _load_bert_folder(model, bert_path)
             text = f"BERT {bert_path}"
         return model, phi, ["image tower: random", f"text tower: {text}"]
-    named = model_path
-    model_path, phi = locate(model_path, phi)
-    checkpoint = read_checkpoint(model_path)
-    config, phi, notes = resolve(checkpoint, phi)
+    opened = open_weights(model_path, phi)
+    checkpoint, config, phi, notes = opened.checkpoint, opened.config, opened.phi, opened.notes
     model = build_model(config)
+    model.preprocess = opened.preprocess  # the record goes on with the fine-tuned weights
+    where = _where(model_path, checkpoint.path)
     visual = {k: v for k, v in checkpoint.state_dict.items() if k.startswith("visual.")}
     own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
     if not config.text.is_bert or own_text or not bert_path:
         load_into(model, checkpoint, phi)
-        where = f"{_where(named, model_path)} ({checkpoint.layout} layout)"
-        return model.float(), phi, [f"image and text towers: {where}", *notes]
+        return model.float(), phi, [f"image and text towers: {where} ({checkpoint.layout} layout)", *notes]
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
     check_fits(expected, partial, phi)
     model.load_state_dict({**model.state_dict(), **partial.state_dict}, strict=True)
     _load_bert_folder(model, bert_path)
-    return model.float(), phi, [f"image tower + logit_scale: {_where(named, model_path)} (its text tower is not used)",
+    return model.float(), phi, [f"image tower + logit_scale: {where} (its text tower is not used)",
                                 f"text tower: BERT {bert_path}, projection random", *notes]
-
 
 
 def _where(named, local: Path) -> str:

@@ -8,7 +8,6 @@ features with no error.
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -16,8 +15,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from nets.configs import MODEL_CONFIGS, get_config
+from utils.checks import is_weight_name
+from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
+from utils.weights.folders import find_layout
 
 QUICK_GELU, GELU = "quick_gelu", "gelu"
 _OPENAI = "https://openaipublic.azureedge.net/clip/models/"
@@ -108,17 +110,18 @@ _ROWS = (
     ("ViT-bigG-14", "metaclip_fullcc", "hf-hub:timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
 )
 
+# open_clip 3.3's per-tag preprocessing where it is not OpenAI's (its `_pcfg(..., mean=INCEPTION_MEAN, ...)` and
+# `resize_mode="squash"` entries); tests/test_download.py holds every row to open_clip's get_pretrained_cfg.
+_PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD),
+               ("ViT-H-14", "dfn5b"): Preprocess(resize_mode="squash"),
+               ("ViT-H-14-378", "dfn5b"): Preprocess(resize_mode="squash")}
+
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
            "openai/VIT-L-14-336": "ViT-L-14-336", "openai/RN50": "RN50", "openai/RN101": "RN101",
            "openai/RN50x4": "RN50x4", "openai/RN50x16": "RN50x16", "openai/RN50x64": "RN50x64"}
 # The original's self-cn has ViT-B/32 as its image tower: train.py starts it from a tag's image tower plus BERT.
 IMAGE_TOWER_OF = {"self-cn/VIT-B-32": "ViT-B-32"}
-
-# open_clip's layout on the hub (its config beside one weight file), safetensors first; then transformers'.
-OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-TRANSFORMERS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Pretrained:
     tag: str
     source: str  # an https URL or hf-hub:ORG/NAME
     activation: str  # QUICK_GELU or GELU: what the weights were trained with
+    preprocess: Preprocess = OPENAI  # what the weights were trained with, whatever their files say
 
     @property
     def sha256(self) -> str:
@@ -137,12 +141,14 @@ class Pretrained:
         return m.group(1) if m and self.source.startswith(_OPEN_CLIP) else ""
 
 
-PRETRAINED: dict[tuple[str, str], Pretrained] = {(a, t): Pretrained(a, t, s, act) for a, t, s, act in _ROWS}
+PRETRAINED: dict[tuple[str, str], Pretrained] = {(a, t): Pretrained(a, t, s, act, _PREPROCESS.get((a, t), OPENAI))
+                                                  for a, t, s, act in _ROWS}
 
 
 class Located(NamedTuple):
     path: Path  # a local weight file or folder
     phi: str  # the phi to build: the one asked for, or its variant with the weights' activation
+    preprocess: Preprocess | None = None  # a pretrained row's record, which wins over the files'
 
 
 def clean_tag(tag: str) -> str:
@@ -201,7 +207,7 @@ def locate(model_path: str | Path, phi: str) -> Located:
         return Located(_hub_weights(text[len("hf-hub:"):]), phi)
     if re.match(r"https?://", text):
         return Located(fetch_url(text), phi)
-    if "/" in text or "\\" in text or "." in text:
+    if not is_weight_name(text):
         return Located(Path(text), phi)
     tag = clean_tag(text)
     if phi == "auto":
@@ -220,8 +226,8 @@ def locate(model_path: str | Path, phi: str) -> Located:
     phi = phi_with_activation(phi, row.activation, f"{row.architecture} {row.tag}")
     try:
         if row.source.startswith("hf-hub:"):
-            return Located(_hub_weights(row.source[len("hf-hub:"):]), phi)
-        return Located(fetch_url(row.source, row.sha256, use_mirror=True), phi)
+            return Located(_hub_weights(row.source[len("hf-hub:"):]), phi, row.preprocess)
+        return Located(fetch_url(row.source, row.sha256, use_mirror=True), phi, row.preprocess)
     except DownloadError as e:
         raise DownloadError(f"{row.architecture} {row.tag}: {e}") from e
 
@@ -234,10 +240,6 @@ def _split_hub(spec: str) -> tuple[str, str, str | None]:
     return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
 
 
-def _fetch_first(repo: str, names, revision: str | None) -> Path | None:
-    return next((path for name in names if (path := fetch_hub(repo, name, revision)) is not None), None)
-
-
 def _hub_weights(spec: str) -> Path:
     """The weight file (open_clip layout, its config beside it) or the transformers folder of a hub repo."""
     repo, filename, revision = _split_hub(spec)
@@ -246,18 +248,15 @@ def _hub_weights(spec: str) -> Path:
         if path is None:
             raise UserError(f"hub repo {repo} has no file {filename}")
         return path
-    if fetch_hub(repo, "open_clip_config.json", revision) is not None:
-        weights = _fetch_first(repo, OPEN_CLIP_FILES, revision)
-        if weights is None:
-            raise UserError(f"hub repo {repo} has open_clip_config.json but neither {' nor '.join(OPEN_CLIP_FILES)}")
-        return weights
-    if fetch_hub(repo, "config.json", revision) is not None:
-        weights = _fetch_first(repo, TRANSFORMERS_FILES, revision)
-        if weights is None:
-            raise UserError(f"hub repo {repo} has config.json but none of {', '.join(TRANSFORMERS_FILES)}")
-        if weights.name.endswith(".index.json"):
-            for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
-                fetch_hub(repo, shard, revision)
-        return weights.parent
-    raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json (transformers); "
-                    "name the weight file: hf-hub:ORG/NAME/FILE")
+
+    def optional(name: str) -> Path | None:
+        try:
+            return fetch_hub(repo, name, revision)
+        except DownloadError:  # offline with a repo fetched before this file was asked for
+            return None
+
+    layout = find_layout(lambda name: fetch_hub(repo, name, revision), f"hub repo {repo}", optional=optional)
+    if layout is None:
+        raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json "
+                        "(transformers); name the weight file: hf-hub:ORG/NAME/FILE")
+    return layout.weights[0] if layout.kind == "open_clip" else layout.folder
