@@ -84,6 +84,7 @@ def _tower_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("siglip2", [False, True], ids=["siglip", "siglip2"])
 def test_towers_give_open_clips_features_and_scores_within_1e_4(tiny_open_clip, siglip2):
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import SMALL, random_tokens
 from tests.test_training import ROOT, TRAIN_ENV, run_train, step_losses, train, train_args
@@ -92,6 +92,7 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_sigmoid_accumulation_gradients_equal_one_batch_within_1e_5():
     """k micro-batches over cached features give batch B's loss and gradient, logit_scale's and logit_bias's too."""
     torch.manual_seed(0)
@@ -142,6 +143,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str, state: dict, pi
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sigmoid_loss_with_two_gloo_processes_equals_one_batch_within_1e_5(tmp_path):
     """2 processes x batch 4 (x 1 or 2 micro-batches) == one process with batch 8; each rank's loss is open_clip's."""
     torch.manual_seed(0)
@@ -172,6 +174,7 @@ def sigmoid_run(toy, tmp_path_factory):
     return save_dir, train(train_args(toy, save_dir, Epoch=3, eval_flag="false", loss="sigmoid"))
 
 
+@pytest.mark.slow
 def test_train_sigmoid_from_scratch_learns_a_bias_that_every_loader_keeps(toy, tmp_path, capsys, sigmoid_run):
     run_dir, result = sigmoid_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,6 +198,7 @@ def test_train_sigmoid_from_scratch_learns_a_bias_that_every_loader_keeps(toy, t
     assert "logit_bias" not in load_state(newest_state(tmp_path / "plain"))["model"]
 
 
+@pytest.mark.slow
 def test_bad_loss_name_and_sigmoid_resume_of_a_softmax_state_are_one_line(toy, tmp_path, capsys):
     bad = train(train_args(toy, tmp_path / "bad", loss="hinge"), capsys)
     assert bad.returncode == 2 and "loss 'hinge' is not one of softmax, sigmoid" in bad.stderr
@@ -205,6 +209,7 @@ def test_bad_loss_name_and_sigmoid_resume_of_a_softmax_state_are_one_line(toy, t
     assert resumed.returncode == 2 and "trained with the softmax loss" in resumed.stderr, resumed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_sigmoid_sigkill_then_resume_auto_ends_with_the_same_weights(toy, tmp_path, capsys, sigmoid_run):
     straight_dir, straight = sigmoid_run
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -225,6 +230,7 @@ def test_sigmoid_sigkill_then_resume_auto_ends_with_the_same_weights(toy, tmp_pa
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_sigmoid_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys):
     single = train(train_args(toy, tmp_path / "one", Epoch=1, loss="sigmoid", eval_flag="false"), capsys)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -244,6 +250,7 @@ def test_sigmoid_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
+@pytest.mark.slow
 def test_sigmoid_with_locks_lora_and_wise_ft_trains_and_blends_the_bias(toy, tmp_path, capsys, tiny_weights):
     """From weights without a bias: the image tower locked, LoRA on the text tower; logit_scale and logit_bias
     train, and the WiSE-FT blend mixes them with the start the run gave them (scale 10, bias -10)."""
@@ -283,3 +290,10 @@ def test_detect_image_of_a_model_with_a_bias_is_independent_sigmoids(tmp_path):
     expected = torch.sigmoid(20 * image_features @ text_features.t() - 1.5)
     torch.testing.assert_close(torch.from_numpy(probs), expected, atol=1e-5, rtol=0)
     assert abs(probs.sum() - 1) > 1e-3  # not a softmax over the captions
+
+
+def test_export_hf_refuses_a_model_with_a_bias_in_one_line():
+    from utils.export.hf import refusal
+
+    assert refusal(get_config("tiny/VIT-T-8")) is None or "logit_bias" not in refusal(get_config("tiny/VIT-T-8"))
+    assert "logit_bias" in refusal(replace(get_config("openai/VIT-B-32"), init_logit_bias=-10.0))
