@@ -88,11 +88,12 @@ class CLIP(object):
 
     @torch.no_grad()
     def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities (1, len(texts)) that each caption describes the image."""
-        image_features, text_features, scale = self.net(self.preprocess(image).to(self.device),
-                                                        self.tokenize(texts).to(self.device))
-        logits = scale * image_features @ text_features.t()
-        return logits.float().softmax(dim=-1).cpu().numpy()
+        """Probabilities (1, len(texts)) that each caption describes the image: a softmax over the captions, or for a
+        model with a logit bias (SigLIP) an independent sigmoid per caption, as it was trained."""
+        image_features, text_features = self.net(self.preprocess(image).to(self.device),
+                                                 self.tokenize(texts).to(self.device))[:2]
+        logits = self.net.logits(image_features, text_features)
+        return (logits.softmax(dim=-1) if self.net.logit_bias is None else logits.sigmoid()).cpu().numpy()
 
     @torch.no_grad()
     def class_embeddings(self, labels: Sequence[str], templates: str = "") -> torch.Tensor:

@@ -29,6 +29,10 @@ phi = "openai/VIT-B-32"
 bert_path = "model_data/bert-base-chinese"
 # WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
+# "softmax" (CLIP's contrastive loss) or "sigmoid" (SigLIP's: each image-caption pair scored on its own, with a
+# learned logit_bias; a model without one gets scale 10 and bias -10 to start); "" = what the weights were trained
+# with: sigmoid for a model with a logit_bias, else softmax (from scratch too).
+loss = ""
 # Global batch: with N processes each takes batch_size / N, and the loss still spans all of it.
 batch_size = 64
 # First epoch to run (epochs before it count as done, for the schedule too).

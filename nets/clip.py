@@ -47,7 +47,7 @@ def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _add_text_prefix(module, state_dict, prefix, *args) -> None:
-    own = {prefix + "visual.", prefix + "logit_scale"}
+    own = {prefix + "visual.", prefix + "logit_scale", prefix + "logit_bias"}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not any(key.startswith(o) for o in own):
             state_dict[prefix + TEXT_PREFIX + key[len(prefix):]] = state_dict.pop(key)
@@ -60,6 +60,9 @@ class CLIP(nn.Module):
         self.visual = build_tower(IMAGE_TOWERS, config.vision, config.embed_dim)
         self.text = build_tower(TEXT_TOWERS, config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # SigLIP's: logits are scale * cos + bias. None (no key in the state dict) for every other model.
+        bias = config.init_logit_bias
+        self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(float(bias))))
         self.register_state_dict_post_hook(_drop_text_prefix)
         self.register_load_state_dict_pre_hook(_add_text_prefix)
 
@@ -77,15 +80,23 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text(tokens)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised image and text features and the temperature `logit_scale.exp()`.
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normalised image and text features, the temperature `logit_scale.exp()` and, for a model with one,
+        `logit_bias` (open_clip's outputs, so `criterion(*model(pixels, tokens))` fits both).
 
-        Logits are `scale * image_features @ text_features.T`; the loss lives in `utils/train/loss.py`
-        so that it can gather features across processes.
+        Logits are `scale * image_features @ text_features.T (+ bias)`; the losses live in `utils/train/loss.py`
+        so that they can gather features across processes.
         """
         image_features = F.normalize(self.encode_image(pixels), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
-        return image_features, text_features, self.logit_scale.exp()
+        if self.logit_bias is None:
+            return image_features, text_features, self.logit_scale.exp()
+        return image_features, text_features, self.logit_scale.exp(), self.logit_bias
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """(images, texts) scores of normalised features: `scale * cos`, plus the bias of a model with one."""
+        logits = self.logit_scale.exp().float() * image_features.float() @ text_features.float().t()
+        return logits if self.logit_bias is None else logits + self.logit_bias.float()
 
 
 def build_model(config: CLIPConfig) -> CLIP:

@@ -108,13 +108,19 @@ class CLIPConfig:
     embed_dim: int
     vision: VisionConfig
     text: TextConfig
+    # SigLIP's learned logit bias, its starting value (open_clip's name); None: the model has none.
+    init_logit_bias: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["init_logit_bias"] is None:  # records of models without a bias stay as they were
+            del d["init_logit_bias"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPConfig":
-        return cls(embed_dim=d["embed_dim"], vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]))
+        return cls(embed_dim=d["embed_dim"], vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
+                   init_logit_bias=d.get("init_logit_bias"))
 
 
 def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:

@@ -7,6 +7,7 @@ runs through `scaled_dot_product_attention` on batch-first tensors.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ class QuickGELU(nn.Module):
 
 
 # Exact GELU is what open_clip's non-OpenAI weights (LAION, DataComp, ...) and transformers' "gelu" use.
-_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+# SigLIP 2's text towers use the tanh approximation.
+_ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
 
 
 class Packing:
@@ -67,13 +69,13 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu"):
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {', '.join(_ACTIVATIONS)}")
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", _ACTIVATIONS[activation]()),
@@ -87,12 +89,12 @@ class ResidualAttentionBlock(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False, mlp_width: int | None = None,
-                 activation: str = "quick_gelu"):
+                 activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
         self.width = width
         self.causal = causal
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width or 4 * width, activation)
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width or 4 * width, activation, eps)
                                         for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:

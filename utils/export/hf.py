@@ -39,6 +39,9 @@ def refusal(config) -> str | None:
         return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
                 "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
                 "open_clip (README, 'Export to transformers and open_clip')")
+    if config.init_logit_bias is not None:
+        return ("the model has a logit_bias (SigLIP's sigmoid scores), which transformers' CLIPModel has no place for; "
+                "use export_onnx or this project's weight file")
     if config.text.kind == "bert-pooler":
         return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
                 "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")

@@ -4,8 +4,8 @@ Summing the losses of k micro-batches is not batch B: each would only see B/k ne
 every micro-batch is first encoded without gradients and its features kept; then each micro-batch is
 encoded again with gradients and scored against the kept features of the others. The loss of pass j
 has the value of the whole batch's loss, and its gradient reaches only micro-batch j's features, so
-the k backward passes add up to the whole batch's gradient. `logit_scale` appears in all k losses, so
-only one pass lets its gradient through (open_clip counts it k times).
+the k backward passes add up to the whole batch's gradient. `logit_scale` (and SigLIP's `logit_bias`) appear in
+all k losses, so only one pass lets their gradient through (open_clip counts it k times).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class CachedBatch:
             kept = [model(p, t) for p, t in self.chunks]
             self.images = [k[0] for k in kept]
             self.texts = [k[1] for k in kept]
-            self.loss = criterion(torch.cat(self.images), torch.cat(self.texts), kept[0][2])
+            self.loss = criterion(torch.cat(self.images), torch.cat(self.texts), *kept[0][2:])
 
     def backward(self, run_backward) -> None:
         images, texts, k = self.images, self.texts, len(self.chunks)
@@ -56,8 +56,8 @@ class CachedBatch:
             last = j == k - 1
             with _no_sync(self.model, last):
                 with autocast(self.device, self.dtype):
-                    image_j, text_j, scale = self.model(p, t)
+                    image_j, text_j, *scalars = self.model(p, t)  # scale, and a SigLIP model's bias
                     loss_j = self.criterion(torch.cat(images[:j] + [image_j] + images[j + 1:]),
                                             torch.cat(texts[:j] + [text_j] + texts[j + 1:]),
-                                            scale if last else scale.detach())
+                                            *(s if last else s.detach() for s in scalars))
                 run_backward(loss_j)

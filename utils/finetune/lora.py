@@ -73,7 +73,7 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
 def add_lora(model, cfg: dict) -> list[str]:
     """Freeze the model and wrap the targeted layers of each unlocked tower in LoRA adapters, in place.
 
-    `logit_scale` keeps training. Returns the towers that received adapters."""
+    `logit_scale` (and a SigLIP model's `logit_bias`) keep training. Returns the towers that received adapters."""
     from peft import LoraConfig, inject_adapter_in_model
 
     towers = [name for name, locked in (("visual", cfg["lock_image"]), ("text", cfg["lock_text"])) if not locked]
@@ -87,6 +87,8 @@ def add_lora(model, cfg: dict) -> list[str]:
                         target_modules=modules or None, target_parameters=params or None, bias="none")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     model.logit_scale.requires_grad_(True)
+    if model.logit_bias is not None:
+        model.logit_bias.requires_grad_(True)
     return towers
 
 

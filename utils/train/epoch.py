@@ -63,8 +63,7 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
             loss = batch.loss
         else:
             with autocast(device, PRECISIONS[precision]):
-                image_features, text_features, scale = model(pixels, tokens)
-                loss = criterion(image_features, text_features, scale)
+                loss = criterion(*model(pixels, tokens))
         if not all_true(bool(torch.isfinite(loss)), info, device):
             state["bad_steps"] += 1
             state["bad_in_a_row"] += 1

@@ -29,7 +29,7 @@ from utils.tokenizer import build_tokenizer
 from utils.train.checkpoint import load_state, newest_state, prune_states, state_path
 from utils.train.distributed import DistInfo, cleanup, init_distributed
 from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validation_loss
-from utils.train.loss import ClipLoss
+from utils.train.loss import add_logit_bias, build_loss, loss_name
 from utils.train.optim import build_optimizer, build_scheduler, scaled_lrs, scaling_note
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
 from utils.train.settings import check_data_paths, check_schedule
@@ -138,6 +138,13 @@ class _Run:
             self.phi, self.sources = resumed["config"]["phi"], [f"all weights: resumed from {self.resume_path}"]
         else:
             model, self.phi, self.sources = init_model(cfg["phi"], cfg["model_path"], cfg["bert_path"])
+        self.loss = loss_name(cfg.get("loss", ""), model)
+        if self.loss == "sigmoid" and model.logit_bias is None:
+            if resumed:  # its state has no logit_bias to load
+                raise UserError(f"loss='sigmoid': the training state {self.resume_path} was trained with the softmax "
+                                "loss and has no logit_bias; resume it with --loss softmax, or start a new run")
+            add_logit_bias(model)  # before the locks and adapters, which leave it training
+            self.sources.append("logit_bias: new, with logit_scale, at the sigmoid loss's start (scale 10, bias -10)")
         apply_locks(model, cfg)
         if self.tuning.get("lora_r", 0) > 0:
             add_lora(model, self.tuning)
@@ -202,7 +209,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.ddp_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if self.info.enabled else self.model
-        self.criterion = ClipLoss(self.info)
+        self.criterion = build_loss(self.loss, self.info)
 
     def restore_progress(self) -> None:
         resumed, device = self.resumed, self.device
@@ -236,7 +243,8 @@ class _Run:
         if not info.is_main:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        print(f"phi={self.phi}  device={self.device}  precision={self.precision}  processes={info.world_size}")
+        print(f"phi={self.phi}  loss={self.loss}  device={self.device}  precision={self.precision}  "
+              f"processes={info.world_size}")
         tuning = self.tuning
         print(parameter_summary(self.model) + (f", LoRA r={tuning['lora_r']} on {'+'.join(tuning['lora_targets'])}"
                                                if tuning.get("lora_r", 0) > 0 else ""))
@@ -362,6 +370,8 @@ def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         start, _, _ = init_model(phi, cfg["model_path"], cfg["bert_path"])
+        if loss_name(cfg.get("loss", ""), start) == "sigmoid":
+            add_logit_bias(start)  # as the run added it: the blend starts from the bias it trained from
     alpha = cfg["wise_ft_alpha"]
     path = save_dir / f"wise_ft_alpha{alpha:g}_weights.pth"
     save_weights(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",

@@ -11,6 +11,7 @@ from utils.errors import UserError
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_DECAYS = ("cos", "step")
 DEMOS = ("en", "cn")
+LOSS_NAMES = ("softmax", "sigmoid")  # utils/train/loss.LOSSES, named here without torch
 
 
 def check_settings(cfg: dict) -> None:
@@ -19,6 +20,7 @@ def check_settings(cfg: dict) -> None:
         one_of(cfg, "demo", DEMOS)
         return
     one_of(cfg, "augment", AUGMENTS)
+    one_of(cfg, "loss", LOSS_NAMES, also=("",))
     check_schedule(cfg)
     one_of(cfg, "precision", PRECISION_NAMES, also=("",))
     if cfg["resume"] not in ("", "auto"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pickle
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -156,7 +156,8 @@ def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str
     if phi == "auto":
         config = config_of(checkpoint)
         phi = phi_of(config) or "custom"
-        return config, phi, [] if checkpoint.config is not None else [_activation_note(checkpoint, config, phi)]
+        return _with_bias_of(checkpoint, config), phi, \
+            [] if checkpoint.config is not None else [_activation_note(checkpoint, config, phi)]
     config = get_config(phi)
     recorded = checkpoint.config
     # Per tower: self-cn takes only the image tower of a checkpoint whose text tower is another kind.
@@ -165,7 +166,14 @@ def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str
         raise UserError(f"phi={phi!r} does not match {checkpoint.config_source}, which records the same sizes with "
                         f"another network ({', '.join(differences)}); pass "
                         + (f"phi={fit!r} or phi='auto'" if fit else "phi='auto'"))
-    return config, phi, []
+    return _with_bias_of(checkpoint, config), phi, []
+
+
+def _with_bias_of(checkpoint: Checkpoint, config: CLIPConfig) -> CLIPConfig:
+    # A logit bias sits beside the towers, so the file decides: SigLIP's, or any model trained with the sigmoid loss.
+    if "logit_bias" in checkpoint.state_dict and config.init_logit_bias is None:
+        return replace(config, init_logit_bias=float(checkpoint.state_dict["logit_bias"]))
+    return config
 
 
 def check_fits(wanted: Mapping[str, torch.Tensor], checkpoint: Checkpoint, phi: str) -> None:

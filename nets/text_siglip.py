@@ -1,0 +1,55 @@
+"""SigLIP's text transformer: bidirectional attention over captions padded to the context length, the last
+position's state projected out (open_clip's `TextTransformer` with `no_causal_mask`, `pool_type='last'`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configs import TextConfig
+from .transformer import Transformer
+
+# Every LayerNorm of the SigLIP text towers (open_clip's `norm_kwargs`, big_vision's default).
+LAYER_NORM_EPS = 1e-6
+
+
+class SiglipTextTower(nn.Module):
+    """Keys as open_clip's `text.*`: `token_embedding`, `positional_embedding`, `transformer.resblocks.N.*`,
+    `ln_final`, `text_projection.{weight,bias}`. `projection=False` is the i18n SO400M's: its width is the
+    embedding, with no projection at all. `config.activation` is "gelu" (SigLIP) or "gelu_tanh" (SigLIP 2)."""
+
+    def __init__(self, config: TextConfig, embed_dim: int, projection: bool = True):
+        super().__init__()
+        self.context_length = config.context_length
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.transformer = Transformer(config.width, config.layers, config.heads, causal=False,
+                                       mlp_width=config.mlp_width, activation=config.activation, eps=LAYER_NORM_EPS)
+        self.ln_final = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
+        if not projection and config.width != embed_dim:
+            raise ValueError(f"a text tower without projection gives width {config.width} features, not {embed_dim}")
+        self.text_projection = nn.Linear(config.width, embed_dim) if projection else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_weights()
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=self.transformer.width ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, context_length) ids, padded to the full length as SigLIP's tokenizers pad them.
+
+        Attention is bidirectional and unmasked, so the pad tokens take part in every position, the pooled last one
+        included: nothing can be trimmed, and captions must come padded as the weights were trained.
+        """
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens per caption; this tower takes at most {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # N, L, width
+        x = self.ln_final(self.transformer(x))
+        return self.text_projection(x[:, -1])  # N, embed_dim: the last position, as big_vision pools
