@@ -41,7 +41,8 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # export, torch.compile: fake or functional tensors), which must see portable ops.
     return (type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
             and not torch.compiler.is_compiling() and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.dtype == weight.dtype and x.dtype in _DTYPES and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and x.dtype == weight.dtype and x.dtype in _DTYPES
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 class Matmul:
@@ -79,7 +80,8 @@ class Matmul:
         """x @ weight.T + bias, then the post-op; a weight of more than two dimensions is taken as
         (out, the rest flattened), as a convolution's."""
         if not _eligible(x, weight):
-            y = F.linear(x, _scaled(weight.flatten(1), self.weight_scale), None if bias is None else _scaled(bias, self.bias_scale))
+            bias = None if bias is None else _scaled(bias, self.bias_scale)
+            y = F.linear(x, _scaled(weight.flatten(1), self.weight_scale), bias)
             return _POST_OPS[self.attr](y)
         weight, bias = self._prepared(weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, self.attr, [], self.algorithm)

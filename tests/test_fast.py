@@ -29,7 +29,8 @@ def random_model(config: CLIPConfig, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(config).eval()
     with torch.no_grad():
-        for p in model.parameters():  # biases and gains off their 0/1 init, and the zeroed ResNet gains, so every parameter counts
+        # Biases and gains off their 0/1 init (the ResNet's zeroed gains too), so that every parameter counts.
+        for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(float(p.mean()), 0.1)
     return model
