@@ -58,7 +58,7 @@ m('$toy', n_train=256, n_val=2, seed=0)" && $py -m torch.distributed.run --nproc
         | grep -v -i warning | tee "$out/bench_fast_$threads.txt"
 done
 
-[[ $parts == *" lora "* ]] && { toy=$(mktemp -d); $py -c "from datasets.make_toy import make_toy_dataset as m; \
+[[ $parts == *" lora "* ]] && { toy=$(mktemp -d); $py -c "from utils.data.toy import make_toy_dataset as m; \
 m('$toy', n_train=512, n_val=64, seed=0)" && for run in "bf16 1" "fp16 2"; do set -- $run
     $py train.py --Cuda true --precision "$1" --accum_freq "$2" --model_path "" --phi openai/VIT-B-32 \
         --lora_r 8 --datasets_path "$toy/" --datasets_train_json_path "$toy/en_train.json" \
