@@ -154,3 +154,22 @@ def test_clip_wrapper_is_accelerated_on_the_cpu_and_equals_the_plain_path_within
         got, want = fast.detect_image_for_eval(pixels, tokens), plain.detect_image_for_eval(pixels, tokens)
         for g, w in zip(got, want):
             assert (g - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_siglip_towers_keep_their_features_within_1e_4(activation):
+    """SigLIP's text tower: tanh GELU is not fused, but its linears are rerouted (timm's towers: the test above)."""
+    from nets.configs import TextConfig
+    from nets.text_siglip import SiglipTextTower
+
+    torch.manual_seed(0)
+    text = SiglipTextTower(TextConfig(kind="siglip", context_length=8, vocab_size=50, width=32, layers=2, heads=2,
+                                      activation=activation), 16).eval()
+    fast = copy.deepcopy(text)
+    accelerate(fast)
+    tokens = torch.randint(2, 50, (3, 8))
+    with torch.inference_mode():
+        want = text(tokens)
+        for _ in range(PACK_AFTER + 1):
+            assert (fast(tokens) - want).abs().max() < 1e-4
+    assert _matmuls(fast)
