@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nets import build_model, get_config
+from nets.fast import accelerate
 from utils.data.images import eval_transform, open_image, to_rgb
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
@@ -35,6 +36,9 @@ class CLIP(object):
         # open_image decodes JPEGs only as large as the model's input needs (several times faster on photos);
         # False decodes in full, for numbers reproduced bit for bit.
         "fast_decode": True,
+        # On the CPU, linear layers run through oneDNN (nets/fast.py): about twice as fast, features within
+        # 1e-5 of the plain PyTorch path; False keeps the plain path.
+        "onednn": True,
     }
 
     @classmethod
@@ -74,6 +78,8 @@ class CLIP(object):
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
+        if self.onednn and self.device.type == "cpu":
+            accelerate(self.net)
 
     def open_image(self, source) -> Image.Image:
         """The image at a path (or in bytes or a binary file), upright RGB, decoded as large as this model needs."""

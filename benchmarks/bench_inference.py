@@ -1,4 +1,5 @@
-"""Time our CLIP's encoders against open_clip (and transformers) with the same weights, in one process.
+"""Time our CLIP's encoders (on the CPU, nets/fast.py's oneDNN path, as CLIP runs them) against open_clip and
+transformers (SDPA attention) with the same weights, in one process.
 
     python benchmarks/bench_inference.py [--phi openai/VIT-B-32] [--reps 3] [--threads N] [--quick] [--device cuda]
 
@@ -27,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from nets import CLIPConfig, MODEL_CONFIGS, build_model, get_config  # noqa: E402
+from nets.fast import accelerate  # noqa: E402
 from utils.tokenizer import BPETokenizer  # noqa: E402
 
 from peers import open_clip_model  # noqa: E402  (benchmarks/, this script's folder)
@@ -79,7 +81,9 @@ def transformers_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
         return None
     from utils.weights.layouts import openai_to_transformers, transformers_config
 
-    peer = transformers.CLIPModel(transformers_config(config))
+    hf_config = transformers_config(config)
+    hf_config._attn_implementation = "sdpa"  # transformers' documented fast attention (its default too)
+    peer = transformers.CLIPModel(hf_config)
     missing, unexpected = peer.load_state_dict(openai_to_transformers(state_dict), strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
     return peer.eval()
@@ -152,6 +156,8 @@ def main() -> None:
         if p.dim() == 1:
             nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
     state_dict = ours.state_dict()
+    if device.type == "cpu":
+        accelerate(ours)  # what CLIP runs on the CPU (nets/fast.py)
     peers = {"open_clip": open_clip_peer(config, state_dict)}
     resnet = config.vision.kind == "resnet"
     if not args.no_transformers and not resnet:

@@ -8,7 +8,11 @@
 # PARTS="tests inference train accum onnx demo decode" (the default) picks the parts to run; decode compares
 # nvJPEG decoding on the GPU with the CPU's reduced-scale decode for 12-MP photos (bench_gpu_decode.py). "embed"
 # (mode=embed under torchrun on nccl) and "index10m" (bench_index at 10M vectors in a 2 GiB budget: 10 GB of
-# scratch disk, CPU-bound, tens of minutes) run only when named.
+# scratch disk, CPU-bound, tens of minutes) run only when named. "fast" runs bench_fast.py on the GPU machine's
+# CPU (another vendor's CPU, maybe with AMX: oneDNN's path against MKL, onnxruntime and open_clip, and the bf16
+# ratio against that CPU's own matmul ratio) at 1 thread and at all cores. "lora" trains the toy set with LoRA
+# adapters on CUDA in bf16 and in fp16 with accum_freq 2 (AMP, accumulation and LoRA on the GPU in one run each).
+# "train" covers AMP/bf16 training speed, "accum" accumulation, "onnx" the fp16 export, "decode" nvJPEG.
 set -uo pipefail
 out=${1:-logs/gpu_check}
 parts=" ${PARTS:-tests inference train accum onnx demo decode} "
@@ -49,4 +53,16 @@ m('$toy', n_train=256, n_val=2, seed=0)" && $py -m torch.distributed.run --nproc
 
 [[ $parts == *" index10m "* ]] && $py benchmarks/bench_index.py --vectors 10000000 --index_memory 2G --types auto \
     --threads "$(nproc)" 2>&1 | grep -v WARNING | tee "$out/bench_index_10m.txt"
+[[ $parts == *" fast "* ]] && for threads in 1 "$(nproc)"; do
+    $py benchmarks/bench_fast.py --phi openai/VIT-B-32 --batch 1 32 --reps 5 --threads "$threads" 2>&1 \
+        | grep -v -i warning | tee "$out/bench_fast_$threads.txt"
+done
+
+[[ $parts == *" lora "* ]] && { toy=$(mktemp -d); $py -c "from utils.data.toy import make_toy_dataset as m; \
+m('$toy', n_train=512, n_val=64, seed=0)" && for run in "bf16 1" "fp16 2"; do set -- $run
+    $py train.py --Cuda true --precision "$1" --accum_freq "$2" --model_path "" --phi openai/VIT-B-32 \
+        --lora_r 8 --datasets_path "$toy/" --datasets_train_json_path "$toy/en_train.json" \
+        --datasets_val_json_path "$toy/en_val.json" --batch_size 64 --Epoch 1 --eval_flag false \
+        --save_dir "$toy/logs_$1" 2>&1 | tail -15
+done; } 2>&1 | tee "$out/train_lora.txt"
 exit 0

@@ -15,10 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+QUICK_GELU = 1.702
+
+
 class QuickGELU(nn.Module):
     # OpenAI trained with this sigmoid approximation; exact GELU would shift every feature.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU * x)
 
 
 # Exact GELU is what open_clip's non-OpenAI weights (LAION, DataComp, ...) and transformers' "gelu" use.
@@ -48,6 +51,9 @@ class Packing:
 
 
 class Attention(nn.Module):
+    # The QKV projection's matmul; nets/fast.py swaps in oneDNN's for CPU inference.
+    project = staticmethod(F.linear)
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         if width % heads:
@@ -58,7 +64,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool, packing: Packing | None = None) -> torch.Tensor:
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
         if packing is not None:
             qkv = packing.pad(qkv)
         n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3

@@ -1,0 +1,160 @@
+"""CPU inference through oneDNN: a model's linear layers run as oneDNN's matmul instead of MKL's sgemm.
+
+PyTorch's fp32 `F.linear` calls MKL, whose sgemm takes a slow path on this kind of CPU (AMD EPYC here) and
+on the skinny matrices of batch-1 inference (50 image tokens, a dozen text tokens); oneDNN's matmul, which
+bf16 already uses, picks its kernels from the CPU's own instruction sets. `accelerate` reroutes every
+`nn.Linear` of a model, the fused QKV projection of nets/transformer.py and a ViT's patch embedding (a
+convolution whose stride is its kernel: one matmul over the unfolded patches), and fuses the MLPs'
+activation (exact GELU, or QuickGELU as a scaled swish) into the matmul before it.
+benchmarks/bench_inference.py measures it against the plain path, onnxruntime and open_clip.
+
+Parameters and state-dict keys stay as they are. A layer's weight is reordered into oneDNN's blocked
+layout the second time the layer runs, not at start-up (one image never pays for it; a loop gains about a
+sixth), and again whenever the weight changes (in-place updates move its version counter); the blocked
+copy doubles the memory of the weights that have one. With gradients enabled, on other devices or dtypes
+each layer runs its usual op, so an accelerated model can still be trained or moved.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import QUICK_GELU, Attention, QuickGELU, ResidualAttentionBlock
+
+_DTYPES = (torch.float32, torch.bfloat16)
+# A weight is reordered on the layer's PACK_AFTER-th call: the reorder costs about as much as one batch-1 pass.
+PACK_AFTER = 2
+
+
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear op (`torch.ops.mkldnn._linear_pointwise`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # oneDNN's op has no backward, so anything autograd would record stays on F.linear; so does a trace (ONNX
+    # export, torch.compile: fake or functional tensors), which must see portable ops.
+    return (type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
+            and not torch.compiler.is_compiling() and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == weight.dtype and x.dtype in _DTYPES
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+class Matmul:
+    """`F.linear` with one weight, through oneDNN where it can run there, with an optional fused post-op.
+
+    `weight_scale` and `bias_scale` multiply the weight and bias first (into the packed copy, once): QuickGELU
+    is x * sigmoid(1.702 x), which is oneDNN's swish of 1.702 x over 1.702, so the layer before it is scaled
+    by 1.702 and the layer after it by 1 / 1.702.
+    """
+
+    def __init__(self, attr: str = "none", algorithm: str = "", weight_scale: float = 1.0, bias_scale: float = 1.0):
+        self.attr, self.algorithm = attr, algorithm
+        self.weight_scale, self.bias_scale = weight_scale, bias_scale
+        self.calls, self.key, self.packed, self.bias, self.source = 0, None, None, None, _nothing
+
+    def _prepared(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The tensors themselves (a new Parameter may reuse a freed one's memory), where their data lies and
+        # how often it was changed in place: any other weights, and the packed copy is made again.
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape,
+               None if bias is None else (bias.data_ptr(), bias._version))
+        if key != self.key or self.source() is not weight:
+            self.calls, self.key, self.packed, self.source = 0, key, None, weakref.ref(weight)
+            self.bias = None if bias is None else _scaled(bias.detach(), self.bias_scale)
+        self.calls += 1
+        if self.packed is None and self.calls >= PACK_AFTER:
+            matrix = _scaled(weight.detach().flatten(1), self.weight_scale)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix, None)
+        return (_scaled(weight.flatten(1), self.weight_scale) if self.packed is None else self.packed), self.bias
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) starts unpacked: oneDNN's blocked tensors cannot be copied or saved.
+        return {**self.__dict__, "calls": 0, "key": None, "packed": None, "bias": None, "source": _nothing}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias, then the post-op; a weight of more than two dimensions is taken as
+        (out, the rest flattened), as a convolution's."""
+        if not _eligible(x, weight):
+            bias = None if bias is None else _scaled(bias, self.bias_scale)
+            y = F.linear(x, _scaled(weight.flatten(1), self.weight_scale), bias)
+            return _POST_OPS[self.attr](y)
+        weight, bias = self._prepared(weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, self.attr, [], self.algorithm)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else t * scale
+
+
+# The eager equivalents of the oneDNN post-ops used here, for inputs that oneDNN does not take.
+_POST_OPS = {"none": lambda y: y, "gelu": F.gelu, "swish": F.silu}
+
+
+def _linear_forward(module: nn.Linear, matmul: Matmul, x: torch.Tensor) -> torch.Tensor:
+    return matmul(x, module.weight, module.bias)
+
+
+def _patch_forward(conv: nn.Conv2d, matmul: Matmul, pixels: torch.Tensor) -> torch.Tensor:
+    if not _eligible(pixels, conv.weight):
+        return conv._conv_forward(pixels, conv.weight, conv.bias)
+    n, channels, height, width = pixels.shape
+    k = conv.kernel_size[0]
+    rows, cols = height // k, width // k
+    patches = pixels[:, :, :rows * k, :cols * k].reshape(n, channels, rows, k, cols, k)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, channels * k * k)  # N, patches, C*k*k
+    out = matmul(patches, conv.weight, conv.bias)  # N, patches, width
+    return out.transpose(1, 2).reshape(n, conv.out_channels, rows, cols)  # the convolution's layout
+
+
+def _is_patch_embedding(conv: nn.Conv2d) -> bool:
+    # 1x1 convolutions (ResNet's) stay convolutions: as matmuls they would need two permutes each.
+    return (conv.kernel_size == conv.stride and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.groups == 1
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+def _mlp_forward(mlp: nn.Sequential, up: Matmul, down: Matmul, x: torch.Tensor) -> torch.Tensor:
+    if not _eligible(x, mlp.c_fc.weight):
+        return mlp.c_proj(mlp.gelu(mlp.c_fc(x)))  # the plain path, exactly: training, other devices
+    return down(up(x, mlp.c_fc.weight, mlp.c_fc.bias), mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def _fuse_activation(mlp: nn.Sequential) -> bool:
+    """A block's MLP as two oneDNN matmuls, its activation in the first; False for an activation oneDNN lacks."""
+    activation = mlp.gelu
+    if isinstance(activation, QuickGELU):
+        up, down = Matmul("swish", weight_scale=QUICK_GELU, bias_scale=QUICK_GELU), Matmul(weight_scale=1 / QUICK_GELU)
+    elif isinstance(activation, nn.GELU) and activation.approximate == "none":
+        up, down = Matmul("gelu", "none"), Matmul()
+    else:
+        return False
+    mlp.forward = functools.partial(_mlp_forward, mlp, up, down)
+    return True
+
+
+def accelerate(net: nn.Module) -> bool:
+    """Reroute `net`'s linear layers through oneDNN, in place; False (and `net` untouched) where this PyTorch
+    has no oneDNN."""
+    if not available():
+        return False
+    fused = set()
+    for module in net.modules():
+        if isinstance(module, ResidualAttentionBlock) and _fuse_activation(module.mlp):
+            fused.update((module.mlp.c_fc, module.mlp.c_proj))
+        elif isinstance(module, Attention):
+            module.project = Matmul()
+        elif type(module) is nn.Conv2d and _is_patch_embedding(module):
+            module.forward = functools.partial(_patch_forward, module, Matmul())
+    for module in net.modules():
+        # Exactly nn.Linear: subclasses (quantised, low-rank) may compute something else in their forward.
+        if type(module) is nn.Linear and module not in fused:
+            module.forward = functools.partial(_linear_forward, module, Matmul())
+    return True

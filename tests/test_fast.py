@@ -1,0 +1,175 @@
+"""nets/fast.py: oneDNN's CPU path gives the plain PyTorch path's features for every tower kind, and never
+answers with the packed copy of weights that have since changed."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from clip import CLIP
+from nets import CLIPConfig, VisionConfig, build_model
+from nets.fast import PACK_AFTER, Matmul, accelerate, available
+from tests.conftest import SMALL, bert_config, random_tokens
+
+pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch has no oneDNN")
+
+SMALL_RN = CLIPConfig(embed_dim=48, vision=VisionConfig(kind="resnet", image_size=64, patch_size=32, width=16,
+                                                        layers=(1, 2, 1, 1), heads=2), text=SMALL.text)
+GELU = dataclasses.replace(SMALL, vision=dataclasses.replace(SMALL.vision, activation="gelu"),
+                           text=dataclasses.replace(SMALL.text, activation="gelu"))
+CONFIGS = {"vit-quick_gelu": SMALL, "vit-gelu": GELU, "resnet": SMALL_RN,
+           "bert-pooler": bert_config("bert-pooler", 52), "bert-cls": bert_config("bert-cls", 52)}
+SLOW_KINDS = {"resnet", "bert-pooler", "bert-cls"}  # seconds each on 2 cores: the quick loop keeps the ViT ones
+
+
+def random_model(config: CLIPConfig, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        # Biases and gains off their 0/1 init (the ResNet's zeroed gains too), so that every parameter counts.
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(float(p.mean()), 0.1)
+    return model
+
+
+def inputs(config: CLIPConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.randn(n, 3, config.vision.image_size, config.vision.image_size,
+                         generator=torch.Generator().manual_seed(n))
+    if config.text.is_bert:
+        tokens = torch.zeros(n, config.text.context_length, dtype=torch.long)
+        for i in range(n):
+            length = 3 + 5 * i
+            tokens[i, 0], tokens[i, 1:length - 1], tokens[i, length - 1] = 101, torch.arange(200, 198 + length), 102
+    else:
+        tokens = random_tokens(n, config.text.vocab_size, config.text.context_length, seed=n)
+    return pixels, tokens
+
+
+def features(model: nn.Module, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        return model.encode_image(pixels), model.encode_text(tokens)
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS else k for k in CONFIGS])
+def test_fast_features_equal_eager_within_1e_4_for_every_tower_kind(kind):
+    config = CONFIGS[kind]
+    eager = random_model(config)
+    fast = copy.deepcopy(eager)
+    assert accelerate(fast)
+    for n in (1, 3):
+        pixels, tokens = inputs(config, n)
+        want = features(eager, pixels, tokens)
+        for _ in range(PACK_AFTER + 1):  # before the weights are packed, and after
+            got = features(fast, pixels, tokens)
+            for g, w in zip(got, want):
+                assert (g - w).abs().max() < 1e-4, kind
+    rerouted = [m for m in fast.modules() if isinstance(m.__dict__.get("forward"), functools.partial)]
+    assert rerouted, "accelerate changed nothing"
+    assert list(fast.state_dict()) == list(eager.state_dict())
+
+
+def test_weights_changed_after_packing_are_used_not_the_stale_copy():
+    eager, other = random_model(SMALL, seed=0), random_model(SMALL, seed=1)
+    fast = copy.deepcopy(eager)
+    accelerate(fast)
+    pixels, tokens = inputs(SMALL, 2)
+    for _ in range(PACK_AFTER + 1):
+        features(fast, pixels, tokens)
+    assert any(m.packed is not None for m in _matmuls(fast)), "nothing was packed: the test would prove nothing"
+    fast.load_state_dict(other.state_dict())  # copies in place: the same tensors, new contents
+    for g, w in zip(features(fast, pixels, tokens), features(other, pixels, tokens)):
+        assert (g - w).abs().max() < 1e-4
+    for _ in range(PACK_AFTER):
+        features(fast, pixels, tokens)
+    block = fast.visual.transformer.resblocks[0]
+    block.attn.in_proj_weight = nn.Parameter(other.visual.transformer.resblocks[1].attn.in_proj_weight.clone())
+    block.mlp.c_fc.weight = nn.Parameter(torch.zeros_like(block.mlp.c_fc.weight))  # a new tensor, not an update
+    reference = random_model(SMALL)
+    reference.load_state_dict(fast.state_dict())
+    with torch.inference_mode():
+        assert (fast.encode_image(pixels) - reference.encode_image(pixels)).abs().max() < 1e-4
+
+
+def _matmuls(model: nn.Module) -> list[Matmul]:
+    found = [matmul for m in model.modules() if isinstance(m.__dict__.get("forward"), functools.partial)
+             for matmul in m.forward.args[1:]]
+    return found + [m.project for m in model.modules() if isinstance(m.__dict__.get("project"), Matmul)]
+
+
+def test_training_an_accelerated_model_gets_eager_gradients():
+    eager = random_model(SMALL)
+    fast = copy.deepcopy(eager)
+    accelerate(fast)
+    pixels, tokens = inputs(SMALL, 2)
+    for model in (eager, fast):
+        model.zero_grad()
+        image, text = model.encode_image(pixels), model.encode_text(tokens)
+        (image.square().sum() + text.square().sum()).backward()
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None), name  # logit_scale takes no part in encoding
+        assert p.grad is None or torch.equal(p.grad, q.grad), name  # the plain ops, so exactly
+
+
+def test_subclasses_of_linear_keep_their_own_forward():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), Doubled(8, 8))
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        want = model(x)
+        accelerate(model)
+        assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+        assert (model(x) - want).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_a_timm_tower_unknown_to_accelerate_keeps_its_features_within_1e_4():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tower = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0).eval()
+    fast = copy.deepcopy(tower)
+    accelerate(fast)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        want = tower(pixels)
+        for _ in range(PACK_AFTER + 1):
+            assert (fast(pixels) - want).abs().max() < 1e-4
+
+
+def test_clip_wrapper_is_accelerated_on_the_cpu_and_equals_the_plain_path_within_1e_4():
+    torch.manual_seed(0)
+    fast = CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, precision="fp32")
+    plain = CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, precision="fp32", onednn=False)
+    plain.net.load_state_dict(fast.net.state_dict())
+    assert _matmuls(fast.net) and not _matmuls(plain.net)
+    pixels, tokens = inputs(fast.net.config, 2)
+    for _ in range(PACK_AFTER + 1):
+        got, want = fast.detect_image_for_eval(pixels, tokens), plain.detect_image_for_eval(pixels, tokens)
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_siglip_towers_keep_their_features_within_1e_4(activation):
+    """SigLIP's text tower: tanh GELU is not fused, but its linears are rerouted (timm's towers: the test above)."""
+    from nets.configs import TextConfig
+    from nets.text_siglip import SiglipTextTower
+
+    torch.manual_seed(0)
+    text = SiglipTextTower(TextConfig(kind="siglip", context_length=8, vocab_size=50, width=32, layers=2, heads=2,
+                                      activation=activation), 16).eval()
+    fast = copy.deepcopy(text)
+    accelerate(fast)
+    tokens = torch.randint(2, 50, (3, 8))
+    with torch.inference_mode():
+        want = text(tokens)
+        for _ in range(PACK_AFTER + 1):
+            assert (fast(tokens) - want).abs().max() < 1e-4
+    assert _matmuls(fast)
