@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from datasets.make_toy import make_toy_dataset
+from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
 from tests.conftest import run_script
 from tests.test_training import train, train_args
@@ -47,6 +48,7 @@ def test_the_report_counts_repeats_overlap_and_long_captions():
     assert input_report(clean, [{"image": "y.jpg", "caption": ["y"]}], tokenizer) == []
 
 
+@pytest.mark.slow
 def test_train_py_reports_its_inputs_before_training(tmp_path, capsys):
     """50,000 entries of one image, a val image in the train file, over-long captions: today not a word."""
     toy = tmp_path / "toy"

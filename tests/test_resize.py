@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.test_convert import DEFAULTS
@@ -121,6 +122,7 @@ def test_a_copy_is_remade_when_its_source_or_the_settings_change(tmp_path, capsy
     assert "0 written, 5 already there and intact, 0 small enough, copied)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_workers_with_one_line(tmp_path):
     """Today each worker prints its own KeyboardInterrupt traceback (35 lines each)."""
     import signal

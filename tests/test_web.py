@@ -417,6 +417,7 @@ def test_a_query_longer_than_the_text_context_says_it_was_cut(server):
     assert body["note"] == f"1 of the 2 captions are longer than the text tower's {room} tokens: only their start was used"
 
 
+@pytest.mark.slow
 def test_a_real_browser_keeps_the_page_answering_while_a_heavy_request_runs(server, monkeypatch):
     """Concurrent requests as the page makes them: a classify held in the model, then pictures and the page
     fetched at once from the same tab, then a search whose query is too long."""
