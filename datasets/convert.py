@@ -53,7 +53,8 @@ skip_malformed = False
 overwrite = False
 # Write every image once with its short side at this many pixels (never upscaled, EXIF orientation applied,
 # aspect kept) to <output_dir>/<name>_<resize>px/, and point the output at those copies; 0 = the images as they
-# are. A rerun keeps the copies already written and intact.
+# are. A rerun keeps the copies already written, intact and made from the source as it is now with these
+# settings (each copy records them), and remakes the others.
 resize = 0
 # JPEG quality of the resized copies (1 to 100).
 jpeg_quality = 90

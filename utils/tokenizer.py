@@ -219,6 +219,16 @@ class BertTokenizer:
         return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
 
 
+def truncated(tokenizer: BPETokenizer | BertTokenizer, text: str) -> bool:
+    """Whether `text` with its start and end tokens is longer than the tokenizer's context, so that the ids the
+    text tower sees stop short of its end. One test for train.py's report, the search prompt and the web page."""
+    room = tokenizer.context_length - 2
+    # A token covers at least one byte of the cleaned text (BPE) or one character (WordPiece): shorter texts
+    # need no tokenizing.
+    shown = len(text) if isinstance(tokenizer, BertTokenizer) else len(clean_text(text).encode("utf-8"))
+    return shown > room and len(tokenizer.encode(text)) > room
+
+
 TOKENIZERS = {"openai": BPETokenizer, "bert": BertTokenizer}
 
 

@@ -1,6 +1,8 @@
 """A pass over a dataset before any work starts: every bad entry or image reported at once, or skipped."""
 from __future__ import annotations
 
+import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from PIL import Image
 
 from utils.dataloader import entry_problem, normalise, read_json_list
 from utils.errors import UserError
+from utils.tokenizer import truncated
 
 SHOWN = 20
 
@@ -86,3 +89,33 @@ def preflight(json_path: str | Path, root: str | Path, workers: int = 4, skip_ba
     if not good:
         raise UserError(f"{json_path}: no usable entries")
     return good
+
+
+def input_report(train: list[dict], val: list[dict], tokenizer=None) -> list[str]:
+    """One line for each thing in usable training inputs that is likely not what was meant: entries repeated
+    exactly, images in both the training and the validation file, captions longer than the text tower's context
+    (`tokenizer`'s). Nothing when there is nothing to say. Images are compared by path, as the files name them."""
+    lines = []
+    for name, entries in (("training", train), ("validation", val)):
+        counts = Counter((os.path.normpath(e["image"]), tuple(e["caption"])) for e in entries)
+        repeats = sum(n - 1 for n in counts.values())
+        if repeats:
+            (image, _), most = counts.most_common(1)[0]
+            lines.append(f"{name} file: {repeats:,} of its {len(entries):,} entries repeat an earlier one exactly "
+                         f"(same image and captions; {image} is there {most:,} times): each is "
+                         f"{'trained on' if name == 'training' else 'counted'} as often as it appears")
+    val_images = {os.path.normpath(e["image"]) for e in val}
+    shared = val_images & {os.path.normpath(e["image"]) for e in train}
+    if shared:
+        lines.append(f"{len(shared):,} of the {len(val_images):,} validation images are in the training file too "
+                     f"(e.g. {min(shared)}): the validation loss and recall on them measure memory, not how well "
+                     "the model generalises")
+    if tokenizer is not None:
+        counts = {name: (sum(truncated(tokenizer, c) for e in entries for c in e["caption"]),
+                         sum(len(e["caption"]) for e in entries))
+                  for name, entries in (("training", train), ("validation", val))}
+        if any(cut for cut, _ in counts.values()):
+            lines.append(f"captions longer than the text tower's {tokenizer.context_length} tokens: "
+                         + ", ".join(f"{cut:,} of {total:,} in the {name} file" for name, (cut, total) in counts.items())
+                         + "; they are truncated (the text tower reads only their start)")
+    return lines

@@ -20,6 +20,7 @@ from utils.errors import UserError
 from utils.eval.feature_cache import hash_weights
 from utils.predict.ask import ask_loop
 from utils.predict.index import FORMAT, MANIFEST, Embeddings, VectorIndex, read_manifest, write_manifest
+from utils.tokenizer import truncated
 
 CHUNK = 65536
 PART_WIDTH = 5  # fixed, so that name order is part order for readers that sort names (embedding_reader)
@@ -268,6 +269,9 @@ def run_search(model, config: dict) -> None:
 
     def answer(text: str) -> None:
         vector, kind = _query_vector(model, text)
+        if kind == "text" and truncated(model.tokenizer, text):
+            print(f"the query is longer than the text tower's {model.tokenizer.context_length} tokens: "
+                  "only its start is searched")
         for path, score in index.query(vector, config["top_k"]):
             print(f"{score:.4f}  {folder / path if folder is not None else path}")
 

@@ -13,7 +13,7 @@ from nets import CLIPConfig, build_model
 from utils.callbacks import EvalCallback, LossHistory
 from utils.data.augment import CaptionAugment, augment_level
 from utils.data.images import eval_transform
-from utils.data.preflight import preflight
+from utils.data.preflight import input_report, preflight
 from utils.data.preprocess import Preprocess
 from utils.data.sources.shards import is_shard_source
 from utils.data.sources.stream import ShardStream
@@ -184,6 +184,9 @@ class _Run:
             train_entries = preflight(cfg["datasets_train_json_path"], root, cfg["num_workers"],
                                       cfg["skip_bad_samples"], quiet=not info.is_main, columns=columns)
             self.n_train = len(train_entries)
+            if info.is_main:
+                for line in input_report(train_entries, self.val_entries, self.tokenizer):
+                    print(line)
             _check_batch("training", self.n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
             train_set = CaptionDataset(train_entries, root, train_augment, self.tokenizer, seed=cfg["seed"],
                                        sides=train_sides)
