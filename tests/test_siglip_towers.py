@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nets.configs import TextConfig, mlp_ratio_of
+from nets import build_model
+from nets.configs import TextConfig, from_open_clip, mlp_ratio_of
 from nets.text_siglip import SiglipTextTower
-from nets.vision_timm import TimmVisionTower
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
@@ -35,21 +35,10 @@ def _tiny_open_clip_config(siglip2: bool) -> dict:
                 text_cfg=text)
 
 
-def towers_from_open_clip(cfg: dict) -> tuple[TimmVisionTower, SiglipTextTower]:
-    """Our towers for an open_clip SigLIP config (what a model-table row will hold)."""
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    assert (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none") and t["pool_type"] == "last"
-    assert t["no_causal_mask"] and t["norm_kwargs"] == {"eps": 1e-6}
-    tanh = (t.get("act_kwargs") or {}).get("approximate") == "tanh"
-    width = t["width"]
-    text = TextConfig(kind="siglip", context_length=t["context_length"], vocab_size=t["vocab_size"], width=width,
-                      layers=t["layers"], heads=t["heads"],
-                      mlp_ratio=mlp_ratio_of(width, int(width * t.get("mlp_ratio", 4.0))),
-                      activation="gelu_tanh" if tanh else "gelu")
-    overrides = TINY_OVERRIDES if v["timm_model_name"] == TINY_TRUNK else {}
-    name = "vit_base_patch16_siglip_224" if overrides else v["timm_model_name"]
-    projection = t.get("proj_type", "linear") != "none"
-    return TimmVisionTower(name, **overrides), SiglipTextTower(text, cfg["embed_dim"], projection=projection)
+def towers_from_open_clip(cfg: dict) -> tuple[torch.nn.Module, SiglipTextTower]:
+    """Our towers for an open_clip SigLIP config, as the model table builds them."""
+    model = build_model(from_open_clip(cfg))
+    return model.visual, model.text
 
 
 @pytest.fixture
@@ -127,7 +116,8 @@ def text_config_of(tower: SiglipTextTower) -> dict:
     return dict(kind="siglip", context_length=tower.context_length, vocab_size=tower.token_embedding.num_embeddings,
                 width=width, layers=len(tower.transformer.resblocks), heads=block.attn.heads,
                 mlp_ratio=mlp_ratio_of(width, block.mlp.c_fc.out_features),
-                activation="gelu_tanh" if approximate == "tanh" else "gelu")
+                activation="gelu_tanh" if approximate == "tanh" else "gelu", eps=block.ln_1.eps,
+                proj_bias=tower.text_projection.bias is not None)
 
 
 def test_text_tower_attends_both_ways_and_pools_the_last_position():
