@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.test_siglip_table import _hub_folder, _tiny_pair
+from tests.test_download import env  # noqa: F401
 from tests.test_siglip_towers import tiny_open_clip  # noqa: F401
 from utils.errors import UserError
 from utils.tokenizer import SIGLIP_TOKENIZER_FILES, SiglipTokenizer, build_tokenizer, canonicalize
@@ -101,3 +102,31 @@ def test_detect_image_on_a_siglip_folder_is_open_clips_sigmoid_within_1e_4(tiny_
     probs = model.detect_image(image, captions)
     assert probs.shape == (1, 3) and np.abs(probs - expected).max() <= 1e-4
     assert expected.std() > 1e-3  # scores that differ per caption, not a constant
+
+
+@pytest.mark.slow
+def test_a_siglip_hub_repo_brings_its_tokenizer_files_and_loads_again_without_the_server(tiny_open_clip, env,
+                                                                                        monkeypatch, tmp_path):
+    from safetensors.torch import save
+
+    from clip import CLIP
+    from tests.test_download import _hub_files, serve
+
+    cfg, reference = _tiny_pair(tiny_open_clip, siglip2=False)
+    cfg["text_cfg"].update(hf_tokenizer_name="org/siglip", tokenizer_kwargs={"clean": "canonicalize"})
+    local = write_tokenizer(tmp_path / "tok")
+    files = _hub_files("org/siglip", {
+        "open_clip_config.json": json.dumps({"model_cfg": cfg}).encode(),
+        "open_clip_model.safetensors": save({k: v.contiguous() for k, v in reference.state_dict().items()}),
+        "tokenizer.json": (local / "tokenizer.json").read_bytes(),
+        "tokenizer_config.json": (local / "tokenizer_config.json").read_bytes()})
+    expected = SiglipTokenizer(local, 16).ids(CAPTIONS)
+    with serve(files) as (server, base):
+        monkeypatch.setenv("HF_ENDPOINT", base)
+        model = CLIP(model_path="hf-hub:org/siglip", phi="auto", onednn=False)
+        asked = {r.rsplit("/", 1)[-1] for r in server.requests}
+        # tokenizer.json found: no sentencepiece model is asked for.
+        assert {"tokenizer.json", "tokenizer_config.json"} <= asked and not asked & {"spiece.model", "tokenizer.model"}
+    assert (model.tokenize(CAPTIONS).numpy() == expected).all()
+    again = CLIP(model_path="hf-hub:org/siglip", phi="auto", onednn=False)  # the server is gone: the cache serves
+    assert (again.tokenize(CAPTIONS).numpy() == expected).all()

@@ -226,6 +226,8 @@ class BertTokenizer:
 # SigLIP's tokenizer files, as the hub repos of its weights hold them: transformers' fast tokenizer, or a
 # sentencepiece model (which needs the `sentencepiece` package).
 SIGLIP_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
+# What transformers reads beside them (the tokenizer's class and special tokens), where a repo has them.
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 _PUNCTUATION = str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 

@@ -8,6 +8,7 @@ features with no error.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from nets.configs import MODEL_CONFIGS, get_config
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
+from utils.tokenizer import SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.weights.folders import find_layout
 
@@ -277,4 +279,19 @@ def _hub_weights(spec: str) -> Path:
     if layout is None:
         raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json "
                         "(transformers); name the weight file: hf-hub:ORG/NAME/FILE")
+    if layout.kind == "open_clip" and _names_a_tokenizer(layout.config):
+        # SigLIP's tokenizer comes from its repo's files (no call for hf_tokenizer_name later): fetched beside the
+        # weights now, so a later run without a network finds them in the cache. tokenizer.json, else a
+        # sentencepiece model.
+        for name in TOKENIZER_CONFIG_FILES:
+            optional(name)
+        next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
     return layout.weights[0] if layout.kind == "open_clip" else layout.folder
+
+
+def _names_a_tokenizer(config: Path) -> bool:
+    try:
+        text = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # the reader reports an unreadable config
+    return bool(isinstance(text, dict) and text.get("hf_tokenizer_name"))
