@@ -122,7 +122,8 @@ def _hub_folder(tmp_path: Path, cfg: dict, reference) -> Path:
 
 
 @pytest.mark.slow
-def test_an_open_clip_hub_folder_of_a_siglip_loads_with_auto_within_1e_4(tiny_open_clip, tmp_path):
+def test_an_open_clip_hub_folder_of_a_siglip_loads_with_auto_and_by_name_within_1e_4(tiny_open_clip, tmp_path,
+                                                                                    monkeypatch):
     cfg, reference = _tiny_pair(tiny_open_clip, siglip2=True)
     folder = _hub_folder(tmp_path, cfg, reference)
     theirs, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
@@ -134,6 +135,11 @@ def test_an_open_clip_hub_folder_of_a_siglip_loads_with_auto_within_1e_4(tiny_op
     normalize = transform.transforms[-1]
     record = preprocess_of(model)
     assert record.mean == tuple(normalize.mean) == (0.5, 0.5, 0.5) and record.std == tuple(normalize.std)
+    # By name: a row with this architecture (planted; the table's rows are full size) loads the folder as it is.
+    monkeypatch.setitem(MODEL_CONFIGS, "tiny-siglip2", from_open_clip(cfg).to_dict())
+    named, phi = load_model(folder, "tiny-siglip2")
+    assert phi == "tiny-siglip2" and load_model(folder, "auto")[1] == "tiny-siglip2"
+    _assert_same_features(named.eval(), theirs)
     # The project's weight file records the architecture beside it, and loads back with auto.
     path = tmp_path / "siglip.pth"
     save_weights(model.state_dict(), path, model.config, phi, record)
