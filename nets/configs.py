@@ -584,6 +584,45 @@ def _table_tower(shapes: VisionConfig | TextConfig, part: str) -> VisionConfig |
     return replace(shapes, heads=tower.heads, mlp_ratio=tower.mlp_ratio)  # the table's ratio: 4.9231, not 8192/1664
 
 
+_SIGLIP_PATCHES = "visual.trunk.patch_embed.proj.weight"
+
+
+def _siglip_shapes(sd: Mapping) -> tuple:
+    """What a SigLIP state dict's shapes show: every size, the image size (its grid) and the vocabulary."""
+    def shape(key: str):
+        return tuple(sd[key].shape) if key in sd else None
+
+    return (shape(_SIGLIP_PATCHES), shape("visual.trunk.pos_embed"), shape("visual.trunk.blocks.0.mlp.fc1.weight"),
+            _count_layers(sd, r"visual\.trunk\.blocks\.(\d+)\."), shape("text.token_embedding.weight"),
+            shape("text.positional_embedding"), shape("text.transformer.resblocks.0.mlp.c_fc.weight"),
+            _count_layers(sd, r"text\.transformer\.resblocks\.(\d+)\."), shape("text.text_projection.weight"),
+            shape("text.text_projection.bias"))
+
+
+def _siglip_row_shapes(config: CLIPConfig) -> tuple:
+    """`_siglip_shapes` of the network a SigLIP row builds (timm's trunk has no class token: grid x grid positions)."""
+    v, t = config.vision, config.text
+    grid = v.image_size // v.patch_size
+    return ((v.width, 3, v.patch_size, v.patch_size), (1, grid * grid, v.width), (v.mlp_width, v.width), v.layers,
+            (t.vocab_size, t.width), (t.context_length, t.width), (t.mlp_width, t.width), t.layers,
+            (config.embed_dim, t.width) if t.projection else None, (config.embed_dim,) if t.proj_bias else None)
+
+
+def _siglip_of_shapes(sd: Mapping) -> CLIPConfig:
+    """The SigLIP row whose network has these shapes: the row knows what shapes do not show (heads, activations,
+    the timm model), and SigLIP's rows differ in their shapes (image size, vocabulary, sizes)."""
+    wanted = _siglip_shapes(sd)
+    found = [phi for phi in SIGLIP if _siglip_row_shapes(get_config(phi)) == wanted]
+    if len(found) == 1:
+        return get_config(found[0])
+    if found:  # SO400M-14 at 378 and 384 px: one 27 x 27 grid, one network, two input sizes
+        raise UnknownHeadsError(f"a SigLIP state dict whose shapes fit {' and '.join(found)}, which differ only in "
+                                "the image size they take; pass the phi it was trained as")
+    raise UnknownHeadsError("a SigLIP state dict (timm image trunk) whose shapes match no SigLIP row of the table: "
+                            "shapes do not show its heads, activations or timm model; keep open_clip_config.json "
+                            "beside it, or record its architecture beside the file (README, 'Models')")
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     """The architecture of a state dict in OpenAI's key layout, from its tensor shapes and the table.
 
@@ -592,6 +631,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
     """
     sd = state_dict
+    if _SIGLIP_PATCHES in sd:
+        return _siglip_of_shapes(sd)
     if "visual.attnpool.positional_embedding" in sd:
         vision = _resnet_shapes(sd)
     else:

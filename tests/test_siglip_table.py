@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from nets import build_model, configs, get_config
-from nets.configs import MODEL_CONFIGS, UnsupportedArchitectureError, from_open_clip, phi_of
+from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
+    infer_config, phi_of
 from tests.test_siglip_towers import _move_every_parameter, _tiny_open_clip_config, tiny_open_clip  # noqa: F401
 from utils.weights.arch import save_weights
 from utils.weights.load import load_model, preprocess_of
@@ -45,6 +46,12 @@ def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    # A bare state dict (no config beside it) finds its row by its shapes alone, or names the rows it fits.
+    if name.startswith("ViT-SO400M-14-SigLIP-3"):
+        with pytest.raises(UnknownHeadsError, match="fit ViT-SO400M-14-SigLIP-378 and ViT-SO400M-14-SigLIP-384"):
+            infer_config(reference.state_dict())
+    else:
+        assert infer_config(reference.state_dict()) == ours
     # Shapes do not show the head counts: the trunks' and the text tower's are open_clip's too.
     assert model.visual.trunk.blocks[0].attn.num_heads == reference.visual.trunk.blocks[0].attn.num_heads
     assert model.text.transformer.resblocks[0].attn.heads == reference.text.transformer.resblocks[0].attn.num_heads
@@ -91,6 +98,22 @@ def test_a_small_siglip_through_build_model_is_open_clips_within_1e_4_and_loads_
     other.load_state_dict(model.state_dict(), strict=True)
     _assert_same_features(model, other)
     assert model.dtype == torch.float32 and model.half().dtype == torch.float16  # the trunk's patch embedding
+
+
+def test_a_bare_siglip_state_dict_resolves_with_auto_to_its_row_without_the_quickgelu_note():
+    from utils.weights.load import Checkpoint, resolve
+
+    with torch.device("meta"):
+        state = build_model(get_config("ViT-B-16-SigLIP2")).state_dict()
+    config, phi, notes = resolve(Checkpoint(state, "openai", Path("bare.safetensors")), "auto")
+    assert (config, phi, notes) == (get_config("ViT-B-16-SigLIP2"), "ViT-B-16-SigLIP2", [])
+
+
+def test_a_bare_siglip_state_dict_that_matches_no_row_is_refused_in_one_line(tiny_open_clip):
+    _, reference = _tiny_pair(tiny_open_clip, siglip2=False)
+    with pytest.raises(UnknownHeadsError, match="match no SigLIP row") as err:
+        infer_config(reference.state_dict())
+    assert "\n" not in str(err.value)
 
 
 def test_settings_siglip_towers_do_not_build_are_refused_by_name():
