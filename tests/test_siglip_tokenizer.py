@@ -45,6 +45,24 @@ def write_tokenizer(folder: Path, vocab_size: int = 120) -> Path:
     return folder
 
 
+def write_spiece(folder: Path) -> Path:
+    """A sentencepiece model with a T5Tokenizer config (`</s>` appended, `<pad>` id 0), as SigLIP's repos that
+    ship `spiece.model` have it: read through `sentencepiece`."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=model, vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 64, "extra_ids": 0}))
+    return folder
+
+
 def test_canonicalize_is_open_clips():
     from open_clip.tokenizer import canonicalize_text
 
@@ -52,9 +70,10 @@ def test_canonicalize_is_open_clips():
         assert canonicalize(text) == canonicalize_text(text)
 
 
+@pytest.mark.parametrize("writer", [write_tokenizer, write_spiece], ids=["tokenizer.json", "spiece.model"])
 @pytest.mark.parametrize("context_length", [64, 16, 8])
-def test_ids_are_open_clips_hf_tokenizer_with_canonicalize(tmp_path, context_length):
-    folder = write_tokenizer(tmp_path / "tok")
+def test_ids_are_open_clips_hf_tokenizer_with_canonicalize(tmp_path, context_length, writer):
+    folder = writer(tmp_path / "tok")
     ours = SiglipTokenizer(folder, context_length)
     theirs = open_clip.tokenizer.HFTokenizer(str(folder), context_length=context_length, clean="canonicalize",
                                              local_files_only=True)
