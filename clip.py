@@ -13,7 +13,7 @@ from nets.fast import accelerate
 from utils.data.images import eval_transform, open_image, to_rgb
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
-from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer
+from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer, files_beside, tokenizer_kind
 from utils.weights.load import load, preprocess_of
 
 
@@ -69,9 +69,9 @@ class CLIP(object):
         else:
             self.net = build_model(get_config(self.phi))
         config = self.net.config
-        text_kind = "bert" if config.text.is_bert else "openai"
-        self.tokenizer = build_tokenizer(text_kind, config.text.context_length,
-                                         self.bert_vocab_path if text_kind == "bert" else None)
+        text_kind = tokenizer_kind(config.text.kind)
+        self.tokenizer = build_tokenizer(text_kind, config.text.context_length, {
+            "bert": self.bert_vocab_path, "siglip": files_beside(self.weights_path)}.get(text_kind))
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
         self.decode_sides = self.transform.decode_sides() if self.fast_decode else None

@@ -11,6 +11,7 @@ from torch import nn
 from .configs import CLIPConfig, TextConfig, VisionConfig
 from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
+from .text_siglip import SiglipTextTower
 from .vit import VisionTransformer
 
 TEXT_PREFIX = "text."
@@ -22,12 +23,24 @@ def _bert_tower(config: TextConfig, embed_dim: int) -> nn.Module:
     return BertTextTower(config, embed_dim)
 
 
+def _timm_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
+    from .vision_timm import timm_tower  # timm costs a second to import; only its towers need it
+
+    if config.width != embed_dim:
+        raise ValueError(f"a timm tower has no projection: its width {config.width} must be embed_dim {embed_dim}")
+    return timm_tower(config.timm_model_name, config.image_size, config.patch_size, config.width, config.layers,
+                      config.heads, config.mlp_ratio)
+
+
 # A tower kind is a row: kind -> builder(tower config, embed_dim) -> module. Image towers keep OpenAI's keys under
-# `visual.`; text towers at the top level of the file, as OpenAI's do (the `text.` prefix never reaches a file).
+# `visual.`; text towers at the top level of the file, as OpenAI's do (the `text.` prefix never reaches a file),
+# except those of TEXT_KEEPS_PREFIX, whose files (open_clip's `custom_text` models) keep it.
 IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": VisionTransformer,
-                                                                     "resnet": ModifiedResNet}
+                                                                     "resnet": ModifiedResNet, "timm": _timm_tower}
 TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
-                                                                  "bert-pooler": _bert_tower, "bert-cls": _bert_tower}
+                                                                  "bert-pooler": _bert_tower, "bert-cls": _bert_tower,
+                                                                  "siglip": SiglipTextTower}
+TEXT_KEEPS_PREFIX = {"siglip"}
 
 
 def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:
@@ -39,6 +52,8 @@ def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, 
 def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
     # OpenAI's checkpoints keep the text tower at the top level (`token_embedding`, `transformer`,
     # `ln_final`, ...); `text.` is only how this code groups it, so it never reaches a file.
+    if module.config.text.kind in TEXT_KEEPS_PREFIX:
+        return
     inner = prefix + TEXT_PREFIX
     items = list(state_dict.items())
     state_dict.clear()
@@ -47,6 +62,8 @@ def _drop_text_prefix(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _add_text_prefix(module, state_dict, prefix, *args) -> None:
+    if module.config.text.kind in TEXT_KEEPS_PREFIX:
+        return
     own = {prefix + "visual.", prefix + "logit_scale", prefix + "logit_bias"}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not any(key.startswith(o) for o in own):
@@ -68,7 +85,8 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        # The patch embedding's: OpenAI's fp16 conversion leaves class and positional embeddings in fp32.
+        return next(m.weight.dtype for m in self.visual.modules() if isinstance(m, nn.Conv2d))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

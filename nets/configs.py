@@ -24,12 +24,17 @@ from utils.errors import UserError
 #   openai       causal BPE transformer, EOT pooling, ln_final, text_projection (OpenAI CLIP)
 #   bert-pooler  BertModel pooler output -> ln_final -> text_projection (bubbliiiing's self-cn)
 #   bert-cls     BertModel [CLS] hidden state -> text_projection (Chinese-CLIP)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls")
+#   siglip       bidirectional transformer over captions padded to the context, the last position -> a linear
+#                projection with `proj_bias` (or none: `projection=False`); keys under open_clip's `text.` (SigLIP)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip")
 # Image tower kinds:
 #   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
 #   resnet   OpenAI's ModifiedResNet: `layers` = blocks in each of its 4 stages, `width` = the stem's
 #            channels, `heads` = the attention pool's; patch_size is 32, the stride of the grid it pools
-VISION_KINDS = ("vit", "resnet")
+#   timm     timm's `timm_model_name` (SigLIP's `vit_*_siglip_*`) at this row's sizes, its pooled features the
+#            embedding (no projection: width == embed_dim); its activation is the timm model's own, `activation`
+#            is unused; keys under open_clip's `visual.trunk.`
+VISION_KINDS = ("vit", "resnet", "timm")
 
 
 # MLP activations of the OpenAI-style towers: OpenAI trained with QuickGELU (x * sigmoid(1.702 x)); LAION,
@@ -58,6 +63,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     activation: str = "quick_gelu"
     kind: str = "vit"
+    timm_model_name: str = ""  # the timm kind's architecture family; "" for the others
 
     @property
     def mlp_width(self) -> int:
@@ -66,6 +72,8 @@ class VisionConfig:
     def __post_init__(self):
         if self.kind not in VISION_KINDS:
             raise ValueError(f"vision kind {self.kind!r} is not one of {VISION_KINDS}")
+        if (self.kind == "timm") != bool(self.timm_model_name):
+            raise ValueError(f"timm_model_name {self.timm_model_name!r} goes with the timm kind only, and it needs one")
         if isinstance(self.layers, list):  # read back from JSON; a tuple keeps the config hashable
             object.__setattr__(self, "layers", tuple(self.layers))
         if (self.kind == "resnet") != isinstance(self.layers, tuple) or \
@@ -89,6 +97,10 @@ class TextConfig:
     intermediate_size: int = 0
     max_position_embeddings: int = 0
     type_vocab_size: int = 0
+    # SigLIP's: its LayerNorms' eps, and a projection with a bias (or none at all: the width is the embedding).
+    eps: float = 1e-5
+    proj_bias: bool = False
+    projection: bool = True
     # BERT-only training settings (bert-base-chinese's by default). They shape no tensor, so a checkpoint
     # cannot tell them and equality (phi_of, infer_config) ignores them.
     dropout: float = field(default=0.1, compare=False)
@@ -270,6 +282,58 @@ def _activation_twins(rows: Mapping[str, CLIPConfig], openai_release: bool = Fal
     return table
 
 
+# timm's SigLIP ViTs, as its `vit_{family}_siglip_{size}` entry points build them: (patch, width, layers, heads, MLP
+# hidden width). No projection: the width is the embedding.
+_SIGLIP_TRUNKS = {"base_patch16": (16, 768, 12, 12, 3072), "base_patch32": (32, 768, 12, 12, 3072),
+                  "large_patch16": (16, 1024, 24, 16, 4096), "so400m_patch14": (14, 1152, 27, 16, 4304),
+                  "so400m_patch16": (16, 1152, 27, 16, 4304), "giantopt_patch16": (16, 1536, 40, 16, 6144)}
+# SigLIP's text towers: (width, heads, layers, MLP ratio) of the B, L and SO400M sizes (gopt uses SO400M's).
+_SIGLIP_TEXTS = {"B": (768, 12, 12, 4.0), "L": (1024, 16, 24, 4.0), "SO400M": (1152, 16, 27, 3.7362)}
+# Vocabularies: SigLIP's English and multilingual sentencepiece models, Gemma's for SigLIP 2.
+_SIGLIP_VOCABS = {"en": 32000, "i18n": 250000, "gemma": 256000}
+
+
+def _siglip(trunk: str, image_size: int, text: str, vocab: str, *, siglip2: bool, context_length: int = 64,
+            projection: bool = True) -> CLIPConfig:
+    """A SigLIP (siglip2: SigLIP 2, tanh GELU in the text tower) row in open_clip's JSON terms: its timm trunk at
+    `image_size` and a text tower projected onto the trunk's width."""
+    patch, width, layers, heads, hidden = _SIGLIP_TRUNKS[trunk]
+    vision = VisionConfig(kind="timm", timm_model_name=f"vit_{trunk}_siglip_{image_size}", image_size=image_size,
+                          patch_size=patch, width=width, layers=layers, heads=heads,
+                          mlp_ratio=mlp_ratio_of(width, hidden), activation="gelu")
+    t_width, t_heads, t_layers, t_ratio = _SIGLIP_TEXTS[text]
+    text_config = TextConfig(kind="siglip", context_length=context_length, vocab_size=_SIGLIP_VOCABS[vocab],
+                             width=t_width, layers=t_layers, heads=t_heads, mlp_ratio=t_ratio,
+                             activation="gelu_tanh" if siglip2 else "gelu", eps=1e-6, proj_bias=projection,
+                             projection=projection)
+    return CLIPConfig(embed_dim=width, vision=vision, text=text_config, init_logit_bias=-10.0)
+
+
+# open_clip 3.3's SigLIP and SigLIP 2 configs (model_configs/*SigLIP*.json), in its list_models() order.
+SIGLIP: dict[str, CLIPConfig] = {
+    "ViT-B-16-SigLIP": _siglip("base_patch16", 224, "B", "en", siglip2=False),
+    "ViT-B-16-SigLIP2": _siglip("base_patch16", 224, "B", "gemma", siglip2=True),
+    **{f"ViT-B-16-SigLIP2-{s}": _siglip("base_patch16", s, "B", "gemma", siglip2=True) for s in (256, 384, 512)},
+    **{f"ViT-B-16-SigLIP-{s}": _siglip("base_patch16", s, "B", "en", siglip2=False) for s in (256, 384, 512)},
+    "ViT-B-16-SigLIP-i18n-256": _siglip("base_patch16", 256, "B", "i18n", siglip2=False),
+    "ViT-B-32-SigLIP2-256": _siglip("base_patch32", 256, "B", "gemma", siglip2=True),
+    **{f"ViT-gopt-16-SigLIP2-{s}": _siglip("giantopt_patch16", s, "SO400M", "gemma", siglip2=True)
+       for s in (256, 384)},
+    **{f"ViT-L-16-SigLIP2-{s}": _siglip("large_patch16", s, "L", "gemma", siglip2=True) for s in (256, 384, 512)},
+    **{f"ViT-L-16-SigLIP-{s}": _siglip("large_patch16", s, "L", "en", siglip2=False) for s in (256, 384)},
+    # The first SO400M was trained on 16-token captions.
+    "ViT-SO400M-14-SigLIP": _siglip("so400m_patch14", 224, "SO400M", "en", siglip2=False, context_length=16),
+    "ViT-SO400M-14-SigLIP2": _siglip("so400m_patch14", 224, "SO400M", "gemma", siglip2=True),
+    "ViT-SO400M-14-SigLIP2-378": _siglip("so400m_patch14", 378, "SO400M", "gemma", siglip2=True),
+    **{f"ViT-SO400M-14-SigLIP-{s}": _siglip("so400m_patch14", s, "SO400M", "en", siglip2=False) for s in (378, 384)},
+    **{f"ViT-SO400M-16-SigLIP2-{s}": _siglip("so400m_patch16", s, "SO400M", "gemma", siglip2=True)
+       for s in (256, 384, 512)},
+    # Its text features are the tower's width, with no projection.
+    "ViT-SO400M-16-SigLIP-i18n-256": _siglip("so400m_patch16", 256, "SO400M", "i18n", siglip2=False,
+                                             projection=False),
+}
+
+
 # Every phi: name -> its config as a plain dict (CLIPConfig.to_dict, the shape a weight file's arch record holds).
 # A new family (or tower kind) is one more mapping of rows here.
 MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
@@ -279,6 +343,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
     # 64 px, one block per stage: a ResNet CLIP small enough for the CPU tests and demos.
     "tiny/RN-T": CLIPConfig(embed_dim=128, vision=_resnet(image_size=64, width=16, layers=(1, 1, 1, 1)),
                             text=_openai_text(width=128, heads=2, layers=3)),
+    **SIGLIP,
 }.items()}
 
 
@@ -341,6 +406,8 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     open_clip's own defaults fill what the JSON leaves out (head width 64, MLP ratio 4, patch 16, context 77,
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
+    if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
+        return _from_open_clip_siglip(model_cfg)
     if bad := unsupported_open_clip_settings(model_cfg):
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not an OpenAI-style ViT + "
                                            "causal text model, which is what this project builds exactly")
@@ -365,6 +432,78 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
                       width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
                       mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation)
     return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text)
+
+
+# SigLIP's settings in open_clip's terms: (part, key) -> the values its towers here build (a timm trunk pooled by
+# its attention head with no projection; a bidirectional text tower pooling the last position). Any other setting
+# of an open_clip config with a timm trunk is refused, named.
+_SIGLIP_FIXED = {("vision_cfg", "timm_pool"): ("map",), ("vision_cfg", "timm_proj"): ("none",),
+                 ("text_cfg", "no_causal_mask"): (True,), ("text_cfg", "pool_type"): ("last",),
+                 ("text_cfg", "proj_type"): ("linear", "none"), ("text_cfg", "act_kwargs"): (None, {"approximate": "tanh"}),
+                 ("", "custom_text"): (True, False), ("", "quick_gelu"): (False,)}
+_SIGLIP_REQUIRED = (("vision_cfg", "timm_pool"), ("vision_cfg", "timm_proj"), ("text_cfg", "no_causal_mask"),
+                    ("text_cfg", "pool_type"))
+# Read below, or shaping no tensor here (the tokenizer's: utils/tokenizer.py reads the files beside the weights).
+_SIGLIP_READ = {"": {"embed_dim", "init_logit_bias", "vision_cfg", "text_cfg"},
+                "vision_cfg": {"image_size", "timm_model_name"},
+                "text_cfg": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "proj_bias",
+                             "norm_kwargs", "hf_tokenizer_name", "tokenizer_kwargs"}}
+
+
+def _timm_vision(model_name: str, image_size: int) -> VisionConfig:
+    """timm's `model_name` at `image_size` as a row: its sizes read from a build on the meta device (nothing
+    allocated), as nets/vision_timm.py builds it."""
+    import timm  # a second to import; only SigLIP configs need it
+
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="map",
+                                      img_size=image_size)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise UnsupportedArchitectureError(f"open_clip config: timm has no model {model_name!r} ({e})") from e
+    block = trunk.blocks[0]
+    return VisionConfig(kind="timm", timm_model_name=model_name, image_size=image_size,
+                        patch_size=trunk.patch_embed.patch_size[0], width=trunk.embed_dim, layers=len(trunk.blocks),
+                        heads=block.attn.num_heads, mlp_ratio=mlp_ratio_of(trunk.embed_dim, block.mlp.fc1.out_features),
+                        activation="gelu")
+
+
+def _from_open_clip_siglip(model_cfg: Mapping) -> CLIPConfig:
+    """An open_clip config with a timm trunk: SigLIP's towers, exactly, or refused with the settings that differ."""
+    v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    bad = []
+    for part, cfg in (("", model_cfg), ("vision_cfg", v), ("text_cfg", t)):
+        for key, value in cfg.items():
+            if (part, key) in _SIGLIP_FIXED:
+                if value in _SIGLIP_FIXED[part, key]:
+                    continue
+            elif key in _SIGLIP_READ[part] or key in _OPEN_CLIP_TRAINING:
+                continue
+            bad.append(f"{part + '.' if part else ''}{key}={value!r}")
+    norm = t.get("norm_kwargs") or {}
+    if set(norm) - {"eps"}:
+        bad.append(f"text_cfg.norm_kwargs={norm!r}")
+    # open_clip's defaults for these (average pooling and a linear head, causal, argmax pooling) are not SigLIP's.
+    bad += [f"{part}.{key} unset" for part, key in _SIGLIP_REQUIRED if key not in (v if part == "vision_cfg" else t)]
+    if bad:
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a timm image tower is built "
+                                           "here only as SigLIP's (timm_pool='map', timm_proj='none', a text tower "
+                                           "with no_causal_mask and pool_type='last')")
+    image_size = _square(v.get("image_size", 224), "image_size")
+    vision = _timm_vision(v["timm_model_name"], image_size)
+    projection = t.get("proj_type", "linear") != "none"
+    tanh = (t.get("act_kwargs") or {}).get("approximate") == "tanh"
+    text = TextConfig(kind="siglip", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
+                      width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
+                      mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation="gelu_tanh" if tanh else "gelu",
+                      eps=float(norm.get("eps", 1e-5)), proj_bias=bool(t.get("proj_bias", False)) and projection,
+                      projection=projection)
+    if vision.width != model_cfg["embed_dim"] or (not projection and text.width != model_cfg["embed_dim"]):
+        raise UnsupportedArchitectureError(f"open_clip config: embed_dim {model_cfg['embed_dim']} is not the width of "
+                                           f"its unprojected tower (image {vision.width}, text {text.width})")
+    bias = model_cfg.get("init_logit_bias")
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
+                      init_logit_bias=None if bias is None else float(bias))
 
 
 def get_config(phi: str) -> CLIPConfig:
@@ -445,6 +584,45 @@ def _table_tower(shapes: VisionConfig | TextConfig, part: str) -> VisionConfig |
     return replace(shapes, heads=tower.heads, mlp_ratio=tower.mlp_ratio)  # the table's ratio: 4.9231, not 8192/1664
 
 
+_SIGLIP_PATCHES = "visual.trunk.patch_embed.proj.weight"
+
+
+def _siglip_shapes(sd: Mapping) -> tuple:
+    """What a SigLIP state dict's shapes show: every size, the image size (its grid) and the vocabulary."""
+    def shape(key: str):
+        return tuple(sd[key].shape) if key in sd else None
+
+    return (shape(_SIGLIP_PATCHES), shape("visual.trunk.pos_embed"), shape("visual.trunk.blocks.0.mlp.fc1.weight"),
+            _count_layers(sd, r"visual\.trunk\.blocks\.(\d+)\."), shape("text.token_embedding.weight"),
+            shape("text.positional_embedding"), shape("text.transformer.resblocks.0.mlp.c_fc.weight"),
+            _count_layers(sd, r"text\.transformer\.resblocks\.(\d+)\."), shape("text.text_projection.weight"),
+            shape("text.text_projection.bias"))
+
+
+def _siglip_row_shapes(config: CLIPConfig) -> tuple:
+    """`_siglip_shapes` of the network a SigLIP row builds (timm's trunk has no class token: grid x grid positions)."""
+    v, t = config.vision, config.text
+    grid = v.image_size // v.patch_size
+    return ((v.width, 3, v.patch_size, v.patch_size), (1, grid * grid, v.width), (v.mlp_width, v.width), v.layers,
+            (t.vocab_size, t.width), (t.context_length, t.width), (t.mlp_width, t.width), t.layers,
+            (config.embed_dim, t.width) if t.projection else None, (config.embed_dim,) if t.proj_bias else None)
+
+
+def _siglip_of_shapes(sd: Mapping) -> CLIPConfig:
+    """The SigLIP row whose network has these shapes: the row knows what shapes do not show (heads, activations,
+    the timm model), and SigLIP's rows differ in their shapes (image size, vocabulary, sizes)."""
+    wanted = _siglip_shapes(sd)
+    found = [phi for phi in SIGLIP if _siglip_row_shapes(get_config(phi)) == wanted]
+    if len(found) == 1:
+        return get_config(found[0])
+    if found:  # SO400M-14 at 378 and 384 px: one 27 x 27 grid, one network, two input sizes
+        raise UnknownHeadsError(f"a SigLIP state dict whose shapes fit {' and '.join(found)}, which differ only in "
+                                "the image size they take; pass the phi it was trained as")
+    raise UnknownHeadsError("a SigLIP state dict (timm image trunk) whose shapes match no SigLIP row of the table: "
+                            "shapes do not show its heads, activations or timm model; keep open_clip_config.json "
+                            "beside it, or record its architecture beside the file (README, 'Models')")
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     """The architecture of a state dict in OpenAI's key layout, from its tensor shapes and the table.
 
@@ -453,6 +631,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
     """
     sd = state_dict
+    if _SIGLIP_PATCHES in sd:
+        return _siglip_of_shapes(sd)
     if "visual.attnpool.positional_embedding" in sd:
         vision = _resnet_shapes(sd)
     else:

@@ -8,26 +8,24 @@ from torch import nn
 from .configs import TextConfig
 from .transformer import Transformer
 
-# Every LayerNorm of the SigLIP text towers (open_clip's `norm_kwargs`, big_vision's default).
-LAYER_NORM_EPS = 1e-6
-
-
 class SiglipTextTower(nn.Module):
     """Keys as open_clip's `text.*`: `token_embedding`, `positional_embedding`, `transformer.resblocks.N.*`,
-    `ln_final`, `text_projection.{weight,bias}`. `projection=False` is the i18n SO400M's: its width is the
-    embedding, with no projection at all. `config.activation` is "gelu" (SigLIP) or "gelu_tanh" (SigLIP 2)."""
+    `ln_final`, `text_projection.weight` (`.bias` with `config.proj_bias`). `config.projection=False` is the i18n
+    SO400M's: its width is the embedding, with no projection at all. `config.activation` is "gelu" (SigLIP) or
+    "gelu_tanh" (SigLIP 2); `config.eps` is every LayerNorm's (1e-6 in SigLIP's rows)."""
 
-    def __init__(self, config: TextConfig, embed_dim: int, projection: bool = True):
+    def __init__(self, config: TextConfig, embed_dim: int):
         super().__init__()
         self.context_length = config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.transformer = Transformer(config.width, config.layers, config.heads, causal=False,
-                                       mlp_width=config.mlp_width, activation=config.activation, eps=LAYER_NORM_EPS)
-        self.ln_final = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
+                                       mlp_width=config.mlp_width, activation=config.activation, eps=config.eps)
+        self.ln_final = nn.LayerNorm(config.width, eps=config.eps)
+        projection = config.projection
         if not projection and config.width != embed_dim:
             raise ValueError(f"a text tower without projection gives width {config.width} features, not {embed_dim}")
-        self.text_projection = nn.Linear(config.width, embed_dim) if projection else nn.Identity()
+        self.text_projection = nn.Linear(config.width, embed_dim, bias=config.proj_bias) if projection else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -36,7 +34,8 @@ class SiglipTextTower(nn.Module):
         self.transformer.init_weights()
         if isinstance(self.text_projection, nn.Linear):
             nn.init.normal_(self.text_projection.weight, std=self.transformer.width ** -0.5)
-            nn.init.zeros_(self.text_projection.bias)
+            if self.text_projection.bias is not None:
+                nn.init.zeros_(self.text_projection.bias)
 
     def set_grad_checkpointing(self, enable: bool) -> None:
         self.transformer.grad_checkpointing = enable

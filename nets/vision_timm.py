@@ -26,3 +26,12 @@ class TimmVisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (N, 3, H, W), normalised as the weights were trained (SigLIP: mean = std = 0.5)."""
         return self.trunk(pixels)  # N, output_dim
+
+
+def timm_tower(model_name: str, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+               mlp_ratio: float) -> TimmVisionTower:
+    """timm's `model_name` family at these sizes: a row's own sizes, equal to timm's for the published models (timm's
+    entry points take them as overrides), smaller for tests."""
+    return TimmVisionTower(model_name, img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
+                           num_heads=heads, mlp_ratio=mlp_ratio)
+

@@ -17,7 +17,8 @@ TOL = 1e-5
 def test_every_phi_in_the_table_builds_a_consistent_config():
     for phi in MODEL_CONFIGS:
         config = get_config(phi)
-        assert config.vision.image_size % config.vision.patch_size == 0
+        # timm's patch embedding drops the remainder: SO400M-14 at 384 px is a 27 x 27 grid, as trained.
+        assert config.vision.image_size % config.vision.patch_size == 0 or config.vision.kind == "timm"
         assert config.vision.width % config.vision.heads == 0 and config.text.width % config.text.heads == 0
 
 

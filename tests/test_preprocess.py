@@ -72,8 +72,9 @@ def _ours(model: CLIP, images) -> torch.Tensor:
 
 
 def test_every_pretrained_row_has_open_clips_preprocessing():
-    """All 70 (architecture, tag) pairs against open_clip 3.3's get_pretrained_cfg: mean, std, filter, resize."""
-    assert len(pretrained.PRETRAINED) == 70
+    """All 96 (architecture, tag) pairs (70 OpenAI-style, 26 SigLIP) against open_clip 3.3's get_pretrained_cfg:
+    mean, std, filter, resize."""
+    assert len(pretrained.PRETRAINED) == 96
     for (arch, tag), row in pretrained.PRETRAINED.items():
         cfg = open_clip.get_pretrained_cfg(arch, tag)
         assert cfg, (arch, tag)
@@ -82,8 +83,11 @@ def test_every_pretrained_row_has_open_clips_preprocessing():
         assert (ours.mean, ours.std, ours.interpolation, ours.resize_mode) == \
             (theirs.mean, theirs.std, theirs.interpolation, theirs.resize_mode), (arch, tag)
     assert pretrained.PRETRAINED["ViT-L-14", "laion2b_s32b_b82k"].preprocess.mean == (0.5, 0.5, 0.5)
-    assert [key for key, row in pretrained.PRETRAINED.items() if row.preprocess.resize_mode == "squash"] == [
-        ("ViT-H-14", "dfn5b"), ("ViT-H-14-378", "dfn5b")]
+    assert [key for key, row in pretrained.PRETRAINED.items() if row.preprocess.resize_mode == "squash"
+            and row.tag != "webli"] == [("ViT-H-14", "dfn5b"), ("ViT-H-14-378", "dfn5b")]
+    siglip = {key: row for key, row in pretrained.PRETRAINED.items() if "SigLIP" in key[0]}
+    assert len(siglip) == 26 and all(row.preprocess.mean == row.preprocess.std == (0.5, 0.5, 0.5)
+                                     and row.preprocess.resize_mode == "squash" for row in siglip.values())
 
 
 @pytest.mark.parametrize("name", RECORDS)

@@ -3,6 +3,8 @@
 `BPETokenizer` reproduces OpenAI CLIP's byte-level BPE exactly (same cleaning, same
 pre-tokenisation regex, same ids), so OpenAI weights see the ids they were trained on.
 `BertTokenizer` wraps the `transformers` WordPiece tokenizer for Chinese BERT text towers.
+`SiglipTokenizer` reads SigLIP's sentencepiece tokenizer from the files beside its weights, as open_clip's
+`HFTokenizer(clean='canonicalize')` does.
 Both return a zero-padded (N, context_length) LongTensor from `__call__`, and the same ids as an int64 numpy
 array from `ids` (no torch needed: the ONNX predictor tokenizes with it).
 """
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING
 import ftfy
 import numpy as np
 import regex
+
+from utils.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -219,9 +223,88 @@ class BertTokenizer:
         return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
 
 
-def truncated(tokenizer: BPETokenizer | BertTokenizer, text: str) -> bool:
+# SigLIP's tokenizer files, as the hub repos of its weights hold them: transformers' fast tokenizer, or a
+# sentencepiece model (which needs the `sentencepiece` package).
+SIGLIP_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
+# What transformers reads beside them (the tokenizer's class and special tokens), where a repo has them.
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_PUNCTUATION = str.maketrans("", "", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def canonicalize(text: str) -> str:
+    """big_vision's caption cleaning, which SigLIP was trained on (open_clip's `canonicalize_text`): underscores to
+    spaces, ASCII punctuation removed, lowercased, whitespace collapsed."""
+    return " ".join(text.replace("_", " ").translate(_PUNCTUATION).lower().split())
+
+
+class SiglipTokenizer:
+    """SigLIP's tokenizer from a folder of tokenizer files (no hub): canonicalized captions, cut to
+    `context_length` and padded to it with the tokenizer's pad id, since SigLIP's bidirectional tower pools the
+    last position of captions padded as in training."""
+
+    def __init__(self, folder: str | Path | None, context_length: int = 64) -> None:
+        self.context_length = _check_context_length(context_length)
+        folder = Path(folder) if folder else None
+        found = [n for n in SIGLIP_TOKENIZER_FILES if folder is not None and (folder / n).is_file()]
+        if not found:
+            where = f"{folder} has" if folder is not None else "there are no weights, so there is"
+            raise UserError(f"a SigLIP text tower reads its tokenizer from the files beside its weights, and {where} "
+                            f"none of {', '.join(SIGLIP_TOKENIZER_FILES)}: put its hub repo's tokenizer files there")
+        if "tokenizer.json" not in found:
+            try:
+                import sentencepiece  # noqa: F401  (transformers reads .model files with it)
+            except ImportError as e:
+                raise UserError(f"{folder / found[0]} is a sentencepiece model: pip install sentencepiece") from e
+        from transformers import AutoTokenizer  # only SigLIP runs pay for importing transformers
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder}: its tokenizer files are not readable ({str(e).splitlines()[0][:200]})") from e
+        if self.tokenizer.pad_token_id is None:
+            raise UserError(f"{folder}: its tokenizer has no pad token, which SigLIP's captions are padded with")
+        self.vocab_size = len(self.tokenizer)
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of the canonicalized `text`, with the tokenizer's own special tokens, unpadded."""
+        return self.tokenizer(canonicalize(text))["input_ids"]
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """(N, context_length) int64 ids: canonicalized, truncated and padded to the full length."""
+        texts = _as_text_list(texts)
+        context_length = _check_context_length(self.context_length if context_length is None else context_length)
+        if not texts:
+            return np.zeros((0, context_length), dtype=np.int64)
+        encoded = self.tokenizer([canonicalize(t) for t in texts], max_length=context_length, truncation=True,
+                                 padding="max_length")
+        return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
+
+
+def files_beside(weights: str | Path | None) -> Path | None:
+    """The folder whose files go with `weights` (SigLIP's tokenizer files): a weight folder itself, else a weight
+    file's folder; None without weights."""
+    if not weights:
+        return None
+    weights = Path(weights)
+    return weights if weights.is_dir() else weights.parent
+
+
+def tokenizer_kind(text_kind: str) -> str:
+    """The tokenizer a text tower kind was trained with: its key in TOKENIZERS."""
+    return "bert" if text_kind.startswith("bert") else "siglip" if text_kind == "siglip" else "openai"
+
+
+def truncated(tokenizer: "BPETokenizer | BertTokenizer | SiglipTokenizer", text: str) -> bool:
     """Whether `text` with its start and end tokens is longer than the tokenizer's context, so that the ids the
     text tower sees stop short of its end. One test for train.py's report, the search prompt and the web page."""
+    if isinstance(tokenizer, SiglipTokenizer):  # its own special tokens are in encode()'s ids
+        return len(tokenizer.encode(text)) > tokenizer.context_length
     room = tokenizer.context_length - 2
     # A token covers at least one byte of the cleaned text (BPE) or one character (WordPiece): shorter texts
     # need no tokenizing.
@@ -229,14 +312,14 @@ def truncated(tokenizer: BPETokenizer | BertTokenizer, text: str) -> bool:
     return shown > room and len(tokenizer.encode(text)) > room
 
 
-TOKENIZERS = {"openai": BPETokenizer, "bert": BertTokenizer}
+TOKENIZERS = {"openai": BPETokenizer, "bert": BertTokenizer, "siglip": SiglipTokenizer}
 
 
 def build_tokenizer(
     kind: str, context_length: int, vocab_path: str | Path | None = None
-) -> BPETokenizer | BertTokenizer:
-    """The tokenizer for a text tower: "openai" (byte-level BPE) or "bert" (WordPiece).
-    `vocab_path` defaults to the matching file in model_data/."""
+) -> BPETokenizer | BertTokenizer | SiglipTokenizer:
+    """The tokenizer for a text tower: "openai" (byte-level BPE), "bert" (WordPiece) or "siglip" (sentencepiece).
+    `vocab_path` defaults to the matching file in model_data/; SigLIP's is the folder of its tokenizer files."""
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
     return TOKENIZERS[kind](vocab_path, context_length)

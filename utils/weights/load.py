@@ -156,8 +156,9 @@ def resolve(checkpoint: Checkpoint, phi: str) -> tuple[CLIPConfig, str, list[str
     if phi == "auto":
         config = config_of(checkpoint)
         phi = phi_of(config) or "custom"
-        return _with_bias_of(checkpoint, config), phi, \
-            [] if checkpoint.config is not None else [_activation_note(checkpoint, config, phi)]
+        # A SigLIP row is found by its shapes with its activations (its shapes differ from every other row's).
+        exact = checkpoint.config is not None or config.vision.kind == "timm"
+        return _with_bias_of(checkpoint, config), phi, [] if exact else [_activation_note(checkpoint, config, phi)]
     config = get_config(phi)
     recorded = checkpoint.config
     # Per tower: self-cn takes only the image tower of a checkpoint whose text tower is another kind.

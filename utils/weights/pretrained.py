@@ -1,13 +1,14 @@
 """Weights by name: open_clip's tags, `hf-hub:ORG/NAME` and URLs, located as a local file and the phi that reads it.
 
 The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
-builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower). Each row names its source and
+builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower; SigLIP's timm and text towers). Each row names its source and
 the activation the weights were trained with: open_clip keeps that apart from the config name (`ViT-B-32` is
 GELU, but its `openai`, MetaCLIP and some DFN tags are QuickGELU), and loading with the other one gives wrong
 features with no error.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from nets.configs import MODEL_CONFIGS, get_config
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
+from utils.tokenizer import SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.weights.folders import find_layout
 
@@ -110,11 +112,29 @@ _ROWS = (
     ("ViT-bigG-14", "metaclip_fullcc", "hf-hub:timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", QUICK_GELU),
 )
 
+# open_clip 3.3's 26 SigLIP / SigLIP 2 pairs, all tag `webli`, from timm's hub repos (open_clip layout, with the
+# tokenizer files beside the weights). open_clip reads SO400M-14-SigLIP-378's weights from the -384 repo.
+_SIGLIP_REPOS = {
+    **{a: f"timm/{a}" for a in (
+        "ViT-B-16-SigLIP", "ViT-B-16-SigLIP-256", "ViT-B-16-SigLIP-i18n-256", "ViT-B-16-SigLIP-384",
+        "ViT-B-16-SigLIP-512", "ViT-L-16-SigLIP-256", "ViT-L-16-SigLIP-384", "ViT-SO400M-14-SigLIP",
+        "ViT-SO400M-16-SigLIP-i18n-256", "ViT-SO400M-14-SigLIP-384", "ViT-B-32-SigLIP2-256", "ViT-B-16-SigLIP2",
+        "ViT-B-16-SigLIP2-256", "ViT-B-16-SigLIP2-384", "ViT-B-16-SigLIP2-512", "ViT-L-16-SigLIP2-256",
+        "ViT-L-16-SigLIP2-384", "ViT-L-16-SigLIP2-512", "ViT-SO400M-14-SigLIP2", "ViT-SO400M-14-SigLIP2-378",
+        "ViT-SO400M-16-SigLIP2-256", "ViT-SO400M-16-SigLIP2-384", "ViT-SO400M-16-SigLIP2-512",
+        "ViT-gopt-16-SigLIP2-256", "ViT-gopt-16-SigLIP2-384")},
+    "ViT-SO400M-14-SigLIP-378": "timm/ViT-SO400M-14-SigLIP-384",
+}
+_ROWS += tuple((a, "webli", f"hf-hub:{repo}", GELU) for a, repo in _SIGLIP_REPOS.items())
+# big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
+SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
+
 # open_clip 3.3's per-tag preprocessing where it is not OpenAI's (its `_pcfg(..., mean=INCEPTION_MEAN, ...)` and
 # `resize_mode="squash"` entries); tests/test_download.py holds every row to open_clip's get_pretrained_cfg.
 _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD),
                ("ViT-H-14", "dfn5b"): Preprocess(resize_mode="squash"),
-               ("ViT-H-14-378", "dfn5b"): Preprocess(resize_mode="squash")}
+               ("ViT-H-14-378", "dfn5b"): Preprocess(resize_mode="squash"),
+               **{(a, "webli"): SIGLIP_PREPROCESS for a in _SIGLIP_REPOS}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
@@ -259,4 +279,19 @@ def _hub_weights(spec: str) -> Path:
     if layout is None:
         raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json "
                         "(transformers); name the weight file: hf-hub:ORG/NAME/FILE")
+    if layout.kind == "open_clip" and _names_a_tokenizer(layout.config):
+        # SigLIP's tokenizer comes from its repo's files (no call for hf_tokenizer_name later): fetched beside the
+        # weights now, so a later run without a network finds them in the cache. tokenizer.json, else a
+        # sentencepiece model.
+        for name in TOKENIZER_CONFIG_FILES:
+            optional(name)
+        next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
     return layout.weights[0] if layout.kind == "open_clip" else layout.folder
+
+
+def _names_a_tokenizer(config: Path) -> bool:
+    try:
+        text = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # the reader reports an unreadable config
+    return bool(isinstance(text, dict) and text.get("hf_tokenizer_name"))
