@@ -216,11 +216,17 @@ def clone(tmp_path_factory):
 
 @pytest.fixture
 def serving(monkeypatch):
-    """uvicorn.run records its arguments instead of serving: for `mode web` serving is the end."""
+    """uvicorn's Server.run records the port of the socket it was handed instead of serving: for `mode web`
+    serving is the end."""
     import uvicorn
 
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+
+    def record(server, sockets=None):
+        served.append({"port": sockets[0].getsockname()[1]})
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", record)
     return served
 
 
