@@ -65,6 +65,7 @@ def test_the_pipeline_gives_each_photos_features_and_names_the_unreadable_one(ph
     _close(features, [photos["reference"][china]] * 2)
 
 
+@pytest.mark.slow
 def test_embed_and_the_search_index(photos):
     from utils.predict.embed import folder_plan, item_features
     from utils.predict.search import encode_paths
@@ -82,6 +83,7 @@ def test_embed_and_the_search_index(photos):
     assert unreadable == [photos["broken"]]
 
 
+@pytest.mark.slow
 def test_dir_predict(photos):
     from utils.predict.folder import predict_folder
 
@@ -100,6 +102,7 @@ def test_dir_predict(photos):
         assert all(abs(found[n] - float(p)) <= 1e-4 for n, p in zip(names, expected))
 
 
+@pytest.mark.slow
 def test_eval_curate_and_the_training_callback(photos):
     """Retrieval, zero-shot, WiSE-FT and curate encode through encode_images / encode_set with clip.pipeline; the
     training callback builds its pipeline over the training model's tower: the same features and metrics."""
@@ -123,6 +126,7 @@ def test_eval_curate_and_the_training_callback(photos):
         encode_images(model.pipeline, entries + [{"image": "broken.jpg", "caption": ["x"]}], folder, 2, 0, False)
 
 
+@pytest.mark.slow
 def test_the_web_page_and_fast_decode_off(photos):
     from fastapi.testclient import TestClient
 
