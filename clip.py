@@ -10,7 +10,8 @@ from PIL import Image
 
 from nets import build_model, get_config
 from nets.fast import accelerate
-from utils.data.images import eval_transform, open_image, to_rgb
+from utils.data.images import eval_transform
+from utils.data.pictures import ImagePipeline
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer, files_beside, tokenizer_kind
@@ -47,12 +48,16 @@ class CLIP(object):
             raise UserError(f"unrecognised attribute name {name!r}; known: {', '.join(cls._defaults)}")
         return cls._defaults[name]
 
+    # The config block's name of each attribute, where it differs (the scripts say Cuda, after the original).
+    _config_names = {"cuda": "Cuda"}
+
     @classmethod
-    def from_config(cls, cfg: dict) -> "CLIP":
-        """The model of a script's config block (eval.py's names: Cuda, precision, ...)."""
-        return cls(model_path=cfg["model_path"], phi=cfg["phi"], letterbox_image=cfg["letterbox_image"],
-                   cuda=cfg["Cuda"], precision=cfg["precision"], bert_vocab_path=cfg["bert_vocab_path"],
-                   fast_decode=cfg["fast_decode"])
+    def from_config(cls, cfg: dict, **overrides) -> "CLIP":
+        """The model of a script's config block (predict.py's, eval.py's, ...): each attribute the block sets,
+        then `overrides` (an export's cuda=False, say); what it leaves out keeps its default."""
+        given = {name: cfg[cls._config_names.get(name, name)] for name in cls._defaults
+                 if cls._config_names.get(name, name) in cfg}
+        return cls(**{**given, **overrides})
 
     def __init__(self, **kwargs):
         for name, value in {**self._defaults, **kwargs}.items():
@@ -74,20 +79,22 @@ class CLIP(object):
             "bert": self.bert_vocab_path, "siglip": files_beside(self.weights_path)}.get(text_kind))
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
-        self.decode_sides = self.transform.decode_sides() if self.fast_decode else None
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
         if self.onednn and self.device.type == "cpu":
             accelerate(self.net)
+        # The weights are cast to the precision, so the pipeline needs no autocast region (dtype float32).
+        self.pipeline = ImagePipeline(lambda pixels: self.net.encode_image(pixels), self.transform, self.device,
+                                      fast_decode=self.fast_decode)
 
     def open_image(self, source) -> Image.Image:
-        """The image at a path (or in bytes or a binary file), upright RGB, decoded as large as this model needs."""
-        return open_image(source, self.decode_sides)
+        """The image at a path (or in bytes, a binary file or an Image.open not yet decoded), upright RGB, decoded
+        as large as this model needs."""
+        return self.pipeline.open(source)
 
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        images = [images] if isinstance(images, Image.Image) else images
-        return torch.stack([self.transform(to_rgb(image)) for image in images])
+        return self.pipeline.pixels(images)
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         return self.tokenizer(texts)

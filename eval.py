@@ -38,7 +38,7 @@ classnames = ""
 templates = ""
 # Images (or captions) encoded at a time.
 batch_size = 64
-# Image loading processes; None: as many as this machine's cores, at most 4.
+# Threads that check the images, then decode them ahead of the model; None: one per core, at most 4.
 num_workers = None
 # Decode JPEGs only as large as the model's input needs (several times faster on photos); false decodes every
 # image in full, for numbers reproduced bit for bit.

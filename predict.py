@@ -80,7 +80,7 @@ embeddings_dir = "logs/embeddings"
 part_size = 10000
 # embed: "float16" (clip-retrieval's default, half the disk) or "float32".
 embed_dtype = "float16"
-# embed: processes that decode images beside the model (0: in the main process).
+# embed: threads that decode the next batch of images while the model encodes this one.
 num_workers = 2
 # embed: one process per GPU (or gloo processes on CPUs) under torchrun, each taking its share of the parts.
 distributed = False
@@ -108,105 +108,16 @@ Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
 
-def answer(model, score, path: str, names: list[str]) -> str | None:
-    """Print each name's probability for the image at `path`; or return why the image cannot be read."""
-    try:
-        picture = model.open_image(path)
-    except Exception as e:  # any unreadable path (missing, directory, not an image, too large)
-        return f"cannot open {path!r} ({type(e).__name__}: {e})"
-    for p, name in sorted(zip(score(picture)[0], names), key=lambda pair: -pair[0]):
-        print(f"{p:.4f}  {name}")
-    return None
-
-
 def main(config: dict, explicit: dict) -> None:
-    from utils.errors import UserError
     from utils.predict.settings import check_settings
 
     check_settings(config)  # before torch is imported: a mistake is reported at once
-    from utils.predict.inputs import check_inputs, index_dir
+    from utils.predict.inputs import check_inputs
+    from utils.predict.modes import MODES
 
     check_inputs(config)
-    if config["mode"] in ("search", "web"):  # mode index builds only where it is told (a default would be a search's)
-        config = {**config, "index_dir": index_dir(config)}
+    MODES[config["mode"]](config)
 
-    if config["mode"] == "embed":
-        from utils.predict.embed import run_embed
-
-        run_embed(config)
-        return
-    if config["mode"] == "index":
-        from utils.predict.index import run_index
-
-        run_index(config)
-        return
-    if config["mode"] == "export_onnx":
-        from utils.export.onnx_export import run_export
-
-        run_export(config)
-        return
-    if config["mode"] == "export_hf":
-        from utils.export.hf import run_export_hf
-
-        run_export_hf(config)
-        return
-    if config["mode"] == "predict_onnx":
-        from utils.export.onnx_predict import OnnxCLIP
-
-        model = OnnxCLIP(config["export_dir"], fast_decode=config["fast_decode"])  # the same calls as CLIP's, answered by onnxruntime, without torch
-    else:
-        from clip import CLIP
-
-        model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
-                     cuda=config["Cuda"], precision=config["precision"], fast_decode=config["fast_decode"])
-    if config["labels"]:
-        names = list(config["labels"])
-        targets = model.class_embeddings(names, config["templates"])
-        score = lambda picture: model.classify(picture, targets)  # noqa: E731
-    else:
-        names = list(config["captions"])
-        targets = None
-        score = lambda picture: model.detect_image(picture, names)  # noqa: E731
-    if not names and config["mode"] not in ("fps", "search", "web"):
-        raise UserError("nothing to score against: give captions or labels (--captions \"a dog\" \"a cat\", or "
-                        "--labels dog cat)")
-    if config["mode"] == "dir_predict":
-        from utils.predict.folder import predict_folder
-        from utils.predict.inputs import predictions_path
-
-        import torch
-
-        if targets is None:
-            targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
-        out, scored, problems = predict_folder(model, names, targets, config["dir_origin_path"],
-                                               predictions_path(config), config["top_k"], config["batch_size"])
-        for problem in problems[:20]:
-            print(f"skipped {problem}")
-        print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")
-        return
-    if config["mode"] == "search":
-        from utils.predict.search import run_search
-
-        run_search(model, config)
-        return
-    if config["mode"] == "web":
-        from utils.web.app import serve
-
-        serve(model, config)
-        return
-    if config["mode"] == "fps":
-        from utils.predict.speed import encoding_speed, format_speeds
-
-        print(format_speeds(encoding_speed(model, (1, config["batch_size"])),
-                            f"{model.phi} on {model.device} ({model.precision})"))
-        return
-    if config["image"]:
-        if problem := answer(model, score, config["image"], names):
-            raise UserError(problem)
-        return
-    from utils.predict.ask import ask_loop
-
-    ask_loop("Input image path: ", lambda path: answer(model, score, path, names))
 
 if __name__ == "__main__":
     run_script(globals(), main)

@@ -127,7 +127,7 @@ def part_predict(paths: list[Path], phis: list[str], work: Path, batch_size: int
     import torch
 
     from clip import CLIP
-    from utils.data.images import eval_sides
+    from utils.data.pictures import ImagePipeline
     from utils.predict.folder import predict_folder
     from utils.predict.search import encode_paths
     from utils.predict.speed import encoding_speed
@@ -150,8 +150,8 @@ def part_predict(paths: list[Path], phis: list[str], work: Path, batch_size: int
         rows["today"] = len(paths) / timer.wall
         print(f"    today's loop, full decode     {rate(len(paths), timer)}")
         for fast in (False, True):
-            # What CLIP(fast_decode=fast) sets, without loading the model again.
-            model.decode_sides = eval_sides(model.net.config.vision.image_size) if fast else None
+            # What CLIP(fast_decode=fast) builds, without loading the model again.
+            model.pipeline = ImagePipeline(model.net.encode_image, model.transform, model.device, fast_decode=fast)
             names = ["a photo of a dog", "a photo of a cat"]
             targets = torch.nn.functional.normalize(model.detect_image_for_eval(texts=names)[1].float(), dim=-1)
             with Timer() as timer:
@@ -183,12 +183,12 @@ def part_loader(paths: list[Path], work: Path, resized_json: Path | None) -> Non
     tokenizer = build_tokenizer("openai", 77)
     augment = CaptionAugment(224, "light")
     entries = [{"image": p.name, "caption": ["a photo"]} for p in paths]
-    cases = [("as they are, full decode", entries, paths[0].parent, None),
-             ("as they are, fast_decode", entries, paths[0].parent, augment.sides)]
+    cases = [("as they are, full decode", entries, paths[0].parent, False),
+             ("as they are, fast_decode", entries, paths[0].parent, True)]
     if resized_json is not None:
-        cases.append(("after --resize 256", json.loads(resized_json.read_text()), resized_json.parent, augment.sides))
-    for label, rows, root, sides in cases:
-        dataset = CaptionDataset(rows, root, augment, tokenizer, sides=sides)
+        cases.append(("after --resize 256", json.loads(resized_json.read_text()), resized_json.parent, True))
+    for label, rows, root, fast in cases:
+        dataset = CaptionDataset(rows, root, augment, tokenizer, fast_decode=fast)
         loader = DataLoader(dataset, batch_size=8, num_workers=2, sampler=EpochSampler(dataset, 8, shuffle=False))
         with Timer() as timer:
             n = sum(len(pixels) for pixels, _ in loader)

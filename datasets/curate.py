@@ -50,7 +50,7 @@ csv_image_column = "filepath"
 csv_caption_column = "title"
 # Images (or captions) encoded at a time.
 batch_size = 64
-# Image loading processes; None: as many as this machine's cores, at most 4.
+# Threads that check the images, then decode them ahead of the model; None: one per core, at most 4.
 num_workers = None
 # Use the GPU; None: when one is available.
 Cuda = None

@@ -22,8 +22,9 @@ from tests.conftest import ScriptResult, run_script
 from tests.test_training import ROOT, TRAIN_ENV, step_losses, train, train_args
 from utils.data.augment import CaptionAugment
 from utils.data.images import eval_transform
+from utils.data.pictures import ImagePipeline
 from utils.data.preflight import preflight
-from utils.dataloader import CaptionDataset, ImageDataset
+from utils.dataloader import CaptionDataset
 from utils.errors import UserError
 from utils.files import atomic_save
 from utils.tokenizer import build_tokenizer
@@ -323,4 +324,6 @@ def test_windows_backslash_paths_load_on_every_platform(tmp_path):
     assert entries == [{"image": "images/cats/001.jpg", "caption": ["a red picture"]}]
     pixels, tokens = CaptionDataset(entries, tmp_path, CaptionAugment(32, "light"), build_tokenizer("openai", 77))[(0, 0)]
     assert pixels.shape == (3, 32, 32) and tokens.shape == (77,)
-    assert ImageDataset(entries, tmp_path, eval_transform(32))[0].shape == (3, 32, 32)
+    pipeline = ImagePipeline(lambda pixels: pixels.flatten(1), eval_transform(32))
+    features, positions = pipeline.encode([tmp_path / e["image"] for e in entries]).all()
+    assert positions == [0] and features.shape == (1, 3 * 32 * 32)

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from utils.data.pictures import ImagePipeline  # noqa: E402
 from utils.eval.encode import evaluate  # noqa: E402
 from utils.files import append_text, atomic_savefig, write_guard  # noqa: E402
 
@@ -107,16 +108,19 @@ def _quiet_tensorboard_thread() -> None:
 
 
 class EvalCallback:
-    """Recall@K on the validation set every `period` epochs, through the same code as eval.py."""
+    """Recall@K on the validation set every `period` epochs, through the same code as eval.py: the image pipeline
+    over the training model's image tower, in autocast to `dtype` (fp32 weights in mixed precision)."""
 
     def __init__(self, entries, root, transform: Callable, tokenizer: Callable, batch_size: int, num_workers: int,
-                 device, dtype, period: int, enabled: bool = True, sides=None):
-        self.args = (entries, root, transform, tokenizer, batch_size, num_workers, device, dtype)
-        self.sides = sides
+                 device, dtype, period: int, enabled: bool = True, fast_decode: bool = True):
+        self.entries, self.root, self.transform, self.tokenizer = entries, root, transform, tokenizer
+        self.batch_size, self.threads, self.device, self.dtype = batch_size, num_workers, device, dtype
+        self.fast_decode = fast_decode
         self.period, self.enabled = period, enabled and period > 0
 
     def due(self, epoch: int, last_epoch: int) -> bool:
         return self.enabled and (epoch % self.period == 0 or epoch == last_epoch)
 
     def __call__(self, model) -> dict[str, float]:
-        return evaluate(model, *self.args, sides=self.sides)
+        pipeline = ImagePipeline(model.encode_image, self.transform, self.device, self.dtype, self.fast_decode)
+        return evaluate(model, pipeline, self.entries, self.root, self.tokenizer, self.batch_size, self.threads)

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from utils.data.images import open_image
+from utils.data.pictures import decode_sides
 from utils.errors import UserError
 
 
@@ -61,16 +62,16 @@ class CaptionDataset(Dataset):
     the pair (utils/data/augment.CaptionAugment), so that augmentation can keep the caption true.
 
     Indexed by (epoch, index), as EpochSampler yields them: persistent workers keep their own copy of
-    the dataset, so the epoch travels with each index rather than being set on the dataset. `sides`: decode
-    JPEGs only as large as the transform needs (utils/data/images.open_image); None decodes in full.
+    the dataset, so the epoch travels with each index rather than being set on the dataset. JPEGs are decoded
+    only as large as the transform needs (its decode_sides()); fast_decode=False decodes in full.
     """
 
     def __init__(self, entries: Sequence[dict], root: str | Path,
                  transform: Callable[[Image.Image, str], tuple[torch.Tensor, str]], tokenizer: Callable,
-                 seed: int = 0, sides: Sequence[int] | None = None):
+                 seed: int = 0, fast_decode: bool = True):
         self.entries, self.root = entries, Path(root)
         self.transform, self.tokenizer = transform, tokenizer
-        self.seed, self.sides = seed, sides
+        self.seed, self.sides = seed, decode_sides(transform) if fast_decode else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -86,21 +87,6 @@ class CaptionDataset(Dataset):
             torch.manual_seed(int(rng.integers(2 ** 63)))
             pixels, caption = self.transform(image, caption)
         return pixels, self.tokenizer(caption)[0]
-
-
-class ImageDataset(Dataset):
-    """Evaluation images, each once, in annotation order; `sides` as CaptionDataset's."""
-
-    def __init__(self, entries: Sequence[dict], root: str | Path, transform: Callable,
-                 sides: Sequence[int] | None = None):
-        self.paths = [Path(root) / e["image"] for e in entries]
-        self.transform, self.sides = transform, sides
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(open_image(self.paths[index], self.sides))
 
 
 class EpochSampler(DistributedSampler):

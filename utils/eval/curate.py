@@ -214,8 +214,7 @@ def run_curate(cfg: dict) -> dict:
     clip = CLIP.from_config(cfg)
 
     def images_of(items: Sequence[dict], folder: Path) -> torch.Tensor:
-        return encode_images(clip.net, items, folder, clip.transform, cfg["batch_size"], cfg["num_workers"],
-                             clip.device, sides=clip.decode_sides).float()
+        return encode_images(clip.pipeline, items, folder, cfg["batch_size"], cfg["num_workers"])
 
     image_features = images_of(entries, root)
     captions, txt2img, _ = caption_index(entries)

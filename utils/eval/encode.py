@@ -6,11 +6,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dataloader import ImageDataset
+from utils.data.pictures import ImagePipeline
 from utils.device import autocast
+from utils.errors import UserError
 from utils.metrics import retrieval_metrics
 
 
@@ -25,18 +25,20 @@ def caption_index(entries: Sequence[dict]) -> tuple[list[str], list[int], list[l
     return captions, txt2img, img2txt
 
 
-@torch.no_grad()
-def encode_images(model, entries: Sequence[dict], root: str | Path, transform: Callable, batch_size: int,
-                  num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                  progress: bool = True, sides: Sequence[int] | None = None) -> torch.Tensor:
-    """Unit features of the images of `entries`; `sides`: decode JPEGs only this large (utils/data/images.open_image)."""
-    loader = DataLoader(ImageDataset(entries, root, transform, sides), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    features = []
-    with autocast(device, dtype):
-        for pixels in tqdm(loader, desc="images", disable=not progress, leave=False):
-            features.append(F.normalize(model.encode_image(pixels.to(device, non_blocking=True)).float(), dim=-1))
-    return torch.cat(features)
+def encode_images(pipeline: ImagePipeline, entries: Sequence[dict], root: str | Path, batch_size: int,
+                  threads: int | None, progress: bool = True) -> torch.Tensor:
+    """Unit features of the images of `entries`, on the pipeline's device. The set was checked before (preflight):
+    an image unreadable now (changed since) stops the run with one line naming it."""
+    paths = [Path(root) / e["image"] for e in entries]
+    with tqdm(total=len(paths), desc="images", disable=not progress, leave=False) as bar:
+        encoding = pipeline.encode(paths, batch_size, threads, progress=bar.update)
+        features, _ = encoding.all()
+    if encoding.unreadable:
+        name, why = encoding.unreadable[0]
+        more = f" (and {len(encoding.unreadable) - 1} more images of the set)" if len(encoding.unreadable) > 1 else ""
+        raise UserError(f"{name} is unreadable ({why}){more}, though it was readable when the run began; fix or "
+                        "remove it and run again")
+    return features
 
 
 @torch.no_grad()
@@ -56,16 +58,15 @@ def encode_captions(model, captions: Sequence[str], tokenizer: Callable, batch_s
     return features[torch.tensor([row_of[caption] for caption in captions], dtype=torch.long)]
 
 
-def encode_set(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
-               batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-               progress: bool = True, sides: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised features of every image and every caption of `entries`, each encoded once."""
+def encode_set(model, pipeline: ImagePipeline, entries: Sequence[dict], root: str | Path, tokenizer: Callable,
+               batch_size: int, threads: int | None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised features of every image (through `pipeline`, whose image tower is `model`'s) and every caption
+    of `entries`, each encoded once, in the pipeline's precision."""
     was_training = model.training
     model.eval()
     captions, _, _ = caption_index(entries)
-    image_features = encode_images(model, entries, root, transform, batch_size, num_workers, device, dtype, progress,
-                                   sides)
-    text_features = encode_captions(model, captions, tokenizer, batch_size, device, dtype, progress)
+    image_features = encode_images(pipeline, entries, root, batch_size, threads, progress)
+    text_features = encode_captions(model, captions, tokenizer, batch_size, pipeline.device, pipeline.dtype, progress)
     model.train(was_training)
     return image_features, text_features
 
@@ -76,10 +77,8 @@ def score(entries: Sequence[dict], image_features: torch.Tensor, text_features: 
     return retrieval_metrics(image_features, text_features, txt2img, img2txt, device=device)
 
 
-def evaluate(model, entries: Sequence[dict], root: str | Path, transform: Callable, tokenizer: Callable,
-             batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = True, sides: Sequence[int] | None = None) -> dict[str, float]:
+def evaluate(model, pipeline: ImagePipeline, entries: Sequence[dict], root: str | Path, tokenizer: Callable,
+             batch_size: int, threads: int | None, progress: bool = True) -> dict[str, float]:
     """The original's recall dict (plus ranks) for image<->text retrieval over `entries`."""
-    features = encode_set(model, entries, root, transform, tokenizer, batch_size, num_workers, device, dtype, progress,
-                          sides)
-    return score(entries, *features, device=device)
+    features = encode_set(model, pipeline, entries, root, tokenizer, batch_size, threads, progress)
+    return score(entries, *features, device=pipeline.device)

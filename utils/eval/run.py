@@ -87,11 +87,10 @@ def run_zeroshot(cfg: dict) -> dict:
     templates = load_templates(cfg["templates"], language)
     preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
                      "letterbox": cfg["letterbox_image"], "precision": clip.precision, "classnames": names,
-                     "templates": templates, "decode_sides": clip.decode_sides}
+                     "templates": templates, "decode_sides": clip.pipeline.decode_sides}
 
     def encode() -> tuple:
-        images = encode_images(clip.net, entries, root, clip.transform, cfg["batch_size"], cfg["num_workers"],
-                               clip.device, sides=clip.decode_sides)
+        images = encode_images(clip.pipeline, entries, root, cfg["batch_size"], cfg["num_workers"])
         return images, class_embeddings(clip.net.encode_text, clip.tokenizer, names, templates, clip.device)
 
     image_features, classes = _cached(cfg, clip, json_path, root, entries, preprocessing, encode)
@@ -127,10 +126,10 @@ def run_retrieval(cfg: dict) -> dict:
     clip = CLIP.from_config(cfg)
     preprocessing = {"image_size": clip.net.config.vision.image_size, "letterbox": cfg["letterbox_image"],
                      "precision": clip.precision, "context_length": clip.net.config.text.context_length,
-                     "decode_sides": clip.decode_sides}
+                     "decode_sides": clip.pipeline.decode_sides}
     features = _cached(cfg, clip, cfg["datasets_val_json_path"], root, entries, preprocessing,
-                       lambda: encode_set(clip.net, entries, root, clip.transform, clip.tokenizer, cfg["batch_size"],
-                                          cfg["num_workers"], clip.device, sides=clip.decode_sides))
+                       lambda: encode_set(clip.net, clip.pipeline, entries, root, clip.tokenizer, cfg["batch_size"],
+                                          cfg["num_workers"]))
     metrics = score(entries, *features, device=clip.device)
     seconds = time.time() - started
     print({k: round(metrics[k], 4) for k in RECALL_KEYS})

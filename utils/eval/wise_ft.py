@@ -113,13 +113,12 @@ class _Control:
 
         cfg = self.cfg
         if self.kind == "retrieval":
-            metrics = score(self.entries, *encode_set(clip.net, self.entries, self.root, clip.transform,
-                                                      clip.tokenizer, cfg["batch_size"], cfg["num_workers"],
-                                                      clip.device, sides=clip.decode_sides), device=clip.device)
+            metrics = score(self.entries, *encode_set(clip.net, clip.pipeline, self.entries, self.root,
+                                                      clip.tokenizer, cfg["batch_size"], cfg["num_workers"]),
+                            device=clip.device)
             return metrics["r_mean"], metrics
         templates = load_templates(cfg["templates"], "cn" if clip.net.config.text.is_bert else "en")
-        images = encode_images(clip.net, self.entries, self.root, clip.transform, cfg["batch_size"],
-                               cfg["num_workers"], clip.device, sides=clip.decode_sides)
+        images = encode_images(clip.pipeline, self.entries, self.root, cfg["batch_size"], cfg["num_workers"])
         classes = class_embeddings(clip.net.encode_text, clip.tokenizer, self.names, templates, clip.device)
         labels = torch.tensor([e["label"] for e in self.entries])
         metrics = zeroshot_metrics(images.float() @ classes.float().T, labels)["metrics"]
@@ -154,9 +153,8 @@ def run_sweep(cfg: dict) -> dict:
     rows = []
     for alpha in alphas:
         clip.net.load_state_dict(interpolate(start, finetuned, alpha, names), strict=True)
-        val = score(entries, *encode_set(clip.net, entries, root, clip.transform, clip.tokenizer, cfg["batch_size"],
-                                         cfg["num_workers"], clip.device, sides=clip.decode_sides),
-                    device=clip.device)
+        val = score(entries, *encode_set(clip.net, clip.pipeline, entries, root, clip.tokenizer, cfg["batch_size"],
+                                         cfg["num_workers"]), device=clip.device)
         row = {"alpha": alpha, "val_score": val["r_mean"], "val": val}
         if control:
             row["control_score"], row["control"] = control(clip)

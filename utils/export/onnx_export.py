@@ -122,8 +122,7 @@ def run_export(config: dict) -> None:
 
     folder = Path(config["export_dir"])
     check_writable(folder, "export_dir")
-    model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
-                 cuda=False, precision="fp32")
+    model = CLIP.from_config(config, cuda=False, precision="fp32")
     files = export_files(model, fp16=config["export_fp16"])
     write_files(folder, files)
     print(f"wrote {', '.join(files)} to {folder} ({'fp16' if config['export_fp16'] else 'fp32'}, opset {OPSET}); "

@@ -22,7 +22,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
@@ -150,59 +149,32 @@ def plan_input(config: dict) -> Plan:
     return caption_plan(source, config["datasets_path"], config["part_size"])
 
 
-class _Pictures(Dataset):
-    """(index, pixels or None, why not) per item, opened as the model opens images (CLIP.open_image: decoded at the
-    scale the transform needs unless fast_decode is off); an unreadable image is reported, never fatal."""
-
-    def __init__(self, items: Sequence[Item], model):
-        self.items, self.open, self.transform = items, model.open_image, model.transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        item = self.items[index]
-        try:
-            return index, self.transform(self.open(item.data if item.data is not None else item.image_path)), None
-        except Exception as e:  # PIL raises many types for unreadable files
-            return index, None, f"{type(e).__name__}: {e}"
-
-
-def _as_list(batch):
-    return batch
-
-
 @torch.no_grad()
-def item_features(model, items: Sequence[Item], batch_size: int = 32, num_workers: int = 0,
+def item_features(model, items: Sequence[Item], batch_size: int = 32, num_workers: int | None = 0,
                   problems: list[str] | None = None, text: bool = True, progress: Callable[[int], None] | None = None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[dict]]]:
     """Per batch of images: (image features, caption features or None, metadata rows), one row per (image,
     caption) pair (one per image without captions), features unit float32 on the CPU, as CLIP.detect_image_for_eval
-    computes them. Unreadable images (and, with `text`, images without a caption) go to `problems`, not to rows.
-    `progress(n)` is told of each batch's n images, read or not."""
+    computes them; images through model.pipeline, `num_workers` threads decoding ahead. Unreadable images (and,
+    with `text`, images without a caption) go to `problems`, not to rows. `progress(n)` is told of each batch's n
+    images, read or not."""
     problems = [] if problems is None else problems
-    dtype = next(model.net.parameters()).dtype
-    loader = DataLoader(_Pictures(items, model), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_as_list)
-    for batch in loader:
-        if progress is not None:
-            progress(len(batch))
-        good = []
-        for index, pixels, why in batch:
-            item = items[index]
-            where = f"{item.shard}: {item.image_path}" if item.shard else item.image_path
-            if pixels is None:
-                problems.append(f"{where}: {why}")
-            elif text and not item.captions:
-                problems.append(f"{where}: no caption")
-            else:
-                good.append((item, pixels))
-        if not good:
-            continue
-        pixels = torch.stack([p for _, p in good]).to(model.device, dtype)
-        images = F.normalize(model.net.encode_image(pixels).float(), dim=-1).cpu()
+    where = lambda item: f"{item.shard}: {item.image_path}" if item.shard else item.image_path  # noqa: E731
+    if text:  # an image without a caption has no row: not worth decoding
+        problems += [f"{where(item)}: no caption" for item in items if not item.captions]
+        captioned = [item for item in items if item.captions]
+        if progress is not None and len(captioned) < len(items):
+            progress(len(items) - len(captioned))
+        items = captioned
+    encoding = model.pipeline.encode([item.data if item.data is not None else item.image_path for item in items],
+                                     batch_size, num_workers, [where(item) for item in items], progress)
+    reported = 0
+    for positions, image_features in encoding:
+        problems += [f"{name}: {why}" for name, why in encoding.unreadable[reported:]]
+        reported = len(encoding.unreadable)
         owner, rows = [], []
-        for position, (item, _) in enumerate(good):
+        for position, index in enumerate(positions):
+            item = items[index]
             for caption in (item.captions if text else (None,)):
                 owner.append(position)
                 row = {"image_path": item.image_path}
@@ -216,15 +188,8 @@ def item_features(model, items: Sequence[Item], batch_size: int = 32, num_worker
             tokens = model.tokenize([row["caption"] for row in rows]).to(model.device)
             texts = torch.cat([F.normalize(model.net.encode_text(tokens[s:s + batch_size]).float(), dim=-1).cpu()
                                for s in range(0, len(tokens), batch_size)])
-        yield images[torch.tensor(owner)], texts, rows
-
-
-def caption_file_features(model, caption_file: str | Path, datasets_path: str | Path = "", batch_size: int = 32,
-                          num_workers: int = 0, problems: list[str] | None = None):
-    """item_features over a caption file train.py reads: (image features, caption features, metadata rows) per
-    batch, a row per (image, caption) pair."""
-    items, _ = caption_items(caption_file, datasets_path)
-    return item_features(model, items, batch_size, num_workers, problems, text=True)
+        yield image_features.cpu()[torch.tensor(owner)], texts, rows
+    problems += [f"{name}: {why}" for name, why in encoding.unreadable[reported:]]
 
 
 def embed_part(model, plan: Plan, part: int, out: Path, dtype, batch_size: int, num_workers: int, bar=None) -> int:
@@ -292,8 +257,7 @@ def run_embed(config: dict) -> dict:
     device = resolve_device(config["Cuda"])
     info = init_distributed(config["distributed"], device.type == "cuda")
     try:
-        model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
-                     cuda=config["Cuda"], precision=config["precision"], fast_decode=config["fast_decode"])
+        model = CLIP.from_config(config)
         manifest = {"model": model_identity(model.weights_path or "", model.phi), "phi": model.phi,
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),

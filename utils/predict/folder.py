@@ -6,11 +6,9 @@ import io
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_SUFFIXES, decode_ahead, image_files
-from utils.device import loader_workers
+from utils.data.images import IMAGE_SUFFIXES, image_files
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
 
@@ -27,13 +25,14 @@ def images_under(folder: str | Path) -> list[Path]:
     return paths
 
 
-def loaded(model, path: Path) -> tuple[torch.Tensor | None, str | None]:
-    """(pixels, None) of the image at `path` as `model` sees it, or (None, why not): an unreadable file is
-    reported, not fatal."""
-    try:
-        return model.transform(model.open_image(path)), None
-    except Exception as e:  # PIL raises many types for unreadable files
-        return None, f"{type(e).__name__}: {e}"
+def _rows(paths: list[Path], folder: Path, names: list[str], positions: list[int], top) -> list[list[str]]:
+    rows = []
+    for i, values, indices in zip(positions, top.values.tolist(), top.indices.tolist()):
+        row = [paths[i].relative_to(folder).as_posix()]
+        for value, index in zip(values, indices):
+            row += [names[index], f"{value:.4f}"]
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
@@ -48,23 +47,13 @@ def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str |
     check_writable(out.parent, "dir_save_path")
     k = min(top_k, len(names))
     scale = model.net.logit_scale.exp().float()
-    rows, problems = [], []
-    batches = decode_ahead(list(enumerate(paths)), lambda item: (item[0], *loaded(model, item[1])), batch_size,
-                           loader_workers(threads))
-    for batch in tqdm(batches, desc="images", unit="batch", total=-(-len(paths) // batch_size)):
-        good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]
-        problems += [f"{paths[i]}: {why}" for i, pixels, why in batch if pixels is None]
-        if not good:
-            continue
-        pixels = torch.stack([p for _, p in good]).to(model.device, next(model.net.parameters()).dtype)
-        features = F.normalize(model.net.encode_image(pixels).float(), dim=-1)
-        probs = (scale * features @ targets.float().T).softmax(dim=-1)
-        top = probs.topk(k, dim=-1)
-        for (i, _), values, indices in zip(good, top.values.tolist(), top.indices.tolist()):
-            row = [paths[i].relative_to(folder).as_posix()]
-            for value, index in zip(values, indices):
-                row += [names[index], f"{value:.4f}"]
-            rows.append(row)
+    rows = []
+    with tqdm(total=len(paths), desc="images", unit="img") as bar:
+        encoding = model.pipeline.encode(paths, batch_size, threads, progress=bar.update)
+        for positions, features in encoding:
+            probs = (scale * features @ targets.float().T).softmax(dim=-1)
+            rows += _rows(paths, folder, names, positions, probs.topk(k, dim=-1))
+    problems = [f"{path}: {why}" for path, why in encoding.unreadable]
     if not rows:
         raise UserError(f"none of the {len(paths)} images under {folder} could be read:\n  " + "\n  ".join(problems[:SHOWN]))
     text = io.StringIO()

@@ -225,26 +225,11 @@ def top_k(features: torch.Tensor, vector: torch.Tensor, k: int) -> tuple[list[fl
 
 def encode_paths(model, batch_size: int = 32, threads: int | None = None
                  ) -> Callable[[Sequence[Path]], tuple[torch.Tensor, list[Path]]]:
-    """paths -> (unit features of the readable ones, in order; the unreadable paths). `threads` decode the next
-    batch while the model encodes this one (None: one per core, at most 4)."""
-    import torch.nn.functional as F
-
-    from utils.data.images import decode_ahead
-    from utils.device import loader_workers
-    from utils.predict.folder import loaded
-
-    @torch.no_grad()
+    """paths -> (unit features of the readable ones, in order, on the CPU; the unreadable paths), through
+    model.pipeline (`threads` decode ahead; None: one per core, at most 4)."""
     def encode(paths: Sequence[Path]) -> tuple[torch.Tensor, list[Path]]:
-        rows, failed = [], []
-        dtype = next(model.net.parameters()).dtype
-        for batch in decode_ahead(list(paths), lambda path: (path, loaded(model, path)[0]), batch_size,
-                                  loader_workers(threads)):
-            failed += [path for path, pixels in batch if pixels is None]  # unreadable: left out, counted
-            pixels = [pixels for _, pixels in batch if pixels is not None]
-            if pixels:
-                batch = torch.stack(pixels).to(model.device, dtype)
-                rows.append(F.normalize(model.net.encode_image(batch).float(), dim=-1).cpu())
-        return (torch.cat(rows) if rows else torch.zeros(0, 0)), failed
+        encoding = model.pipeline.encode(list(paths), batch_size, threads)
+        return encoding.all()[0].cpu(), [Path(name) for name, _ in encoding.unreadable]
 
     return encode
 

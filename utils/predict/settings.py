@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from utils.checks import PRECISION_NAMES, one_of, weights_exist
 from utils.errors import UserError
-
-MODES = ("predict", "dir_predict", "search", "web", "fps", "export_onnx", "predict_onnx", "export_hf", "embed",
-         "index")
+from utils.predict.modes import MODES
 
 
 def check_settings(cfg: dict) -> None:
-    one_of(cfg, "mode", MODES)
+    one_of(cfg, "mode", tuple(MODES))
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
     one_of(cfg, "embed_dtype", ("float16", "float32"))
     if cfg["part_size"] < 1:

@@ -167,13 +167,12 @@ class _Run:
         size = config.vision.image_size
         train_augment = CaptionAugment(size, augment, cfg["letterbox_image"], self.preprocess)
         val_augment = CaptionAugment(size, "none", cfg["letterbox_image"], self.preprocess)
-        # Reduced-scale JPEG decoding keeps what each transform needs; fast_decode=False decodes in full.
-        train_sides, self.val_sides = (train_augment.sides, val_augment.sides) if cfg["fast_decode"] else (None, None)
         if is_shard_source(cfg["datasets_train_json_path"]):
             # The stream is its own sampler: set_epoch(epoch, start_batch) and batches_per_epoch().
             self.train_sampler = ShardStream(cfg["datasets_train_json_path"], train_augment, self.tokenizer,
                                              self.local_batch, cfg["seed"], info.rank, info.world_size,
-                                             cfg["num_workers"], cfg["train_samples_per_epoch"], sides=train_sides)
+                                             cfg["num_workers"], cfg["train_samples_per_epoch"],
+                                             fast_decode=cfg["fast_decode"])
             self.n_train = self.train_sampler.total_samples()
             _check_batch("training", self.n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
             # Not persistent: each epoch's workers must see the stream's new epoch.
@@ -189,12 +188,12 @@ class _Run:
                     print(line)
             _check_batch("training", self.n_train, cfg["batch_size"], info, cfg["datasets_train_json_path"])
             train_set = CaptionDataset(train_entries, root, train_augment, self.tokenizer, seed=cfg["seed"],
-                                       sides=train_sides)
+                                       fast_decode=cfg["fast_decode"])
             self.train_sampler = EpochSampler(train_set, self.local_batch, info.world_size, info.rank,
                                               seed=cfg["seed"])
             self.train_loader = _loader(train_set, self.train_sampler, self.local_batch, cfg, device)
         val_set = CaptionDataset(self.val_entries, root, val_augment, self.tokenizer, seed=cfg["seed"],
-                                 sides=self.val_sides)
+                                 fast_decode=cfg["fast_decode"])
         val_batch = max(min(cfg["batch_size"], len(self.val_entries)) // info.world_size, 1)
         val_sampler = EpochSampler(val_set, val_batch, info.world_size, info.rank, seed=cfg["seed"], shuffle=False)
         self.val_loader = _loader(val_set, val_sampler, val_batch, cfg, device)
@@ -242,7 +241,7 @@ class _Run:
                                                      self.preprocess),
                                       self.tokenizer, cfg["batch_size"], cfg["num_workers"], self.device,
                                       PRECISIONS[self.precision], cfg["eval_period"], cfg["eval_flag"],
-                                      sides=self.val_sides)
+                                      fast_decode=cfg["fast_decode"])
         if not info.is_main:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)

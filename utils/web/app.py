@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from utils.data.images import IMAGE_SUFFIXES, decoded
+from utils.data.images import IMAGE_SUFFIXES
 from utils.errors import UserError
 from utils.tokenizer import truncated
 
@@ -105,7 +105,7 @@ def _picture(name: str, data: bytes, model) -> Image.Image:
         if width * height > MAX_PIXELS:
             raise _too_many_pixels(name, width * height, f"{width} x {height} = ")
         try:
-            return decoded(image, model.decode_sides)  # a JPEG at the scale the model needs
+            return model.open_image(image)  # a JPEG at the scale the model needs
         except Exception:  # a header that reads but pixels that do not
             raise HTTPException(400, f"{name} is not an image this page can read") from None
 

@@ -15,13 +15,14 @@ import sys
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from utils.data.images import open_image
+from utils.data.pictures import decode_sides
 from utils.data.sources.shards import IMAGE_EXTENSIONS, member_key, sample_captions, samples, shard_paths
 from utils.errors import UserError
 from utils.files import atomic_write_bytes
@@ -80,9 +81,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, pattern: str, transform: Callable, tokenizer: Callable, local_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, workers: int = 0, samples_per_epoch: int = 0,
-                 sides: Sequence[int] | None = None):
+                 fast_decode: bool = True):
         self.shards = shard_paths(pattern)
-        self.sides = sides  # decode JPEGs only this large (utils/data/images.open_image); None: in full
+        # JPEGs decoded only as large as the transform needs; fast_decode=False decodes in full.
+        self.sides = decode_sides(transform) if fast_decode else None
         self.counts = shard_counts(self.shards)
         self.transform, self.tokenizer = transform, tokenizer
         self.local_batch, self.seed = local_batch, seed
