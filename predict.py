@@ -124,11 +124,11 @@ def main(config: dict, explicit: dict) -> None:
     from utils.predict.settings import check_settings
 
     check_settings(config)  # before torch is imported: a mistake is reported at once
-    from utils.predict.inputs import check_inputs, index_dir
+    from utils.predict.inputs import check_inputs, search_inputs
 
-    check_inputs(config)
     if config["mode"] in ("search", "web"):  # mode index builds only where it is told (a default would be a search's)
-        config = {**config, "index_dir": index_dir(config)}
+        config = search_inputs(config, explicit)
+    check_inputs(config)
 
     if config["mode"] == "embed":
         from utils.predict.embed import run_embed

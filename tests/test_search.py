@@ -1,4 +1,5 @@
-"""predict.py mode="search": exact top-k, incremental indexing, refusal of another model's index, end to end."""
+"""predict.py mode="search": incremental indexing answered exactly, refusal of another model's index and of an
+index_dir that holds no index of this project, end to end."""
 from __future__ import annotations
 
 import os
@@ -12,22 +13,9 @@ from PIL import Image
 from nets import build_model, get_config
 from tests.conftest import run_script
 from utils.errors import UserError
-from utils.predict import search
-from utils.predict.search import SearchIndex, top_k
+from utils.predict.search import SearchIndex
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_chunked_top_k_is_brute_force(monkeypatch):
-    monkeypatch.setattr(search, "CHUNK", 7)  # many chunks, and a k that spans them
-    g = torch.Generator().manual_seed(0)
-    features = F.normalize(torch.randn(100, 16, generator=g), dim=1)
-    for _ in range(5):
-        vector = F.normalize(torch.randn(16, generator=g), dim=0)
-        scores, rows = top_k(features, vector, 12)
-        expected = (features @ vector).topk(12)
-        assert rows == expected.indices.tolist() and scores == pytest.approx(expected.values.tolist(), abs=1e-6)
-    assert len(top_k(features[:3], vector, 10)[1]) == 3
 
 
 def _fake_encoder(calls: list):
@@ -73,9 +61,20 @@ def test_updates_encode_only_new_and_changed_images_and_drop_deleted_ones(tmp_pa
     assert counts == {"new": 1, "changed": 1, "removed": 1, "kept": 1, "unreadable": 1}
     assert calls[-1] == ["b.png", "d.webp", "e.jpg"]
     assert sorted(reopened.paths) == ["a.jpg", "b.png", "d.webp"]
-    # Each image's row is its own file's vector: querying with it finds that image first.
-    for path, row in zip(reopened.paths, reopened.features):
-        assert reopened.query(row, 1)[0][0] == path
+    # Each image's row is its own file's vector: querying with it finds that image first; and every answer is
+    # brute force over the live rows (the removed and changed rows never answer), for any k.
+    live = {path: reopened.index.emb.rows_at([reopened.index.emb.starts[reopened.index.emb.names.index(part)] + row])[0]
+            for path, (part, row) in zip(reopened.paths, reopened._where)}
+    for path, row in live.items():
+        assert reopened.query(torch.from_numpy(row), 1)[0][0] == path
+    assert sorted(SearchIndex(tmp_path / "index", "model-1").paths) == sorted(live)  # as saved
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 10):
+        vector = F.normalize(torch.randn(8, generator=g), dim=0)
+        expected = sorted(((float(torch.from_numpy(v) @ vector), p) for p, v in live.items()), reverse=True)[:k]
+        found = reopened.query(vector, k)
+        assert [p for p, _ in found] == [p for _, p in expected]
+        assert [s for _, s in found] == pytest.approx([s for s, _ in expected], abs=1e-6)
 
     with pytest.raises(UserError, match="made with other weights or another phi"):
         SearchIndex(tmp_path / "index", "model-2")

@@ -20,11 +20,16 @@ def _file_digest(path: Path, h) -> None:
 
 
 def hash_weights(h, model_path: str | Path) -> None:
-    """Feed a weight file's bytes (or every file of a transformers folder, with its name) into `h`."""
+    """Feed the weights' content into `h`: a file's bytes, or every file of a folder (a transformers or open_clip
+    folder) with its path inside the folder. The file's own name is left out: a byte-identical copy under another
+    name is the same weights."""
     weights = Path(model_path)
-    for path in sorted(weights.rglob("*")) if weights.is_dir() else [weights]:
+    if not weights.is_dir():
+        _file_digest(weights, h)
+        return
+    for path in sorted(weights.rglob("*")):
         if path.is_file():
-            h.update(path.name.encode())
+            h.update(path.relative_to(weights).as_posix().encode() + b"\0")
             _file_digest(path, h)
 
 

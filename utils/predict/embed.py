@@ -294,7 +294,9 @@ def run_embed(config: dict) -> dict:
     try:
         model = CLIP(model_path=config["model_path"], phi=config["phi"], letterbox_image=config["letterbox_image"],
                      cuda=config["Cuda"], precision=config["precision"], fast_decode=config["fast_decode"])
+        # model_path: where mode "index" finds these weights again to encode its text queries.
         manifest = {"model": model_identity(model.weights_path or "", model.phi), "phi": model.phi,
+                    "model_path": str(Path(model.weights_path).resolve()) if model.weights_path else "",
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),
                     "letterbox_image": config["letterbox_image"], "fast_decode": config["fast_decode"]}
