@@ -153,7 +153,7 @@ def test_a_foreign_manifest_is_refused_and_kept(folder_search, tmp_path, foreign
     for extra in ([], ["--dir_origin_path", photos], ["--dir_origin_path", photos, "--rebuild_index", "true"]):
         code, _, err = search("--index_dir", tmp_path / "index", *extra)
         _one_line(code, err, "index.json")
-        assert "clip-index/9" in err if "/9" in foreign else True
+        assert "newer than this version reads" in err if "/9" in foreign else True
         assert (tmp_path / "index" / "index.json").read_text() == foreign
         assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.json"]
 
@@ -197,7 +197,7 @@ def test_a_damaged_folder_search_names_the_file_and_the_rebuild(folder_search, t
 
 def test_the_weights_identity_is_their_content_not_their_name(folder_search, tiny_weights, tmp_path):
     from utils.eval.feature_cache import cache_key
-    from utils.predict.search import model_identity
+    from utils.eval.feature_cache import model_identity
 
     photos, search = folder_search
     copy = tmp_path / "renamed.pth"
@@ -212,3 +212,13 @@ def test_the_weights_identity_is_their_content_not_their_name(folder_search, tin
     changed = tmp_path / "changed.pth"
     changed.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))
     assert model_identity(str(changed), "tiny/VIT-T-8") != model_identity(str(copy), "tiny/VIT-T-8")
+
+
+def test_an_earlier_format_is_refused_until_rebuilt(folder_search, tmp_path):
+    photos, search = folder_search
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text('{"format": "clip-index/1", "embeddings_dir": ".", "parts": []}')
+    _one_line(*search("--index_dir", tmp_path / "index", "--dir_origin_path", photos)[::2], "earlier version",
+              "--rebuild_index true")
+    code, out, err = search("--index_dir", tmp_path / "index", "--dir_origin_path", photos, "--rebuild_index", "true")
+    assert code == 0 and "3 images (3 new" in out, err

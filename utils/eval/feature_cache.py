@@ -33,6 +33,17 @@ def hash_weights(h, model_path: str | Path) -> None:
             _file_digest(path, h)
 
 
+def model_identity(model_path: str, phi: str) -> str:
+    """What features depend on, as recorded by folder searches, embeddings and indexes: the weights' content
+    (sha256 of their bytes, not their file name: a copy under another name is the same weights) and the
+    architecture."""
+    if not model_path:
+        return f"random:{phi}"
+    h = hashlib.sha256(phi.encode())
+    hash_weights(h, model_path)
+    return h.hexdigest()[:32]
+
+
 def cache_key(model_path: str | Path, phi: str, json_path: str | Path | None, root: str | Path, entries: list[dict],
               preprocessing: dict) -> str:
     """sha256 over the weights' bytes, phi, the dataset file's bytes (when there is one), each image's size and

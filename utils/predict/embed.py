@@ -284,7 +284,7 @@ def run_embed(config: dict) -> dict:
     from clip import CLIP
 
     from utils.device import resolve_device
-    from utils.predict.search import model_identity
+    from utils.eval.feature_cache import model_identity
     from utils.train.distributed import cleanup, init_distributed
 
     out = Path(config["embeddings_dir"])

@@ -27,7 +27,8 @@ from utils.errors import UserError
 
 MANIFEST = "index.json"
 INDEX_FILE = "knn.index"
-FORMAT = "clip-index/2"  # /1 lacked the row counts the opener checks
+VERSION = 2  # 1 lacked the row counts the opener checks
+FORMAT = f"clip-index/{VERSION}"
 # Exact search while the vectors take at most half the budget and number at most this many: a query then scans
 # 100,000 x 512 floats (about 20 ms on 2 cores); above it an IVF answers in a few ms at recall@10 >= 0.95.
 FLAT_MAX = 100_000
@@ -509,11 +510,16 @@ def read_manifest(index_dir: str | Path, older: bool = False) -> dict | None:
         raise UserError(f"{path} is unreadable ({e}); if it is this project's index, delete it and build the index "
                         "again, else choose another index_dir") from e
     found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found == FORMAT or (older and isinstance(found, str) and found.startswith("clip-index/")):
+    match = re.fullmatch(r"clip-index/(\d+)", found) if isinstance(found, str) else None
+    version = int(match.group(1)) if match else None
+    if found == FORMAT or (older and version is not None and version < VERSION):
         return manifest
-    if isinstance(found, str) and found.startswith("clip-index/"):
-        raise UserError(f"{path} is an index of format {found}, which this version does not read; "
+    if version is not None and version < VERSION:
+        raise UserError(f"{path} is an index of format {found}, from an earlier version of this project; "
                         f"{rebuild_command(index_dir, manifest)}")
+    if version is not None:
+        raise UserError(f"{path} is an index of format {found}, newer than this version reads ({FORMAT}); use the "
+                        "version that built it, or choose another index_dir (nothing there was changed)")
     raise UserError(f"{path} is not an index of this project; choose another index_dir (nothing there was changed)")
 
 
@@ -528,7 +534,7 @@ def rebuild_command(index_dir: str | Path, manifest: dict) -> str:
 def is_built_index(index_dir: str | Path) -> bool:
     """Whether index_dir holds an index built by mode "index" (answered from as it is), rather than a folder
     search's own index (embeddings kept inside it, "." in the manifest) or nothing."""
-    manifest = read_manifest(index_dir) if index_dir else None
+    manifest = read_manifest(index_dir, older=True) if index_dir else None  # an earlier one is refused on opening
     return manifest is not None and manifest.get("embeddings_dir") != "."
 
 
@@ -677,7 +683,7 @@ def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int
     import torch.nn.functional as F
 
     from clip import CLIP
-    from utils.predict.search import model_identity
+    from utils.eval.feature_cache import model_identity
     from utils.prompts import load_templates
 
     weights = job.get("model_path") if job.get("model_path") and Path(job["model_path"]).exists() else None

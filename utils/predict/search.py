@@ -8,7 +8,6 @@ listed as removed. Nothing already written is rewritten but the small index.json
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,22 +15,12 @@ import torch
 
 from utils.data.images import IMAGE_SUFFIXES, image_files
 from utils.errors import UserError
-from utils.eval.feature_cache import hash_weights
+from utils.eval.feature_cache import model_identity
 from utils.predict.ask import ask_loop
 from utils.predict.index import (FORMAT, VectorIndex, is_built_index, part_names, read_manifest, refuse_foreign_folder,
                                  remove_part, write_manifest, write_part)
 
 PART_WIDTH = 5  # fixed, so that name order is part order for readers that sort names (embedding_reader)
-
-
-def model_identity(model_path: str, phi: str) -> str:
-    """What the features depend on: the weights' content (sha256 of their bytes, not their file name: a copy
-    under another name is the same weights) and the architecture."""
-    if not model_path:
-        return f"random:{phi}"
-    h = hashlib.sha256(phi.encode())
-    hash_weights(h, model_path)
-    return h.hexdigest()[:32]
 
 
 class SearchIndex:
