@@ -63,7 +63,8 @@ overwrite = False
 top_k = 5
 # search and web: where the index of dir_origin_path's image features is kept (updated incrementally on each
 # run); "" = logs/search_index/<folder>_<hash of its full path>, one per indexed folder; or an index built by
-# mode "index" (then answered from as it is). index: where that index is written...
+# mode "index" (then answered from as it is). Given without dir_origin_path it must hold an index (a folder
+# search answers for its own folder). index: where that index is written...
 index_dir = ""
 # ...re-encoded from scratch when true (needed after changing weights or phi)...
 rebuild_index = False
@@ -85,7 +86,9 @@ num_workers = 2
 # embed: one process per GPU (or gloo processes on CPUs) under torchrun, each taking its share of the parts.
 distributed = False
 # index: "auto" (exact Flat while it fits comfortably, else IVF / IVF-PQ chosen from the vector count and
-# index_memory), "Flat", "HNSW", "IVF", "IVFPQ", or any faiss index_factory string such as "IVF4096,PQ64".
+# index_memory), "flat", "ivf", "hnsw", "pq" (sized by the same rule), or any faiss index_factory string such as
+# "IVF4096,PQ64". Tuned for image and text queries; embeddings without captions are tuned on prompts encoded by
+# the weights embed.json names (else model_path / phi, which must be those weights).
 index_type = "auto"
 # index: the memory the index may take, e.g. "4G", "500M".
 index_memory = "4G"
@@ -112,9 +115,11 @@ def main(config: dict, explicit: dict) -> None:
     from utils.predict.settings import check_settings
 
     check_settings(config)  # before torch is imported: a mistake is reported at once
-    from utils.predict.inputs import check_inputs
+    from utils.predict.inputs import check_inputs, search_inputs
     from utils.predict.modes import MODES
 
+    if config["mode"] in ("search", "web"):  # an index_dir is used only as given; mode index builds where told
+        config = search_inputs(config, explicit)
     check_inputs(config)
     MODES[config["mode"]](config)
 

@@ -267,7 +267,8 @@ def test_search_answers_from_a_built_index(data, tiny_weights, single, tmp_path,
     out, _ = single
     code, built, err = run_script("predict.py", "--mode", "index", "--embeddings_dir", out / "captions",
                                   "--index_dir", tmp_path / "index", capsys=capsys)
-    assert code == 0 and "Flat, 10 vectors" in built and "recall@10 1.000" in built, err
+    assert code == 0 and "Flat, 10 vectors" in built, err
+    assert "recall@10 1.000 on 10 image queries and 1.000 on 50 text queries" in built  # the captions as queries
     code, found, err = run_script("predict.py", "--mode", "search", "--index_dir", tmp_path / "index", "--model_path",
                                   tiny_weights, "--phi", "auto", "--query", "a red circle", "--top_k", "3",
                                   "--Cuda", "false", capsys=capsys)
@@ -297,3 +298,33 @@ def test_index_without_index_dir_is_refused_and_borrows_no_folder_search_index(s
     code, _, err = run_script("predict.py", "--mode", "index", "--embeddings_dir", out / "captions", capsys=capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--index_dir" in err, err
     assert not (tmp_path / "logs").exists()
+
+
+def test_an_index_of_embeddings_without_captions_is_tuned_on_prompts_by_their_own_weights(single, tiny_weights, tmp_path,
+                                                                                          capsys):
+    import shutil
+
+    out, _ = single
+    emb = tmp_path / "emb"
+    shutil.copytree(out / "folder", emb)
+    manifest = json.loads((emb / "embed.json").read_text())
+    assert manifest["model_path"] == str(tiny_weights.resolve())  # where mode index finds the weights again
+    index = ("predict.py", "--mode", "index", "--embeddings_dir", emb, "--index_type", "IVF2,Flat", "--Cuda", "false")
+    code, built, err = run_script(*index, "--index_dir", tmp_path / "a", capsys=capsys)
+    assert code == 0, err
+    assert "text queries: 1000 prompts over common object names" in built and "on 1000 text queries" in built
+    report = json.loads((tmp_path / "a" / "index.json").read_text())["report"]
+    assert set(report["recall_at_10"]) == {"image", "text"} and report["queries"]["text"] == 1000
+    # The recorded weights gone: model_path is used, when its bytes are the embeddings' weights (any file name).
+    (emb / "embed.json").write_text(json.dumps({**manifest, "model_path": str(tmp_path / "moved.pth")}))
+    copy = tmp_path / "copy.pth"
+    shutil.copyfile(tiny_weights, copy)
+    code, _, err = run_script(*index, "--index_dir", tmp_path / "b", "--model_path", copy, "--phi", "auto",
+                              capsys=capsys)
+    assert code == 0, err
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1e-3 for k, v in torch.load(tiny_weights, weights_only=True).items()}, other)
+    code, _, err = run_script(*index, "--index_dir", tmp_path / "c", "--model_path", other, "--phi", "auto",
+                              capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "made with other weights" in err, err
+    assert not (tmp_path / "c").exists()

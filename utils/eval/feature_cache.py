@@ -20,12 +20,28 @@ def _file_digest(path: Path, h) -> None:
 
 
 def hash_weights(h, model_path: str | Path) -> None:
-    """Feed a weight file's bytes (or every file of a transformers folder, with its name) into `h`."""
+    """Feed the weights' content into `h`: a file's bytes, or every file of a folder (a transformers or open_clip
+    folder) with its path inside the folder. The file's own name is left out: a byte-identical copy under another
+    name is the same weights."""
     weights = Path(model_path)
-    for path in sorted(weights.rglob("*")) if weights.is_dir() else [weights]:
+    if not weights.is_dir():
+        _file_digest(weights, h)
+        return
+    for path in sorted(weights.rglob("*")):
         if path.is_file():
-            h.update(path.name.encode())
+            h.update(path.relative_to(weights).as_posix().encode() + b"\0")
             _file_digest(path, h)
+
+
+def model_identity(model_path: str, phi: str) -> str:
+    """What features depend on, as recorded by folder searches, embeddings and indexes: the weights' content
+    (sha256 of their bytes, not their file name: a copy under another name is the same weights) and the
+    architecture."""
+    if not model_path:
+        return f"random:{phi}"
+    h = hashlib.sha256(phi.encode())
+    hash_weights(h, model_path)
+    return h.hexdigest()[:32]
 
 
 def cache_key(model_path: str | Path, phi: str, json_path: str | Path | None, root: str | Path, entries: list[dict],

@@ -249,7 +249,7 @@ def run_embed(config: dict) -> dict:
     from clip import CLIP
 
     from utils.device import resolve_device
-    from utils.predict.search import model_identity
+    from utils.eval.feature_cache import model_identity
     from utils.train.distributed import cleanup, init_distributed
 
     out = Path(config["embeddings_dir"])
@@ -258,7 +258,9 @@ def run_embed(config: dict) -> dict:
     info = init_distributed(config["distributed"], device.type == "cuda")
     try:
         model = CLIP.from_config(config)
+        # model_path: where mode "index" finds these weights again to encode its text queries.
         manifest = {"model": model_identity(model.weights_path or "", model.phi), "phi": model.phi,
+                    "model_path": str(Path(model.weights_path).resolve()) if model.weights_path else "",
                     "input": {"kind": plan.kind, "identity": plan.identity}, "parts": len(plan.parts),
                     "dtype": config["embed_dtype"], "text": plan.text, "root": str(Path(plan.root).resolve()),
                     "letterbox_image": config["letterbox_image"], "fast_decode": config["fast_decode"]}

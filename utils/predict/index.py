@@ -27,7 +27,8 @@ from utils.errors import UserError
 
 MANIFEST = "index.json"
 INDEX_FILE = "knn.index"
-FORMAT = "clip-index/1"
+VERSION = 2  # 1 lacked the row counts the opener checks
+FORMAT = f"clip-index/{VERSION}"
 # Exact search while the vectors take at most half the budget and number at most this many: a query then scans
 # 100,000 x 512 floats (about 20 ms on 2 cores); above it an IVF answers in a few ms at recall@10 >= 0.95.
 FLAT_MAX = 100_000
@@ -35,7 +36,10 @@ FLAT_MAX = 100_000
 TARGET_RECALL = 0.95
 # Product-quantiser sizes tried, most precise first (bytes per vector; each must divide the dimension).
 PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
-KINDS = ("auto", "Flat", "HNSW", "IVF", "IVFPQ")
+# index_type's names (any case) for the kinds choose_key sizes; anything else is a FAISS index_factory string.
+KINDS = {"auto": "auto", "flat": "Flat", "ivf": "IVF", "hnsw": "HNSW", "pq": "IVFPQ", "ivfpq": "IVFPQ"}
+CHUNK = 65536  # rows per matrix product of exact search: 128 MiB of float32 at 512-d
+PART_FILES = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
 
 
 def parse_memory(text: str | int) -> int:
@@ -67,13 +71,15 @@ def index_bytes(key: str, n: int, d: int) -> int:
 
 
 def choose_key(n: int, d: int, memory: int, kind: str = "auto") -> str:
-    """The FAISS index_factory key for n vectors of dimension d within `memory` bytes, or the kind asked for.
+    """The FAISS index_factory key for n vectors of dimension d within `memory` bytes, or the kind asked for
+    (`flat`, `ivf`, `hnsw`, `pq`, any case, sized here; anything else is taken as a FAISS index_factory string).
 
     After autofaiss's rule (exact for few vectors, HNSW where its links fit, IVF while full vectors fit,
     else IVF with product quantisation as fine as the budget allows), except that HNSW is not chosen on its own:
     its build inserts ~400 vectors/s per CPU core at 512-d (measured here), most of an hour for a million, where an
-    IVF builds in two minutes and answers as fast. `kind` "HNSW" asks for it anyway."""
-    if kind not in KINDS:
+    IVF builds in two minutes and answers as fast. `kind` "hnsw" asks for it anyway."""
+    kind = KINDS.get(kind.lower(), kind)
+    if kind not in KINDS.values():
         return kind  # a FAISS index_factory string, taken as it is
     nlist = n_lists(n)
     coarse = f"IVF{nlist}" + ("_HNSW32" if nlist >= 16384 else "")
@@ -101,9 +107,28 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def part_paths(out: str | Path, name: str) -> dict[str, Path]:
+    """The files of part `name` of an embeddings folder, by kind: the only place their names are spelled."""
     out = Path(out)
-    return {"img_emb": out / "img_emb" / f"img_emb_{name}.npy", "text_emb": out / "text_emb" / f"text_emb_{name}.npy",
-            "metadata": out / "metadata" / f"metadata_{name}.parquet"}
+    return {kind: out / kind / f"{kind}_{name}{suffix}" for kind, suffix in PART_FILES.items()}
+
+
+def part_names(root: str | Path, complete: bool = False) -> list[str]:
+    """Names of the parts with any file in `root` (with `complete`, only those whose metadata, written last, is
+    there), in numeric order."""
+    names = set()
+    for kind, suffix in PART_FILES.items():
+        if complete and kind != "metadata":
+            continue
+        for path in (Path(root) / kind).glob(f"{kind}_*{suffix}"):
+            name = path.name[len(kind) + 1:-len(suffix)]
+            if name.isdigit():
+                names.add(name)
+    return sorted(names, key=lambda name: (int(name), name))
+
+
+def remove_part(out: str | Path, name: str) -> None:
+    for path in part_paths(out, name).values():
+        path.unlink(missing_ok=True)
 
 
 def write_part(out: str | Path, name: str, images: np.ndarray, texts: np.ndarray | None, columns: dict[str, list],
@@ -141,30 +166,80 @@ def part_notes(path: Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def embeddings_fix(root: str | Path) -> str:
+    """What rebuilds a damaged part of the embeddings folder `root`."""
+    if (Path(root) / "embed.json").is_file():
+        return (f"delete that part's files and rerun the --mode embed command that wrote {root} (it writes only the "
+                "missing parts)")
+    return f"write the embeddings folder {root} again"
+
+
+def _npy_shape(path: Path, fix: str) -> tuple[int, ...]:
+    """The shape of the array in a .npy file, checked against the file's size without reading the data."""
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header = f.tell()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a .npy array ({e}); {fix}") from e
+    expected, size = header + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    if size < expected or len(shape) != 2 or dtype.kind != "f":
+        what = (f"is truncated ({size:,} of {expected:,} bytes)" if size < expected
+                else f"holds a {dtype} array of shape {shape}, not rows of floats")
+        raise UserError(f"{path} {what}; {fix}")
+    return shape
+
+
+def check_part(root: Path, name: str, fix: str) -> tuple[int, int, bool]:
+    """(rows, width, has text rows) of a part whose files agree, else one line naming the file that does not."""
+    import pyarrow.parquet as pq
+
+    paths = part_paths(root, name)
+    for kind in ("img_emb", "metadata"):
+        if not paths[kind].is_file():
+            raise UserError(f"{paths[kind]} is missing (its part was interrupted, or the file deleted); {fix}")
+    rows, width = _npy_shape(paths["img_emb"], fix)
+    try:
+        listed = pq.read_metadata(paths["metadata"]).num_rows
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{paths['metadata']} is unreadable ({type(e).__name__}: {e}); {fix}") from e
+    text = paths["text_emb"].is_file()
+    for kind, count in (("img_emb", rows), ("text_emb", _npy_shape(paths["text_emb"], fix)[0] if text else rows)):
+        if count != listed:
+            raise UserError(f"{paths[kind]} holds {count:,} rows where {paths['metadata'].name} lists {listed:,}; "
+                            f"{fix}")
+    return rows, width, text
+
+
 @dataclass
 class Embeddings:
-    """An embeddings folder in clip-retrieval's layout, read part by part (the arrays memory-mapped)."""
+    """An embeddings folder in clip-retrieval's layout, verified part by part and read part by part (the arrays
+    memory-mapped)."""
     root: Path
     names: list[str]
     rows: list[int]
     dim: int
+    text: bool = False  # every part has caption vectors, row-aligned with its images
 
     @classmethod
-    def open(cls, root: str | Path, names: list[str] | None = None) -> "Embeddings":
+    def open(cls, root: str | Path, names: list[str] | None = None, fix: str = "") -> "Embeddings":
+        """Parts `names` (default: every part there, all of which must be complete) in that order, each checked:
+        its files present, whole and of one row count; a damaged one is a UserError naming it and `fix`."""
         root = Path(root)
-        found = sorted((int(p.stem.rsplit("_", 1)[1]), p.stem.rsplit("_", 1)[1])
-                       for p in (root / "img_emb").glob("img_emb_*.npy") if p.stem.rsplit("_", 1)[1].isdigit())
-        names = [name for _, name in found] if names is None else names
-        names = [name for name in names if (root / "metadata" / f"metadata_{name}.parquet").is_file()]
+        fix = fix or embeddings_fix(root)
+        names = part_names(root) if names is None else list(names)
         if not names:
             raise UserError(f"{root} holds no embeddings (img_emb/img_emb_N.npy with metadata/metadata_N.parquet); "
                             "make them with --mode embed")
-        arrays = [np.load(root / "img_emb" / f"img_emb_{name}.npy", mmap_mode="r") for name in names]
-        dims = {a.shape[1] for a in arrays if a.ndim == 2 and len(a)}
-        if len(dims) > 1 or any(a.ndim != 2 for a in arrays):
+        checked = [check_part(root, name, fix) for name in names]
+        dims = {width for rows, width, _ in checked if rows}
+        if len(dims) > 1:
             raise UserError(f"{root}/img_emb holds arrays of different widths ({sorted(dims)}); they are not one "
                             "embeddings folder")
-        return cls(root, names, [len(a) for a in arrays], dims.pop() if dims else 0)
+        return cls(root, names, [rows for rows, _, _ in checked], dims.pop() if dims else 0,
+                   all(text for _, _, text in checked))
 
     @property
     def total(self) -> int:
@@ -174,28 +249,27 @@ class Embeddings:
     def starts(self) -> list[int]:
         return [0] + list(np.cumsum(self.rows)[:-1])
 
-    def vectors(self, part: int) -> np.ndarray:
-        return np.load(self.root / "img_emb" / f"img_emb_{self.names[part]}.npy", mmap_mode="r")
+    def vectors(self, part: int, kind: str = "img_emb") -> np.ndarray:
+        return np.load(part_paths(self.root, self.names[part])[kind], mmap_mode="r")
 
     def column(self, part: int, name: str) -> list:
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.root / "metadata" / f"metadata_{self.names[part]}.parquet",
-                             columns=[name]).column(name).to_pylist()
+        return pq.read_table(part_paths(self.root, self.names[part])["metadata"], columns=[name]).column(name).to_pylist()
 
     def kept(self, part: int) -> np.ndarray:
         """Rows to index: the first of each run of rows naming one image (its caption rows repeat its vector)."""
         paths = self.column(part, "image_path")
         return np.array([i for i in range(len(paths)) if i == 0 or paths[i] != paths[i - 1]], dtype=np.int64)
 
-    def rows_at(self, ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of global row ids, in the order given."""
+    def rows_at(self, ids: np.ndarray, kind: str = "img_emb") -> np.ndarray:
+        """float32 vectors (`kind` "text_emb": the caption vectors) of global row ids, in the order given."""
         ids = np.asarray(ids, dtype=np.int64)
         parts = np.searchsorted(np.array(self.starts), ids, side="right") - 1
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         for part in np.unique(parts):
             where = np.nonzero(parts == part)[0]
-            out[where] = self.vectors(int(part))[ids[where] - self.starts[part]]
+            out[where] = self.vectors(int(part), kind)[ids[where] - self.starts[part]]
         return out
 
 
@@ -207,18 +281,69 @@ def _faiss():
     return faiss
 
 
+class ExactIndex:
+    """Exact inner-product search behind FAISS's calls (add_with_ids, search, ntotal), by chunked torch matrix
+    products: FAISS's Flat scans a single query on one thread, torch on every core (65 against 175 ms a query over
+    100,000 x 512 on 2 cores, measured side by side)."""
+    is_trained = True
+
+    def __init__(self, d: int):
+        self.d = d
+        self._blocks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def ntotal(self) -> int:
+        return sum(len(ids) for _, ids in self._blocks)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        for s in range(0, len(ids), CHUNK):
+            self._blocks.append((np.ascontiguousarray(vectors[s:s + CHUNK], dtype=np.float32),
+                                 np.asarray(ids[s:s + CHUNK], dtype=np.int64)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = top_rows(queries, self._blocks, k)
+        pad = k - ids.shape[1]  # fewer rows than k: FAISS's -1 ids
+        return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+                np.pad(ids, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def top_rows(queries: np.ndarray, blocks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the k rows with the largest inner product with each query, best first, over `blocks` of
+    (float32 rows, their ids), by brute force."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32))
+    best_scores = torch.full((len(q), 0), -float("inf"))
+    best_ids = torch.zeros((len(q), 0), dtype=torch.long)
+    with torch.inference_mode():
+        for vectors, ids in blocks:
+            scores = q @ torch.from_numpy(vectors).T
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_scores = torch.cat([best_scores, top.values], dim=1)
+            best_ids = torch.cat([best_ids, torch.from_numpy(ids)[top.indices]], dim=1)
+            keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1).indices
+            best_scores, best_ids = best_scores.gather(1, keep), best_ids.gather(1, keep)
+        order = best_scores.argsort(dim=1, descending=True)
+        return best_scores.gather(1, order).numpy(), best_ids.gather(1, order).numpy()
+
+
 def new_index(key: str, d: int):
+    if key == "Flat":
+        return ExactIndex(d)
     faiss = _faiss()
     try:
         index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise UserError(f"index_type {key!r} is not a FAISS index_factory key this FAISS builds ({e})") from e
+    except RuntimeError as e:  # FAISS's message is a C++ location and "could not parse"
+        raise UserError(f"index_type {key!r} is neither auto, flat, ivf, hnsw, pq nor a FAISS index_factory string "
+                        "this FAISS builds (such as \"IVF4096,PQ64\" or \"HNSW32\")") from e
     # Ids are embeddings rows, which skip repeated images: IVF keeps ids itself, the others need the map.
     return index if "IVF" in key else faiss.IndexIDMap(index)
 
 
 def search_params(index) -> tuple[str, list[int]]:
     """The knob that trades speed for recall on this index, and the values worth trying."""
+    if isinstance(index, ExactIndex):
+        return "", []
     faiss = _faiss()
     if isinstance(index, faiss.IndexIDMap) and isinstance(faiss.downcast_index(index.index), faiss.IndexHNSW):
         return "efSearch", [16, 32, 64, 128, 256, 512]
@@ -237,28 +362,18 @@ def set_param(index, name: str, value: int) -> None:
         faiss.downcast_index(index.index).hnsw.efSearch = value
 
 
-def exact_top(emb: Embeddings, queries: np.ndarray, k: int, kept: list[np.ndarray] | None = None,
-              chunk: int = 65536) -> np.ndarray:
+def exact_top(emb: Embeddings, queries: np.ndarray, k: int, kept: list[np.ndarray] | None = None) -> np.ndarray:
     """Ids of the k rows (of `kept`, each part's local rows; default all) with the largest inner product with each
     query, by brute force."""
-    import torch
+    def blocks():
+        for part, start in enumerate(emb.starts):
+            vectors = emb.vectors(part)
+            rows = np.arange(len(vectors)) if kept is None else kept[part]
+            for s in range(0, len(rows), CHUNK):
+                block = rows[s:s + CHUNK]
+                yield np.asarray(vectors[block], dtype=np.float32), block + start
 
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    best_scores = torch.full((len(q), 0), -float("inf"))
-    best_ids = torch.zeros((len(q), 0), dtype=torch.long)
-    for part, start in enumerate(emb.starts):
-        vectors = emb.vectors(part)
-        rows = np.arange(len(vectors)) if kept is None else kept[part]
-        for s in range(0, len(rows), chunk):
-            block = rows[s:s + chunk]
-            scores = q @ torch.from_numpy(np.asarray(vectors[block], dtype=np.float32)).T
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            best_scores = torch.cat([best_scores, top.values], dim=1)
-            best_ids = torch.cat([best_ids, torch.from_numpy(block + start)[top.indices]], dim=1)
-            keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1).indices
-            best_scores, best_ids = best_scores.gather(1, keep), best_ids.gather(1, keep)
-    order = best_scores.argsort(dim=1, descending=True)
-    return best_ids.gather(1, order).numpy()
+    return top_rows(queries, blocks(), k)[1]
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: int = 10) -> float:
@@ -272,9 +387,11 @@ def recall_at(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: in
     return hits / max(1, wanted)
 
 
-def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progress=print) -> tuple[object, dict]:
+def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progress=print,
+          text_queries: np.ndarray | None = None) -> tuple[object, dict]:
     """Build index `key` over `emb`'s kept rows; tune its search setting on `queries` held-out rows (not used
-    to train it) against exact search. Returns (index, report)."""
+    to train it) and on `text_queries` (unit caption or prompt vectors, when given) against exact search.
+    Returns (index, report)."""
     faiss = _faiss()
     started = time.perf_counter()
     local = [emb.kept(part) for part in range(len(emb.names))]
@@ -301,29 +418,67 @@ def build(emb: Embeddings, key: str, queries: int = 1000, seed: int = 0, progres
     build_seconds = time.perf_counter() - started
     report = {"key": key, "vectors": int(index.ntotal), "dim": emb.dim, "build_seconds": round(build_seconds, 2),
               "memory_bytes": memory_of(index)}
-    progress(f"built in {build_seconds:.1f} s; tuning on {len(held_out)} held-out vectors")
-    report.update(tune(index, emb, held_out, local))
+    kinds = {"image": (emb.rows_at(held_out), held_out)}
+    if text_queries is not None and len(text_queries):
+        kinds["text"] = (np.ascontiguousarray(text_queries, dtype=np.float32), np.full(len(text_queries), -1))
+    progress(f"built in {build_seconds:.1f} s; tuning on " + " and ".join(f"{len(q)} {kind} queries"
+                                                                       for kind, (q, _) in kinds.items()))
+    report.update(tune(index, emb, kinds, local))
     return index, report
 
 
-def tune(index, emb: Embeddings, held_out: np.ndarray, kept: list[np.ndarray] | None = None, k: int = 10) -> dict:
-    """Set the index's speed/recall knob to the smallest value reaching TARGET_RECALL on the held-out rows."""
-    queries = emb.rows_at(held_out)
-    exact = exact_top(emb, queries, k + 1, kept)
+def tune(index, emb: Embeddings, kinds: dict[str, tuple[np.ndarray, np.ndarray]],
+         kept: list[np.ndarray] | None = None, k: int = 10) -> dict:
+    """Set the index's speed/recall knob to the smallest value at which every kind of query reaches TARGET_RECALL.
+    `kinds`: name -> (unit query vectors, the row each is, or -1: a row is not its own neighbour)."""
+    exact = {kind: exact_top(emb, queries, k + 1, kept) for kind, (queries, _) in kinds.items()}
     name, values = search_params(index)
-    chosen, recall = None, 0.0
+    chosen, recalls = None, {}
     for value in values or [None]:
         if name:
             set_param(index, name, value)
-        found = index.search(queries, k + 1)[1]
-        chosen, recall = value, recall_at(found, exact, held_out, k)
-        if recall >= TARGET_RECALL:
+        chosen = value
+        recalls = {kind: recall_at(index.search(queries, k + 1)[1], exact[kind], ids, k)
+                   for kind, (queries, ids) in kinds.items()}
+        if min(recalls.values()) >= TARGET_RECALL:
             break
-    return {"params": {name: chosen} if name else {}, "recall_at_10": round(recall, 4), "held_out": len(held_out)}
+    return {"params": {name: chosen} if name else {}, "recall_at_10": {kind: round(r, 4) for kind, r in recalls.items()},
+            "queries": {kind: len(queries) for kind, (queries, _) in kinds.items()}}
+
+
+# Text queries for embeddings without captions: the zero-shot templates over these names (COCO's 80 classes and
+# other everyday subjects of photos), so that the index is tuned for what users type as well as for images.
+OBJECT_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush", "beach", "mountain", "forest", "river", "lake", "city street", "building",
+    "bridge", "sunset", "snow", "flower", "tree", "garden", "kitchen", "bedroom", "office", "restaurant", "child",
+    "baby", "woman", "man", "crowd", "face", "hand", "shoe", "shirt", "dress", "hat", "glasses", "painting",
+    "drawing", "diagram", "map", "text", "logo", "screenshot", "food", "coffee", "bread", "fish", "insect",
+    "butterfly", "rabbit", "monkey", "lion", "tiger", "road", "road sign", "house", "church", "castle", "stadium",
+    "guitar", "piano", "computer", "phone", "camera", "watch", "toy", "doll", "lamp", "window", "door", "sky",
+    "cloud", "sea", "desert", "field", "farm", "tractor", "helicopter", "rocket", "ship", "sculpture",
+)
+
+
+def prompt_texts(count: int, templates: list[str], seed: int = 0) -> list[str]:
+    """`count` prompts, each a template over an object name, drawn without repeats (names first, all of them)."""
+    rng = np.random.default_rng(seed)
+    pairs = [(name, template) for template in templates for name in OBJECT_NAMES]
+    order = rng.permutation(len(pairs))
+    return [pairs[i][1].replace("{c}", pairs[i][0]) for i in order[:count]]
 
 
 def memory_of(index) -> int:
     """Bytes of the index as FAISS writes it, which is what it holds in memory."""
+    if isinstance(index, ExactIndex):
+        return index.ntotal * (4 * index.d + 8)
     faiss = _faiss()
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "index")
@@ -342,26 +497,66 @@ def write_manifest(index_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(json.dumps(manifest, indent=1).encode("utf-8"), index_dir / MANIFEST)
 
 
-def read_manifest(index_dir: str | Path) -> dict | None:
+def read_manifest(index_dir: str | Path, older: bool = False) -> dict | None:
+    """index_dir's index.json, or None when it has none. One that is not this project's index (another program's
+    file, another format version; with `older`, an earlier version of ours is returned) is a UserError: nothing
+    answers from it, and nothing is written over it."""
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}); rebuild the index (--rebuild_index true)") from e
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+        raise UserError(f"{path} is unreadable ({e}); if it is this project's index, delete it and build the index "
+                        "again, else choose another index_dir") from e
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    match = re.fullmatch(r"clip-index/(\d+)", found) if isinstance(found, str) else None
+    version = int(match.group(1)) if match else None
+    if found == FORMAT or (older and version is not None and version < VERSION):
+        return manifest
+    if version is not None and version < VERSION:
+        raise UserError(f"{path} is an index of format {found}, from an earlier version of this project; "
+                        f"{rebuild_command(index_dir, manifest)}")
+    if version is not None:
+        raise UserError(f"{path} is an index of format {found}, newer than this version reads ({FORMAT}); use the "
+                        "version that built it, or choose another index_dir (nothing there was changed)")
+    raise UserError(f"{path} is not an index of this project; choose another index_dir (nothing there was changed)")
+
+
+def rebuild_command(index_dir: str | Path, manifest: dict) -> str:
+    """The command that rebuilds the index in index_dir, as a clause for a message."""
+    if manifest.get("embeddings_dir") == ".":
+        return "rerun the search with --rebuild_index true (it encodes the folder again)"
+    source = manifest.get("embeddings_dir") or "EMBEDDINGS_DIR"
+    return f"rebuild it with python predict.py --mode index --embeddings_dir {source} --index_dir {index_dir}"
 
 
 def is_built_index(index_dir: str | Path) -> bool:
     """Whether index_dir holds an index built by mode "index" (answered from as it is), rather than a folder
     search's own index (embeddings kept inside it, "." in the manifest) or nothing."""
-    manifest = read_manifest(index_dir) if index_dir else None
+    manifest = read_manifest(index_dir, older=True) if index_dir else None  # an earlier one is refused on opening
     return manifest is not None and manifest.get("embeddings_dir") != "."
 
 
+def refuse_foreign_folder(index_dir: str | Path, what: str) -> None:
+    """An index_dir to build into holds no index.json: only a new or empty folder is taken, never a user's files."""
+    folder = Path(index_dir)
+    if (folder / "embed.json").is_file():  # never take (and delete) what mode "embed" wrote for an index
+        raise UserError(f"index_dir {folder} holds embeddings written by mode \"embed\"; index them with "
+                        f"--mode index --embeddings_dir {folder} --index_dir <a new folder>, or choose another "
+                        "index_dir")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"index_dir {folder} is not empty and holds no index; choose an empty or new folder for "
+                        f"{what}")
+
+
+_FIELDS = {"embeddings_dir": str, "key": str, "dim": int, "parts": dict, "removed": dict, "params": dict}
+
+
 class VectorIndex:
-    """An index folder opened for search: FAISS index, removed rows, and the metadata that names each id."""
+    """An index folder opened for search, verified first: the manifest's fields, each part's files and row count
+    against what the build recorded, and the FAISS index's vector count. Ids are rows in the recorded parts'
+    order, then the parts completed since (which join the index here, as appending needs no retraining)."""
 
     def __init__(self, index_dir: str | Path):
         faiss = _faiss()
@@ -371,26 +566,60 @@ class VectorIndex:
             raise UserError(f"{self.dir} holds no index; build one with --mode index --embeddings_dir E "
                             f"--index_dir {self.dir}")
         self.manifest = manifest
-        source = manifest["embeddings_dir"]
-        self.emb = Embeddings.open(self.dir if source == "." else Path(source))
+        fix = rebuild_command(self.dir, manifest)
+        for field, kind in _FIELDS.items():
+            if not isinstance(manifest.get(field), kind):
+                raise UserError(f"{self.dir / MANIFEST} lacks its {field!r} field; {fix}")
+        folder_search = manifest["embeddings_dir"] == "."
+        source = self.dir if folder_search else Path(manifest["embeddings_dir"])
+        recorded = manifest["parts"]
+        # A folder search lists every part it wrote; a part there that it does not list is an interrupted update's.
+        later = [] if folder_search else [n for n in part_names(source, complete=True) if n not in recorded]
+        self.emb = Embeddings.open(source, list(recorded) + later,
+                                   fix if folder_search else f"{embeddings_fix(source)}, then {fix}")
+        for name, rows in zip(self.emb.names, self.emb.rows):
+            if name in recorded and recorded[name] != rows:
+                raise UserError(f"{part_paths(source, name)['img_emb']} holds {rows:,} rows where the index recorded "
+                                f"{recorded[name]:,} (the embeddings changed after the build); {fix}")
+        if self.emb.total and self.emb.dim != manifest["dim"]:
+            raise UserError(f"{source} holds vectors of width {self.emb.dim}, the index {manifest['dim']}; {fix}")
         self.key = manifest["key"]
-        covered = manifest.get("parts", [])
+        starts = dict(zip(self.emb.names, self.emb.starts))
+        removed = {starts[name] + row for name, rows in manifest["removed"].items() if name in starts for row in rows}
         if self.key == "Flat":
-            self.index, covered = new_index("Flat", self.emb.dim), []
+            self.index, covered = new_index("Flat", self.emb.dim or manifest["dim"]), []
         else:
-            self.index = faiss.read_index(str(self.dir / INDEX_FILE))
-        for name, value in manifest.get("params", {}).items():
+            self.index, covered = self._read_index(faiss, fix), list(recorded)
+        for name, value in manifest["params"].items():
             set_param(self.index, name, value)
-        # Parts written after the build (or every part, for Flat) join now: appending needs no retraining.
         for part, name in enumerate(self.emb.names):
             if name not in covered:
                 rows = self.emb.kept(part)
+                rows = rows[~np.isin(rows + self.emb.starts[part], list(removed))] if removed else rows
                 self.index.add_with_ids(np.asarray(self.emb.vectors(part)[rows], dtype=np.float32),
                                         rows + self.emb.starts[part])
-        starts = dict(zip(self.emb.names, self.emb.starts))
-        self.removed = {starts[name] + row for name, rows in manifest.get("removed", {}).items()
-                        if name in starts for row in rows}
+        # Rows removed from parts the FAISS file holds are filtered from answers; the others were never added.
+        self.removed = {row for row in removed if self._part_name(row) in covered}
         self._paths: list | None = None
+
+    def _read_index(self, faiss, fix: str):
+        path = self.dir / INDEX_FILE
+        manifest = self.manifest
+        expected = manifest.get("index_bytes")
+        if not path.is_file() or (expected is not None and path.stat().st_size != expected):
+            what = "is missing" if not path.is_file() else f"holds {path.stat().st_size:,} bytes, not {expected:,}"
+            raise UserError(f"{path} {what}; {fix}")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise UserError(f"{path} is not a FAISS index FAISS reads; {fix}") from e
+        if index.ntotal != manifest.get("vectors") or index.d != manifest["dim"]:
+            raise UserError(f"{path} holds {index.ntotal:,} vectors of width {index.d} where the index recorded "
+                            f"{manifest.get('vectors')} of width {manifest['dim']}; {fix}")
+        return index
+
+    def _part_name(self, row: int) -> str:
+        return self.emb.names[int(np.searchsorted(np.array(self.emb.starts), row, side="right")) - 1]
 
     @property
     def size(self) -> int:
@@ -408,36 +637,109 @@ class VectorIndex:
         return [[(int(i), float(s)) for s, i in zip(row_scores, row_ids) if i >= 0 and int(i) not in self.removed][:k]
                 for row_scores, row_ids in zip(scores, ids)]
 
+    def query(self, vector, k: int = 10) -> list[tuple[str, float]]:
+        """The k rows most similar (cosine) to a unit `vector`: (image path as the metadata records it, score)."""
+        return [(self.path(row), score) for row, score in self.search(np.asarray(vector, dtype=np.float32), k)[0]]
+
+
+def _embed_job(emb_dir: Path) -> dict:
+    path = emb_dir / "embed.json"
+    if not path.is_file():
+        return {}
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); {embeddings_fix(emb_dir)}") from e
+    return job if isinstance(job, dict) else {}
+
+
+def _check_complete(emb_dir: Path, job: dict) -> None:
+    """An index covers a whole embed job: a part it has not finished would join later, out of order."""
+    count = job.get("parts")
+    if not isinstance(count, int):
+        return
+    names = [str(part).zfill(len(str(count))) for part in range(count)]
+    missing = [name for name in names if not part_paths(emb_dir, name)["metadata"].is_file()]
+    if missing:
+        raise UserError(f"{emb_dir} is unfinished: {len(missing)} of {count} parts are not written (first: "
+                        f"{part_paths(emb_dir, missing[0])['metadata']}); rerun the --mode embed command that wrote it "
+                        "(it writes only those), then build the index")
+
+
+def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int = 0
+                 ) -> tuple[np.ndarray | None, str]:
+    """(unit text vectors to tune on, where they came from): the embeddings' own caption vectors when they have
+    them, else zero-shot prompts over OBJECT_NAMES encoded by the weights the embeddings were made with (the ones
+    embed.json names when that file is still there, else model_path / phi), which must be those weights."""
+    if emb.text:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(emb.total, size=min(count, emb.total), replace=False))
+        return emb.rows_at(rows, "text_emb"), "the embeddings' captions"
+    recorded = job.get("model")
+    if recorded is None or str(recorded).startswith("random:"):
+        return None, ("no text queries: the embeddings record no weights" if recorded is None
+                      else "no text queries: the embeddings were made with random weights")
+    import torch
+    import torch.nn.functional as F
+
+    from clip import CLIP
+    from utils.eval.feature_cache import model_identity
+    from utils.prompts import load_templates
+
+    weights = job.get("model_path") if job.get("model_path") and Path(job["model_path"]).exists() else None
+    model = CLIP(model_path=weights or config["model_path"], phi=job.get("phi") or config["phi"],
+                 cuda=config.get("Cuda"), precision=config.get("precision"))
+    if model_identity(model.weights_path or "", model.phi) != recorded:
+        raise UserError(f"the embeddings in {emb.root} were made with other weights than {config['model_path']} "
+                        f"({config['phi']}); mode index encodes text prompts with them to tune for text queries: give "
+                        "the --model_path and --phi the embeddings were made with")
+    texts = prompt_texts(count, load_templates("", "cn" if model.net.config.text.is_bert else "en"), seed)
+    with torch.no_grad():
+        vectors = torch.cat([F.normalize(model.detect_image_for_eval(texts=texts[s:s + 64])[1].float(), dim=-1).cpu()
+                             for s in range(0, len(texts), 64)])
+    return vectors.numpy(), f"{len(texts)} prompts over common object names"
+
 
 def run_index(config: dict) -> dict:
     """predict.py mode="index": build the index of embeddings_dir into index_dir and report on it."""
     faiss = _faiss()
     emb_dir, index_dir = Path(config["embeddings_dir"]), Path(config["index_dir"])
     memory = parse_memory(config["index_memory"])
-    emb = Embeddings.open(emb_dir)
-    existing = read_manifest(index_dir)
-    if existing is None and index_dir.is_dir() and any(index_dir.iterdir()):
-        raise UserError(f"index_dir {index_dir} is not empty and holds no index; choose an empty or new folder")
-    if existing is not None and existing["embeddings_dir"] == "." :
+    existing = read_manifest(index_dir, older=True)
+    if existing is None:
+        refuse_foreign_folder(index_dir, "the index")
+    elif existing.get("embeddings_dir") == ".":
         raise UserError(f"index_dir {index_dir} is a folder search index (--mode search --dir_origin_path); "
                         "choose another index_dir")
+    job = _embed_job(emb_dir)
+    _check_complete(emb_dir, job)
+    emb = Embeddings.open(emb_dir)
     n = sum(len(emb.kept(part)) for part in range(len(emb.names)))
     key = choose_key(n, emb.dim, memory, config["index_type"])
+    new_index(key, emb.dim)  # a key FAISS cannot parse is refused before any work
     print(f"{n:,} vectors of dimension {emb.dim} in {len(emb.names)} parts of {emb_dir} -> {key}")
-    index, report = build(emb, key)
+    if key == "Flat" and not emb.text:
+        texts, source = None, "none needed (exact search)"
+    else:
+        texts, source = text_queries(emb, job, config, 1000)
+    print(f"text queries: {source}")
+    index, report = build(emb, key, text_queries=texts)
     index_dir.mkdir(parents=True, exist_ok=True)
+    size = {}
     if key != "Flat":
-        data = faiss.serialize_index(index)
-        atomic_write_bytes(data.tobytes(), index_dir / INDEX_FILE)
-    model = {}
-    if (emb_dir / "embed.json").is_file():
-        model = {k: v for k, v in json.loads((emb_dir / "embed.json").read_text(encoding="utf-8")).items()
-                 if k in ("model", "phi", "root")}
+        data = faiss.serialize_index(index).tobytes()
+        atomic_write_bytes(data, index_dir / INDEX_FILE)
+        size = {"index_bytes": len(data)}
+    else:
+        (index_dir / INDEX_FILE).unlink(missing_ok=True)  # an earlier build's, which nothing reads now
+    model = {k: v for k, v in job.items() if k in ("model", "phi", "root")}
     write_manifest(index_dir, {"format": FORMAT, "embeddings_dir": str(emb_dir.resolve()), "key": key,
-                               "dim": emb.dim, "parts": emb.names, "params": report["params"], "removed": {},
-                               **model, "report": report})
+                               "dim": emb.dim, "parts": dict(zip(emb.names, emb.rows)), "vectors": report["vectors"],
+                               **size, "params": report["params"], "removed": {}, **model, "report": report})
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items())
+    recalls = " and ".join(f"{report['recall_at_10'][kind]:.3f} on {count} {kind} queries"
+                           for kind, count in report["queries"].items())
     print(f"index {index_dir}: {key}{f' ({params})' if params else ''}, {report['vectors']:,} vectors, "
           f"{human_size(report['memory_bytes'])} in memory, built in {report['build_seconds']:.1f} s, recall@10 "
-          f"{report['recall_at_10']:.3f} against exact search on {report['held_out']} held-out vectors")
+          f"{recalls}, against exact search")
     return report

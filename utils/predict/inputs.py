@@ -43,6 +43,39 @@ def predictions_path(config: dict) -> Path:
     return Path(config["dir_save_path"]) / f"predictions_{name}.csv"
 
 
+def search_inputs(config: dict, explicit: dict) -> dict:
+    """search and web: `config` with index_dir resolved, and dir_origin_path the folder its folder search indexes
+    when only index_dir was given. An index_dir is used only as given: one that holds no index of this project
+    (missing, empty, another program's or version's index.json) is refused, unless the user asked to index a folder
+    there (dir_origin_path given); a folder search is never pointed at another folder behind the user's back."""
+    from utils.predict.index import read_manifest, refuse_foreign_folder  # numpy: not needed by most modes
+
+    folder_given, given = "dir_origin_path" in explicit, bool(config["index_dir"])
+    where = index_dir(config)
+    config = {**config, "index_dir": where}
+    manifest = read_manifest(where, older=config["rebuild_index"])
+    if manifest is not None and manifest.get("embeddings_dir") != ".":
+        return config  # built by mode "index": answered from as it is
+    if manifest is not None:
+        recorded = manifest.get("folder")
+        if recorded and not folder_given:
+            return {**config, "dir_origin_path": recorded}
+        if recorded and Path(recorded).resolve() != Path(config["dir_origin_path"]).resolve() \
+                and not config["rebuild_index"]:
+            raise UserError(f"index_dir {where} is the folder search of {recorded}, not of "
+                            f"{config['dir_origin_path']}; give that --dir_origin_path, another index_dir, or "
+                            "--rebuild_index true to index the new folder there instead")
+        return config
+    if given and not folder_given:
+        state = ("does not exist" if not Path(where).exists() else
+                 "is empty" if Path(where).is_dir() and not any(Path(where).iterdir()) else "holds no index.json")
+        raise UserError(f"index_dir {where} {state}: it holds no index to search; build one with python predict.py "
+                        f"--mode index --embeddings_dir E --index_dir {where}, or index a folder of images there with "
+                        "--dir_origin_path FOLDER")
+    refuse_foreign_folder(where, "a folder search")
+    return config
+
+
 def index_dir(config: dict) -> str:
     """The search index's folder: index_dir when set, else one per indexed folder under logs/search_index, so
     switching between folders keeps each one's features instead of re-encoding everything."""

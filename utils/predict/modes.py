@@ -77,25 +77,15 @@ def dir_predict(config: dict) -> None:
     print(f"{scored} images scored, {len(problems)} unreadable skipped; wrote {out}")
 
 
-def _with_index_dir(config: dict) -> dict:
-    """search and web get the folder's default index_dir (mode index builds only where it is told: a default
-    would be a search's)."""
-    from utils.predict.inputs import index_dir
-
-    return {**config, "index_dir": index_dir(config)}
-
-
 def search(config: dict) -> None:
     from utils.predict.search import run_search
 
-    config = _with_index_dir(config)
     run_search(_clip(config), config)
 
 
 def web(config: dict) -> None:
     from utils.web.app import serve
 
-    config = _with_index_dir(config)
     serve(_clip(config), config)
 
 

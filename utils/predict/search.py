@@ -1,104 +1,76 @@
 """mode="search": a folder's image features kept up to date incrementally, or an index built by mode "index".
 
-A folder search keeps its index in index_dir in utils/predict/index.py's format with the embeddings inside:
-`img_emb/`, `metadata/` (each image's path relative to the folder, size and modification time) and `index.json`.
-An update encodes only new or changed images and writes them as one new part; the rows of changed and deleted
-images are listed as removed. Nothing already written is rewritten but the small index.json. Queries are
-answered by an exact FAISS inner-product index over the live rows.
+A folder search is an index of utils/predict/index.py's format with the embeddings inside index_dir: `img_emb/`,
+`metadata/` (each image's path relative to the folder, size and modification time) and `index.json`, opened (and
+verified) by its VectorIndex as a Flat index. What this module adds is the incremental part writer: an update
+encodes only new or changed images and writes them as one new part; the rows of changed and deleted images are
+listed as removed. Nothing already written is rewritten but the small index.json.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from utils.data.images import IMAGE_SUFFIXES, image_files
 from utils.errors import UserError
-from utils.eval.feature_cache import hash_weights
+from utils.eval.feature_cache import model_identity
 from utils.predict.ask import ask_loop
-from utils.predict.index import FORMAT, MANIFEST, Embeddings, VectorIndex, read_manifest, write_manifest
+from utils.predict.index import (FORMAT, VectorIndex, is_built_index, part_names, read_manifest, refuse_foreign_folder,
+                                 remove_part, write_manifest, write_part)
 from utils.tokenizer import truncated
 
-CHUNK = 65536
 PART_WIDTH = 5  # fixed, so that name order is part order for readers that sort names (embedding_reader)
 
 
-def model_identity(model_path: str, phi: str) -> str:
-    """What the features depend on: the weights' bytes (sha256) and the architecture."""
-    if not model_path:
-        return f"random:{phi}"
-    h = hashlib.sha256(phi.encode())
-    hash_weights(h, model_path)
-    return h.hexdigest()[:32]
-
-
 class SearchIndex:
+    """A folder search: a Flat VectorIndex over the parts kept in index_dir, and the writer that grows it by a
+    part per update. Only a new or empty folder, or one holding a folder search of these weights, is taken."""
+
     def __init__(self, index_dir: str | Path, model_id: str, rebuild: bool = False):
         self.dir = Path(index_dir)
         self.model_id = model_id
+        manifest = read_manifest(self.dir, older=rebuild)
+        if manifest is None:
+            refuse_foreign_folder(self.dir, "a folder search")
+        elif manifest.get("embeddings_dir") != ".":
+            raise UserError(f"index_dir {self.dir} holds an index built by mode \"index\"; search it without "
+                            "--dir_origin_path, or choose another index_dir for a folder search")
+        elif rebuild:
+            for name in part_names(self.dir):
+                remove_part(self.dir, name)
+            manifest = None
+        elif manifest.get("model") != model_id:
+            raise UserError(f"the index in {self.dir} was made with other weights or another phi; searching "
+                            "it with this model would return nonsense. Pass --rebuild_index true to re-encode "
+                            "the folder, or choose another index_dir")
+        self._open(manifest)
+
+    def _open(self, manifest: dict | None) -> None:
+        """Read the live rows' paths, sizes and times; the vectors stay in the (verified) VectorIndex."""
         self.paths: list[str] = []
         self.stats: list[tuple[int, int]] = []
-        self.features = torch.zeros(0, 0)
         self._where: list[tuple[str, int]] = []  # (part, row) of each live path
-        self._parts: list[str] = []
-        self._removed: dict[str, list[int]] = {}
-        self._exact = None
-        if (self.dir / "embed.json").is_file():  # never take (and delete) what mode "embed" wrote for an index
-            raise UserError(f"index_dir {self.dir} holds embeddings written by mode \"embed\"; index them with "
-                            f"--mode index --embeddings_dir {self.dir} --index_dir <a new folder>, or choose another "
-                            "index_dir")
-        if rebuild or not (self.dir / MANIFEST).is_file():
-            self._forget_files(keep_parts=[])
+        self._removed = {k: list(v) for k, v in (manifest or {}).get("removed", {}).items()}
+        self.index = VectorIndex(self.dir) if manifest is not None and manifest.get("parts") else None
+        if self.index is None:
             return
-        try:
-            manifest = read_manifest(self.dir)
-            if manifest is None:
-                raise ValueError("an older format")
-            if manifest.get("model") != model_id:
-                raise UserError(f"the index in {self.dir} was made with other weights or another phi; searching "
-                                "it with this model would return nonsense. Pass --rebuild_index true to re-encode "
-                                "the folder, or choose another index_dir")
-            self._load(manifest)
-        except UserError:
-            raise
-        except Exception as e:  # a damaged index is only a cache of features
-            print(f"index in {self.dir} is unreadable ({type(e).__name__}: {e}); rebuilding it")
-            self.__init__(index_dir, model_id, rebuild=True)
-
-    def _forget_files(self, keep_parts: list[str]) -> None:
-        """Delete this index's own files other than `keep_parts` (a rebuild, or the previous format's files)."""
-        for name in ("features.safetensors",):
-            (self.dir / name).unlink(missing_ok=True)
-        for folder, prefix, suffix in (("img_emb", "img_emb_", ".npy"), ("metadata", "metadata_", ".parquet")):
-            for path in (self.dir / folder).glob(f"{prefix}*{suffix}"):
-                if path.name[len(prefix):-len(suffix)] not in keep_parts:
-                    path.unlink()
-
-    def _load(self, manifest: dict) -> None:
-        self._parts = list(manifest["parts"])
-        self._removed = {k: list(v) for k, v in manifest.get("removed", {}).items()}
-        if not self._parts:
-            return
-        emb = Embeddings.open(self.dir, self._parts)
-        rows = []
+        emb = self.index.emb
         for part, name in enumerate(emb.names):
             gone = set(self._removed.get(name, []))
             paths, sizes, times = (emb.column(part, c) for c in ("image_path", "size", "mtime_ns"))
-            vectors = emb.vectors(part)
             for row in range(len(paths)):
                 if row not in gone:
                     self.paths.append(paths[row])
                     self.stats.append((sizes[row], times[row]))
                     self._where.append((name, row))
-                    rows.append(np.asarray(vectors[row], dtype=np.float32))
-        self.features = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0)
 
-    def update(self, folder: str | Path, encode: Callable[[list[Path]], torch.Tensor]) -> dict[str, int]:
-        """Index every image under `folder`: new and changed ones are encoded (`encode(paths)` returns their
-        unit features), deleted ones dropped. Returns the counts of each and of the images kept."""
+    def update(self, folder: str | Path, encode: Callable[[list[Path]], tuple[torch.Tensor, list[Path]]]
+               ) -> dict[str, int]:
+        """Index every image under `folder`: new and changed ones are encoded (`encode(paths)` returns the unit
+        features of the readable ones and the unreadable paths), deleted ones dropped. Returns the counts of each
+        and of the images kept."""
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"dir_origin_path {folder} is not a folder")
@@ -117,54 +89,43 @@ class SearchIndex:
         encoded, unreadable = encode([folder / p for p in to_encode]) if to_encode else (torch.zeros(0, 0), [])
         failed = {Path(path).relative_to(folder).as_posix() for path in unreadable}
         added = [p for p in to_encode if p not in failed]
+        parts = dict(self.index.manifest["parts"]) if self.index is not None else {}
         for p in changed + removed:
             name, row = self._where[known[p][0]]
             self._removed.setdefault(name, []).append(row)
-        keep = [known[p][0] for p in kept]
-        where = [self._where[i] for i in keep]
+        live = {self._where[known[p][0]][0] for p in kept}
+        for name in part_names(self.dir):
+            if name not in parts:  # written by an update that was interrupted before its manifest
+                remove_part(self.dir, name)
         if added:
-            from utils.predict.index import write_part
-
-            name = str(max((int(n) for n in self._parts), default=-1) + 1).zfill(PART_WIDTH)
-            vectors = encoded.float().numpy()
-            write_part(self.dir, name, vectors, None, {"image_path": added, "size": [current[p][0] for p in added],
-                                                        "mtime_ns": [current[p][1] for p in added]})
-            self._parts.append(name)
-            where += [(name, row) for row in range(len(added))]
-        rows = [self.features[i] for i in keep] + list(encoded.float())
-        self.paths, self.stats, self._where = kept + added, [current[p] for p in kept + added], where
-        self.features = torch.stack(rows).float() if rows else torch.zeros(0, 0)
-        self._exact = None
-        self.save(folder)
+            name = str(max((int(n) for n in parts), default=-1) + 1).zfill(PART_WIDTH)
+            write_part(self.dir, name, encoded.float().numpy(), None, {
+                "image_path": added, "size": [current[p][0] for p in added],
+                "mtime_ns": [current[p][1] for p in added]})
+            parts[name] = len(added)
+            live.add(name)
+        if added or changed or removed or self.index is None:
+            self._save(folder, {name: rows for name, rows in parts.items() if name in live},
+                       int(encoded.shape[1]) if added else (self.index.manifest["dim"] if self.index else 0))
         return {"new": len([p for p in new if p not in failed]), "changed": len([p for p in changed if p not in failed]),
                 "removed": len(removed), "kept": len(kept), "unreadable": len(failed)}
 
-    def save(self, folder: Path) -> None:
+    def _save(self, folder: Path, parts: dict[str, int], dim: int) -> None:
+        """The manifest of the live parts, then the files of parts none of whose rows is live any more."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        live = {name for name, _ in self._where}
-        # A part none of whose rows is live any more goes, with its removed list.
-        gone = [name for name in self._parts if name not in live]
-        self._parts = [name for name in self._parts if name in live]
-        self._removed = {name: sorted(rows) for name, rows in self._removed.items() if name in live}
-        write_manifest(self.dir, {"format": FORMAT, "embeddings_dir": ".", "key": "Flat",
-                                  "dim": int(self.features.shape[1]) if len(self.features) else 0,
-                                  "parts": self._parts, "removed": self._removed, "model": self.model_id,
-                                  "folder": str(folder)})
-        for name in gone:
-            (self.dir / "img_emb" / f"img_emb_{name}.npy").unlink(missing_ok=True)
-            (self.dir / "metadata" / f"metadata_{name}.parquet").unlink(missing_ok=True)
+        manifest = {"format": FORMAT, "embeddings_dir": ".", "key": "Flat", "dim": dim, "parts": parts,
+                    "removed": {name: sorted(rows) for name, rows in self._removed.items() if name in parts},
+                    "params": {}, "model": self.model_id, "folder": str(folder.resolve())}
+        write_manifest(self.dir, manifest)
+        for name in part_names(self.dir):
+            if name not in parts:
+                remove_part(self.dir, name)
+        self._open(manifest)
 
     def query(self, vector: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
-        """The k indexed images most similar (cosine) to a unit `vector`, best first, exactly."""
-        if not self.paths:
-            return []
-        if self._exact is None:
-            import faiss
-
-            self._exact = faiss.IndexFlatIP(self.features.shape[1])
-            self._exact.add(np.ascontiguousarray(self.features.numpy(), dtype=np.float32))
-        scores, rows = self._exact.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), min(k, len(self.paths)))
-        return [(self.paths[i], float(s)) for s, i in zip(scores[0], rows[0]) if i >= 0]
+        """The k indexed images most similar (cosine) to a unit `vector`, best first, exactly: (path relative to
+        the folder, score)."""
+        return self.index.query(vector, k) if self.index is not None and self.paths else []
 
 
 class BuiltIndex:
@@ -188,39 +149,24 @@ class BuiltIndex:
         return path
 
     def query(self, vector: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
-        found = self.index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), k)[0]
-        return [(self._shown(self.index.path(row)), score) for row, score in found]
+        return [(self._shown(path), score) for path, score in self.index.query(vector, k)]
 
 
 def open_index(model, config: dict):
     """(index, folder its paths are relative to, a line saying what was indexed) for search and web: an index
-    built by mode "index" in index_dir is answered from as it is; otherwise dir_origin_path is (re)indexed there."""
-    manifest = read_manifest(config["index_dir"])
+    built by mode "index" in index_dir is answered from as it is; otherwise dir_origin_path is (re)indexed there
+    (utils/predict/inputs.search_inputs has checked that the user asked for that)."""
     identity = model_identity(model.weights_path or "", model.phi)
-    if manifest is not None and manifest.get("embeddings_dir") != ".":
+    if is_built_index(config["index_dir"]):
         index = BuiltIndex(config["index_dir"], identity)
         return index, index.folder, (f"index {config['index_dir']}: {index.index.size:,} images "
-                                     f"({index.index.key} over {manifest['embeddings_dir']})")
+                                     f"({index.index.key} over {index.index.manifest['embeddings_dir']})")
     folder = Path(config["dir_origin_path"])
     index = SearchIndex(config["index_dir"], identity, config["rebuild_index"])
     counts = index.update(folder, encode_paths(model, config["batch_size"]))
     return index, folder, (f"index {config['index_dir']}: {len(index.paths)} images ({counts['new']} new, "
                            f"{counts['changed']} changed re-encoded, {counts['removed']} removed, "
                            f"{counts['unreadable']} unreadable left out)")
-
-
-@torch.no_grad()
-def top_k(features: torch.Tensor, vector: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
-    """(scores, rows) of the k rows of `features` with the largest dot product with `vector`, in chunks."""
-    vector = vector.reshape(-1).to(features.dtype)
-    best_scores, best_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-    for start in range(0, len(features), CHUNK):
-        scores = features[start:start + CHUNK] @ vector
-        top = scores.topk(min(k, len(scores)))
-        best_scores = torch.cat([best_scores, top.values])
-        best_rows = torch.cat([best_rows, top.indices + start])
-    order = best_scores.topk(min(k, len(best_scores))).indices
-    return best_scores[order].tolist(), best_rows[order].tolist()
 
 
 def encode_paths(model, batch_size: int = 32, threads: int | None = None
