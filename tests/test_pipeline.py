@@ -136,7 +136,7 @@ def test_the_web_page_and_fast_decode_off(photos):
     model, folder = photos["model"], photos["folder"]
     index = SearchIndex(photos["tmp"] / "index", "test")
     assert index.update(folder, encode_paths(model))["unreadable"] == 1
-    client = TestClient(create_app(model, index, folder))
+    client = TestClient(create_app(model, index, folder), base_url="http://127.0.0.1")  # the page answers loopback Hosts only
     china = folder / "china.jpg"
     found = client.post("/api/search_image", files={"image": ("china.jpg", china.read_bytes(), "image/jpeg")},
                         data={"k": "3"}).json()["results"]
