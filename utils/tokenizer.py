@@ -184,7 +184,33 @@ class BPETokenizer:
         return np.array(rows, dtype=np.int64).reshape(len(texts), context_length)
 
 
-class BertTokenizer:
+class _PaddedTransformersTokenizer:
+    """A transformers tokenizer (`self.tokenizer`) cut and padded to `self.context_length`: BERT's and SigLIP's,
+    which differ only in how a caption is cleaned first (`clean`)."""
+
+    context_length: int
+
+    def clean(self, text: str) -> str:
+        return text
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """(N, context_length) int64 ids: the tokenizer's own special tokens around the cleaned text, truncated and
+        padded to the full length (BERT: [CLS], text, [SEP], [PAD]; over-long texts keep [SEP] last)."""
+        texts = _as_text_list(texts)
+        context_length = _check_context_length(self.context_length if context_length is None else context_length)
+        if not texts:
+            return np.zeros((0, context_length), dtype=np.int64)
+        encoded = self.tokenizer([self.clean(t) for t in texts], max_length=context_length, truncation=True,
+                                 padding="max_length")
+        return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
+
+
+class BertTokenizer(_PaddedTransformersTokenizer):
     """WordPiece tokenizer for Chinese BERT text towers, built from a local vocab file."""
 
     def __init__(self, vocab_path: str | Path | None = None, context_length: int = 77) -> None:
@@ -208,19 +234,6 @@ class BertTokenizer:
         """Token ids for `text`, without [CLS] and [SEP]."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
-        import torch
-
-        return torch.from_numpy(self.ids(texts, context_length))
-
-    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
-        """(N, context_length) int64 ids: [CLS], text, [SEP], then [PAD]; over-long texts keep [SEP] last."""
-        texts = _as_text_list(texts)
-        context_length = _check_context_length(self.context_length if context_length is None else context_length)
-        if not texts:
-            return np.zeros((0, context_length), dtype=np.int64)
-        encoded = self.tokenizer(texts, max_length=context_length, truncation=True, padding="max_length")
-        return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
 
 
 # SigLIP's tokenizer files, as the hub repos of its weights hold them: transformers' fast tokenizer, or a
@@ -237,7 +250,7 @@ def canonicalize(text: str) -> str:
     return " ".join(text.replace("_", " ").translate(_PUNCTUATION).lower().split())
 
 
-class SiglipTokenizer:
+class SiglipTokenizer(_PaddedTransformersTokenizer):
     """SigLIP's tokenizer from a folder of tokenizer files (no hub): canonicalized captions, cut to
     `context_length` and padded to it with the tokenizer's pad id, since SigLIP's bidirectional tower pools the
     last position of captions padded as in training."""
@@ -268,22 +281,10 @@ class SiglipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of the canonicalized `text`, with the tokenizer's own special tokens, unpadded."""
-        return self.tokenizer(canonicalize(text))["input_ids"]
+        return self.tokenizer(self.clean(text))["input_ids"]
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
-        import torch
-
-        return torch.from_numpy(self.ids(texts, context_length))
-
-    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
-        """(N, context_length) int64 ids: canonicalized, truncated and padded to the full length."""
-        texts = _as_text_list(texts)
-        context_length = _check_context_length(self.context_length if context_length is None else context_length)
-        if not texts:
-            return np.zeros((0, context_length), dtype=np.int64)
-        encoded = self.tokenizer([canonicalize(t) for t in texts], max_length=context_length, truncation=True,
-                                 padding="max_length")
-        return np.array(encoded["input_ids"], dtype=np.int64).reshape(len(texts), context_length)
+    def clean(self, text: str) -> str:
+        return canonicalize(text)
 
 
 def files_beside(weights: str | Path | None) -> Path | None:
