@@ -3,15 +3,13 @@ longer than the text tower reads (issue 27)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from utils.data.toy import make_toy_dataset
-from nets import build_model, get_config
+from nets import get_config
 from tests.conftest import run_script
+from tests.test_search import tiny_weights_and_photos
 from tests.test_training import train, train_args
 from utils.tokenizer import build_tokenizer
 
@@ -71,13 +69,7 @@ def test_train_py_reports_its_inputs_before_training(tmp_path, capsys):
 
 
 def test_search_says_when_a_query_was_truncated(tmp_path, capsys):
-    torch.manual_seed(3)
-    weights = tmp_path / "tiny.pth"
-    torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, colour in enumerate([(200, 20, 20), (20, 200, 20)]):
-        Image.new("RGB", (48, 48), colour).save(photos / f"{i}.png")
+    weights, photos = tiny_weights_and_photos(tmp_path, 2)
     room = get_config("tiny/VIT-T-8").text.context_length
 
     def run(query: str) -> str:

@@ -82,15 +82,21 @@ def test_updates_encode_only_new_and_changed_images_and_drop_deleted_ones(tmp_pa
     assert SearchIndex(tmp_path / "index", "model-2", rebuild=True).paths == []
 
 
-@pytest.mark.slow
-def test_search_mode_end_to_end_by_text_and_by_example(tmp_path, capsys):
+def tiny_weights_and_photos(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    """Seeded random tiny/VIT-T-8 weights and a folder of `count` (at most 4) one-colour pictures to search."""
     torch.manual_seed(3)
     weights = tmp_path / "tiny.pth"
     torch.save(build_model(get_config("tiny/VIT-T-8")).state_dict(), weights)
     photos = tmp_path / "photos"
     photos.mkdir()
-    for i, colour in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)]):
+    for i, colour in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)][:count]):
         Image.new("RGB", (48, 48), colour).save(photos / f"{i}.png")
+    return weights, photos
+
+
+@pytest.mark.slow
+def test_search_mode_end_to_end_by_text_and_by_example(tmp_path, capsys):
+    weights, photos = tiny_weights_and_photos(tmp_path, 4)
 
     def run(query: str, model_path=weights, phi="auto") -> tuple[int, str, str]:
         return run_script("predict.py", "--mode", "search", "--model_path", model_path, "--phi", phi,
