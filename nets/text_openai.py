@@ -5,29 +5,22 @@ import torch
 from torch import nn
 
 from .configs import TextConfig
-from .transformer import Packing, Transformer
+from .text_transformer import TokenTransformer
+from .transformer import Packing
 
 
-class OpenAITextTower(nn.Module):
+class OpenAITextTower(TokenTransformer):
     def __init__(self, config: TextConfig, embed_dim: int):
-        super().__init__()
-        self.context_length = config.context_length
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-        self.transformer = Transformer(config.width, config.layers, config.heads, causal=True,
-                                       mlp_width=config.mlp_width, activation=config.activation)
-        self.ln_final = nn.LayerNorm(config.width)
+        super().__init__(config, causal=True)
         self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
         self.init_weights()
 
     def init_weights(self) -> None:
+        # OpenAI's order of the random draws (the projection before the blocks), so seeded inits stay the same.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
         self.transformer.init_weights()
-
-    def set_grad_checkpointing(self, enable: bool) -> None:
-        self.transformer.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) BPE ids, zero-padded after EOT, the largest id in each row."""

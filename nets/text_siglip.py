@@ -6,22 +6,17 @@ import torch
 from torch import nn
 
 from .configs import TextConfig
-from .transformer import Transformer
+from .text_transformer import TokenTransformer
 
-class SiglipTextTower(nn.Module):
+
+class SiglipTextTower(TokenTransformer):
     """Keys as open_clip's `text.*`: `token_embedding`, `positional_embedding`, `transformer.resblocks.N.*`,
     `ln_final`, `text_projection.weight` (`.bias` with `config.proj_bias`). `config.projection=False` is the i18n
     SO400M's: its width is the embedding, with no projection at all. `config.activation` is "gelu" (SigLIP) or
     "gelu_tanh" (SigLIP 2); `config.eps` is every LayerNorm's (1e-6 in SigLIP's rows)."""
 
     def __init__(self, config: TextConfig, embed_dim: int):
-        super().__init__()
-        self.context_length = config.context_length
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-        self.transformer = Transformer(config.width, config.layers, config.heads, causal=False,
-                                       mlp_width=config.mlp_width, activation=config.activation, eps=config.eps)
-        self.ln_final = nn.LayerNorm(config.width, eps=config.eps)
+        super().__init__(config, causal=False, eps=config.eps)
         projection = config.projection
         if not projection and config.width != embed_dim:
             raise ValueError(f"a text tower without projection gives width {config.width} features, not {embed_dim}")
@@ -29,16 +24,11 @@ class SiglipTextTower(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        self.transformer.init_weights()
+        self.init_body()
         if isinstance(self.text_projection, nn.Linear):
             nn.init.normal_(self.text_projection.weight, std=self.transformer.width ** -0.5)
             if self.text_projection.bias is not None:
                 nn.init.zeros_(self.text_projection.bias)
-
-    def set_grad_checkpointing(self, enable: bool) -> None:
-        self.transformer.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, context_length) ids, padded to the full length as SigLIP's tokenizers pad them.

@@ -1,6 +1,7 @@
 """Fine-tuning recipes: contrastive-exact accumulation, partial locking, LoRA (merged == adapter) and WiSE-FT in train.py."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from utils.finetune.partial import apply_locks, text_groups, vision_groups
 from utils.finetune.wise_ft import interpolate
 from utils.train.checkpoint import load_state, newest_state
 from utils.train.distributed import DistInfo
-from utils.train.loss import ClipLoss
+from utils.train.loss import ClipLoss, SigLipLoss
 
 FP32 = torch.float32
 CPU = torch.device("cpu")
@@ -85,40 +86,65 @@ def test_accumulation_gradients_equal_one_batch_within_1e_5(config, checkpointin
     assert max((naive[n] - direct[n]).abs().max() for n in direct) > 1e-3
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out: str, state: dict, pixels, tokens, k: int) -> None:
+# The 2-process checks, one per loss: SMALL with CLIP's softmax, and SMALL with a bias moved off its start (so a wrong
+# sign or a missing bias shows) with SigLIP's sigmoid, whose per-rank loss is also checked against open_clip's.
+_DDP_CASES = {"softmax": (SMALL, ClipLoss), "sigmoid": (replace(SMALL, init_logit_bias=-3.0), SigLipLoss)}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str, loss_name: str, state: dict, pixels, tokens) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = build_model(SMALL)
+        config, criterion = _DDP_CASES[loss_name]
+        model = build_model(config)
         model.load_state_dict(state)
-        model.set_grad_checkpointing(rank == 0)  # one rank recomputing, one not: both must give the same
-        ddp = DistributedDataParallel(model)
         info = DistInfo(rank=rank, local_rank=rank, world_size=world)
         share = len(pixels) // world
         mine = slice(rank * share, (rank + 1) * share)
-        batch = CachedBatch(ddp, ClipLoss(info), pixels[mine], tokens[mine], k, CPU, FP32)
-        batch.backward(lambda loss: loss.backward())
-        whole = batch.loss.clone()
-        dist.all_reduce(whole)  # each rank's loss covers its rows; the batch's loss is their mean
+        results = {}
+        if loss_name == "sigmoid":  # this rank's loss, ours and open_clip's (which passes captions round the ranks)
+            from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
+
+            with torch.no_grad():
+                outputs = model(pixels[mine], tokens[mine])
+                results["own"] = SigLipLoss(info)(*outputs)
+                results["open_clip"] = OpenClipSigLipLoss(rank=rank, world_size=world)(*outputs)
+        model.set_grad_checkpointing(rank == 0)  # one rank recomputing, one not: both must give the same
+        ddp = DistributedDataParallel(model)
+        for k in (1, 2):  # the whole local batch, and 2 micro-batches of it
+            model.zero_grad(set_to_none=True)
+            batch = CachedBatch(ddp, criterion(info), pixels[mine], tokens[mine], k, CPU, FP32)
+            batch.backward(lambda loss: loss.backward())
+            whole = batch.loss.clone()
+            dist.all_reduce(whole)  # each rank's loss covers its rows; the batch's loss is their mean
+            results[k] = {"loss": whole / world, "grads": _grads(model)}
         if rank == 0:
-            torch.save({"loss": whole / world, "grads": _grads(model)}, out)
+            torch.save(results, out)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_accumulation_with_two_gloo_processes_equals_one_batch_within_1e_5(tmp_path):
-    """2 processes x 2 micro-batches of 2 == one process with batch 8 (DDP averages, the loss spans both ranks)."""
+@pytest.mark.parametrize("loss_name", list(_DDP_CASES))
+def test_two_gloo_processes_with_accumulation_equal_one_batch_within_1e_5(tmp_path, loss_name):
+    """2 processes x batch 4 (x 1 or 2 micro-batches) == one process with batch 8 (DDP averages, the loss spans both
+    ranks), for either loss; with sigmoid, each rank's loss is open_clip's SigLipLoss."""
+    config, criterion = _DDP_CASES[loss_name]
     torch.manual_seed(0)
-    model = build_model(SMALL)
-    pixels, tokens = _batch(SMALL, 8, seed=1)
-    direct = _direct_grads(model, pixels, tokens)
+    model = build_model(config)
+    pixels, tokens = _batch(config, 8, seed=1)
+    direct = _direct_grads(model, pixels, tokens, criterion())
+    loss = criterion()(*model(pixels, tokens)).detach()
     out = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), model.state_dict(), pixels, tokens, 2),
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), loss_name, model.state_dict(), pixels, tokens),
              nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
-    _assert_close(result["grads"], direct)
-    torch.testing.assert_close(result["loss"], ClipLoss()(*model(pixels, tokens)).detach(), atol=1e-6, rtol=1e-6)
+    for k in (1, 2):
+        _assert_close(result[k]["grads"], direct)
+        torch.testing.assert_close(result[k]["loss"], loss, atol=1e-6, rtol=1e-6)
+    if loss_name == "sigmoid":
+        torch.testing.assert_close(result["own"], result["open_clip"], atol=1e-6, rtol=1e-6)
 
 
 def test_partial_locks_unlock_the_last_groups():
