@@ -16,6 +16,7 @@ from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer, files_beside, tokenizer_kind
 from utils.weights.load import load, preprocess_of
+from utils.weights.memory import ensure_fits
 
 
 class CLIP(object):
@@ -81,6 +82,10 @@ class CLIP(object):
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
+        if self.device.type == "cuda":  # the GPU copy of the weights, refused in one line when it cannot fit
+            size = torch.finfo(PRECISIONS[self.precision]).bits // 8
+            ensure_fits(sum(t.numel() for t in self.net.state_dict().values()) * size, f"{self.phi} on {self.device}",
+                        self.device)
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
         if self.onednn and self.device.type == "cpu":
             accelerate(self.net)

@@ -15,13 +15,15 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from nets.clip import CLIP, build_model
-from nets.configs import CLIPConfig, architecture_differences, get_config, infer_config, phi_of, with_activation
+from nets.configs import (MODEL_CONFIGS, CLIPConfig, architecture_differences, get_config, infer_config, phi_of,
+                          with_activation)
 
 from utils.data.preprocess import OPENAI, Preprocess
 from utils.errors import UserError
 from utils.weights.arch import arch_path, read_arch
 from utils.weights.folders import file_layout, folder_layout, read_layout
 from utils.weights.layouts import to_openai, unwrap
+from utils.weights.memory import ensure_fits, parameter_count
 from utils.weights.pretrained import locate
 from utils.weights.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
@@ -201,8 +203,19 @@ def check_fits(wanted: Mapping[str, torch.Tensor], checkpoint: Checkpoint, phi: 
 
 
 def load_into(model: CLIP, checkpoint: Checkpoint, phi: str) -> None:
+    """A strict load. A model on the meta device takes the checkpoint's tensors themselves (no second copy of the
+    weights in memory): contiguous, none shared by two names, cast to fp32 by the caller's `.float()`."""
     check_fits(model.state_dict(), checkpoint, phi)
-    model.load_state_dict(checkpoint.state_dict, strict=True)
+    if not next(model.parameters()).is_meta:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+        return
+    seen, state = set(), {}
+    for name, tensor in checkpoint.state_dict.items():
+        tensor = tensor.contiguous()
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        state[name] = tensor.clone() if where in seen else tensor  # tied names stay two parameters
+        seen.add(where)
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 @dataclass
@@ -217,9 +230,14 @@ class Opened:
 
 def open_weights(model_path: str | Path, phi: str) -> Opened:
     """locate -> read -> resolve: a weight name is downloaded on first use, once per load."""
+    if phi in MODEL_CONFIGS:  # before a download of weights that could not fit
+        ensure_fits(parameter_count(get_config(phi)) * 4, f"{phi}'s weights")
     located = locate(model_path, phi)
     checkpoint = read_checkpoint(located.path)
     config, phi, notes = resolve(checkpoint, located.phi)
+    # The file is in memory now; what a load adds is the fp32 copy of tensors stored in another precision.
+    cast = sum(t.numel() * 4 for t in checkpoint.state_dict.values() if t.is_floating_point() and t.dtype != torch.float32)
+    ensure_fits(cast, f"{located.path} in float32", announce=False)
     return Opened(checkpoint, config, phi, notes, located.preprocess or checkpoint.preprocess or OPENAI)
 
 
@@ -251,15 +269,16 @@ def load(model_path: str | Path, phi: str) -> tuple[CLIP, str, Path]:
 
 
 def _built_for_loading(config) -> CLIP:
-    """The model with uninitialised weights, for a strict load to fill: ViT-B/32's random initialisation alone
-    takes about a second of CPU, all of it overwritten. Built normally when it holds buffers that are not in a
+    """The model on the meta device, for a strict load to give the checkpoint's tensors to: ViT-B/32's random
+    initialisation alone takes about a second of CPU, all of it overwritten, and a second copy of the weights
+    would double the memory a large model needs. Built normally when it holds buffers that are not in a
     state dict (transformers' BERT computes some at construction), since those must be computed."""
     with torch.device("meta"):
         model = build_model(config)
     saved = set(model.state_dict())
     if any(name not in saved for name, _ in model.named_buffers()):
         return build_model(config)
-    return model.to_empty(device="cpu")
+    return model  # load_into gives it the checkpoint's tensors
 
 
 def _load_bert_folder(model: CLIP, bert_path: str | Path) -> None:
