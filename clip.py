@@ -14,7 +14,7 @@ from utils.data.images import eval_transform
 from utils.data.pictures import ImagePipeline
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
-from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, build_tokenizer, files_beside, tokenizer_kind
+from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, text_tokenizer
 from utils.weights.load import load, preprocess_of
 from utils.weights.memory import ensure_fits
 
@@ -75,9 +75,7 @@ class CLIP(object):
         else:
             self.net = build_model(get_config(self.phi))
         config = self.net.config
-        text_kind = tokenizer_kind(config.text.kind)
-        self.tokenizer = build_tokenizer(text_kind, config.text.context_length, {
-            "bert": self.bert_vocab_path, "siglip": files_beside(self.weights_path)}.get(text_kind))
+        self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path)
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
         self.device = resolve_device(self.cuda)

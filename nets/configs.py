@@ -27,6 +27,7 @@ from utils.errors import UserError
 #   siglip       bidirectional transformer over captions padded to the context, the last position -> a linear
 #                projection with `proj_bias` (or none: `projection=False`); keys under open_clip's `text.` (SigLIP)
 TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip")
+TEXT_POOLS = ("argmax", "last", "eos")
 # Image tower kinds:
 #   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
 #   resnet   OpenAI's ModifiedResNet: `layers` = blocks in each of its 4 stages, `width` = the stem's
@@ -64,6 +65,10 @@ class VisionConfig:
     activation: str = "quick_gelu"
     kind: str = "vit"
     timm_model_name: str = ""  # the timm kind's architecture family; "" for the others
+    # The vit kind's variant in open_clip (CLIPA's): no LayerNorm before the blocks, and the patch tokens' mean
+    # ("avg", LayerNorm after pooling) pooled instead of the class token ("token").
+    ln_pre: bool = True
+    pool: str = "token"
 
     @property
     def mlp_width(self) -> int:
@@ -74,6 +79,8 @@ class VisionConfig:
             raise ValueError(f"vision kind {self.kind!r} is not one of {VISION_KINDS}")
         if (self.kind == "timm") != bool(self.timm_model_name):
             raise ValueError(f"timm_model_name {self.timm_model_name!r} goes with the timm kind only, and it needs one")
+        if self.pool not in ("token", "avg"):
+            raise ValueError(f"vision pool {self.pool!r} is not 'token' or 'avg'")
         if isinstance(self.layers, list):  # read back from JSON; a tuple keeps the config hashable
             object.__setattr__(self, "layers", tuple(self.layers))
         if (self.kind == "resnet") != isinstance(self.layers, tuple) or \
@@ -97,6 +104,14 @@ class TextConfig:
     intermediate_size: int = 0
     max_position_embeddings: int = 0
     type_vocab_size: int = 0
+    # The OpenAI kind's variants in open_clip: attention without the causal mask (MobileCLIP, CLIPA), and the
+    # pooled position: the largest id (OpenAI's EOT), the last position (CLIPA) or the first `eos_id` (MetaCLIP 2).
+    causal: bool = True
+    pool: str = "argmax"
+    eos_id: int = 0
+    # The Hugging Face tokenizer the weights were trained with, its files read from the weights' folder or the hub
+    # (CLIPA's bert-base-uncased); "" for the kind's own (OpenAI's BPE, bert-base-chinese, SigLIP's beside the weights).
+    tokenizer: str = ""
     # SigLIP's: its LayerNorms' eps, and a projection with a bias (or none at all: the width is the embedding).
     eps: float = 1e-5
     proj_bias: bool = False
@@ -105,6 +120,10 @@ class TextConfig:
     # cannot tell them and equality (phi_of, infer_config) ignores them.
     dropout: float = field(default=0.1, compare=False)
     initializer_range: float = field(default=0.02, compare=False)
+
+    def __post_init__(self):
+        if self.pool not in TEXT_POOLS:
+            raise ValueError(f"text pool {self.pool!r} is not one of {TEXT_POOLS}")
 
     @property
     def is_bert(self) -> bool:
@@ -334,6 +353,30 @@ SIGLIP: dict[str, CLIPConfig] = {
 }
 
 
+def _clipa(*, image_size: int, width: int, layers: int, head_width: int, mlp_ratio: float, text_width: int,
+           text_heads: int, text_layers: int, embed_dim: int) -> CLIPConfig:
+    """A CLIPA row (open_clip's ViT-*-CLIPA*.json): a ViT pooling its patch tokens' mean with no LayerNorm before the
+    blocks, and a bidirectional text tower pooling the last of 32 positions, with bert-base-uncased's tokenizer."""
+    vision = replace(_vit(image_size=image_size, patch_size=14, width=width, layers=layers, head_width=head_width,
+                          mlp_ratio=mlp_ratio), activation="gelu", ln_pre=False, pool="avg")
+    text = TextConfig(kind="openai", context_length=32, vocab_size=32000, width=text_width, layers=text_layers,
+                      heads=text_heads, activation="gelu", causal=False, pool="last", tokenizer="bert-base-uncased")
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+CLIPA: dict[str, CLIPConfig] = {
+    f"{name}{suffix}": _clipa(image_size=size, **sizes)
+    for name, sizes in {
+        "ViT-H-14-CLIPA": dict(width=1280, layers=32, head_width=80, mlp_ratio=4.0, text_width=1024, text_heads=16,
+                               text_layers=24, embed_dim=1024),
+        "ViT-L-14-CLIPA": dict(width=1024, layers=24, head_width=64, mlp_ratio=4.0, text_width=768, text_heads=12,
+                               text_layers=12, embed_dim=768),
+        "ViT-bigG-14-CLIPA": dict(width=1664, layers=48, head_width=104, mlp_ratio=4.9231, text_width=1280,
+                                  text_heads=20, text_layers=32, embed_dim=1280),
+    }.items() for suffix, size in (("-336", 336), ("", 224))
+}
+
+
 # Every phi: name -> its config as a plain dict (CLIPConfig.to_dict, the shape a weight file's arch record holds).
 # A new family (or tower kind) is one more mapping of rows here.
 MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
@@ -344,6 +387,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
     "tiny/RN-T": CLIPConfig(embed_dim=128, vision=_resnet(image_size=64, width=16, layers=(1, 1, 1, 1)),
                             text=_openai_text(width=128, heads=2, layers=3)),
     **SIGLIP,
+    **CLIPA,
 }.items()}
 
 
@@ -357,24 +401,26 @@ class UnsupportedArchitectureError(UserError, ValueError):
 
 # open_clip's settings that this project's towers implement only at these values (its defaults); a config that
 # sets another value builds a different network, so it is refused rather than approximated.
-_OPEN_CLIP_VISION = dict(ls_init_value=None, attentional_pool=False, no_ln_pre=False, pos_embed_type="learnable",
-                         final_ln_after_pool=False, pool_type="tok", output_tokens=False, act_kwargs=None,
+_OPEN_CLIP_VISION = dict(ls_init_value=None, attentional_pool=False, pos_embed_type="learnable", output_tokens=False,
+                         act_kwargs=None,
                          norm_kwargs=None, block_type=None, qk_norm=False, scaled_cosine_attn=False,
                          scale_heads=False, scale_attn_inner=False, scale_attn=False, scale_fc=False,
                          timm_model_name=None)
-_OPEN_CLIP_TEXT = dict(hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None, ls_init_value=None,
-                       embed_cls=False, pad_id=0, no_causal_mask=False, final_ln_after_pool=False, pool_type="argmax",
-                       proj_bias=False, proj_type="linear", output_tokens=False, act_kwargs=None, norm_kwargs=None,
+_OPEN_CLIP_TEXT = dict(tokenizer_mode=None, ls_init_value=None,
+                       embed_cls=False, pad_id=0, final_ln_after_pool=False, proj_bias=False, proj_type="linear", output_tokens=False, act_kwargs=None, norm_kwargs=None,
                        block_type=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
                        scale_attn_inner=False, scale_attn=False, scale_fc=False, hf_model_name=None)
 _OPEN_CLIP_TOP = dict(custom_text=False, init_logit_bias=None, multimodal_cfg=None, nonscalar_logit_scale=False)
 # Any value is exact: these act in training only (patch dropout, the temperature's start), or only together with
 # a setting refused above (timm_*, hf_*, the attentional pooler's, EOS pooling's id).
-_OPEN_CLIP_TRAINING = {"patch_dropout", "init_logit_scale", "attn_pooler_queries", "attn_pooler_heads", "eos_id",
+_OPEN_CLIP_TRAINING = {"patch_dropout", "init_logit_scale", "attn_pooler_queries", "attn_pooler_heads",
                        "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
                        "timm_drop_path", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
-_OPEN_CLIP_SIZES = {"vision": {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"},
-                    "text": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"},
+# Read by from_open_clip (the variants' values it cannot build are refused there, named).
+_OPEN_CLIP_SIZES = {"vision": {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "no_ln_pre",
+                               "pool_type", "final_ln_after_pool"},
+                    "text": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "no_causal_mask",
+                             "pool_type", "eos_id", "hf_tokenizer_name", "tokenizer_kwargs"},
                     "top": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}}
 
 
@@ -397,6 +443,12 @@ def unsupported_open_clip_settings(model_cfg: Mapping) -> list[str]:
             if key in sizes or key in _OPEN_CLIP_TRAINING or (key in defaults and value == defaults[key]):
                 continue
             found.append(f"{part}{key}={value!r}")
+    v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    for check, part in ((_open_clip_vit_variant, v), (_open_clip_text_variant, t)):
+        try:
+            check(part)
+        except UnsupportedArchitectureError as e:
+            found.append(str(e).removeprefix("open_clip config: "))
     return found
 
 
@@ -428,10 +480,41 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
                               patch_size=_square(v.get("patch_size", 16), "patch_size"), width=width,
                               layers=v.get("layers", 12), heads=width // head_width,
                               mlp_ratio=float(v.get("mlp_ratio", 4.0)), activation=activation)
+    vision = replace(vision, **_open_clip_vit_variant(v))
     text = TextConfig(kind="openai", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
                       width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
-                      mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation)
+                      mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation, **_open_clip_text_variant(t))
     return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text)
+
+
+# Tokenizers of open_clip's configs built here (utils/tokenizer.py): the Hugging Face name -> its settings.
+HF_TOKENIZERS = {"bert-base-uncased": {"strip_sep_token": True}}
+
+
+def _open_clip_vit_variant(v: Mapping) -> dict:
+    """VisionConfig's fields for open_clip's ViT variants: CLIPA's average pool with the LayerNorm after it."""
+    pool = v.get("pool_type", "tok")
+    if pool not in ("tok", "avg") or (pool == "avg") != bool(v.get("final_ln_after_pool", False)):
+        raise UnsupportedArchitectureError(f"open_clip config: vision pool_type={pool!r} with final_ln_after_pool="
+                                           f"{v.get('final_ln_after_pool', False)!r}; the ViT here pools the class "
+                                           "token, or the patch tokens' mean with the LayerNorm after it (CLIPA)")
+    return {"ln_pre": not v.get("no_ln_pre", False), "pool": "avg" if pool == "avg" else "token"}
+
+
+def _open_clip_text_variant(t: Mapping) -> dict:
+    """TextConfig's fields for open_clip's text variants: no causal mask, the pooled position, the tokenizer."""
+    pool = t.get("pool_type", "argmax")
+    if pool not in TEXT_POOLS:
+        raise UnsupportedArchitectureError(f"open_clip config: text pool_type={pool!r}; the text towers here pool "
+                                           f"{', '.join(TEXT_POOLS)}")
+    name, kwargs = t.get("hf_tokenizer_name"), t.get("tokenizer_kwargs") or {}
+    if name is not None and HF_TOKENIZERS.get(name) != kwargs:
+        raise UnsupportedArchitectureError(f"open_clip config: tokenizer {name!r} with {kwargs!r} is not built here "
+                                           f"(built: {', '.join(f'{k} {v}' for k, v in HF_TOKENIZERS.items())})")
+    if name is None and kwargs:
+        raise UnsupportedArchitectureError(f"open_clip config: tokenizer_kwargs={kwargs!r} for OpenAI's tokenizer")
+    return {"causal": not t.get("no_causal_mask", False), "pool": pool,
+            "eos_id": int(t.get("eos_id", 0)) if pool == "eos" else 0, "tokenizer": name or ""}
 
 
 # SigLIP's settings in open_clip's terms: (part, key) -> the values its towers here build (a timm trunk pooled by

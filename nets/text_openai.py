@@ -11,7 +11,8 @@ from .transformer import Packing
 
 class OpenAITextTower(TokenTransformer):
     def __init__(self, config: TextConfig, embed_dim: int):
-        super().__init__(config, causal=True)
+        super().__init__(config, causal=config.causal)
+        self.causal, self.pool, self.eos_id = config.causal, config.pool, config.eos_id
         self.text_projection = nn.Parameter(torch.empty(config.width, embed_dim))
         self.init_weights()
 
@@ -22,27 +23,38 @@ class OpenAITextTower(TokenTransformer):
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
         self.transformer.init_weights()
 
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N,) the position each row pools: its largest id (OpenAI's EOT), its first `eos_id`, or the last."""
+        if self.pool == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        return tokens.argmax(dim=-1)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (N, L) BPE ids, zero-padded after EOT, the largest id in each row."""
-        eot = tokens.argmax(dim=-1)
-        # The mask is causal, so positions after a row's EOT never reach it: dropping them is exact.
+        """tokens: (N, L) ids, padded after the pooled token (OpenAI's EOT: the largest id in each row)."""
+        if not self.causal or self.pool == "last":
+            return self.forward_padded(tokens)
+        eot = self._pooled(tokens)
+        # The mask is causal, so positions after a row's pooled token never reach it: dropping them is exact.
         # The rest are packed, so padding costs attention alone, not the linear layers.
         length = int(eot.max()) + 1
         packing = Packing(torch.arange(length, device=tokens.device) <= eot[:, None])  # keep: N, length
         x = packing.pack(self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length])  # T, width
         x = self.transformer(x, packing)
-        # Rows are packed in order, so each row's EOT is the last of its tokens.
+        # Rows are packed in order, so each row's pooled token is the last of its tokens.
         last = (eot + 1).cumsum(dim=0) - 1
         return self.ln_final(x[last]) @ self.text_projection
 
     def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`forward` without packing: every one of the L given positions runs, under the causal mask.
-
-        Equal to `forward` (the mask is causal, so padding after EOT never reaches it) but with no
-        data-dependent shapes, which is what a traced export (ONNX) needs; L is at most context_length.
-        """
-        eot = tokens.argmax(dim=-1)
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # N, L, width
+        """`forward` without packing: every one of the L given positions runs. Equal to `forward` under the causal
+        mask (padding after the pooled token never reaches it) but with no data-dependent shapes, which is what a
+        traced export (ONNX) needs; without the mask (MobileCLIP, CLIPA) the padding takes part, so captions come
+        padded to the context length as the weights were trained."""
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens per caption; this tower takes at most {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # N, L, width
         x = self.transformer(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # N, width: each row's EOT state
+        x = x[torch.arange(x.shape[0], device=x.device), self._pooled(tokens)]  # N, width: each row's pooled state
         return self.ln_final(x) @ self.text_projection

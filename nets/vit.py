@@ -17,7 +17,8 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width) if config.ln_pre else nn.Identity()
+        self.pool = config.pool
         self.transformer = Transformer(width, config.layers, config.heads, mlp_width=config.mlp_width,
                                        activation=config.activation)
         self.ln_post = nn.LayerNorm(width)
@@ -39,4 +40,5 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]  # N, width
+        return self.ln_post(pooled) @ self.proj

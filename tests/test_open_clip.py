@@ -55,14 +55,13 @@ def test_the_table_holds_every_open_clip_config_the_towers_build_exactly():
         assert get_config(name) == from_open_clip(_open_clip_json(name)), name
     # Refused for a reason the towers here cannot follow exactly, each named:
     why = {name: unsupported_open_clip_settings(_open_clip_json(name)) for name in
-           ("ViT-M-16-alt", "ViT-H-14-CLIPA", "ViT-B-16-SigLIP", "EVA02-B-16", "coca_ViT-B-32",
+           ("ViT-M-16-alt", "ViT-B-16-SigLIP", "EVA02-B-16", "coca_ViT-B-32",
             "xlm-roberta-base-ViT-B-32", "ViT-L-14-worldwide")}
     assert why["ViT-M-16-alt"] == ["vision_cfg.ls_init_value=0.0001"]
-    assert "vision_cfg.no_ln_pre=True" in why["ViT-H-14-CLIPA"]
     assert any(w.startswith("vision_cfg.timm_model_name") for w in why["EVA02-B-16"])
     assert any(w.startswith("vision_cfg.attentional_pool") for w in why["coca_ViT-B-32"])
     assert any(w.startswith("text_cfg.hf_model_name") for w in why["xlm-roberta-base-ViT-B-32"])
-    assert any(w.startswith("text_cfg.pool_type") for w in why["ViT-L-14-worldwide"])
+    assert any(w.startswith("tokenizer 'google/mt5-base'") for w in why["ViT-L-14-worldwide"])
     assert all(why.values())
 
 

@@ -25,6 +25,8 @@ from utils.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from nets.configs import TextConfig
+
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
 DEFAULT_BPE_PATH = MODEL_DATA / "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_BERT_VOCAB_PATH = MODEL_DATA / "bert-base-chinese-vocab.txt"
@@ -285,6 +287,73 @@ class SiglipTokenizer(_PaddedTransformersTokenizer):
 
     def clean(self, text: str) -> str:
         return canonicalize(text)
+
+
+# The files a Hugging Face tokenizer reads (any one of them): its fast tokenizer, or a WordPiece vocabulary.
+HUB_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def _hub_tokenizer_folder(name: str, folder: Path | None) -> Path:
+    """Where `name`'s tokenizer files are: beside the weights, else huggingface_hub's cache (no network here)."""
+    if folder is not None and any((folder / n).is_file() for n in HUB_TOKENIZER_FILES):
+        return folder
+    from huggingface_hub import try_to_load_from_cache
+
+    for n in HUB_TOKENIZER_FILES:
+        cached = try_to_load_from_cache(name, n)
+        if isinstance(cached, str):
+            return Path(cached).parent
+    where = f"{folder}" if folder is not None else "the weights' folder (there are none)"
+    raise UserError(f"this text tower was trained with {name}'s tokenizer, and neither {where} nor the huggingface_hub "
+                    f"cache has its files ({' or '.join(HUB_TOKENIZER_FILES)}): copy them beside the weights, or "
+                    f"fetch them once online: huggingface-cli download {name} {' '.join(HUB_TOKENIZER_FILES)} "
+                    "tokenizer_config.json")
+
+
+class HubTokenizer(_PaddedTransformersTokenizer):
+    """A Hugging Face tokenizer named by the weights' config (open_clip's `hf_tokenizer_name`: CLIPA's
+    bert-base-uncased), as open_clip's HFTokenizer runs it: captions cleaned of mojibake and extra whitespace (not
+    lowercased: the tokenizer does what it was built to), cut and padded to the context, and with
+    `strip_sep_token` the [SEP] id replaced by 0, since CLIPA was trained without it."""
+
+    def __init__(self, name: str, folder: str | Path | None, context_length: int, strip_sep_token: bool = False):
+        self.context_length = _check_context_length(context_length)
+        source = _hub_tokenizer_folder(name, Path(folder) if folder else None)
+        from transformers import AutoTokenizer  # only these runs pay for importing transformers
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{source}: {name}'s tokenizer files are not readable ({str(e).splitlines()[0][:200]})") from e
+        self.strip_sep_token = strip_sep_token
+        self.vocab_size = len(self.tokenizer)
+        self.pad_token_id = self.tokenizer.pad_token_id
+
+    def clean(self, text: str) -> str:
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        return _WHITESPACE.sub(" ", text.strip()).strip()
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        ids = super().ids(texts, context_length)
+        if self.strip_sep_token:
+            ids[ids == self.tokenizer.sep_token_id] = 0
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of the cleaned `text`, with the tokenizer's own special tokens, unpadded."""
+        return self.tokenizer(self.clean(text))["input_ids"]
+
+
+def text_tokenizer(text: "TextConfig", weights: str | Path | None, bert_vocab_path: str | Path | None = None):
+    """The tokenizer a text tower's weights were trained with: the Hugging Face one its config names, else its
+    kind's (OpenAI's BPE, BERT's vocab at `bert_vocab_path`, SigLIP's files beside `weights`)."""
+    from nets.configs import HF_TOKENIZERS
+
+    if text.tokenizer:
+        return HubTokenizer(text.tokenizer, files_beside(weights), text.context_length,
+                            **HF_TOKENIZERS[text.tokenizer])
+    kind = tokenizer_kind(text.kind)
+    return build_tokenizer(kind, text.context_length, {"bert": bert_vocab_path, "siglip": files_beside(weights)}.get(kind))
 
 
 def files_beside(weights: str | Path | None) -> Path | None:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from nets.configs import MODEL_CONFIGS, get_config
+from nets.configs import HF_TOKENIZERS, MODEL_CONFIGS, get_config
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
-from utils.tokenizer import SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
+from utils.tokenizer import HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.weights.folders import find_layout
 
@@ -126,6 +126,18 @@ _SIGLIP_REPOS = {
     "ViT-SO400M-14-SigLIP-378": "timm/ViT-SO400M-14-SigLIP-384",
 }
 _ROWS += tuple((a, "webli", f"hf-hub:{repo}", GELU) for a, repo in _SIGLIP_REPOS.items())
+# open_clip 3.3's 7 CLIPA pairs, from UCSC-VLAA's hub repos (open_clip layout).
+_CLIPA_REPOS = {("ViT-L-14-CLIPA", "datacomp1b"): "ViT-L-14-CLIPA-datacomp1B",
+                ("ViT-L-14-CLIPA-336", "datacomp1b"): "ViT-L-14-CLIPA-336-datacomp1B",
+                ("ViT-H-14-CLIPA", "datacomp1b"): "ViT-H-14-CLIPA-datacomp1B",
+                ("ViT-H-14-CLIPA-336", "laion2b"): "ViT-H-14-CLIPA-336-laion2B",
+                ("ViT-H-14-CLIPA-336", "datacomp1b"): "ViT-H-14-CLIPA-336-datacomp1B",
+                ("ViT-bigG-14-CLIPA", "datacomp1b"): "ViT-bigG-14-CLIPA-datacomp1B",
+                ("ViT-bigG-14-CLIPA-336", "datacomp1b"): "ViT-bigG-14-CLIPA-336-datacomp1B"}
+_ROWS += tuple((a, t, f"hf-hub:UCSC-VLAA/{repo}", GELU) for (a, t), repo in _CLIPA_REPOS.items())
+# CLIPA's: ImageNet's mean and std, bilinear, squashed to the square.
+CLIPA_PREPROCESS = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
+                              resize_mode="squash")
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -134,7 +146,8 @@ SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mo
 _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD),
                ("ViT-H-14", "dfn5b"): Preprocess(resize_mode="squash"),
                ("ViT-H-14-378", "dfn5b"): Preprocess(resize_mode="squash"),
-               **{(a, "webli"): SIGLIP_PREPROCESS for a in _SIGLIP_REPOS}}
+               **{(a, "webli"): SIGLIP_PREPROCESS for a in _SIGLIP_REPOS},
+               **{key: CLIPA_PREPROCESS for key in _CLIPA_REPOS}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
@@ -286,12 +299,20 @@ def _hub_weights(spec: str) -> Path:
         for name in TOKENIZER_CONFIG_FILES:
             optional(name)
         next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
+        if (named := _names_a_tokenizer(layout.config)) in HF_TOKENIZERS:
+            # CLIPA's bert-base-uncased lives in its own repo: its files go to the cache, where the tokenizer looks.
+            for name in (*HUB_TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES):
+                try:
+                    fetch_hub(named, name, None)
+                except DownloadError:
+                    pass
     return layout.weights[0] if layout.kind == "open_clip" else layout.folder
 
 
-def _names_a_tokenizer(config: Path) -> bool:
+def _names_a_tokenizer(config: Path) -> str:
+    """The hf_tokenizer_name of an open_clip config ("" for none)."""
     try:
         text = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False  # the reader reports an unreadable config
-    return bool(isinstance(text, dict) and text.get("hf_tokenizer_name"))
+        return ""  # the reader reports an unreadable config
+    return str(text.get("hf_tokenizer_name") or "") if isinstance(text, dict) else ""
