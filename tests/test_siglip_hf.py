@@ -264,3 +264,96 @@ def test_a_siglip_tag_with_no_network_and_no_cache_is_one_line_and_exit_2(tmp_pa
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "ViT-B-16-SigLIP2 webli" in lines[0] and "HF_HUB_OFFLINE is set" in lines[0], lines[0]
     assert not any((tmp_path / "hf").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["siglip2", "hub"])
+def test_export_hf_writes_a_siglip_folder_that_transformers_loads_with_our_features(tmp_path, kind, capsys):
+    from clip import CLIP
+    from tests.conftest import run_script
+
+    hf = tiny_siglip(kind)
+    source = save_siglip_folder(hf, tmp_path / "source")
+    out = tmp_path / "export"
+    code, stdout, err = run_script("predict.py", "--mode", "export_hf", "--model_path", source, "--phi", "auto",
+                                   "--export_dir", out, capsys=capsys)
+    assert code == 0, err
+    worst = float(stdout.split("text features ")[1].split()[0].rstrip(","))
+    assert "SiglipModel.from_pretrained" in stdout and worst <= 1e-4, stdout
+    back = transformers.SiglipModel.from_pretrained(out).eval()
+    # The weights go back exactly: transformers' names and values are the source folder's.
+    assert back.state_dict().keys() == hf.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in hf.state_dict().items())
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "SiglipImageProcessor"
+    processor = transformers.SiglipProcessor.from_pretrained(out, backend="pil")
+    ours = CLIP(model_path=str(source), phi="auto", cuda=False, precision="fp32")
+    photos = _photos()
+    captions = ["a photo of a cat", "two birds", "a dog running fast on the beach"]
+    inputs = processor(text=captions, images=photos, padding="max_length", max_length=16, truncation=True,
+                       return_tensors="pt")
+    assert (inputs["input_ids"] == ours.tokenize(captions)).all()
+    with torch.no_grad():
+        theirs = back(**inputs)
+    image, text = ours.detect_image_for_eval(photos, captions)
+    _assert_close(torch.nn.functional.normalize(image, dim=-1), theirs.image_embeds, "exported image features")
+    _assert_close(torch.nn.functional.normalize(text, dim=-1), theirs.text_embeds, "exported text features")
+    probs = np.concatenate([ours.detect_image(p, captions) for p in photos])
+    assert np.abs(theirs.logits_per_image.sigmoid().numpy() - probs).max() <= 1e-4
+    # The export reads back with phi='auto' as the same network.
+    assert CLIP(model_path=str(out), phi="auto", cuda=False).net.config == ours.net.config
+
+
+def test_export_hf_still_refuses_a_clip_with_a_logit_bias_and_mixed_towers():
+    from dataclasses import replace
+
+    from nets.configs import get_config
+    from utils.export.hf import refusal
+
+    assert refusal(get_config("ViT-B-16-SigLIP2")) is None and refusal(get_config("ViT-SO400M-16-SigLIP-i18n-256")) \
+        is None
+    assert "logit_bias" in refusal(replace(get_config("ViT-B-32"), init_logit_bias=-10.0))
+    siglip, clip = get_config("ViT-B-16-SigLIP"), get_config("ViT-B-32")
+    assert "SiglipModel" in refusal(replace(siglip, text=clip.text))
+
+
+def test_naming_a_row_whose_activations_the_folder_contradicts_is_refused_in_one_line(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from nets.configs import MODEL_CONFIGS
+    from utils.weights.load import load_model, read_checkpoint
+
+    folder = save_siglip_folder(tiny_siglip("hub"), tmp_path / "siglip")
+    recorded = read_checkpoint(folder).config
+    # A row with this folder's sizes but open_clip's exact GELU image tower.
+    monkeypatch.setitem(MODEL_CONFIGS, "tiny-siglip-row", replace(recorded, vision=replace(
+        recorded.vision, activation="gelu")).to_dict())
+    with pytest.raises(UserError) as err:
+        load_model(folder, "tiny-siglip-row")
+    assert "\n" not in str(err.value) and "phi='auto'" in str(err.value) and "activation" in str(err.value)
+    model, phi = load_model(folder, "auto")
+    assert phi == "custom" and model.config.vision.activation == "gelu_tanh"
+
+
+@pytest.mark.slow
+def test_every_siglip_row_exports_onto_siglipmodels_names_and_shapes_and_reads_back_as_itself():
+    """All 26 rows on the meta device (nothing allocated): the export's state dict is transformers' SiglipModel's
+    for the config it writes, and that config reads back as the row's network (up to transformers' names)."""
+    from dataclasses import replace
+
+    from nets.clip import build_model
+    from nets.configs import SIGLIP, phi_of, same_architecture
+    from utils.weights.layouts import (config_from_transformers, open_clip_to_siglip, siglip_head,
+                                       siglip_transformers_config)
+
+    for phi, row in SIGLIP.items():
+        hf_config = siglip_transformers_config(row, pad_token_id=0, eos_token_id=1)
+        with torch.device("meta"):
+            ours = open_clip_to_siglip(siglip_head(build_model(row).state_dict(), row))
+            theirs = transformers.SiglipModel(hf_config).state_dict()
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}, phi
+        back = config_from_transformers(json.loads(hf_config.to_json_string()))
+        # The i18n SO400M's missing projection is written as an identity head with a zero bias.
+        expected = row if row.text.projection else replace(row, text=replace(row.text, proj_bias=True,
+                                                                               projection=True))
+        assert same_architecture(back, expected) and phi_of(back) == (phi if row.text.projection else None), phi

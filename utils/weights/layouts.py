@@ -370,3 +370,33 @@ def siglip_config_from_transformers(config_json: Mapping):
 
 def _trunk_sizes(vision) -> tuple:
     return vision.image_size, vision.patch_size, vision.width, vision.layers, vision.heads, vision.mlp_width
+
+
+_SIGLIP_ACTIVATION_NAMES = {ours: theirs for theirs, ours in _SIGLIP_ACTIVATIONS.items()}
+
+
+def siglip_transformers_config(config, pad_token_id: int, eos_token_id: int | None):
+    """The transformers SiglipConfig of a SigLIP model in this repo (the inverse of
+    `siglip_config_from_transformers`); the tokenizer's pad and end ids, which shape no tensor."""
+    import transformers
+
+    v, t = config.vision, config.text
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_width, num_hidden_layers=v.layers,
+                  num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                  hidden_act=_SIGLIP_ACTIVATION_NAMES[v.activation], layer_norm_eps=1e-6)
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
+                num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                hidden_act=_SIGLIP_ACTIVATION_NAMES[t.activation], layer_norm_eps=t.eps,
+                projection_size=config.embed_dim, pad_token_id=pad_token_id, bos_token_id=None,
+                eos_token_id=eos_token_id)
+    return transformers.SiglipConfig(text_config=text, vision_config=vision)
+
+
+def siglip_head(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`state_dict` with the text projection transformers' head always has: an identity without bias where the
+    tower has none (the i18n SO400M: its width is the embedding), a zero bias where the projection has none."""
+    out = dict(state_dict)
+    width = config.text.width
+    weight = out.setdefault("text.text_projection.weight", torch.eye(width))
+    out.setdefault("text.text_projection.bias", torch.zeros(weight.shape[0]))
+    return out
