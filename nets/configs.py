@@ -33,8 +33,8 @@ TEXT_POOLS = ("argmax", "last", "eos")
 #   resnet   OpenAI's ModifiedResNet: `layers` = blocks in each of its 4 stages, `width` = the stem's
 #            channels, `heads` = the attention pool's; patch_size is 32, the stride of the grid it pools
 #   timm     timm's `timm_model_name` (SigLIP's `vit_*_siglip_*`) at this row's sizes, its pooled features the
-#            embedding (no projection: width == embed_dim); its activation is the timm model's own, `activation`
-#            is unused; keys under open_clip's `visual.trunk.`
+#            embedding (no projection: width == embed_dim); `activation` "gelu" is timm's own (open_clip's rows),
+#            "gelu_tanh" transformers' SiglipModel's; keys under open_clip's `visual.trunk.`
 VISION_KINDS = ("vit", "resnet", "timm")
 
 

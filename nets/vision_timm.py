@@ -29,9 +29,10 @@ class TimmVisionTower(nn.Module):
 
 
 def timm_tower(model_name: str, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-               mlp_ratio: float) -> TimmVisionTower:
+               mlp_ratio: float, act_layer: str | None = None) -> TimmVisionTower:
     """timm's `model_name` family at these sizes: a row's own sizes, equal to timm's for the published models (timm's
-    entry points take them as overrides), smaller for tests."""
+    entry points take them as overrides), smaller for tests. `act_layer`: timm's name of the MLPs' activation, None
+    for the family's own (transformers' SiglipModel folders say tanh GELU)."""
     return TimmVisionTower(model_name, img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
-                           num_heads=heads, mlp_ratio=mlp_ratio)
+                           num_heads=heads, mlp_ratio=mlp_ratio, **({"act_layer": act_layer} if act_layer else {}))
 

@@ -1,4 +1,5 @@
-"""mode="export_hf": the model as a transformers CLIPModel (ChineseCLIPModel for Chinese-CLIP) folder.
+"""mode="export_hf": the model as a transformers CLIPModel (ChineseCLIPModel for Chinese-CLIP, SiglipModel for
+SigLIP and SigLIP 2) folder.
 
 The folder is what `from_pretrained` reads: config.json, model.safetensors, the tokenizer's files and the image
 processor's config. It is written in a hidden temporary folder beside export_dir, loaded back with transformers
@@ -20,28 +21,43 @@ from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 from utils.files import new_file_mode, write_error
 from utils.tokenizer import EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
-from utils.weights.layouts import openai_to_transformers, transformers_config
+from utils.weights.layouts import (open_clip_to_siglip, openai_to_transformers, siglip_head,
+                                   siglip_transformers_config, transformers_config)
 
 # Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
-                "special_tokens_map.json", "preprocessor_config.json")
+                "special_tokens_map.json", "preprocessor_config.json", "tokenizer.json", "spiece.model",
+                "tokenizer.model")
 # Largest |transformers - this model| the check after writing accepts (features and probabilities).
 TOLERANCE = 1e-3
 # 256 bytes, each also as a word end, the merges, SOT and EOT: utils.tokenizer.BPETokenizer's vocabulary.
 BPE_VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
 _CHECK_CAPTIONS = {"openai": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "it's"],
-                   "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"]}
+                   "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"],
+                   # Already canonical (lower case, no punctuation): transformers' fast tokenizer does not clean
+                   # captions as SigLIP's training did, so its users pass them cleaned, as these are.
+                   "siglip": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", ""]}
+
+
+def is_siglip(config) -> bool:
+    """SigLIP's towers (timm's attention-pool trunk, the bidirectional text tower): transformers' SiglipModel."""
+    return config.vision.kind == "timm" and config.text.kind == "siglip"
 
 
 def refusal(config) -> str | None:
     """Why no transformers class computes this architecture exactly, or None when one does."""
-    if getattr(config.vision, "kind", "vit") != "vit":
+    if is_siglip(config):
+        return None
+    if getattr(config.vision, "kind", "vit") == "resnet":
         return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
                 "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
                 "open_clip (README, 'Export to transformers and open_clip')")
+    if getattr(config.vision, "kind", "vit") != "vit" or config.text.kind == "siglip":
+        return ("transformers' SiglipModel has SigLIP's image and text towers together; this model pairs one of them "
+                "with another kind of tower. Use export_onnx or this project's weight file")
     if config.init_logit_bias is not None:
-        return ("the model has a logit_bias (SigLIP's sigmoid scores), which transformers' CLIPModel has no place for; "
-                "use export_onnx or this project's weight file")
+        return ("the model has a logit_bias (trained with the sigmoid loss), which transformers' CLIPModel has no "
+                "place for; use export_onnx or this project's weight file")
     if config.text.kind == "bert-pooler":
         return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
                 "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")
@@ -103,12 +119,55 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if whole else tensor.clone()
 
 
+def _tokenizer_files(tokenizer, context_length: int) -> dict[str, bytes]:
+    """The files transformers' `save_pretrained` writes for SigLIP's tokenizer (the one read beside the weights),
+    its maximum length the text tower's context."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.tokenizer.save_pretrained(folder)
+        files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    unknown = sorted(set(files) - set(EXPORT_FILES))
+    if unknown:
+        raise UserError(f"the tokenizer writes {', '.join(unknown)}, which export_hf does not know; please report this")
+    settings = json.loads(files["tokenizer_config.json"])
+    # No attention mask, as the hub's SiglipTokenizer gives none: SigLIP's tower attends to the padding it was
+    # trained with, and SiglipModel would mask it out where the processor returned one.
+    settings.update(model_max_length=context_length, processor_class="SiglipProcessor",
+                    model_input_names=["input_ids"])
+    files["tokenizer_config.json"] = _json(settings)
+    return files
+
+
+def _siglip_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """SiglipModel's folder: its config, the weights under its names, SiglipImageProcessor's settings of the
+    weights' preprocessing, and the tokenizer's files."""
+    net, config, preprocess = model.net, model.net.config, model.transform.preprocess
+    if preprocess.resize_mode != "squash":
+        raise UserError(f"transformers' SiglipImageProcessor only resizes to the square (the weights say resize_mode "
+                        f"{preprocess.resize_mode!r}); use export_onnx, which keeps this model's resize")
+    tokenizer = model.tokenizer
+    hf_config = siglip_transformers_config(config, tokenizer.pad_token_id, tokenizer.tokenizer.eos_token_id)
+    hf_config.architectures = ["SiglipModel"]
+    state = siglip_head({k: v.detach().float().cpu() for k, v in net.state_dict().items()}, config)
+    weights = {k: _own_storage(v.contiguous()) for k, v in open_clip_to_siglip(state).items()}
+    processor = {"image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor",
+                 **preprocess.to_transformers(config.vision.image_size)}
+    for crop in ("do_center_crop", "crop_size"):
+        processor.pop(crop, None)
+    return {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,
+            "preprocessor_config.json": _json(processor),
+            **_tokenizer_files(tokenizer, config.text.context_length)}
+
+
 def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
     """{file name: contents} of the transformers folder of `model` (a clip.CLIP whose architecture has no
     `refusal`): bytes, or for model.safetensors the fp32 tensors under transformers' names."""
     net = model.net
     config = net.config
     preprocess = model.transform.preprocess
+    if is_siglip(config):
+        return _siglip_files(model)
     if preprocess.resize_mode == "longest":
         raise UserError("transformers' CLIPImageProcessor cannot letterbox (resize_mode 'longest'); export with "
                         "letterbox_image=False, or use export_onnx, which keeps the letterbox")
@@ -143,9 +202,11 @@ def compare(folder: Path, model, log=print) -> float:
     `CLIP.detect_image`) and the text and image features of a check image and captions; `log` gets the line."""
     import transformers
 
-    chinese = model.net.config.text.is_bert
-    model_class = transformers.ChineseCLIPModel if chinese else transformers.CLIPModel
-    processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.CLIPProcessor
+    chinese, siglip = model.net.config.text.is_bert, is_siglip(model.net.config)
+    model_class = transformers.ChineseCLIPModel if chinese else transformers.SiglipModel if siglip else \
+        transformers.CLIPModel
+    processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.SiglipProcessor if siglip else \
+        transformers.CLIPProcessor
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would read as the export's own
     try:
@@ -154,13 +215,18 @@ def compare(folder: Path, model, log=print) -> float:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     processor = processor_class.from_pretrained(folder, backend="pil")
-    image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "openai"]
-    inputs = processor(text=captions, images=image, return_tensors="pt", padding=True)
+    image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "siglip" if siglip else "openai"]
+    # SigLIP's captions are padded to the full context, as it was trained (its tower attends to the padding).
+    padding = dict(padding="max_length", max_length=model.tokenizer.context_length, truncation=True) if siglip \
+        else dict(padding=True)
+    inputs = processor(text=captions, images=image, return_tensors="pt", **padding)
     with torch.no_grad():
         out = hf(**inputs)
     ours_image, ours_text = model.detect_image_for_eval([image], captions)
+    # SigLIP's are independent sigmoids, CLIP's a softmax over the captions: detect_image says which.
+    probabilities = out.logits_per_image.sigmoid() if siglip else out.logits_per_image.softmax(-1)
     differences = {
-        "probabilities": (out.logits_per_image.softmax(-1) - torch.from_numpy(model.detect_image(image, captions))),
+        "probabilities": (probabilities - torch.from_numpy(model.detect_image(image, captions))),
         "image features": out.image_embeds - torch.nn.functional.normalize(ours_image.float().cpu(), dim=-1),
         "text features": out.text_embeds - torch.nn.functional.normalize(ours_text.float().cpu(), dim=-1),
     }
@@ -253,6 +319,7 @@ def run_export_hf(config: dict) -> None:
                             f"nothing was written to {folder}. Please report this with the phi and weights used")
 
     write_folder(folder, files, check)
-    kind = "ChineseCLIPModel" if model.net.config.text.is_bert else "CLIPModel"
+    kind = "ChineseCLIPModel" if model.net.config.text.is_bert else "SiglipModel" if is_siglip(model.net.config) \
+        else "CLIPModel"
     print(f"wrote {', '.join(files)} to {folder}; load it with transformers.{kind}.from_pretrained({str(folder)!r}) "
           f"and {kind.replace('Model', 'Processor')}.from_pretrained({str(folder)!r})")

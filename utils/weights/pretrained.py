@@ -292,14 +292,14 @@ def _hub_weights(spec: str) -> Path:
     if layout is None:
         raise UserError(f"hub repo {repo} has neither open_clip_config.json (open_clip) nor config.json "
                         "(transformers); name the weight file: hf-hub:ORG/NAME/FILE")
-    if layout.kind == "open_clip" and _names_a_tokenizer(layout.config):
+    if _names_a_tokenizer(layout.kind, layout.config):
         # SigLIP's tokenizer comes from its repo's files (no call for hf_tokenizer_name later): fetched beside the
         # weights now, so a later run without a network finds them in the cache. tokenizer.json, else a
         # sentencepiece model.
         for name in TOKENIZER_CONFIG_FILES:
             optional(name)
         next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
-        if (named := _names_a_tokenizer(layout.config)) in HF_TOKENIZERS:
+        if (named := _hf_tokenizer_name(layout.kind, layout.config)) in HF_TOKENIZERS:
             # CLIPA's bert-base-uncased lives in its own repo: its files go to the cache, where the tokenizer looks.
             for name in (*HUB_TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES):
                 try:
@@ -309,10 +309,23 @@ def _hub_weights(spec: str) -> Path:
     return layout.weights[0] if layout.kind == "open_clip" else layout.folder
 
 
-def _names_a_tokenizer(config: Path) -> str:
-    """The hf_tokenizer_name of an open_clip config ("" for none)."""
+def _names_a_tokenizer(kind: str, config: Path) -> bool:
+    """Whether the config is SigLIP's, whose tokenizer files are its repo's: open_clip's names a hub tokenizer, a
+    transformers folder is a SiglipModel."""
     try:
-        text = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if kind != "open_clip":
+            return data.get("model_type") == "siglip"
+        text = data["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # the reader reports an unreadable config
+    return bool(isinstance(text, dict) and text.get("hf_tokenizer_name"))
+
+
+def _hf_tokenizer_name(kind: str, config: Path) -> str:
+    """An open_clip config's hf_tokenizer_name ("" for none, or a transformers folder)."""
+    try:
+        text = json.loads(config.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"] if kind == "open_clip" else {}
     except (OSError, ValueError, KeyError, TypeError):
         return ""  # the reader reports an unreadable config
     return str(text.get("hf_tokenizer_name") or "") if isinstance(text, dict) else ""
