@@ -247,7 +247,8 @@ def test_train_reads_the_tokenizer_beside_the_weights_and_saves_it_beside_its_ow
 def test_eval_retrieval_zeroshot_and_wise_ft_run_with_a_siglip(siglip, toy, trained, capsys):
     save_dir, result = trained
     assert result.returncode == 0, result.stderr[-3000:]
-    common = ["--batch_size", "4", "--num_workers", "0", "--Cuda", "false", "--phi", "auto"]
+    common = ["--batch_size", "4", "--num_workers", "0", "--Cuda", "false", "--phi", "auto", "--cache_dir",
+              str(siglip["tmp"] / "eval_cache")]
     code, out, err = run_script("eval.py", "--model_path", str(siglip["weights"]), *common, "--datasets_path",
                                 str(toy), "--datasets_val_json_path", str(toy / "en_val.json"), "--output",
                                 str(siglip["tmp"] / "retrieval.json"), capsys=capsys, threads=1)
@@ -272,8 +273,16 @@ def test_eval_retrieval_zeroshot_and_wise_ft_run_with_a_siglip(siglip, toy, trai
                                 str(save_dir / "last_epoch_weights.pth"), "--wise_ft_start_path",
                                 str(siglip["weights"]), "--wise_ft_alphas", "0.0", "0.5", "1.0", *common,
                                 "--datasets_path", str(toy), "--datasets_val_json_path", str(toy / "en_val.json"),
-                                "--output", str(siglip["tmp"] / "wise_ft.json"), capsys=capsys, threads=1)
+                                "--wise_ft_save_dir", str(siglip["tmp"] / "wise_ft"), capsys=capsys, threads=1)
     assert code == 0, err[-2000:]
+    sweep = json.loads((siglip["tmp"] / "wise_ft" / "wise_ft_results.json").read_text())
+    retrieval = json.loads((siglip["tmp"] / "retrieval.json").read_text())["metrics"]
+    assert sweep["rows"][0]["val"]["r_mean"] == pytest.approx(retrieval["r_mean"])  # alpha 0: the start weights
+    # The chosen blend is a SigLIP weight file like the others: its tokenizer beside it, a job runs on it.
+    code, out, err = run_script("predict.py", "--model_path", str(siglip["tmp"] / "wise_ft" / "wise_ft_weights.pth"),
+                                "--phi", "auto", "--Cuda", "false", "--image", str(siglip["images"] / "red.png"),
+                                "--captions", "a red square", "two birds", capsys=capsys, threads=1)
+    assert code == 0 and "do not sum to 1" in out, err[-2000:]
 
 
 @pytest.mark.slow
