@@ -108,8 +108,17 @@ class CLIP(object):
         model with a logit bias (SigLIP) an independent sigmoid per caption, as it was trained."""
         image_features, text_features = self.net(self.preprocess(image).to(self.device),
                                                  self.tokenize(texts).to(self.device))[:2]
-        logits = self.net.logits(image_features, text_features)
-        return (logits.softmax(dim=-1) if self.net.logit_bias is None else logits.sigmoid()).cpu().numpy()
+        return self.probabilities(self.net.logits(image_features, text_features)).cpu().numpy()
+
+    @property
+    def independent(self) -> bool:
+        """Whether the probabilities are independent sigmoids (a model with a logit bias, SigLIP's), which need not
+        sum to 1, rather than a softmax over the captions or classes."""
+        return self.net.logit_bias is not None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities of `net.logits`, as the weights were trained: sigmoids with a bias, else a softmax."""
+        return logits.sigmoid() if self.independent else logits.softmax(dim=-1)
 
     @torch.no_grad()
     def class_embeddings(self, labels: Sequence[str], templates: str = "") -> torch.Tensor:
@@ -122,10 +131,9 @@ class CLIP(object):
 
     @torch.no_grad()
     def classify(self, image: Image.Image, class_embeddings: torch.Tensor) -> np.ndarray:
-        """Probabilities (1, classes) over the classes of `class_embeddings()`."""
+        """Probabilities (1, classes) for the classes of `class_embeddings()`, as detect_image's for captions."""
         image_features = F.normalize(self.net.encode_image(self.preprocess(image).to(self.device)).float(), dim=-1)
-        logits = self.net.logit_scale.exp().float() * image_features @ class_embeddings.t()
-        return logits.softmax(dim=-1).cpu().numpy()
+        return self.probabilities(self.net.logits(image_features, class_embeddings)).cpu().numpy()
 
     @torch.no_grad()
     def detect_image_for_eval(self, images=None, texts=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
 DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
+# Said beside a SigLIP model's scores (predict, predict_onnx, the web page), which a reader would otherwise take for
+# shares of 1: with a logit bias each name gets its own sigmoid(scale * cos + bias). Accuracy is the argmax either way.
+INDEPENDENT = "independent probabilities: one sigmoid per name, as the model was trained; they do not sum to 1"
 
 
 def load_templates(spec: str, language: str = "en") -> list[str]:

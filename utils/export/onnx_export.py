@@ -1,4 +1,4 @@
-"""mode="export_onnx": image.onnx, text.onnx, config.json and the tokenizer's vocabulary in export_dir.
+"""mode="export_onnx": image.onnx, text.onnx, config.json and the tokenizer's vocabulary (SigLIP: its files) in export_dir.
 
 Each file is checked in onnxruntime against the PyTorch model before anything is written, and all of them
 are written at once (temporary files renamed at the end), so a failure leaves an earlier export as it was.
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from utils.files import check_writable, write_error
-from utils.tokenizer import DEFAULT_BPE_PATH
+from utils.tokenizer import (DEFAULT_BPE_PATH, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, files_beside,
+                             tokenizer_kind)
 
 from utils.export.preprocess import to_config
 from utils.export.towers import encoders
@@ -70,11 +71,17 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         got = run_session(session(files[f"{tower}.onnx"]), given).astype(np.float32)
         log(f"{tower}.onnx: max |onnxruntime - PyTorch fp32| = {np.abs(got - expected[tower]).max():.2e} on a batch "
             f"of {len(given)} (features up to {np.abs(expected[tower]).max():.2f})")
-    if config.text.is_bert:
-        vocab = Path(model.bert_vocab_path)
+    kind = tokenizer_kind(config.text.kind)
+    if kind == "siglip":  # its tokenizer files, as the model read them beside its weights
+        folder = files_beside(model.weights_path)
+        names = [n for n in SIGLIP_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES if (folder / n).is_file()]
+        files.update({n: (folder / n).read_bytes() for n in names})
+        vocab = "."
     else:
-        vocab = DEFAULT_BPE_PATH
-    files[vocab.name] = vocab.read_bytes()
+        path = Path(model.bert_vocab_path) if kind == "bert" else DEFAULT_BPE_PATH
+        files[path.name] = path.read_bytes()
+        vocab = path.name
+    bias = net.logit_bias
     files["config.json"] = json.dumps({
         "phi": model.phi,
         "model": config.to_dict(),
@@ -82,11 +89,16 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         # The weights' preprocessing (mean, std, interpolation, resize_mode, fill), letterbox_image applied.
         **to_config(model.transform.preprocess),
         "context_length": config.text.context_length,
-        "tokenizer": "bert" if config.text.is_bert else "openai",
-        "vocab": vocab.name,
+        "tokenizer": kind,
+        # The vocabulary file, relative to the export folder ("." for SigLIP: the folder of its tokenizer files).
+        "vocab": vocab,
         "dtype": "float16" if fp16 else "float32",
         "features": "unnormalised",
         "logit_scale": logit_scale,
+        # Scores are scale * cos (+ logit_bias): "sigmoid" (SigLIP's, with a bias) is one probability per caption,
+        # "softmax" shares 1 over the captions.
+        "logit_bias": None if bias is None else bias.detach().float().item(),
+        "scores": "softmax" if bias is None else "sigmoid",
         "opset": OPSET,
     }, indent=2, ensure_ascii=False).encode("utf-8")
     return files

@@ -3,7 +3,7 @@
 `OnnxCLIP` answers the calls predict.py's loop makes of `clip.CLIP` (detect_image, class_embeddings,
 classify) with numpy arrays; images are prepared with PIL and numpy (preprocess.py), text by the repo's
 tokenizer (`ids`: int64 numpy). Nothing on this path imports torch, so a deployment needs onnxruntime, numpy,
-Pillow and the tokenizer's packages (ftfy and regex; transformers for the BERT towers).
+Pillow and the tokenizer's packages (ftfy and regex; transformers for the BERT and SigLIP towers).
 """
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def _normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits))
 
 
 def trim_padding(tokens: np.ndarray) -> np.ndarray:
@@ -66,6 +70,9 @@ class OnnxCLIP:
         self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
                                          folder / self.config["vocab"])
         self.logit_scale = float(self.config["logit_scale"])
+        # Exports before SigLIP have neither key: a softmax without a bias.
+        self.logit_bias = self.config.get("logit_bias")
+        self.independent = self.config.get("scores", "softmax") == "sigmoid"
 
     def open_image(self, source) -> Image.Image:
         """As `clip.CLIP.open_image`: JPEGs decoded only as large as the exported input needs."""
@@ -94,14 +101,23 @@ class OnnxCLIP:
         return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        tokens = np.ascontiguousarray(trim_padding(tokens))
+        if self.config["tokenizer"] != "siglip":  # SigLIP's tower reads its padding: it is never trimmed
+            tokens = trim_padding(tokens)
+        tokens = np.ascontiguousarray(tokens)
         return self.text_session.run(None, {"tokens": tokens})[0].astype(np.float32)
 
     def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (1, len(texts)) that each caption describes the image, as `clip.CLIP.detect_image`."""
         image_features = _normalise(self.encode_image(self.preprocess(image)))
         text_features = _normalise(self.encode_text(self.tokenize(texts)))
-        return _softmax(self.logit_scale * image_features @ text_features.T)
+        return self.probabilities(image_features @ text_features.T)
+
+    def probabilities(self, cosines: np.ndarray) -> np.ndarray:
+        """As `clip.CLIP.probabilities`: sigmoid(scale * cos + bias) per name for an export with a bias, else a
+        softmax of scale * cos over the names."""
+        if self.independent:
+            return _sigmoid(self.logit_scale * cosines + self.logit_bias)
+        return _softmax(self.logit_scale * cosines)
 
     def class_embeddings(self, labels: Sequence[str], templates: str = "") -> np.ndarray:
         """(len(labels), dim) unit vectors, each the mean of its normalised template embeddings, renormalised."""
@@ -113,6 +129,6 @@ class OnnxCLIP:
         return _normalise(np.stack(rows))
 
     def classify(self, image: Image.Image, class_embeddings: np.ndarray) -> np.ndarray:
-        """Probabilities (1, classes) over the classes of `class_embeddings()`."""
+        """Probabilities (1, classes) for the classes of `class_embeddings()`, as detect_image's."""
         image_features = _normalise(self.encode_image(self.preprocess(image)))
-        return _softmax(self.logit_scale * image_features @ class_embeddings.T)
+        return self.probabilities(image_features @ class_embeddings.T)

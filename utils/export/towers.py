@@ -94,7 +94,38 @@ class BertTextEncoder(_TextEncoder):
         return tokens
 
 
+class SiglipTextEncoder(nn.Module):
+    """text.onnx of a SigLIP (sentencepiece) text tower: `tokens` -> `features`.
+
+    tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them with the tokenizer files
+        of the export folder (tokenizer.json / spiece.model): the ids of the canonicalized caption (lower case, no
+        punctuation) and `</s>`, cut to the context and padded to its full length with the pad id. The tower
+        attends both ways without a mask and reads the last position, so no column may be dropped.
+    features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
+        L2-normalised.
+    """
+
+    input_name = "tokens"
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+        self.context_length = text.context_length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text(tokens)  # fixed shape already: nothing is trimmed
+
+    def example(self, dtype: torch.dtype) -> torch.Tensor:
+        vocab = self.text.token_embedding.num_embeddings
+        return torch.arange(3 * self.context_length).reshape(3, self.context_length) % vocab
+
+    def dynamic_shapes(self) -> dict:
+        return {self.input_name: {0: Dim("batch")}}
+
+
 def encoders(net: nn.Module) -> dict[str, nn.Module]:
     """{"image": ..., "text": ...}: the wrapper of each tower of a `nets.CLIP`, in eval mode."""
-    text = BertTextEncoder(net.text) if net.config.text.is_bert else OpenAITextEncoder(net.text)
+    kind = net.config.text.kind
+    text = SiglipTextEncoder(net.text) if kind == "siglip" else \
+        BertTextEncoder(net.text) if net.config.text.is_bert else OpenAITextEncoder(net.text)
     return {"image": ImageEncoder(net.visual).eval(), "text": text.eval()}

@@ -46,12 +46,11 @@ def predict_folder(model, names: list[str], targets: torch.Tensor, folder: str |
     out = Path(out)
     check_writable(out.parent, "dir_save_path")
     k = min(top_k, len(names))
-    scale = model.net.logit_scale.exp().float()
     rows = []
     with tqdm(total=len(paths), desc="images", unit="img") as bar:
         encoding = model.pipeline.encode(paths, batch_size, threads, progress=bar.update)
         for positions, features in encoding:
-            probs = (scale * features @ targets.float().T).softmax(dim=-1)
+            probs = model.probabilities(model.net.logits(features, targets))
             rows += _rows(paths, folder, names, positions, probs.topk(k, dim=-1))
     problems = [f"{path}: {why}" for path, why in encoding.unreadable]
     if not rows:

@@ -34,6 +34,10 @@ def answer(model, score: Callable, path: str, names: list[str]) -> str | None:
         return f"cannot open {path!r} ({type(e).__name__}: {e})"
     for p, name in sorted(zip(score(picture)[0], names), key=lambda pair: -pair[0]):
         print(f"{p:.4f}  {name}")
+    if model.independent:
+        from utils.prompts import INDEPENDENT
+
+        print(f"({INDEPENDENT})")
     return None
 
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.data.images import IMAGE_SUFFIXES
 from utils.errors import UserError
+from utils.prompts import INDEPENDENT
 from utils.tokenizer import truncated
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -260,7 +261,9 @@ def create_app(model, index=None, folder: str | Path | None = None, templates: s
                 probs = model.classify(picture, model.class_embeddings(names, templates))[0]
             else:
                 probs = model.detect_image(picture, names)[0]
-            return {"names": names, "probs": [float(p) for p in probs], "note": _cut_note(model, names, kind[:-1])}
+            note = " ".join(n for n in (_cut_note(model, names, kind[:-1]), INDEPENDENT if model.independent else "") if n)
+            return {"names": names, "probs": [float(p) for p in probs], "independent": model.independent,
+                    "note": note}
 
         return await queue.run(job)
 
