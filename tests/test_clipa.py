@@ -112,3 +112,35 @@ def test_every_clipa_architecture_has_open_clips_parameter_names_and_shapes(name
         theirs = open_clip.create_model(name, device="meta").state_dict()
         ours = build_model(get_config(name)).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def _clipa_folder(tmp_path):
+    folder = _tokenizer_folder(tmp_path / "hub")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": SMALL, "preprocess_cfg": {}}))
+    torch.save(_reference().state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def test_onnx_export_of_clipa_is_one_line_before_any_work(tmp_path):
+    from utils.export.onnx_export import export_files
+
+    model = CLIP(model_path=str(_clipa_folder(tmp_path)), phi="auto", cuda=False)
+    with pytest.raises(UserError) as e:
+        export_files(model)
+    assert "\n" not in str(e.value) and "bert-base-uncased" in str(e.value)
+
+
+@pytest.mark.slow
+def test_train_py_fine_tunes_clipa_with_its_tokenizer_and_saves_it_beside_the_weights(tmp_path, capsys):
+    from tests.test_training import train, train_args
+    from utils.data.toy import make_toy_dataset
+
+    toy = tmp_path / "toy"
+    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
+    folder = _clipa_folder(tmp_path)
+    save_dir = tmp_path / "run"
+    train(train_args(toy, save_dir, phi="auto", model_path=folder, Epoch=1, eval_flag="false"))
+    assert (save_dir / "vocab.txt").read_bytes() == (folder / "vocab.txt").read_bytes()
+    model = CLIP(model_path=str(save_dir / "last_epoch_weights.pth"), phi="auto", cuda=False)
+    assert model.net.config == from_open_clip(SMALL)
+    assert isinstance(model.tokenizer, HubTokenizer)

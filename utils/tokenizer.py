@@ -344,6 +344,23 @@ class HubTokenizer(_PaddedTransformersTokenizer):
         return self.tokenizer(self.clean(text))["input_ids"]
 
 
+def reads_files_beside(text: "TextConfig") -> bool:
+    """Whether a text tower's tokenizer is read from files that travel with its weights (SigLIP's, a Hugging Face
+    tokenizer's), which every folder of weights written from it must hold too."""
+    return bool(text.tokenizer) or tokenizer_kind(text.kind) == "siglip"
+
+
+def copy_tokenizer_files(source: Path | None, target: Path) -> None:
+    """The tokenizer files in `source` (the weights' folder) written beside weights saved in `target`."""
+    from utils.files import atomic_write_bytes
+
+    if source is None or not source.is_dir() or source.resolve() == target.resolve():
+        return
+    for name in dict.fromkeys(SIGLIP_TOKENIZER_FILES + HUB_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES):
+        if (source / name).is_file():
+            atomic_write_bytes((source / name).read_bytes(), target / name)
+
+
 def text_tokenizer(text: "TextConfig", weights: str | Path | None, bert_vocab_path: str | Path | None = None):
     """The tokenizer a text tower's weights were trained with: the Hugging Face one its config names, else its
     kind's (OpenAI's BPE, BERT's vocab at `bert_vocab_path`, SigLIP's files beside `weights`)."""

@@ -13,7 +13,7 @@ from utils.checks import is_weight_name
 from utils.errors import UserError
 from utils.files import atomic_savefig, atomic_write_bytes, check_writable, refuse_existing
 from utils.finetune.wise_ft import check_alphas, check_pair, interpolate
-from utils.tokenizer import SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, files_beside, tokenizer_kind
+from utils.tokenizer import copy_tokenizer_files, files_beside, reads_files_beside
 from utils.weights.arch import save_weights
 from utils.weights.load import preprocess_of
 
@@ -171,11 +171,8 @@ def run_sweep(cfg: dict) -> dict:
     print(f"chosen alpha {chosen:g}: {RULE}")
     save_weights(interpolate(start, finetuned, chosen, names), paths["weights"], clip.net.config, clip.phi,
                  preprocess_of(clip.net))
-    if tokenizer_kind(clip.net.config.text.kind) == "siglip":  # its tokenizer files go beside it, as train.py's
-        folder = files_beside(clip.weights_path)
-        for name in SIGLIP_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES:
-            if (folder / name).is_file() and folder.resolve() != paths["weights"].parent.resolve():
-                atomic_write_bytes((folder / name).read_bytes(), paths["weights"].parent / name)
+    if reads_files_beside(clip.net.config.text):  # its tokenizer files go beside it, as train.py's
+        copy_tokenizer_files(files_beside(clip.weights_path), paths["weights"].parent)
     plot_sweep(rows, label, chosen, paths["plot"])
     results = {"start": names[0], "finetuned": names[1], "phi": clip.phi, "dataset": cfg["datasets_val_json_path"],
                "control_type": cfg["control_type"], "control": (cfg["control_json_path"] or cfg["control_datasets_path"])

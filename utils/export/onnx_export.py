@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import UserError
 from utils.files import check_writable, write_error
 from utils.tokenizer import (DEFAULT_BPE_PATH, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, files_beside,
                              tokenizer_kind)
@@ -51,8 +52,12 @@ def run_session(sess, inputs: np.ndarray) -> np.ndarray:
 def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
     """{file name: contents} of the export of `model` (a clip.CLIP), each ONNX file checked in onnxruntime
     against PyTorch's fp32 features on a random batch; `log` gets one line per check."""
+    config = model.net.config
+    if config.text.tokenizer or not config.text.causal:
+        raise UserError(f"ONNX export of {model.phi}'s text tower is not built yet: it reads a Hugging Face "
+                        f"tokenizer ({config.text.tokenizer or 'none'}) or attends without OpenAI's causal mask (CLIPA, "
+                        "MobileCLIP); use the PyTorch model")
     net = model.net.float().cpu().eval()
-    config = net.config
     g = torch.Generator().manual_seed(0)
     inputs = {"image": torch.randn(3, 3, config.vision.image_size, config.vision.image_size, generator=g),
               "text": model.tokenize(_CHECK_CAPTIONS)}

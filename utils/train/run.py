@@ -20,13 +20,12 @@ from utils.data.sources.stream import ShardStream
 from utils.dataloader import CaptionDataset, EpochSampler
 from utils.device import PRECISIONS, loader_workers, resolve_device
 from utils.errors import UserError
-from utils.files import atomic_save, atomic_write_bytes
+from utils.files import atomic_save
 from utils.finetune.accum import check_accum
 from utils.finetune.lora import add_lora, plain_state_dict, save_adapter
 from utils.finetune.partial import apply_locks, batch_norm_stats_frozen, parameter_summary
 from utils.metrics import small_val_warning
-from utils.tokenizer import (SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, build_tokenizer, files_beside,
-                             tokenizer_kind)
+from utils.tokenizer import copy_tokenizer_files, files_beside, reads_files_beside, text_tokenizer
 from utils.train.checkpoint import load_state, newest_state, prune_states, state_path
 from utils.train.distributed import DistInfo, cleanup, init_distributed
 from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validation_loss
@@ -158,7 +157,7 @@ class _Run:
         self.preprocess = preprocess_of(model)  # kept in the training states and beside every weight file
 
     def _tokenizer_folder(self) -> Path | None:
-        """Where SigLIP's tokenizer files are: beside the weights it starts from (a name's download), else beside
+        """Where the tokenizer files are (SigLIP's, CLIPA's): beside the weights it starts from (a name's download), else beside
         the weights this run saved (a resume that names none)."""
         if self.cfg["model_path"]:
             return files_beside(locate(self.cfg["model_path"], self.cfg["phi"]).path)
@@ -166,10 +165,8 @@ class _Run:
 
     def build_data(self, augment: str) -> None:
         cfg, info, device, config = self.cfg, self.info, self.device, self.config
-        kind = tokenizer_kind(config.text.kind)
-        self.tokenizer_folder = self._tokenizer_folder() if kind == "siglip" else None
-        self.tokenizer = build_tokenizer(kind, config.text.context_length,
-                                         {"bert": cfg["bert_vocab_path"], "siglip": self.tokenizer_folder}.get(kind))
+        self.tokenizer_folder = self._tokenizer_folder() if reads_files_beside(config.text) else None
+        self.tokenizer = text_tokenizer(config.text, self.tokenizer_folder, cfg["bert_vocab_path"])
         self.root = root = Path(cfg["datasets_path"])
         columns = (cfg["csv_image_column"], cfg["csv_caption_column"])
         self.val_entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
@@ -256,11 +253,8 @@ class _Run:
         if not info.is_main:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        if self.tokenizer_folder is not None and self.tokenizer_folder.resolve() != self.save_dir.resolve():
-            # Every weight file goes to save_dir: with its tokenizer files beside it, each job loads it as it is.
-            for name in SIGLIP_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES:
-                if (self.tokenizer_folder / name).is_file():
-                    atomic_write_bytes((self.tokenizer_folder / name).read_bytes(), self.save_dir / name)
+        # Every weight file goes to save_dir: with its tokenizer files beside it, each job loads it as it is.
+        copy_tokenizer_files(self.tokenizer_folder, self.save_dir)
         print(f"phi={self.phi}  loss={self.loss}  device={self.device}  precision={self.precision}  "
               f"processes={info.world_size}")
         tuning = self.tuning
