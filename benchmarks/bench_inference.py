@@ -196,7 +196,6 @@ def main() -> None:
     if siglip:  # padded to the context length: every caption costs the same whatever its ids
         tokens = torch.randint(1, config.text.vocab_size, (n_captions, config.text.context_length),
                                generator=torch.Generator().manual_seed(0))
-        lengths = torch.full((n_captions,), config.text.context_length)
     else:
         tokens = BPETokenizer()(captions)
         lengths = tokens.argmax(dim=-1) + 1  # SOT .. EOT
@@ -236,9 +235,12 @@ def main() -> None:
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
     print(f"{args.phi}, {hardware}, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
-    print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
-          f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
-          f"{tokens.shape[1]} positions")
+    if siglip:
+        print(f"captions: {tokens.shape[1]} token ids each, padded as SigLIP's tokenizers pad them; both run them all")
+    else:
+        print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
+              f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
+              f"{tokens.shape[1]} positions")
     header = f"{'workload':<36}{'ours':>10}" + "".join(f"{name:>14}{'x':>8}" for name in peers) + "   agreement"
     print(header)
     print("-" * len(header))
