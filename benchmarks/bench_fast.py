@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    load_before = os.getloadavg()[0]
     peak = matmul_peak(args.reps)
     model = randomised(args.phi)
     run = encoders(model, threads)
@@ -128,12 +130,15 @@ def main() -> None:
                         towers[kind](given)
                         times[name].append(time.perf_counter() - start)
             rows.append((kind, batch, flops, {name: statistics.median(t) for name, t in times.items()}, diffs))
+            print(f"{kind}s at batch {batch}: " + ", ".join(f"{n} {batch / statistics.median(t):.1f}/s"
+                                                            for n, t in times.items()), flush=True)
 
     # Measured again after the workloads, keeping each best: on a shared machine the load moves between the two.
     peak = {name: max(rate, again) for (name, rate), again in zip(peak.items(), matmul_peak(args.reps).values())}
     fp32_peak = max(peak["fp32 F.linear"], peak["fp32 oneDNN"])
     bf16_peak = max(peak["bf16 F.linear"], peak["bf16 oneDNN"])
-    print(f"{args.phi}, {threads} threads, torch {torch.__version__}, median of {args.reps}")
+    print(f"{args.phi}, {threads} threads, torch {torch.__version__}, median of {args.reps}; load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
     print("matmul 1600x768x3072 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items())
           + f"; bf16/fp32 {bf16_peak / fp32_peak:.2f}x")
     names = list(run)

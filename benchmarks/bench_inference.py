@@ -2,13 +2,17 @@
 transformers (SDPA attention) with the same weights, in one process.
 
     python benchmarks/bench_inference.py [--phi openai/VIT-B-32] [--reps 3] [--threads N] [--quick] [--device cuda]
+    python benchmarks/bench_inference.py --phi ViT-B-16-SigLIP2   # SigLIP: open_clip's create_model as the peer
 
 Rows: text (captions of Flickr length, encoded in batches), images in fp32 (a batch and a single image),
 and our model cast to bf16 as `CLIP(precision="bf16")` does (on CUDA, fp16 too). Each time is the median
 of --reps runs after warm-up runs; "x" columns are speed-ups, peer time / our time, so above 1 means ours
 is faster. The last column is the largest absolute difference from the peer's features (fp32) or the
 smallest cosine similarity to our fp32 features (bf16, fp16). Peers that are not installed are skipped
-with a note.
+with a note. SigLIP phis (timm image tower, SigLIP text tower) take open_clip's own model of that name with our
+state dict loaded strictly (the keys are open_clip's); their captions are token ids padded to the context length,
+as SigLIP's tokenizers pad them (the tower runs every position whatever the ids), and the workload is smaller
+(--captions, --image-batches) because a ViT-B/16 costs four times a ViT-B/32.
 """
 from __future__ import annotations
 
@@ -74,6 +78,16 @@ def open_clip_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
     return peer.eval()
 
 
+def open_clip_siglip_peer(phi: str, state_dict: dict) -> nn.Module | None:
+    try:
+        import open_clip
+    except ImportError:
+        return None
+    peer = open_clip.create_model(phi, pretrained=None)
+    peer.load_state_dict(state_dict, strict=True)
+    return peer.eval()
+
+
 def transformers_peer(config: CLIPConfig, state_dict: dict) -> nn.Module | None:
     try:
         import transformers
@@ -132,18 +146,24 @@ def _speed_up(peer: float | None, ours: float) -> str:
 
 
 def main() -> None:
-    openai_text_phis = [phi for phi in MODEL_CONFIGS if not get_config(phi).text.is_bert]
+    openai_text_phis = [phi for phi in MODEL_CONFIGS if get_config(phi).text.kind in ("openai", "siglip")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phi", default="openai/VIT-B-32", choices=openai_text_phis,
-                        help="an architecture with OpenAI's text tower, which both peers implement")
+                        help="an architecture with OpenAI's text tower (both peers) or a SigLIP one (open_clip)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per encoder first")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
     parser.add_argument("--quick", action="store_true", help="a fast sanity run: 128 captions, images 4 and 1")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--captions", type=int, help="captions encoded (default 1024, 128 with --quick or SigLIP)")
+    parser.add_argument("--image-batches", type=int, nargs="+", help="default 32 1 (4 1 with --quick, 8 1 SigLIP)")
     args = parser.parse_args()
-    n_captions, text_batch, image_batches = (128, 64, (4, 1)) if args.quick else (1024, 256, (32, 1))
+    siglip = get_config(args.phi).text.kind == "siglip"
+    n_captions, text_batch, image_batches = (128, 64, (4, 1)) if args.quick else \
+        (128, 32, (8, 1)) if siglip else (1024, 256, (32, 1))
+    n_captions = args.captions or n_captions
+    image_batches = tuple(args.image_batches or image_batches)
     if args.device == "cuda" and not args.quick:
         image_batches = (256, 32, 1)
     device = torch.device(args.device)
@@ -158,21 +178,27 @@ def main() -> None:
     state_dict = ours.state_dict()
     if device.type == "cpu":
         accelerate(ours)  # what CLIP runs on the CPU (nets/fast.py)
-    peers = {"open_clip": open_clip_peer(config, state_dict)}
+    peers = {"open_clip": open_clip_siglip_peer(args.phi, state_dict) if siglip else open_clip_peer(config, state_dict)}
     resnet = config.vision.kind == "resnet"
-    if not args.no_transformers and not resnet:
+    if not args.no_transformers and not resnet and not siglip:
         peers["transformers"] = transformers_peer(config, state_dict)
     notes = [f"{name} is not installed: its columns are skipped" for name, peer in peers.items() if peer is None]
     if resnet and not args.no_transformers:
         notes.append("transformers has no CLIP with OpenAI's ResNet image tower: its columns are skipped")
+    if siglip and not args.no_transformers:
+        notes.append("transformers' SiglipModel is not timed here (open_clip's is the model these keys load into)")
     peers = {name: peer.to(device) for name, peer in peers.items() if peer is not None}
     # What CLIP(precision=...) runs: the whole model cast. fp16 is offered on CUDA only.
     low_precision = [torch.bfloat16] if device.type == "cpu" else [torch.float16, torch.bfloat16]
     cast = {dtype: copy.deepcopy(ours).to(dtype) for dtype in low_precision}
 
     captions = flickr_like_captions(n_captions)
-    tokens = BPETokenizer()(captions)
-    lengths = tokens.argmax(dim=-1) + 1  # SOT .. EOT
+    if siglip:  # padded to the context length: every caption costs the same whatever its ids
+        tokens = torch.randint(1, config.text.vocab_size, (n_captions, config.text.context_length),
+                               generator=torch.Generator().manual_seed(0))
+    else:
+        tokens = BPETokenizer()(captions)
+        lengths = tokens.argmax(dim=-1) + 1  # SOT .. EOT
     text_batches = list(tokens.to(device).split(text_batch))
     size = config.vision.image_size
     pixels = torch.randn(max(image_batches), 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
@@ -209,9 +235,12 @@ def main() -> None:
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
     print(f"{args.phi}, {hardware}, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
-    print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
-          f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
-          f"{tokens.shape[1]} positions")
+    if siglip:
+        print(f"captions: {tokens.shape[1]} token ids each, padded as SigLIP's tokenizers pad them; both run them all")
+    else:
+        print(f"captions: {lengths.float().mean():.1f} tokens on average with SOT/EOT, longest per batch "
+              f"{[int(lengths[i:i + text_batch].max()) for i in range(0, n_captions, text_batch)]}; peers run all "
+              f"{tokens.shape[1]} positions")
     header = f"{'workload':<36}{'ours':>10}" + "".join(f"{name:>14}{'x':>8}" for name in peers) + "   agreement"
     print(header)
     print("-" * len(header))

@@ -12,6 +12,7 @@
 # CPU (another vendor's CPU, maybe with AMX: oneDNN's path against MKL, onnxruntime and open_clip, and the bf16
 # ratio against that CPU's own matmul ratio) at 1 thread and at all cores. "lora" trains the toy set with LoRA
 # adapters on CUDA in bf16 and in fp16 with accum_freq 2 (AMP, accumulation and LoRA on the GPU in one run each).
+# "inference" also times SigLIP 2 (timm image tower, SigLIP text tower) against open_clip's model of that name.
 # "train" covers AMP/bf16 training speed, "accum" accumulation, "onnx" the fp16 export, "decode" nvJPEG.
 set -uo pipefail
 out=${1:-logs/gpu_check}
@@ -27,7 +28,10 @@ torchvision.__version__, 'transformers', transformers.__version__, 'open_clip', 
 
 [[ $parts == *" tests "* ]] && $py -m pytest -q -rs tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu 2>&1 | tee "$out/tests.txt"
 
-[[ $parts == *" inference "* ]] && $py benchmarks/bench_inference.py --device cuda --reps 5 --warmup 2 2>&1 | tee "$out/bench_inference.txt"
+[[ $parts == *" inference "* ]] && for phi in openai/VIT-B-32 ViT-B-16-SigLIP2; do
+    $py benchmarks/bench_inference.py --phi "$phi" --device cuda --reps 5 --warmup 2 2>&1 \
+        | tee "$out/bench_inference_${phi//\//_}.txt"
+done
 
 [[ $parts == *" train "* ]] && for precision in ${TRAIN_PRECISIONS:-fp32 fp16 bf16}; do
     $py benchmarks/bench_train.py --device cuda --precision "$precision" --phi openai/VIT-B-32 --batch 256 \

@@ -5,7 +5,8 @@ on the skinny matrices of batch-1 inference (50 image tokens, a dozen text token
 bf16 already uses, picks its kernels from the CPU's own instruction sets. `accelerate` reroutes every
 `nn.Linear` of a model, the fused QKV projection of nets/transformer.py and a ViT's patch embedding (a
 convolution whose stride is its kernel: one matmul over the unfolded patches), and fuses the MLPs'
-activation (exact GELU, or QuickGELU as a scaled swish) into the matmul before it.
+activation (exact or tanh GELU, or QuickGELU as a scaled swish) into the matmul before it, in our
+transformer blocks and in timm's `Mlp` (SigLIP's image towers).
 benchmarks/bench_inference.py measures it against the plain path, onnxruntime and open_clip.
 
 Parameters and state-dict keys stay as they are. A layer's weight is reordered into oneDNN's blocked
@@ -82,7 +83,7 @@ class Matmul:
         if not _eligible(x, weight):
             bias = None if bias is None else _scaled(bias, self.bias_scale)
             y = F.linear(x, _scaled(weight.flatten(1), self.weight_scale), bias)
-            return _POST_OPS[self.attr](y)
+            return _POST_OPS[self.attr](y, self.algorithm)
         weight, bias = self._prepared(weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, self.attr, [], self.algorithm)
 
@@ -96,7 +97,8 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # The eager equivalents of the oneDNN post-ops used here, for inputs that oneDNN does not take.
-_POST_OPS = {"none": lambda y: y, "gelu": F.gelu, "swish": F.silu}
+_POST_OPS = {"none": lambda y, _: y, "gelu": lambda y, approximate: F.gelu(y, approximate=approximate),
+             "swish": lambda y, _: F.silu(y)}
 
 
 def _linear_forward(module: nn.Linear, matmul: Matmul, x: torch.Tensor) -> torch.Tensor:
@@ -121,19 +123,32 @@ def _is_patch_embedding(conv: nn.Conv2d) -> bool:
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def _mlp_forward(mlp: nn.Sequential, up: Matmul, down: Matmul, x: torch.Tensor) -> torch.Tensor:
-    if not _eligible(x, mlp.c_fc.weight):
-        return mlp.c_proj(mlp.gelu(mlp.c_fc(x)))  # the plain path, exactly: training, other devices
-    return down(up(x, mlp.c_fc.weight, mlp.c_fc.bias), mlp.c_proj.weight, mlp.c_proj.bias)
+def _mlp_forward(mlp: nn.Module, up: Matmul, down: Matmul, x: torch.Tensor) -> torch.Tensor:
+    first, last = _mlp_linears(mlp)
+    if not _eligible(x, first.weight):
+        return type(mlp).forward(mlp, x)  # the plain path, exactly: training, other devices
+    return down(up(x, first.weight, first.bias), last.weight, last.bias)
 
 
-def _fuse_activation(mlp: nn.Sequential) -> bool:
-    """A block's MLP as two oneDNN matmuls, its activation in the first; False for an activation oneDNN lacks."""
-    activation = mlp.gelu
+def _mlp_linears(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    return (mlp.c_fc, mlp.c_proj) if hasattr(mlp, "c_fc") else (mlp.fc1, mlp.fc2)
+
+
+def _plain_timm_mlp(mlp: nn.Module) -> bool:
+    # timm's Mlp is fc1, act, drop1, norm, fc2, drop2: fused only where the dropouts and norm are no-ops at inference.
+    return (type(mlp).__name__ == "Mlp" and type(mlp).__module__.startswith("timm.")
+            and all(type(getattr(mlp, name, None)) is nn.Linear for name in ("fc1", "fc2"))
+            and type(mlp.norm) is nn.Identity and all(type(getattr(mlp, d)) in (nn.Dropout, nn.Identity)
+                                                       for d in ("drop1", "drop2")))
+
+
+def _fuse_activation(mlp: nn.Module) -> bool:
+    """An MLP as two oneDNN matmuls, its activation in the first; False for an activation oneDNN lacks."""
+    activation = mlp.gelu if hasattr(mlp, "gelu") else mlp.act
     if isinstance(activation, QuickGELU):
         up, down = Matmul("swish", weight_scale=QUICK_GELU, bias_scale=QUICK_GELU), Matmul(weight_scale=1 / QUICK_GELU)
-    elif isinstance(activation, nn.GELU) and activation.approximate == "none":
-        up, down = Matmul("gelu", "none"), Matmul()
+    elif type(activation) is nn.GELU and activation.approximate in ("none", "tanh"):
+        up, down = Matmul("gelu", activation.approximate), Matmul()
     else:
         return False
     mlp.forward = functools.partial(_mlp_forward, mlp, up, down)
@@ -147,8 +162,9 @@ def accelerate(net: nn.Module) -> bool:
         return False
     fused = set()
     for module in net.modules():
-        if isinstance(module, ResidualAttentionBlock) and _fuse_activation(module.mlp):
-            fused.update((module.mlp.c_fc, module.mlp.c_proj))
+        mlp = module.mlp if isinstance(module, ResidualAttentionBlock) else module if _plain_timm_mlp(module) else None
+        if mlp is not None and _fuse_activation(mlp):
+            fused.update(_mlp_linears(mlp))
         elif isinstance(module, Attention):
             module.project = Matmul()
         elif type(module) is nn.Conv2d and _is_patch_embedding(module):

@@ -156,20 +156,29 @@ def test_clip_wrapper_is_accelerated_on_the_cpu_and_equals_the_plain_path_within
             assert (g - w).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
-def test_siglip_towers_keep_their_features_within_1e_4(activation):
-    """SigLIP's text tower: tanh GELU is not fused, but its linears are rerouted (timm's towers: the test above)."""
-    from nets.configs import TextConfig
-    from nets.text_siglip import SiglipTextTower
+@pytest.mark.parametrize("siglip2", [False, True], ids=["siglip", "siglip2"])
+def test_siglip_models_keep_their_features_within_1e_4_with_every_mlp_fused(monkeypatch, siglip2):
+    """A whole SigLIP model as the table builds it: timm's image tower (MAP head, exact GELU) and our SigLIP text
+    tower (exact GELU; SigLIP 2's tanh GELU), every MLP's activation fused into oneDNN's matmul."""
+    timm = pytest.importorskip("timm")
+    from nets.configs import from_open_clip
+    from tests.test_siglip_towers import TINY_OVERRIDES, TINY_TRUNK, _tiny_open_clip_config
 
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: real_create(
+        *(("vit_base_patch16_siglip_224", *a) if name == TINY_TRUNK else (name, *a)),
+        **({**k, **TINY_OVERRIDES} if name == TINY_TRUNK else k)))
     torch.manual_seed(0)
-    text = SiglipTextTower(TextConfig(kind="siglip", context_length=8, vocab_size=50, width=32, layers=2, heads=2,
-                                      activation=activation), 16).eval()
-    fast = copy.deepcopy(text)
-    accelerate(fast)
-    tokens = torch.randint(2, 50, (3, 8))
-    with torch.inference_mode():
-        want = text(tokens)
-        for _ in range(PACK_AFTER + 1):
-            assert (fast(tokens) - want).abs().max() < 1e-4
-    assert _matmuls(fast)
+    eager = build_model(from_open_clip(_tiny_open_clip_config(siglip2))).eval()
+    with torch.no_grad():
+        for p in eager.parameters():  # the attention-pool latent, gains and biases too
+            p.add_(torch.randn_like(p) * 0.05)
+    fast = copy.deepcopy(eager)
+    assert accelerate(fast)
+    mlps = [m for m in fast.modules() if hasattr(m, "fc1") or hasattr(m, "c_fc")]
+    assert mlps and all(isinstance(m.__dict__.get("forward"), functools.partial) for m in mlps), "an MLP not fused"
+    pixels, tokens = torch.randn(3, 3, 32, 32), torch.randint(2, 300, (3, 16))
+    want = features(eager, pixels, tokens)
+    for _ in range(PACK_AFTER + 1):
+        for g, w in zip(features(fast, pixels, tokens), want):
+            assert (g - w).abs().max() < 1e-4
