@@ -1,6 +1,6 @@
 """The small-batch question: CLIP's softmax loss vs SigLIP's sigmoid loss at batch 16, 32 and 64, from scratch.
 
-    python benchmarks/bench_small_batch.py [--epochs 30] [--seeds 11] [--batches 16 32 64] [--jobs 2] [--quick]
+    python benchmarks/bench_small_batch.py [--epochs 8] [--seeds 11] [--batches 16 32 64] [--jobs 2] [--quick]
 
 scikit-learn's digits (1797 real handwritten 8x8 digits, 0-9) are upscaled to the tiny model's 64 px and split
 80/20, stratified by digit, into training and held-out images. Every image gets five captions from eight
@@ -126,7 +126,7 @@ def evaluate(weights: Path, data: Path, labels: list[int]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[11])
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--losses", nargs="+", default=["softmax", "sigmoid"], choices=["softmax", "sigmoid"])
