@@ -298,3 +298,15 @@ def test_training_and_eval_read_jsonl_csv_and_tsv_directly(tmp_path):
                                   datasets_val_json_path=toy / "val.jsonl"))  # in this process
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(step_losses(tmp_path / "run")) == 2  # 16 images / batch 8
+
+
+def test_a_phi_whose_tokenizer_comes_with_its_weights_does_not_count_with_another(tmp_path, capsys):
+    """SigLIP's (and CLIPA's) tokenizer is in its weights' files, which convert does not have: no count with BPE."""
+    data = tmp_path / "data"
+    _image(data / "one.jpg")
+    (data / "one.txt").write_text("word " * 90 + "\n")
+    _convert("folder", data, tmp_path / "out", phi="ViT-B-16-SigLIP2")
+    out = capsys.readouterr().out
+    assert "captions longer than the text tower's context: not counted (its tokenizer comes with the weights" in out
+    _convert("folder", data, tmp_path / "out2")
+    assert "captions longer than the text tower's context: 1 (100.0%" in capsys.readouterr().out

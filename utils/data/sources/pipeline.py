@@ -11,12 +11,15 @@ TARGETS = ("json", "wds")
 
 
 def _too_long(phi: str, bert_vocab_path: str):
-    """caption -> whether it exceeds the context of phi's text tower (counting the start and end tokens)."""
+    """caption -> whether it exceeds the context of phi's text tower (counting the start and end tokens); None
+    where the tokenizer comes with the weights."""
     from nets.configs import get_config
 
-    from utils.tokenizer import build_tokenizer
+    from utils.tokenizer import build_tokenizer, reads_files_beside
 
     text = get_config(phi).text
+    if reads_files_beside(text):  # SigLIP's, CLIPA's: its files come with the weights, which convert has not
+        return None
     tokenizer = build_tokenizer("bert" if text.is_bert else "openai", text.context_length,
                                 bert_vocab_path if text.is_bert else None)
     room = text.context_length - 2

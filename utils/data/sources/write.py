@@ -122,7 +122,7 @@ def _duplicate_images(records: list[Record]) -> int:
     return duplicates
 
 
-def summary(splits: dict[str, list[Record]], too_long: Callable[[str], bool], problems: list[str],
+def summary(splits: dict[str, list[Record]], too_long: Callable[[str], bool] | None, problems: list[str],
             captionless: int, empty_captions: int, uncaptioned: list[Path]) -> str:
     records = [r for split in SPLITS for r in splits[split]]
     captions = [c for r in records for c in r.captions]
@@ -133,10 +133,15 @@ def summary(splits: dict[str, list[Record]], too_long: Callable[[str], bool], pr
             lines.append(f"  {split:<6}{len(counts):>8} images {sum(counts):>9} captions   captions per image "
                          f"min {min(counts)} / mean {statistics.mean(counts):.2f} / max {max(counts)}")
     repeated = sum(n - 1 for n in Counter(captions).values())
-    long = sum(map(too_long, captions))
+    if too_long is None:
+        long_line = ("  captions longer than the text tower's context: not counted (its tokenizer comes with the "
+                     "weights; train.py's input report counts them)")
+    else:
+        long = sum(map(too_long, captions))
+        long_line = (f"  captions longer than the text tower's context: {long} "
+                     f"({100 * long / max(len(captions), 1):.1f}%; they are truncated)")
     lines += [f"  exact-duplicate images: {_duplicate_images(records)}; exact-duplicate captions: {repeated}",
-              f"  captions longer than the text tower's context: {long} ({100 * long / max(len(captions), 1):.1f}%; "
-              "they are truncated)",
+              long_line,
               f"  empty captions dropped: {empty_captions}; images with no caption left, dropped: {captionless}"]
     if uncaptioned:
         lines.append(f"  images without a .txt, left out: {len(uncaptioned)}, e.g. "
