@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import utils  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
 import numpy as np
 import torch
 import torch.nn.functional as F

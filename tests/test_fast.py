@@ -182,3 +182,20 @@ def test_siglip_models_keep_their_features_within_1e_4_with_every_mlp_fused(monk
     for _ in range(PACK_AFTER + 1):
         for g, w in zip(features(fast, pixels, tokens), want):
             assert (g - w).abs().max() < 1e-4
+
+
+def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
+    """Spinning OpenMP threads collapse single-image speed 16x when another process holds a core (utils/__init__)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import clip, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                          cwd=root).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                          cwd=root).stdout.strip() == "ACTIVE"
