@@ -36,8 +36,9 @@ IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": Visi
                                                                      "resnet": ModifiedResNet, "timm": _timm_tower}
 TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
                                                                   "bert-pooler": _bert_tower, "bert-cls": _bert_tower,
-                                                                  "siglip": SiglipTextTower}
-TEXT_KEEPS_PREFIX = {"siglip"}
+                                                                  "siglip": SiglipTextTower,
+                                                                  "openai-custom": OpenAITextTower}
+TEXT_KEEPS_PREFIX = {"siglip", "openai-custom"}
 
 
 def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:

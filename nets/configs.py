@@ -28,7 +28,8 @@ from .zoo_rows import ZOO
 #   bert-cls     BertModel [CLS] hidden state -> text_projection (Chinese-CLIP)
 #   siglip       bidirectional transformer over captions padded to the context, the last position -> a linear
 #                projection with `proj_bias` (or none: `projection=False`); keys under open_clip's `text.` (SigLIP)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip")
+#   openai-custom  the openai tower as open_clip's `custom_text` models hold it: keys under `text.` (EVA)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom")
 TEXT_POOLS = ("argmax", "last", "eos")
 # Image tower kinds:
 #   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
@@ -612,13 +613,16 @@ def _timm_head_vision(v: Mapping) -> VisionConfig:
 
 def _from_open_clip_timm(model_cfg: Mapping) -> CLIPConfig:
     """An open_clip config with a timm image tower (ConvNeXt, EVA, ...) and OpenAI's causal text tower."""
-    rest = {k: val for k, val in model_cfg.items() if k != "vision_cfg"}
+    # custom_text only moves the same text tower's keys under `text.` (EVA's files).
+    rest = {k: val for k, val in model_cfg.items() if k not in ("vision_cfg", "custom_text")}
     if bad := unsupported_open_clip_settings(rest):
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a timm image tower is built "
                                            "here with OpenAI's causal text tower at open_clip's defaults")
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
-    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=_timm_head_vision(model_cfg["vision_cfg"]),
-                      text=_openai_text_of(model_cfg.get("text_cfg", {}), activation))
+    text = _openai_text_of(model_cfg.get("text_cfg", {}), activation)
+    if model_cfg.get("custom_text", False):
+        text = replace(text, kind="openai-custom")
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=_timm_head_vision(model_cfg["vision_cfg"]), text=text)
 
 
 def _from_open_clip_siglip(model_cfg: Mapping) -> CLIPConfig:

@@ -1,4 +1,4 @@
-"""Model-table rows of open_clip's timm-tower families (ConvNeXt, ...) as plain dicts, `CLIPConfig.to_dict`'s form:
+"""Model-table rows of open_clip's timm-tower families (ConvNeXt, EVA) as plain dicts, `CLIPConfig.to_dict`'s form:
 timm's trunk under open_clip's head and OpenAI's causal text tower, with open_clip 3.3's model_configs JSON sizes.
 
 Plain data, importing nothing: nets/configs.py turns every row into its dataclasses (which check it) when it merges
@@ -10,9 +10,9 @@ _CONVNEXT_TRUNKS = {"convnext_tiny": (768, 18), "convnext_small": (768, 36), "co
                     "convnext_large": (1536, 36), "convnext_xlarge": (2048, 36), "convnext_xxlarge": (3072, 40)}
 
 
-def _text(width: int, heads: int, layers: int) -> dict:
+def _text(width: int, heads: int, layers: int, kind: str = "openai") -> dict:
     # Every family here trained with exact GELU (no quick_gelu in their JSONs).
-    return dict(kind="openai", context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads,
+    return dict(kind=kind, context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads,
                 activation="gelu")
 
 
@@ -40,5 +40,31 @@ CONVNEXT: dict[str, dict] = {
     "convnext_xxlarge_320": _convnext("convnext_xxlarge", 320, 1024, (1024, 16, 24)),
 }
 
+# timm's EVA ViTs as open_clip's JSONs name them: trunk -> (patch, width, layers, heads).
+_EVA_TRUNKS = {"eva_giant_patch14_224": (14, 1408, 40, 16), "eva02_base_patch16_clip_224": (16, 768, 12, 12),
+               "eva02_large_patch14_clip_224": (14, 1024, 24, 16), "eva02_large_patch14_clip_336": (14, 1024, 24, 16),
+               "eva02_enormous_patch14_clip_224": (14, 1792, 64, 16)}
+
+
+def _eva(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int]) -> dict:
+    """open_clip's `EVA*` JSON: timm's trunk at its defaults, its class token (timm_pool "token") projected by timm's
+    own classifier (timm_proj null: `trunk.head`, with a bias); the text tower's keys under `text.` (custom_text)."""
+    patch, width, layers, heads = _EVA_TRUNKS[trunk]
+    vision = dict(kind="timm", timm_model_name=trunk, image_size=image_size, patch_size=patch, width=width,
+                  layers=layers, heads=heads, activation="gelu", timm_pool="token", timm_proj="", timm_kwargs=())
+    return dict(embed_dim=embed_dim, vision=vision, text=_text(*text, kind="openai-custom"))
+
+
+# open_clip 3.3's EVA configs (model_configs/EVA*.json), in its list_models() order.
+EVA: dict[str, dict] = {
+    "EVA01-g-14": _eva("eva_giant_patch14_224", 224, 1024, (768, 12, 12)),
+    "EVA01-g-14-plus": _eva("eva_giant_patch14_224", 224, 1024, (1024, 16, 24)),
+    "EVA02-B-16": _eva("eva02_base_patch16_clip_224", 224, 512, (512, 8, 12)),
+    "EVA02-E-14": _eva("eva02_enormous_patch14_clip_224", 224, 1024, (1024, 16, 24)),
+    "EVA02-E-14-plus": _eva("eva02_enormous_patch14_clip_224", 224, 1024, (1280, 20, 32)),
+    "EVA02-L-14": _eva("eva02_large_patch14_clip_224", 224, 768, (768, 12, 12)),
+    "EVA02-L-14-336": _eva("eva02_large_patch14_clip_336", 336, 768, (768, 12, 12)),
+}
+
 # Every row of this module, merged into nets/configs.py's MODEL_CONFIGS.
-ZOO: dict[str, dict] = {**CONVNEXT}
+ZOO: dict[str, dict] = {**CONVNEXT, **EVA}

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS, UnsupportedArchitectureError, from_open_clip
-from nets.zoo_rows import CONVNEXT
+from nets.zoo_rows import CONVNEXT, EVA
 from tests.test_siglip_towers import _move_every_parameter
 from utils.weights.load import load_model
 
@@ -22,9 +22,13 @@ open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
 CONFIG_DIR = Path(open_clip.__file__).parent / "model_configs"
-OPEN_CLIP_CONVNEXTS = [m for m in open_clip.list_models() if m.startswith("convnext_")]
+FAMILIES = {"convnext": (CONVNEXT, "convnext_"), "eva": (EVA, "EVA")}
+OPEN_CLIP_ROWS = [m for m in open_clip.list_models() if m.startswith(tuple(p for _, p in FAMILIES.values()))]
 # Names timm does not know, standing for small trunks of each family so that open_clip can build them too.
-TINY_TRUNKS = {"convnext_tinytest": ("convnext_tiny", dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40)))}
+_SMALL_VIT = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=2)
+TINY_TRUNKS = {"convnext_tinytest": ("convnext_tiny", dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40))),
+               "eva01_tinytest": ("eva_giant_patch14_224", dict(_SMALL_VIT, mlp_ratio=3.5)),
+               "eva02_tinytest": ("eva02_base_patch16_clip_224", _SMALL_VIT)}
 
 
 def _open_clip_cfg(name: str) -> dict:
@@ -73,13 +77,15 @@ def _assert_same_features(model, reference, image_size: int = 64) -> None:
             assert (ours - theirs).abs().max() <= 1e-4
 
 
-def test_the_table_has_a_row_for_every_convnext_of_open_clip():
-    assert len(OPEN_CLIP_CONVNEXTS) == 11
-    assert sorted(CONVNEXT) == sorted(OPEN_CLIP_CONVNEXTS)
-    assert all(name in MODEL_CONFIGS for name in OPEN_CLIP_CONVNEXTS)
+@pytest.mark.parametrize("family, count", [("convnext", 11), ("eva", 7)])
+def test_the_table_has_a_row_for_every_architecture_of_the_family(family, count):
+    rows, prefix = FAMILIES[family]
+    names = [m for m in open_clip.list_models() if m.startswith(prefix)]
+    assert len(names) == count and sorted(rows) == sorted(names)
+    assert all(name in MODEL_CONFIGS for name in names)
 
 
-@pytest.mark.parametrize("name", OPEN_CLIP_CONVNEXTS)
+@pytest.mark.parametrize("name", OPEN_CLIP_ROWS)
 def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta_device(name):
     ours = get_config(name)
     assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
@@ -103,6 +109,20 @@ def test_a_small_convnext_is_open_clips_within_1e_4_and_loads_both_ways(tiny_ope
     _assert_same_features(model, other)
 
 
+@pytest.mark.parametrize("trunk", ["eva01_tinytest", "eva02_tinytest"])
+def test_a_small_eva_is_open_clips_within_1e_4_and_loads_both_ways(tiny_open_clip, trunk):
+    cfg = {**_tiny_cfg(trunk, timm_pool="token", timm_proj=None), "custom_text": True}
+    reference = tiny_open_clip(f"tiny-{trunk}", cfg)
+    model = build_model(from_open_clip(cfg)).eval()
+    assert model.config.text.kind == "openai-custom"
+    model.load_state_dict(reference.state_dict(), strict=True)  # keys `text.*`, `visual.trunk.head.*`
+    assert set(model.state_dict()) == set(reference.state_dict())
+    _assert_same_features(model, reference)
+    other = open_clip.create_model(f"tiny-{trunk}", pretrained=None).eval()
+    other.load_state_dict(model.state_dict(), strict=True)
+    _assert_same_features(model, other)
+
+
 def test_an_open_clip_hub_folder_of_a_convnext_loads_with_auto_within_1e_4(tiny_open_clip, tmp_path):
     cfg = _tiny_cfg("convnext_tinytest", timm_pool="", timm_proj="linear", timm_proj_bias=True)
     reference = tiny_open_clip("tiny-convnext-bias", cfg)
@@ -122,7 +142,7 @@ def test_timm_settings_not_built_here_are_refused_by_name():
     cfg = _open_clip_cfg("convnext_base")
     for part, key, value in (("vision_cfg", "timm_proj", "conv"), ("vision_cfg", "timm_pool", "median"),
                              ("vision_cfg", "patch_size", 16), ("text_cfg", "proj_bias", True),
-                             ("text_cfg", "pool_type", "last"), ("", "custom_text", True)):
+                             ("text_cfg", "pool_type", "last"), ("text_cfg", "hf_model_name", "roberta-base")):
         bad = json.loads(json.dumps(cfg))
         (bad[part] if part else bad)[key] = value
         with pytest.raises(UnsupportedArchitectureError, match=f"{part + '.' if part else ''}{key}=") as err:
