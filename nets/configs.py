@@ -790,6 +790,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     sd = state_dict
     if _SIGLIP_PATCHES in sd:
         return _siglip_of_shapes(sd)
+    if any(k.startswith("visual.trunk.") for k in sd):  # ConvNeXt, ...: the timm model is in no shape
+        raise UnknownHeadsError("a state dict with a timm image trunk (visual.trunk.*) that is not SigLIP's: shapes do "
+                                "not show its timm model; pass the phi it was trained as, or keep "
+                                "open_clip_config.json beside it")
     if "visual.attnpool.positional_embedding" in sd:
         vision = _resnet_shapes(sd)
     else:

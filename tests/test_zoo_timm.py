@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from nets import build_model, get_config
-from nets.configs import MODEL_CONFIGS, UnsupportedArchitectureError, from_open_clip
+from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
+    infer_config
 from nets.zoo_rows import CONVNEXT, EVA
 from tests.test_siglip_towers import _move_every_parameter
 from utils.weights.load import load_model
@@ -160,3 +161,12 @@ def test_a_convnext_rows_record_round_trips_through_json():
     config = get_config("convnext_large_d_320")
     assert CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.vision.timm_proj == "mlp" and config.vision.timm_kwargs == ()
+
+
+@pytest.mark.parametrize("name", ["convnext_base", "EVA02-B-16"])
+def test_a_bare_state_dict_of_these_towers_asks_for_its_config_in_one_line(name):
+    with torch.device("meta"):
+        state = build_model(get_config(name)).state_dict()
+    with pytest.raises(UnknownHeadsError, match="open_clip_config.json beside it") as err:
+        infer_config(state)
+    assert "\n" not in str(err.value)
