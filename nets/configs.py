@@ -476,9 +476,10 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
     if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
-        # SigLIP's attention-pooled trunk and bidirectional text tower go together (its path names what differs from
-        # them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's causal text tower.
-        if model_cfg["vision_cfg"].get("timm_pool") == "map" or model_cfg.get("text_cfg", {}).get("no_causal_mask"):
+        # SigLIP's unprojected attention-pooled trunk and bidirectional text tower go together (its path names what
+        # differs from them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's causal text tower.
+        v = model_cfg["vision_cfg"]
+        if (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none") or model_cfg.get("text_cfg", {}).get("no_causal_mask"):
             return _from_open_clip_siglip(model_cfg)
         return _from_open_clip_timm(model_cfg)
     if bad := unsupported_open_clip_settings(model_cfg):
@@ -603,7 +604,9 @@ def _timm_head_vision(v: Mapping) -> VisionConfig:
         raise UnsupportedArchitectureError(f"open_clip config: timm has no model {name!r} ({e})") from e
     blocks = getattr(trunk, "blocks", None)
     attn = getattr(blocks[0], "attn", None) if blocks is not None else None
-    patch = trunk.patch_embed.patch_size[0] if hasattr(trunk, "patch_embed") else trunk.feature_info[-1]["reduction"]
+    # The grid's stride: a hybrid stem's (ViTamin, MobileCLIP) patch embedding is 1 x 1 on its output.
+    patch = trunk.feature_info[-1]["reduction"] if getattr(trunk, "feature_info", None) else \
+        trunk.patch_embed.patch_size[0]
     layers = len(blocks) if blocks is not None else sum(len(s.blocks) for s in getattr(trunk, "stages", ()))
     return VisionConfig(kind="timm", timm_model_name=name, image_size=_square(v.get("image_size", 224), "image_size"),
                         patch_size=int(patch), width=trunk.num_features, layers=layers,

@@ -1,4 +1,4 @@
-"""Model-table rows of open_clip's timm-tower families (ConvNeXt, EVA) as plain dicts, `CLIPConfig.to_dict`'s form:
+"""Model-table rows of open_clip's timm-tower families (ConvNeXt, EVA, ViTamin, PE-Core, MobileCLIP's ViT-B) as plain dicts, `CLIPConfig.to_dict`'s form:
 timm's trunk under open_clip's head and OpenAI's causal text tower, with open_clip 3.3's model_configs JSON sizes.
 
 Plain data, importing nothing: nets/configs.py turns every row into its dataclasses (which check it) when it merges
@@ -10,10 +10,21 @@ _CONVNEXT_TRUNKS = {"convnext_tiny": (768, 18), "convnext_small": (768, 36), "co
                     "convnext_large": (1536, 36), "convnext_xlarge": (2048, 36), "convnext_xxlarge": (3072, 40)}
 
 
-def _text(width: int, heads: int, layers: int, kind: str = "openai") -> dict:
+def _text(width: int, heads: int, layers: int, kind: str = "openai", context_length: int = 77) -> dict:
     # Every family here trained with exact GELU (no quick_gelu in their JSONs).
-    return dict(kind=kind, context_length=77, vocab_size=49408, width=width, layers=layers, heads=heads,
+    return dict(kind=kind, context_length=context_length, vocab_size=49408, width=width, layers=layers, heads=heads,
                 activation="gelu")
+
+
+def _vit_trunk(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int], sizes: tuple[int, ...],
+               pool: str, proj: str, context_length: int = 77) -> dict:
+    """A timm ViT-like trunk at its defaults under open_clip's head (pool, proj), sizes (grid stride, width, layers,
+    heads) for the record, and OpenAI's text tower with open_clip's custom_text keys under `text.`."""
+    patch, width, layers, heads = sizes
+    vision = dict(kind="timm", timm_model_name=trunk, image_size=image_size, patch_size=patch, width=width,
+                  layers=layers, heads=heads, activation="gelu", timm_pool=pool, timm_proj=proj, timm_kwargs=())
+    return dict(embed_dim=embed_dim, vision=vision,
+                text=_text(*text, kind="openai-custom", context_length=context_length))
 
 
 def _convnext(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int], proj: str = "linear") -> dict:
@@ -66,5 +77,60 @@ EVA: dict[str, dict] = {
     "EVA02-L-14-336": _eva("eva02_large_patch14_clip_336", 336, 768, (768, 12, 12)),
 }
 
+# timm's ViTamins (a MBConv stem, then ViT blocks): grid stride, width, layers, heads.
+_VITAMIN_SIZES = {"small": (16, 384, 14, 6), "base": (16, 768, 14, 12), "large": (16, 1024, 31, 16),
+                  "large2": (16, 1024, 31, 16), "xlarge": (16, 1152, 32, 16)}
+
+
+def _vitamin(size: str, trunk_px: int, image_size: int, embed_dim: int, text: tuple[int, int, int]) -> dict:
+    """open_clip's `ViTamin-*` JSON: timm's `vitamin_{size}_{px}`, its own pooling (timm_pool ""), a linear head."""
+    return _vit_trunk(f"vitamin_{size}_{trunk_px}", image_size, embed_dim, text, _VITAMIN_SIZES[size], "", "linear")
+
+
+# open_clip 3.3's ViTamin configs. ViTamin-XL-384's JSON says image_size 256 for its 384 px trunk: kept as it is.
+VITAMIN: dict[str, dict] = {
+    "ViTamin-B": _vitamin("base", 224, 224, 512, (512, 8, 12)),
+    "ViTamin-B-LTT": _vitamin("base", 224, 224, 768, (768, 12, 12)),
+    "ViTamin-L": _vitamin("large", 224, 224, 768, (768, 12, 12)),
+    "ViTamin-L-256": _vitamin("large", 256, 256, 768, (768, 12, 12)),
+    "ViTamin-L-336": _vitamin("large", 336, 336, 768, (768, 12, 12)),
+    "ViTamin-L-384": _vitamin("large", 384, 384, 768, (768, 12, 12)),
+    "ViTamin-L2": _vitamin("large2", 224, 224, 1024, (1024, 16, 24)),
+    "ViTamin-L2-256": _vitamin("large2", 256, 256, 1024, (1024, 16, 24)),
+    "ViTamin-L2-336": _vitamin("large2", 336, 336, 1024, (1024, 16, 24)),
+    "ViTamin-L2-384": _vitamin("large2", 384, 384, 1024, (1024, 16, 24)),
+    "ViTamin-S": _vitamin("small", 224, 224, 384, (384, 6, 12)),
+    "ViTamin-S-LTT": _vitamin("small", 224, 224, 768, (768, 12, 12)),
+    "ViTamin-XL-256": _vitamin("xlarge", 256, 256, 1152, (1152, 16, 27)),
+    "ViTamin-XL-336": _vitamin("xlarge", 336, 336, 1152, (1152, 16, 27)),
+    "ViTamin-XL-384": _vitamin("xlarge", 384, 256, 1152, (1152, 16, 27)),
+}
+
+
+def _pe_core(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int], sizes: tuple[int, ...],
+             context_length: int = 32) -> dict:
+    """open_clip's `PE-Core-*` JSON: timm's `vit_pe_core_*` (RoPE), its attention pool (timm_pool "map") projected by
+    timm's own head (timm_proj null); a causal text tower on 32-token captions (72 for bigG)."""
+    return _vit_trunk(trunk, image_size, embed_dim, text, sizes, "map", "", context_length)
+
+
+# open_clip 3.3's PE-Core configs.
+PE_CORE: dict[str, dict] = {
+    "PE-Core-B-16": _pe_core("vit_pe_core_base_patch16_224", 224, 1024, (1024, 16, 24), (16, 768, 12, 12)),
+    "PE-Core-L-14-336": _pe_core("vit_pe_core_large_patch14_336", 336, 1024, (1024, 16, 24), (14, 1024, 24, 16)),
+    "PE-Core-S-16-384": _pe_core("vit_pe_core_small_patch16_384", 384, 512, (512, 8, 12), (16, 384, 12, 6)),
+    "PE-Core-T-16-384": _pe_core("vit_pe_core_tiny_patch16_384", 384, 512, (512, 8, 12), (16, 192, 12, 3)),
+    "PE-Core-bigG-14-448": _pe_core("vit_pe_core_gigantic_patch14_448", 448, 1280, (1280, 20, 24),
+                                    (14, 1536, 50, 16), context_length=72),
+}
+
+# open_clip 3.3's MobileCLIP configs with a causal text tower: the ViT-B ones (timm's `vit_base_mci_224`, a
+# convolutional stem, its class token projected by timm's head). The FastViT ones (S0-S4) and MobileCLIP2-L-14
+# use a text tower without the causal mask, not built here yet.
+MOBILECLIP: dict[str, dict] = {
+    name: _vit_trunk("vit_base_mci_224", 224, 512, (512, 8, 12), (16, 768, 12, 12), "token", "")
+    for name in ("MobileCLIP-B", "MobileCLIP2-B")
+}
+
 # Every row of this module, merged into nets/configs.py's MODEL_CONFIGS.
-ZOO: dict[str, dict] = {**CONVNEXT, **EVA}
+ZOO: dict[str, dict] = {**CONVNEXT, **EVA, **VITAMIN, **PE_CORE, **MOBILECLIP}

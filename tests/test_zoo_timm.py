@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
     infer_config
-from nets.zoo_rows import CONVNEXT, EVA
+from nets.zoo_rows import CONVNEXT, EVA, MOBILECLIP, PE_CORE, VITAMIN
 from tests.test_siglip_towers import _move_every_parameter
 from utils.weights.load import load_model
 
@@ -23,13 +23,18 @@ open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 
 CONFIG_DIR = Path(open_clip.__file__).parent / "model_configs"
-FAMILIES = {"convnext": (CONVNEXT, "convnext_"), "eva": (EVA, "EVA")}
-OPEN_CLIP_ROWS = [m for m in open_clip.list_models() if m.startswith(tuple(p for _, p in FAMILIES.values()))]
+FAMILIES = {"convnext": (CONVNEXT, ("convnext_",)), "eva": (EVA, ("EVA",)), "vitamin": (VITAMIN, ("ViTamin",)),
+            "pe-core": (PE_CORE, ("PE-Core",)), "mobileclip": (MOBILECLIP, ("MobileCLIP-B", "MobileCLIP2-B"))}
+OPEN_CLIP_ROWS = [m for m in open_clip.list_models() if m.startswith(sum((p for _, p in FAMILIES.values()), ()))]
 # Names timm does not know, standing for small trunks of each family so that open_clip can build them too.
 _SMALL_VIT = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=2)
 TINY_TRUNKS = {"convnext_tinytest": ("convnext_tiny", dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40))),
                "eva01_tinytest": ("eva_giant_patch14_224", dict(_SMALL_VIT, mlp_ratio=3.5)),
-               "eva02_tinytest": ("eva02_base_patch16_clip_224", _SMALL_VIT)}
+               "eva02_tinytest": ("eva02_base_patch16_clip_224", _SMALL_VIT),
+               # These stems fix the width: one block keeps them small.
+               "vitamin_tinytest": ("vitamin_small_224", dict(img_size=64, depth=1)),
+               "pe_core_tinytest": ("vit_pe_core_tiny_patch16_384", dict(img_size=64, depth=2)),
+               "mci_tinytest": ("vit_base_mci_224", dict(img_size=64, depth=1))}
 
 
 def _open_clip_cfg(name: str) -> dict:
@@ -78,7 +83,8 @@ def _assert_same_features(model, reference, image_size: int = 64) -> None:
             assert (ours - theirs).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("family, count", [("convnext", 11), ("eva", 7)])
+@pytest.mark.parametrize("family, count", [("convnext", 11), ("eva", 7), ("vitamin", 15), ("pe-core", 5),
+                                           ("mobileclip", 2)])
 def test_the_table_has_a_row_for_every_architecture_of_the_family(family, count):
     rows, prefix = FAMILIES[family]
     names = [m for m in open_clip.list_models() if m.startswith(prefix)]
@@ -86,7 +92,12 @@ def test_the_table_has_a_row_for_every_architecture_of_the_family(family, count)
     assert all(name in MODEL_CONFIGS for name in names)
 
 
-@pytest.mark.parametrize("name", OPEN_CLIP_ROWS)
+# One row per family in the quick suite; the others (seconds each on the meta device) with the slow ones.
+QUICK_ROWS = {"convnext_base", "EVA02-B-16", "ViTamin-S", "PE-Core-T-16-384", "MobileCLIP-B"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_ROWS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in OPEN_CLIP_ROWS])
 def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta_device(name):
     ours = get_config(name)
     assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
@@ -110,13 +121,17 @@ def test_a_small_convnext_is_open_clips_within_1e_4_and_loads_both_ways(tiny_ope
     _assert_same_features(model, other)
 
 
-@pytest.mark.parametrize("trunk", ["eva01_tinytest", "eva02_tinytest"])
-def test_a_small_eva_is_open_clips_within_1e_4_and_loads_both_ways(tiny_open_clip, trunk):
-    cfg = {**_tiny_cfg(trunk, timm_pool="token", timm_proj=None), "custom_text": True}
+@pytest.mark.parametrize("trunk, pool, proj", [
+    ("eva01_tinytest", "token", None), ("eva02_tinytest", "token", None),
+    pytest.param("vitamin_tinytest", "", "linear", marks=pytest.mark.slow),  # its stem alone is 2.5M parameters
+    ("pe_core_tinytest", "map", None), ("mci_tinytest", "token", None)])
+def test_a_small_custom_text_trunk_is_open_clips_within_1e_4_and_loads_both_ways(tiny_open_clip, trunk, pool, proj):
+    """EVA01, EVA02, ViTamin, PE-Core and MobileCLIP's ViT-B, each with open_clip's custom_text keys (`text.*`)."""
+    cfg = {**_tiny_cfg(trunk, timm_pool=pool, timm_proj=proj), "custom_text": True}
     reference = tiny_open_clip(f"tiny-{trunk}", cfg)
     model = build_model(from_open_clip(cfg)).eval()
     assert model.config.text.kind == "openai-custom"
-    model.load_state_dict(reference.state_dict(), strict=True)  # keys `text.*`, `visual.trunk.head.*`
+    model.load_state_dict(reference.state_dict(), strict=True)  # keys `text.*`, `visual.trunk.*`, `visual.head.*`
     assert set(model.state_dict()) == set(reference.state_dict())
     _assert_same_features(model, reference)
     other = open_clip.create_model(f"tiny-{trunk}", pretrained=None).eval()
