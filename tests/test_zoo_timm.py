@@ -158,7 +158,7 @@ def test_timm_settings_not_built_here_are_refused_by_name():
     cfg = _open_clip_cfg("convnext_base")
     for part, key, value in (("vision_cfg", "timm_proj", "conv"), ("vision_cfg", "timm_pool", "median"),
                              ("vision_cfg", "patch_size", 16), ("text_cfg", "proj_bias", True),
-                             ("text_cfg", "pool_type", "last"), ("text_cfg", "hf_model_name", "roberta-base")):
+                             ("text_cfg", "ls_init_value", 0.1), ("text_cfg", "hf_model_name", "roberta-base")):
         bad = json.loads(json.dumps(cfg))
         (bad[part] if part else bad)[key] = value
         with pytest.raises(UnsupportedArchitectureError, match=f"{part + '.' if part else ''}{key}=") as err:
