@@ -26,14 +26,7 @@ def _bert_tower(config: TextConfig, embed_dim: int) -> nn.Module:
 def _timm_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
     from .vision_timm import timm_tower  # timm costs a second to import; only its towers need it
 
-    if config.width != embed_dim:
-        raise ValueError(f"a timm tower has no projection: its width {config.width} must be embed_dim {embed_dim}")
-    # "gelu" is timm's own (exact) GELU, as open_clip builds the trunk; "gelu_tanh" is transformers' SiglipModel's.
-    acts = {"gelu": None, "gelu_tanh": "gelu_tanh"}
-    if config.activation not in acts:
-        raise ValueError(f"a timm tower is built with {' or '.join(acts)}, not {config.activation!r}")
-    return timm_tower(config.timm_model_name, config.image_size, config.patch_size, config.width, config.layers,
-                      config.heads, config.mlp_ratio, act_layer=acts[config.activation])
+    return timm_tower(config, embed_dim)
 
 
 # A tower kind is a row: kind -> builder(tower config, embed_dim) -> module. Image towers keep OpenAI's keys under
@@ -43,8 +36,9 @@ IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": Visi
                                                                      "resnet": ModifiedResNet, "timm": _timm_tower}
 TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
                                                                   "bert-pooler": _bert_tower, "bert-cls": _bert_tower,
-                                                                  "siglip": SiglipTextTower}
-TEXT_KEEPS_PREFIX = {"siglip"}
+                                                                  "siglip": SiglipTextTower,
+                                                                  "openai-custom": OpenAITextTower}
+TEXT_KEEPS_PREFIX = {"siglip", "openai-custom"}
 
 
 def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:

@@ -20,13 +20,16 @@ import torch
 
 from utils.errors import UserError
 
+from .zoo_rows import ZOO
+
 # Text tower kinds:
 #   openai       causal BPE transformer, EOT pooling, ln_final, text_projection (OpenAI CLIP)
 #   bert-pooler  BertModel pooler output -> ln_final -> text_projection (bubbliiiing's self-cn)
 #   bert-cls     BertModel [CLS] hidden state -> text_projection (Chinese-CLIP)
 #   siglip       bidirectional transformer over captions padded to the context, the last position -> a linear
 #                projection with `proj_bias` (or none: `projection=False`); keys under open_clip's `text.` (SigLIP)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip")
+#   openai-custom  the openai tower as open_clip's `custom_text` models hold it: keys under `text.` (EVA)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom")
 TEXT_POOLS = ("argmax", "last", "eos")
 # Image tower kinds:
 #   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
@@ -54,6 +57,10 @@ def mlp_ratio_of(width: int, hidden: int) -> float:
     return ratio if mlp_width(width, ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     image_size: int
@@ -69,6 +76,13 @@ class VisionConfig:
     # ("avg", LayerNorm after pooling) pooled instead of the class token ("token").
     ln_pre: bool = True
     pool: str = "token"
+    # The timm kind's head, in open_clip's terms (TimmModel's pool, proj, proj_bias): SigLIP's by default, so its rows
+    # and their saved records read unchanged. proj "" is open_clip's null: timm's own classifier projects (EVA).
+    timm_pool: str = "map"
+    timm_proj: str = "none"
+    timm_proj_bias: bool = False
+    # What goes to timm.create_model besides the name, as (name, value) pairs; None: the ViT sizes above (SigLIP's).
+    timm_kwargs: tuple | None = None
 
     @property
     def mlp_width(self) -> int:
@@ -81,6 +95,8 @@ class VisionConfig:
             raise ValueError(f"timm_model_name {self.timm_model_name!r} goes with the timm kind only, and it needs one")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"vision pool {self.pool!r} is not 'token' or 'avg'")
+        if self.timm_kwargs is not None:  # read back from JSON as lists; tuples keep the config hashable
+            object.__setattr__(self, "timm_kwargs", tuple((k, _tuples(v)) for k, v in self.timm_kwargs))
         if isinstance(self.layers, list):  # read back from JSON; a tuple keeps the config hashable
             object.__setattr__(self, "layers", tuple(self.layers))
         if (self.kind == "resnet") != isinstance(self.layers, tuple) or \
@@ -388,6 +404,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
                             text=_openai_text(width=128, heads=2, layers=3)),
     **SIGLIP,
     **CLIPA,
+    **{name: CLIPConfig.from_dict(row) for name, row in ZOO.items()},  # the zoo's families, checked here
 }.items()}
 
 
@@ -459,7 +476,12 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
     if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
-        return _from_open_clip_siglip(model_cfg)
+        # SigLIP's unprojected attention-pooled trunk and bidirectional text tower go together (its path names what
+        # differs from them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's causal text tower.
+        v = model_cfg["vision_cfg"]
+        if (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none") or model_cfg.get("text_cfg", {}).get("no_causal_mask"):
+            return _from_open_clip_siglip(model_cfg)
+        return _from_open_clip_timm(model_cfg)
     if bad := unsupported_open_clip_settings(model_cfg):
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not an OpenAI-style ViT + "
                                            "causal text model, which is what this project builds exactly")
@@ -481,10 +503,14 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
                               layers=v.get("layers", 12), heads=width // head_width,
                               mlp_ratio=float(v.get("mlp_ratio", 4.0)), activation=activation)
     vision = replace(vision, **_open_clip_vit_variant(v))
-    text = TextConfig(kind="openai", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=_openai_text_of(t, activation))
+
+
+def _openai_text_of(t: Mapping, activation: str) -> TextConfig:
+    """OpenAI's text tower (and its open_clip variants) from a text_cfg, open_clip's defaults filling what it lacks."""
+    return TextConfig(kind="openai", context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
                       width=t.get("width", 512), layers=t.get("layers", 12), heads=t.get("heads", 8),
                       mlp_ratio=float(t.get("mlp_ratio", 4.0)), activation=activation, **_open_clip_text_variant(t))
-    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text)
 
 
 # Tokenizers of open_clip's configs built here (utils/tokenizer.py): the Hugging Face name -> its settings.
@@ -549,6 +575,57 @@ def _timm_vision(model_name: str, image_size: int) -> VisionConfig:
                         patch_size=trunk.patch_embed.patch_size[0], width=trunk.embed_dim, layers=len(trunk.blocks),
                         heads=block.attn.num_heads, mlp_ratio=mlp_ratio_of(trunk.embed_dim, block.mlp.fc1.out_features),
                         activation="gelu")
+
+
+# open_clip's TimmModel settings a generic timm tower builds (its defaults: average pooling, a linear head), and the
+# heads nets/vision_timm.py builds; "" is open_clip's null proj (timm's own classifier projects).
+_TIMM_VISION = {"timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "image_size"}
+_TIMM_POOLS = ("", "avg", "token", "map", "max", "avgmax", "abs_attn", "rot_attn")
+_TIMM_PROJS = ("", "linear", "mlp", "none")
+
+
+def _timm_head_vision(v: Mapping) -> VisionConfig:
+    """A generic timm tower (open_clip's TimmModel with any head): timm's defaults for the name, as open_clip
+    builds it, and the trunk's sizes for the record, read from a build on the meta device (nothing allocated)."""
+    import timm  # a second to import; only timm towers need it
+
+    bad = [f"vision_cfg.{k}={val!r}" for k, val in v.items() if k not in _TIMM_VISION and k not in _OPEN_CLIP_TRAINING]
+    pool, proj = v.get("timm_pool", "avg") or "", v.get("timm_proj", "linear") or ""
+    bad += [f"vision_cfg.timm_pool={pool!r}"] * (pool not in _TIMM_POOLS)
+    bad += [f"vision_cfg.timm_proj={proj!r}"] * (proj not in _TIMM_PROJS)
+    if bad:
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not a timm image tower this "
+                                           "project builds (timm_model_name, timm_pool, timm_proj, timm_proj_bias)")
+    name = v["timm_model_name"]
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(name, pretrained=False)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise UnsupportedArchitectureError(f"open_clip config: timm has no model {name!r} ({e})") from e
+    blocks = getattr(trunk, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if blocks is not None else None
+    # The grid's stride: a hybrid stem's (ViTamin, MobileCLIP) patch embedding is 1 x 1 on its output.
+    patch = trunk.feature_info[-1]["reduction"] if getattr(trunk, "feature_info", None) else \
+        trunk.patch_embed.patch_size[0]
+    layers = len(blocks) if blocks is not None else sum(len(s.blocks) for s in getattr(trunk, "stages", ()))
+    return VisionConfig(kind="timm", timm_model_name=name, image_size=_square(v.get("image_size", 224), "image_size"),
+                        patch_size=int(patch), width=trunk.num_features, layers=layers,
+                        heads=getattr(attn, "num_heads", 0), activation="gelu", timm_pool=pool, timm_proj=proj,
+                        timm_proj_bias=bool(v.get("timm_proj_bias", False)), timm_kwargs=())
+
+
+def _from_open_clip_timm(model_cfg: Mapping) -> CLIPConfig:
+    """An open_clip config with a timm image tower (ConvNeXt, EVA, ...) and OpenAI's causal text tower."""
+    # custom_text only moves the same text tower's keys under `text.` (EVA's files).
+    rest = {k: val for k, val in model_cfg.items() if k not in ("vision_cfg", "custom_text")}
+    if bad := unsupported_open_clip_settings(rest):
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a timm image tower is built "
+                                           "here with OpenAI's causal text tower at open_clip's defaults")
+    activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    text = _openai_text_of(model_cfg.get("text_cfg", {}), activation)
+    if model_cfg.get("custom_text", False):
+        text = replace(text, kind="openai-custom")
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=_timm_head_vision(model_cfg["vision_cfg"]), text=text)
 
 
 def _from_open_clip_siglip(model_cfg: Mapping) -> CLIPConfig:
@@ -716,6 +793,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     sd = state_dict
     if _SIGLIP_PATCHES in sd:
         return _siglip_of_shapes(sd)
+    if any(k.startswith("visual.trunk.") for k in sd):  # ConvNeXt, ...: the timm model is in no shape
+        raise UnknownHeadsError("a state dict with a timm image trunk (visual.trunk.*) that is not SigLIP's: shapes do "
+                                "not show its timm model; pass the phi it was trained as, or keep "
+                                "open_clip_config.json beside it")
     if "visual.attnpool.positional_embedding" in sd:
         vision = _resnet_shapes(sd)
     else:

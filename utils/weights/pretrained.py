@@ -1,7 +1,8 @@
 """Weights by name: open_clip's tags, `hf-hub:ORG/NAME` and URLs, located as a local file and the phi that reads it.
 
 The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
-builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower; SigLIP's timm and text towers). Each row names its source and
+builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower; SigLIP's timm and text towers;
+ConvNeXt's, EVA's, ViTamin's, PE-Core's and MobileCLIP's ViT-B timm towers). Each row names its source and
 the activation the weights were trained with: open_clip keeps that apart from the config name (`ViT-B-32` is
 GELU, but its `openai`, MetaCLIP and some DFN tags are QuickGELU), and loading with the other one gives wrong
 features with no error.
@@ -138,6 +139,46 @@ _ROWS += tuple((a, t, f"hf-hub:UCSC-VLAA/{repo}", GELU) for (a, t), repo in _CLI
 # CLIPA's: ImageNet's mean and std, bilinear, squashed to the square.
 CLIPA_PREPROCESS = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
                               resize_mode="squash")
+# open_clip 3.3's ConvNeXt and EVA pairs (the timm towers of nets/zoo_rows.py): GELU, OpenAI's preprocessing, open_clip
+# layout on the hub (LAION's repos for ConvNeXt, timm's for EVA).
+_ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in (
+    ("convnext_base", "laion400m_s13b_b51k", "laion/CLIP-convnext_base-laion400M-s13B-b51K"),
+    ("convnext_base_w", "laion2b_s13b_b82k", "laion/CLIP-convnext_base_w-laion2B-s13B-b82K"),
+    ("convnext_base_w", "laion2b_s13b_b82k_augreg", "laion/CLIP-convnext_base_w-laion2B-s13B-b82K-augreg"),
+    ("convnext_base_w", "laion_aesthetic_s13b_b82k", "laion/CLIP-convnext_base_w-laion_aesthetic-s13B-b82K"),
+    ("convnext_base_w_320", "laion_aesthetic_s13b_b82k", "laion/CLIP-convnext_base_w_320-laion_aesthetic-s13B-b82K"),
+    ("convnext_base_w_320", "laion_aesthetic_s13b_b82k_augreg",
+     "laion/CLIP-convnext_base_w_320-laion_aesthetic-s13B-b82K-augreg"),
+    ("convnext_large_d", "laion2b_s26b_b102k_augreg", "laion/CLIP-convnext_large_d.laion2B-s26B-b102K-augreg"),
+    ("convnext_large_d_320", "laion2b_s29b_b131k_ft", "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft"),
+    ("convnext_large_d_320", "laion2b_s29b_b131k_ft_soup",
+     "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"),
+    ("convnext_xxlarge", "laion2b_s34b_b82k_augreg", "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg"),
+    ("convnext_xxlarge", "laion2b_s34b_b82k_augreg_rewind",
+     "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-rewind"),
+    ("convnext_xxlarge", "laion2b_s34b_b82k_augreg_soup", "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup"),
+    ("EVA01-g-14", "laion400m_s11b_b41k", "timm/eva_giant_patch14_clip_224.laion400m_s11b_b41k"),
+    ("EVA01-g-14-plus", "merged2b_s11b_b114k", "timm/eva_giant_patch14_plus_clip_224.merged2b_s11b_b114k"),
+    ("EVA02-B-16", "merged2b_s8b_b131k", "timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k"),
+    ("EVA02-L-14", "merged2b_s4b_b131k", "timm/eva02_large_patch14_clip_224.merged2b_s4b_b131k"),
+    ("EVA02-L-14-336", "merged2b_s6b_b61k", "timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k"),
+    ("EVA02-E-14", "laion2b_s4b_b115k", "timm/eva02_enormous_patch14_clip_224.laion2b_s4b_b115k"),
+    ("EVA02-E-14-plus", "laion2b_s9b_b144k", "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"),
+))
+# ViTamin's (single pickled files in its author's repos: open_clip's keys, read with the phi named), PE-Core's and
+# the ViT-B MobileCLIPs' (open_clip layout on the hub).
+_VITAMIN_FILES = {"ViTamin-S": "ViTamin-S", "ViTamin-S-LTT": "ViTamin-S-LTT", "ViTamin-B": "ViTamin-B",
+                  "ViTamin-B-LTT": "ViTamin-B-LTT", **{f"ViTamin-{s}{px}": f"ViTamin-{s}-{px[1:] or '224'}px"
+                                                        for s in ("L", "L2") for px in ("", "-256", "-336", "-384")},
+                  **{f"ViTamin-XL-{px}": f"ViTamin-XL-{px}px" for px in ("256", "336", "384")}}
+_ROWS += tuple((a, "datacomp1b", f"hf-hub:jienengchen/{repo}/pytorch_model.bin", GELU)
+               for a, repo in _VITAMIN_FILES.items())
+_PE_CORE = ("PE-Core-T-16-384", "PE-Core-S-16-384", "PE-Core-B-16", "PE-Core-L-14-336", "PE-Core-bigG-14-448")
+_ROWS += tuple((a, "meta", f"hf-hub:timm/{a}", GELU) for a in _PE_CORE)
+_MOBILECLIP = (("MobileCLIP-B", "datacompdr", "apple/MobileCLIP-B-OpenCLIP"),
+               ("MobileCLIP-B", "datacompdr_lt", "apple/MobileCLIP-B-LT-OpenCLIP"),
+               ("MobileCLIP2-B", "dfndr2b", "timm/MobileCLIP2-B-OpenCLIP"))
+_ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _MOBILECLIP)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -147,7 +188,12 @@ _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN
                ("ViT-H-14", "dfn5b"): Preprocess(resize_mode="squash"),
                ("ViT-H-14-378", "dfn5b"): Preprocess(resize_mode="squash"),
                **{(a, "webli"): SIGLIP_PREPROCESS for a in _SIGLIP_REPOS},
-               **{key: CLIPA_PREPROCESS for key in _CLIPA_REPOS}}
+               **{key: CLIPA_PREPROCESS for key in _CLIPA_REPOS},
+               # PE-Core: [-1, 1] pixels, bilinear, squashed; MobileCLIP: [0, 1] pixels (no normalisation), bilinear.
+               **{(a, "meta"): Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear",
+                                          resize_mode="squash") for a in _PE_CORE},
+               **{(a, t): Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+                  for a, t, _ in _MOBILECLIP}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
