@@ -129,3 +129,20 @@ def run_script(script: str, *args, capsys=None, threads: int | None = None) -> S
     stdout, stderr = capsys.readouterr() if capsys is not None else (out.getvalue(), err.getvalue())
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
     return ScriptResult(code, stdout, shown + stderr)
+
+
+def meta_models_with_open_clips_names_and_shapes(name: str, config):
+    """(open_clip's `name`, our model of `config`), both on the meta device (nothing allocated), checked to have the
+    same parameter names and shapes."""
+    import open_clip
+    import torch
+
+    from nets import build_model
+
+    with torch.device("meta"):
+        reference = open_clip.create_model(name, pretrained=None, device="meta")
+        model = build_model(config)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    return reference, model

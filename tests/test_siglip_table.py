@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from nets import build_model, configs, get_config
 from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
     infer_config, phi_of
+from tests.conftest import meta_models_with_open_clips_names_and_shapes
 from tests.test_siglip_towers import _move_every_parameter, _tiny_open_clip_config, tiny_open_clip  # noqa: F401
 from utils.weights.arch import save_weights
 from utils.weights.load import load_model, preprocess_of
@@ -40,12 +41,7 @@ def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta
     ours = get_config(name)
     assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
     assert phi_of(ours) == name or get_config(phi_of(ours)) == ours  # a twin row (same network) may come first
-    with torch.device("meta"):
-        reference = open_clip.create_model(name, pretrained=None, device="meta")
-        model = build_model(ours)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    reference, model = meta_models_with_open_clips_names_and_shapes(name, ours)
     # A bare state dict (no config beside it) finds its row by its shapes alone, or names the rows it fits.
     if name.startswith("ViT-SO400M-14-SigLIP-3"):
         with pytest.raises(UnknownHeadsError, match="fit ViT-SO400M-14-SigLIP-378 and ViT-SO400M-14-SigLIP-384"):

@@ -16,6 +16,7 @@ from nets import build_model, get_config
 from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
     infer_config
 from nets.zoo_rows import CONVNEXT, EVA, MOBILECLIP, PE_CORE, VITAMIN
+from tests.conftest import meta_models_with_open_clips_names_and_shapes
 from tests.test_siglip_towers import _move_every_parameter
 from utils.weights.load import load_model
 
@@ -101,12 +102,7 @@ QUICK_ROWS = {"convnext_base", "EVA02-B-16", "ViTamin-S", "PE-Core-T-16-384", "M
 def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta_device(name):
     ours = get_config(name)
     assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
-    with torch.device("meta"):
-        reference = open_clip.create_model(name, pretrained=None, device="meta")
-        model = build_model(ours)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    meta_models_with_open_clips_names_and_shapes(name, ours)
 
 
 @pytest.mark.parametrize("proj", ["linear", "mlp"])
