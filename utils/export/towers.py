@@ -11,7 +11,16 @@ from torch import nn
 from torch.export import Dim
 
 
-class ImageEncoder(nn.Module):
+class _BatchEncoder(nn.Module):
+    """A tower whose input has one free dimension, the batch (images at the export's size, SigLIP's padded captions)."""
+
+    input_name: str
+
+    def dynamic_shapes(self) -> dict:
+        return {self.input_name: {0: Dim("batch")}}
+
+
+class ImageEncoder(_BatchEncoder):
     """image.onnx: `pixels` -> `features`.
 
     pixels: float32 (float16 in an fp16 export), shape (N, 3, S, S) with S = config.json "image_size" and any
@@ -33,9 +42,6 @@ class ImageEncoder(nn.Module):
 
     def example(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.randn(2, 3, self.image_size, self.image_size, dtype=dtype)
-
-    def dynamic_shapes(self) -> dict:
-        return {self.input_name: {0: Dim("batch")}}
 
 
 class _TextEncoder(nn.Module):
@@ -94,7 +100,7 @@ class BertTextEncoder(_TextEncoder):
         return tokens
 
 
-class SiglipTextEncoder(nn.Module):
+class SiglipTextEncoder(_BatchEncoder):
     """text.onnx of a SigLIP (sentencepiece) text tower: `tokens` -> `features`.
 
     tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them with the tokenizer files
@@ -118,9 +124,6 @@ class SiglipTextEncoder(nn.Module):
     def example(self, dtype: torch.dtype) -> torch.Tensor:
         vocab = self.text.token_embedding.num_embeddings
         return torch.arange(3 * self.context_length).reshape(3, self.context_length) % vocab
-
-    def dynamic_shapes(self) -> dict:
-        return {self.input_name: {0: Dim("batch")}}
 
 
 def encoders(net: nn.Module) -> dict[str, nn.Module]:
