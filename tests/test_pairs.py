@@ -1,0 +1,52 @@
+"""Every pretrained pair of open_clip 3.3 (`list_pretrained()`, 196) by name: its architecture is a row of the table
+(the `-quickgelu` copies are the same rows with the weights' activation) and its tag resolves to open_clip's source.
+The pairs not built yet are listed by name, so the list can only shrink: a family that lands must remove its pairs."""
+import pytest
+
+from nets.configs import get_config
+from utils.weights import pretrained
+
+# Issue 26's families still to build: open_clip's HFTextEncoder (RoBERTa, XLM-R, NLLB), CoCa's decoder, FastViT
+# MobileCLIPs and MetaCLIP 2's XLM-V text tower.
+NOT_YET = {
+    ("roberta-ViT-B-32", "laion2b_s12b_b32k"), ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+    ("xlm-roberta-large-ViT-H-14", "frozen_laion5b_s13b_b90k"),
+    ("coca_ViT-B-32", "laion2b_s13b_b90k"), ("coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"),
+    ("coca_ViT-L-14", "laion2b_s13b_b90k"), ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"),
+    ("nllb-clip-base", "v1"), ("nllb-clip-large", "v1"), ("nllb-clip-base-siglip", "v1"),
+    ("nllb-clip-base-siglip", "mrl"), ("nllb-clip-large-siglip", "v1"), ("nllb-clip-large-siglip", "mrl"),
+    ("MobileCLIP-S1", "datacompdr"), ("MobileCLIP-S2", "datacompdr"), ("MobileCLIP2-S0", "dfndr2b"),
+    ("MobileCLIP2-S2", "dfndr2b"), ("MobileCLIP2-S3", "dfndr2b"), ("MobileCLIP2-S4", "dfndr2b"),
+    ("MobileCLIP2-L-14", "dfndr2b"),
+    ("ViT-H-14-worldwide", "metaclip2_worldwide"), ("ViT-H-14-worldwide-378", "metaclip2_worldwide"),
+    ("ViT-bigG-14-worldwide", "metaclip2_worldwide"), ("ViT-bigG-14-worldwide-378", "metaclip2_worldwide"),
+    ("ViT-H-14-worldwide-quickgelu", "metaclip2_worldwide"),
+}
+
+
+def resolved_pairs() -> dict[tuple[str, str], str]:
+    """open_clip's (architecture, tag) -> the source this project downloads for it (None: not built yet)."""
+    open_clip = pytest.importorskip("open_clip")
+    return {(a, t): getattr(pretrained.PRETRAINED.get((pretrained.architecture_of(a), pretrained.clean_tag(t))),
+                            "source", None)
+            for a, t in open_clip.list_pretrained()}
+
+
+def test_every_pair_of_open_clip_resolves_by_name_or_is_listed_as_not_yet_built():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.pretrained import _PRETRAINED
+
+    pairs = resolved_pairs()
+    assert len(pairs) == 196
+    assert {p for p, source in pairs.items() if source is None} == NOT_YET
+    for (arch, tag), source in pairs.items():
+        if source is None:
+            continue
+        cfg = _PRETRAINED[arch][tag]
+        assert source in (cfg.get("url"), "hf-hub:" + cfg.get("hf_hub", "").rstrip("/")), (arch, tag)
+        get_config(arch)  # `--phi ARCH` builds, -quickgelu names included
+        row = pretrained.PRETRAINED[(pretrained.architecture_of(arch), pretrained.clean_tag(tag))]
+        # the phi built for the pair has the activation the weights were trained with
+        built = pretrained.phi_with_activation(arch, row.activation, f"{arch} {tag}")
+        assert pretrained.activation_of(built) == row.activation, (arch, tag)
+    print(f"\n{len(pairs) - len(NOT_YET)} of {len(pairs)} pairs resolve; not yet: {len(NOT_YET)}")
