@@ -33,7 +33,7 @@ def resolved_pairs() -> dict[tuple[str, str], str]:
 
 
 def test_every_pair_of_open_clip_resolves_by_name_or_is_listed_as_not_yet_built():
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from open_clip.pretrained import _PRETRAINED
 
     pairs = resolved_pairs()
