@@ -1,0 +1,117 @@
+"""MobileCLIP's FastViT models (S0-S4) and MobileCLIP2-L-14 against open_clip 3.3: rows equal to what `from_open_clip`
+reads from open_clip's JSONs and building open_clip's parameter names and shapes on the meta device; a small FastViT
+with a text tower without the causal mask, random weights, saved as an open_clip folder and loaded with phi='auto',
+within 1e-4 of open_clip's features; BatchNorm statistics frozen in training; the tower's ONNX export."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nets import build_model, get_config
+from nets.configs import from_open_clip
+from nets.zoo_rows import MOBILECLIP
+from tests.conftest import meta_models_with_open_clips_names_and_shapes
+from tests.test_siglip_towers import _move_every_parameter
+from tests.test_zoo_timm import _assert_same_features
+from utils.weights.load import load_model
+from utils.weights.pretrained import PRETRAINED
+
+open_clip = pytest.importorskip("open_clip")
+timm = pytest.importorskip("timm")
+
+CONFIG_DIR = Path(open_clip.__file__).parent / "model_configs"
+NON_CAUSAL = ["MobileCLIP-S1", "MobileCLIP-S2", "MobileCLIP2-S0", "MobileCLIP2-S2", "MobileCLIP2-S3",
+              "MobileCLIP2-S4", "MobileCLIP2-L-14"]
+# timm names standing for small FastViTs, so that open_clip builds them too: one block a stage, narrow (widths in
+# 32s: timm's grouped convolutions); MCi3's fifth stage and LayerNorm2d kept. Attention heads are 32 wide.
+TINY_TRUNKS = {"fastvit_mci0_tinytest": ("fastvit_mci0", dict(layers=(1, 1, 1, 1), embed_dims=(32, 32, 64, 64))),
+               "fastvit_mci3_tinytest": ("fastvit_mci3", dict(layers=(1, 1, 1, 1, 1),
+                                                              embed_dims=(32, 32, 64, 64, 64)))}
+
+
+def _open_clip_cfg(name: str) -> dict:
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+def _tiny_cfg(trunk: str) -> dict:
+    """open_clip's FastViT MobileCLIP JSON with small towers: avg pool, timm's classifier projecting, no causal mask."""
+    return dict(embed_dim=48, custom_text=True,
+                vision_cfg=dict(image_size=64, timm_model_name=trunk, timm_model_pretrained=False, timm_pool="avg",
+                                timm_proj=None, timm_drop=0.0, timm_drop_path=0.0),
+                text_cfg=dict(context_length=16, vocab_size=300, width=32, heads=2, layers=2, no_causal_mask=True))
+
+
+@pytest.fixture
+def tiny_trunks(monkeypatch):
+    real_create = timm.create_model
+
+    def create(name, *args, **kwargs):
+        if name in TINY_TRUNKS:
+            real, overrides = TINY_TRUNKS[name]
+            return real_create(real, *args, **{**kwargs, **overrides})
+        return real_create(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create)
+
+
+def _open_clip_model(monkeypatch, name: str, cfg: dict):
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    _move_every_parameter(model, seed=1)
+    with torch.no_grad():  # BatchNorm statistics off their init too, so that a tower ignoring them would differ
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_the_table_has_every_mobileclip_of_open_clip():
+    names = [m for m in open_clip.list_models() if m.startswith("MobileCLIP")]
+    assert sorted(names) == sorted(MOBILECLIP) and len(names) == 9
+    assert all(("MobileCLIP" in a) == (a in MOBILECLIP) for a, _ in PRETRAINED if a.startswith("Mobile"))
+
+
+@pytest.mark.parametrize("name", NON_CAUSAL)
+def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta_device(name):
+    ours = get_config(name)
+    assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
+    assert ours.text.kind == "openai-custom" and not ours.text.causal and ours.text.pool == "argmax"
+    reference, _ = meta_models_with_open_clips_names_and_shapes(name, ours)
+    assert reference.text.attn_mask is None  # open_clip's tower is bidirectional too
+
+
+def test_each_tag_has_open_clips_source_and_preprocessing():
+    for name in NON_CAUSAL:
+        (tag,) = [t for a, t in open_clip.list_pretrained() if a == name]
+        cfg, row = open_clip.get_pretrained_cfg(name, tag), PRETRAINED[name, tag]
+        assert row.source == "hf-hub:" + cfg["hf_hub"].rstrip("/")
+        p = row.preprocess
+        assert (p.mean, p.std, p.interpolation, p.resize_mode) == \
+            (tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"], cfg["resize_mode"]), name
+    assert PRETRAINED["MobileCLIP2-S0", "dfndr2b"].preprocess.std == (1.0, 1.0, 1.0)  # [0, 1] pixels
+    assert PRETRAINED["MobileCLIP2-S3", "dfndr2b"].preprocess.std != (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("trunk", list(TINY_TRUNKS))
+def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunks, monkeypatch, tmp_path, trunk):
+    cfg = _tiny_cfg(trunk)
+    reference = _open_clip_model(monkeypatch, f"tiny-{trunk}", cfg)
+    folder = tmp_path / "mobileclip-tiny"
+    folder.mkdir()
+    preprocess = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bilinear",
+                  "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}))
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors")
+    model, phi = load_model(folder, "auto")
+    assert phi == "custom" and model.config == from_open_clip(cfg) and not model.config.text.causal
+    assert model.preprocess.std == (1.0, 1.0, 1.0)
+    assert set(model.state_dict()) == set(reference.state_dict())  # BatchNorm buffers included
+    _assert_same_features(model.eval(), reference)
+    other = open_clip.create_model(f"tiny-{trunk}", pretrained=None).eval()
+    other.load_state_dict(model.state_dict(), strict=True)  # what this project saves is open_clip's
+    _assert_same_features(model, other)
