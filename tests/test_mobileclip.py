@@ -115,3 +115,44 @@ def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunk
     other = open_clip.create_model(f"tiny-{trunk}", pretrained=None).eval()
     other.load_state_dict(model.state_dict(), strict=True)  # what this project saves is open_clip's
     _assert_same_features(model, other)
+
+
+def _train_two_steps(model, freeze_bn_stats) -> None:
+    from utils.train.distributed import DistInfo
+    from utils.train.epoch import StopFlag, fit_one_epoch
+    from utils.train.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.9, 0.0)
+    scheduler = build_scheduler(optimizer, "cos", 10, 0, 1e-3, 1e-5)
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1], tokens[:, 2] = 297, 5, 299
+    g = torch.Generator().manual_seed(3)
+    loader = [(torch.randn(2, 3, 64, 64, generator=g) + 1.0, tokens)] * 2  # off the statistics' init (0, 1)
+    state = {"global_step": 0, "step": 0, "bad_steps": 0, "bad_in_a_row": 0, "run_start_step": 0,
+             "epoch_loss_sum": 0.0, "epoch_loss_count": 0}
+    cfg = {"Epoch": 1, "lock_image": False, "lock_text": False, "max_bad_steps": 3, "grad_clip": 0.0,
+           "stop_after_steps": 0, "freeze_bn_stats": freeze_bn_stats, "model_path": "weights"}
+    fit_one_epoch(model, lambda i, t, s: ((i * t).sum() * s), optimizer, scheduler,
+                  torch.amp.GradScaler("cpu", enabled=False), loader, 1, 0, state, cfg, torch.device("cpu"), "fp32",
+                  DistInfo(), StopFlag(), None)
+    assert state["global_step"] == 2
+
+
+@pytest.mark.parametrize("freeze_bn_stats", [None, True, False])
+def test_a_training_step_keeps_a_fastvit_towers_batch_norm_statistics_as_loaded(tiny_trunks, freeze_bn_stats):
+    """freeze_bn_stats (auto: frozen when fine-tuning from weights, as for ResNet towers) holds every BatchNorm of a
+    FastViT trunk; its gains and the rest of the tower still train. False lets the statistics move."""
+    model = build_model(from_open_clip(_tiny_cfg("fastvit_mci0_tinytest")))
+    norms = {n: m for n, m in model.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(norms) > 10  # the trunk's convolutions are BatchNorm'd throughout
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_two_steps(model, freeze_bn_stats)
+    after = model.state_dict()
+    stats = [k for k in before if k.startswith("visual.") and k.endswith(("running_mean", "running_var"))]
+    moved = [k for k in stats if not torch.equal(before[k], after[k])]
+    if freeze_bn_stats is False:
+        assert len(moved) == len(stats) > 0
+    else:
+        assert moved == []
+    gains = [f"visual.{n}.weight" for n in norms]
+    assert any(not torch.equal(before[k], after[k]) for k in gains)  # the BatchNorms' gains train either way
