@@ -38,12 +38,12 @@ def _open_clip_cfg(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 
 
-def _tiny_cfg(trunk: str) -> dict:
+def _tiny_cfg(trunk: str, vocab_size: int = 300) -> dict:
     """open_clip's FastViT MobileCLIP JSON with small towers: avg pool, timm's classifier projecting, no causal mask."""
     return dict(embed_dim=48, custom_text=True,
                 vision_cfg=dict(image_size=64, timm_model_name=trunk, timm_model_pretrained=False, timm_pool="avg",
                                 timm_proj=None, timm_drop=0.0, timm_drop_path=0.0),
-                text_cfg=dict(context_length=16, vocab_size=300, width=32, heads=2, layers=2, no_causal_mask=True))
+                text_cfg=dict(context_length=16, vocab_size=vocab_size, width=32, heads=2, layers=2, no_causal_mask=True))
 
 
 @pytest.fixture
@@ -97,9 +97,9 @@ def test_each_tag_has_open_clips_source_and_preprocessing():
     assert PRETRAINED["MobileCLIP2-S3", "dfndr2b"].preprocess.std != (1.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("trunk", list(TINY_TRUNKS))
-def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunks, monkeypatch, tmp_path, trunk):
-    cfg = _tiny_cfg(trunk)
+def _open_clip_folder(monkeypatch, tmp_path, trunk: str, vocab_size: int = 300):
+    """(folder, open_clip's model, its config): open_clip's hub layout of a small MobileCLIP, random weights."""
+    cfg = _tiny_cfg(trunk, vocab_size)
     reference = _open_clip_model(monkeypatch, f"tiny-{trunk}", cfg)
     folder = tmp_path / "mobileclip-tiny"
     folder.mkdir()
@@ -107,6 +107,12 @@ def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunk
                   "resize_mode": "shortest"}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}))
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder, reference, cfg
+
+
+@pytest.mark.parametrize("trunk", list(TINY_TRUNKS))
+def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunks, monkeypatch, tmp_path, trunk):
+    folder, reference, cfg = _open_clip_folder(monkeypatch, tmp_path, trunk)
     model, phi = load_model(folder, "auto")
     assert phi == "custom" and model.config == from_open_clip(cfg) and not model.config.text.causal
     assert model.preprocess.std == (1.0, 1.0, 1.0)
@@ -156,3 +162,33 @@ def test_a_training_step_keeps_a_fastvit_towers_batch_norm_statistics_as_loaded(
         assert moved == []
     gains = [f"visual.{n}.weight" for n in norms]
     assert any(not torch.equal(before[k], after[k]) for k in gains)  # the BatchNorms' gains train either way
+
+
+@pytest.mark.slow  # two exports, about a minute on 2 cores (as tests/test_onnx.py's)
+def test_onnx_export_of_a_fastvit_mobileclip_equals_pytorch_within_1e_4(tiny_trunks, monkeypatch, tmp_path):
+    """The FastViT image tower (BatchNorm in eval mode, RepMixer, attention) and the bidirectional text tower export;
+    onnxruntime gives PyTorch's features, text padded to the full context as the weights read it."""
+    import numpy as np
+
+    from clip import CLIP
+    from utils.export.onnx_export import export_files, write_files
+    from utils.export.onnx_predict import OnnxCLIP
+
+    folder, _, _ = _open_clip_folder(monkeypatch, tmp_path, "fastvit_mci0_tinytest", vocab_size=49408)  # real BPE
+    model = CLIP(model_path=str(folder), phi="auto", cuda=False)
+    lines = []
+    files = export_files(model, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["image.onnx", "text.onnx"]
+    assert all(float(line.split("= ")[1].split()[0]) < 1e-4 for line in lines), lines
+    export = tmp_path / "export"
+    export.mkdir()
+    write_files(export, files)
+    onnx = OnnxCLIP(export)
+    captions = ["a dog", "a photo of a red car parked next to a tall building"]
+    tokens = onnx.tokenize(captions)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        text, image = model.net.encode_text(torch.from_numpy(tokens)), model.net.encode_image(pixels)
+    assert text.abs().max() > 1e-2 and image.abs().max() > 1e-2
+    assert np.abs(onnx.encode_text(tokens) - text.numpy()).max() < 1e-4
+    assert np.abs(onnx.encode_image(pixels.numpy()) - image.numpy()).max() < 1e-4
