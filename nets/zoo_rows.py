@@ -148,7 +148,8 @@ def _fastvit(trunk: str, embed_dim: int, text: tuple[int, int, int]) -> dict:
     return dict(embed_dim=embed_dim, vision=vision, text=_text(*text, kind="openai-custom", causal=False))
 
 
-MOBILECLIP.update({
+# open_clip 3.3's MobileCLIP configs with a text tower without the causal mask (still pooling the EOT token).
+MOBILECLIP_NON_CAUSAL: dict[str, dict] = {
     "MobileCLIP-S1": _fastvit("fastvit_mci1", 512, (512, 8, 12)),
     "MobileCLIP-S2": _fastvit("fastvit_mci2", 512, (512, 8, 12)),
     "MobileCLIP2-S0": _fastvit("fastvit_mci0", 512, (512, 8, 12)),
@@ -158,7 +159,7 @@ MOBILECLIP.update({
     # timm's CLIP ViT-L/14, its class token projected by timm's head; the text tower without the causal mask.
     "MobileCLIP2-L-14": _vit_trunk("vit_large_patch14_clip_224", 224, 768, (768, 12, 12), (14, 1024, 24, 16),
                                    "token", "", causal=False),
-})
+}
 
 # Every row of this module, merged into nets/configs.py's MODEL_CONFIGS.
-ZOO: dict[str, dict] = {**CONVNEXT, **EVA, **VITAMIN, **PE_CORE, **MOBILECLIP}
+ZOO: dict[str, dict] = {**CONVNEXT, **EVA, **VITAMIN, **PE_CORE, **MOBILECLIP, **MOBILECLIP_NON_CAUSAL}
