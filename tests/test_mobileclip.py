@@ -77,7 +77,12 @@ def test_the_table_has_every_mobileclip_of_open_clip():
     assert {a for a, _ in open_clip.list_pretrained() if a.startswith("MobileCLIP")} <= {a for a, _ in PRETRAINED}
 
 
-@pytest.mark.parametrize("name", NON_CAUSAL)
+# One FastViT and the ViT-L in the quick suite; the others (seconds each on the meta device) with the slow ones.
+QUICK_ROWS = {"MobileCLIP2-S0", "MobileCLIP2-L-14"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_ROWS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in NON_CAUSAL])
 def test_each_row_is_open_clips_json_and_builds_its_names_and_shapes_on_the_meta_device(name):
     ours = get_config(name)
     assert asdict(ours) == asdict(from_open_clip(_open_clip_cfg(name)))
@@ -111,7 +116,8 @@ def _open_clip_folder(monkeypatch, tmp_path, trunk: str, vocab_size: int = 300):
     return folder, reference, cfg
 
 
-@pytest.mark.parametrize("trunk", list(TINY_TRUNKS))
+@pytest.mark.parametrize("trunk", ["fastvit_mci0_tinytest",
+                                   pytest.param("fastvit_mci3_tinytest", marks=pytest.mark.slow)])
 def test_a_small_fastvit_open_clip_folder_loads_with_auto_within_1e_4(tiny_trunks, monkeypatch, tmp_path, trunk):
     folder, reference, cfg = _open_clip_folder(monkeypatch, tmp_path, trunk)
     model, phi = load_model(folder, "auto")
@@ -145,7 +151,8 @@ def _train_two_steps(model, freeze_bn_stats) -> None:
     assert state["global_step"] == 2
 
 
-@pytest.mark.parametrize("freeze_bn_stats", [None, False])  # None: auto, frozen when fine-tuning from weights
+# None: auto, frozen when fine-tuning from weights; False: the check that the statistics would move.
+@pytest.mark.parametrize("freeze_bn_stats", [None, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_training_step_keeps_a_fastvit_towers_batch_norm_statistics_as_loaded(tiny_trunks, freeze_bn_stats):
     """freeze_bn_stats (auto: frozen when fine-tuning from weights, as for ResNet towers) holds every BatchNorm of a
     FastViT trunk; its gains and the rest of the tower still train. False lets the statistics move."""
