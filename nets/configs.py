@@ -623,7 +623,7 @@ def _from_open_clip_timm(model_cfg: Mapping) -> CLIPConfig:
     rest = {k: val for k, val in model_cfg.items() if k not in ("vision_cfg", "custom_text")}
     if bad := unsupported_open_clip_settings(rest):
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a timm image tower is built "
-                                           "here with OpenAI's causal text tower at open_clip's defaults")
+                                           "here with OpenAI's text tower at open_clip's defaults")
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     text = _openai_text_of(model_cfg.get("text_cfg", {}), activation)
     if model_cfg.get("custom_text", False):
