@@ -111,8 +111,8 @@ lock_text = False
 lock_text_unlocked_layers = 0
 # Freeze the LayerNorms (a ResNet's BatchNorms) of the locked groups too; False lets their gains and biases train.
 lock_layer_norm = True
-# ResNet towers: keep BatchNorm's running statistics as loaded (small fine-tuning batches ruin them; gains and
-# biases still train). False updates them; None (auto): frozen when model_path gives starting weights.
+# BatchNorm towers (ResNet, MobileCLIP's FastViT): keep the running statistics as loaded (small fine-tuning batches
+# ruin them; gains and biases still train). False updates them; None (auto): frozen when model_path gives weights.
 freeze_bn_stats = None
 # LoRA rank (peft adapters on the unlocked towers; the base weights freeze); 0 = no LoRA. Saved weights are merged.
 lora_r = 0

@@ -476,10 +476,12 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
     if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
-        # SigLIP's unprojected attention-pooled trunk and bidirectional text tower go together (its path names what
-        # differs from them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's causal text tower.
-        v = model_cfg["vision_cfg"]
-        if (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none") or model_cfg.get("text_cfg", {}).get("no_causal_mask"):
+        # SigLIP's unprojected attention-pooled trunk and bidirectional text tower pooling the last position go
+        # together (its path names what differs from them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's
+        # text tower, causal or not (MobileCLIP's FastViTs: no causal mask, still pooling the EOT token).
+        v, t = model_cfg["vision_cfg"], model_cfg.get("text_cfg", {})
+        if (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none") or \
+                (t.get("no_causal_mask") and t.get("pool_type", "argmax") != "argmax"):
             return _from_open_clip_siglip(model_cfg)
         return _from_open_clip_timm(model_cfg)
     if bad := unsupported_open_clip_settings(model_cfg):
@@ -615,12 +617,13 @@ def _timm_head_vision(v: Mapping) -> VisionConfig:
 
 
 def _from_open_clip_timm(model_cfg: Mapping) -> CLIPConfig:
-    """An open_clip config with a timm image tower (ConvNeXt, EVA, ...) and OpenAI's causal text tower."""
+    """An open_clip config with a timm image tower (ConvNeXt, EVA, MobileCLIP, ...) and OpenAI's text tower (causal
+    unless no_causal_mask)."""
     # custom_text only moves the same text tower's keys under `text.` (EVA's files).
     rest = {k: val for k, val in model_cfg.items() if k not in ("vision_cfg", "custom_text")}
     if bad := unsupported_open_clip_settings(rest):
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a timm image tower is built "
-                                           "here with OpenAI's causal text tower at open_clip's defaults")
+                                           "here with OpenAI's text tower at open_clip's defaults")
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     text = _openai_text_of(model_cfg.get("text_cfg", {}), activation)
     if model_cfg.get("custom_text", False):

@@ -1,5 +1,6 @@
-"""Model-table rows of open_clip's timm-tower families (ConvNeXt, EVA, ViTamin, PE-Core, MobileCLIP's ViT-B) as plain dicts, `CLIPConfig.to_dict`'s form:
-timm's trunk under open_clip's head and OpenAI's causal text tower, with open_clip 3.3's model_configs JSON sizes.
+"""Model-table rows of open_clip's timm-tower families (ConvNeXt, EVA, ViTamin, PE-Core, MobileCLIP) as plain dicts,
+`CLIPConfig.to_dict`'s form: timm's trunk under open_clip's head and OpenAI's text tower (causal but for MobileCLIP's
+FastViTs and L-14), with open_clip 3.3's model_configs JSON sizes.
 
 Plain data, importing nothing: nets/configs.py turns every row into its dataclasses (which check it) when it merges
 them into MODEL_CONFIGS, and the table module cannot be imported from here without a loop."""
@@ -10,21 +11,22 @@ _CONVNEXT_TRUNKS = {"convnext_tiny": (768, 18), "convnext_small": (768, 36), "co
                     "convnext_large": (1536, 36), "convnext_xlarge": (2048, 36), "convnext_xxlarge": (3072, 40)}
 
 
-def _text(width: int, heads: int, layers: int, kind: str = "openai", context_length: int = 77) -> dict:
+def _text(width: int, heads: int, layers: int, kind: str = "openai", context_length: int = 77,
+          causal: bool = True) -> dict:
     # Every family here trained with exact GELU (no quick_gelu in their JSONs).
     return dict(kind=kind, context_length=context_length, vocab_size=49408, width=width, layers=layers, heads=heads,
-                activation="gelu")
+                activation="gelu", causal=causal)
 
 
 def _vit_trunk(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int], sizes: tuple[int, ...],
-               pool: str, proj: str, context_length: int = 77) -> dict:
+               pool: str, proj: str, context_length: int = 77, causal: bool = True) -> dict:
     """A timm ViT-like trunk at its defaults under open_clip's head (pool, proj), sizes (grid stride, width, layers,
     heads) for the record, and OpenAI's text tower with open_clip's custom_text keys under `text.`."""
     patch, width, layers, heads = sizes
     vision = dict(kind="timm", timm_model_name=trunk, image_size=image_size, patch_size=patch, width=width,
                   layers=layers, heads=heads, activation="gelu", timm_pool=pool, timm_proj=proj, timm_kwargs=())
     return dict(embed_dim=embed_dim, vision=vision,
-                text=_text(*text, kind="openai-custom", context_length=context_length))
+                text=_text(*text, kind="openai-custom", context_length=context_length, causal=causal))
 
 
 def _convnext(trunk: str, image_size: int, embed_dim: int, text: tuple[int, int, int], proj: str = "linear") -> dict:
@@ -124,13 +126,40 @@ PE_CORE: dict[str, dict] = {
                                     (14, 1536, 50, 16), context_length=72),
 }
 
-# open_clip 3.3's MobileCLIP configs with a causal text tower: the ViT-B ones (timm's `vit_base_mci_224`, a
-# convolutional stem, its class token projected by timm's head). The FastViT ones (S0-S4) and MobileCLIP2-L-14
-# use a text tower without the causal mask, not built here yet.
+# open_clip 3.3's MobileCLIP configs. The ViT-B ones: timm's `vit_base_mci_224` (a convolutional stem), its class
+# token projected by timm's head, a causal text tower.
 MOBILECLIP: dict[str, dict] = {
     name: _vit_trunk("vit_base_mci_224", 224, 512, (512, 8, 12), (16, 768, 12, 12), "token", "")
     for name in ("MobileCLIP-B", "MobileCLIP2-B")
 }
 
+# timm's FastViT MCi trunks (RepMixer stages, attention in the last ones, BatchNorm throughout): features after
+# timm's final 1 x 1 conv, blocks over every stage, and the grid's stride (MCi3/4 have a fifth stage).
+_FASTVIT_TRUNKS = {"fastvit_mci0": (1024, 20, 32), "fastvit_mci1": (1024, 40, 32), "fastvit_mci2": (1280, 44, 32),
+                   "fastvit_mci3": (3072, 44, 64), "fastvit_mci4": (4096, 46, 64)}
+
+
+def _fastvit(trunk: str, embed_dim: int, text: tuple[int, int, int]) -> dict:
+    """open_clip's FastViT `MobileCLIP*-S*` JSON: timm's trunk at 256 px, average-pooled and projected by timm's own
+    classifier (timm_proj null), and a text tower without the causal mask that still pools the EOT token."""
+    width, layers, stride = _FASTVIT_TRUNKS[trunk]
+    vision = dict(kind="timm", timm_model_name=trunk, image_size=256, patch_size=stride, width=width, layers=layers,
+                  heads=0, activation="gelu", timm_pool="avg", timm_proj="", timm_kwargs=())
+    return dict(embed_dim=embed_dim, vision=vision, text=_text(*text, kind="openai-custom", causal=False))
+
+
+# open_clip 3.3's MobileCLIP configs with a text tower without the causal mask (still pooling the EOT token).
+MOBILECLIP_NON_CAUSAL: dict[str, dict] = {
+    "MobileCLIP-S1": _fastvit("fastvit_mci1", 512, (512, 8, 12)),
+    "MobileCLIP-S2": _fastvit("fastvit_mci2", 512, (512, 8, 12)),
+    "MobileCLIP2-S0": _fastvit("fastvit_mci0", 512, (512, 8, 12)),
+    "MobileCLIP2-S2": _fastvit("fastvit_mci2", 512, (512, 8, 12)),
+    "MobileCLIP2-S3": _fastvit("fastvit_mci3", 768, (768, 12, 12)),
+    "MobileCLIP2-S4": _fastvit("fastvit_mci4", 768, (768, 12, 12)),
+    # timm's CLIP ViT-L/14, its class token projected by timm's head; the text tower without the causal mask.
+    "MobileCLIP2-L-14": _vit_trunk("vit_large_patch14_clip_224", 224, 768, (768, 12, 12), (14, 1024, 24, 16),
+                                   "token", "", causal=False),
+}
+
 # Every row of this module, merged into nets/configs.py's MODEL_CONFIGS.
-ZOO: dict[str, dict] = {**CONVNEXT, **EVA, **VITAMIN, **PE_CORE, **MOBILECLIP}
+ZOO: dict[str, dict] = {**CONVNEXT, **EVA, **VITAMIN, **PE_CORE, **MOBILECLIP, **MOBILECLIP_NON_CAUSAL}

@@ -72,9 +72,9 @@ def _ours(model: CLIP, images) -> torch.Tensor:
 
 
 def test_every_pretrained_row_has_open_clips_preprocessing():
-    """All 145 (architecture, tag) pairs (70 OpenAI-style, 26 SigLIP, 7 CLIPA, 12 ConvNeXt, 7 EVA, 15 ViTamin,
-    5 PE-Core, 3 MobileCLIP) against open_clip 3.3's get_pretrained_cfg: mean, std, filter, resize."""
-    assert len(pretrained.PRETRAINED) == 145
+    """All 152 (architecture, tag) pairs (70 OpenAI-style, 26 SigLIP, 7 CLIPA, 12 ConvNeXt, 7 EVA, 15 ViTamin,
+    5 PE-Core, 10 MobileCLIP) against open_clip 3.3's get_pretrained_cfg: mean, std, filter, resize."""
+    assert len(pretrained.PRETRAINED) == 152
     for (arch, tag), row in pretrained.PRETRAINED.items():
         cfg = open_clip.get_pretrained_cfg(arch, tag)
         assert cfg, (arch, tag)

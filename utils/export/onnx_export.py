@@ -53,10 +53,9 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
     """{file name: contents} of the export of `model` (a clip.CLIP), each ONNX file checked in onnxruntime
     against PyTorch's fp32 features on a random batch; `log` gets one line per check."""
     config = model.net.config
-    if config.text.tokenizer or not config.text.causal:
+    if config.text.tokenizer:  # MobileCLIP's bidirectional OpenAI tower exports (towers.py), CLIPA's tokenizer not
         raise UserError(f"ONNX export of {model.phi}'s text tower is not built yet: it reads a Hugging Face "
-                        f"tokenizer ({config.text.tokenizer or 'none'}) or attends without OpenAI's causal mask (CLIPA, "
-                        "MobileCLIP); use the PyTorch model")
+                        f"tokenizer ({config.text.tokenizer}); use the PyTorch model")
     net = model.net.float().cpu().eval()
     g = torch.Generator().manual_seed(0)
     inputs = {"image": torch.randn(3, 3, config.vision.image_size, config.vision.image_size, generator=g),

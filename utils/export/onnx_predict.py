@@ -101,7 +101,8 @@ class OnnxCLIP:
         return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        if self.config["tokenizer"] != "siglip":  # SigLIP's tower reads its padding: it is never trimmed
+        # SigLIP's and MobileCLIP's bidirectional towers read their padding: it is never trimmed.
+        if self.config["tokenizer"] != "siglip" and self.config.get("model", {}).get("text", {}).get("causal", True):
             tokens = trim_padding(tokens)
         tokens = np.ascontiguousarray(tokens)
         return self.text_session.run(None, {"tokens": tokens})[0].astype(np.float32)

@@ -126,9 +126,38 @@ class SiglipTextEncoder(_BatchEncoder):
         return torch.arange(3 * self.context_length).reshape(3, self.context_length) % vocab
 
 
+class BidirectionalOpenAITextEncoder(_BatchEncoder):
+    """text.onnx of an OpenAI (byte-level BPE) text tower without the causal mask (MobileCLIP's): `tokens` ->
+    `features`.
+
+    tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them (OpenAITextEncoder's),
+        padded with 0s to the full context. Every position attends to every other, padding included, as the weights
+        were trained, so no column may be dropped; the tower reads the state at each row's EOT (its largest id).
+    features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
+        L2-normalised.
+    """
+
+    input_name = "tokens"
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+        self.context_length = text.context_length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.forward_padded(tokens)
+
+    def example(self, dtype: torch.dtype) -> torch.Tensor:
+        vocab = self.text.token_embedding.num_embeddings
+        tokens = torch.zeros(3, self.context_length, dtype=torch.long)
+        tokens[:, 0], tokens[:, 1:3], tokens[:, 3] = vocab - 2, 1000 % (vocab - 2), vocab - 1
+        return tokens
+
+
 def encoders(net: nn.Module) -> dict[str, nn.Module]:
     """{"image": ..., "text": ...}: the wrapper of each tower of a `nets.CLIP`, in eval mode."""
     kind = net.config.text.kind
     text = SiglipTextEncoder(net.text) if kind == "siglip" else \
-        BertTextEncoder(net.text) if net.config.text.is_bert else OpenAITextEncoder(net.text)
+        BertTextEncoder(net.text) if net.config.text.is_bert else \
+        OpenAITextEncoder(net.text) if net.config.text.causal else BidirectionalOpenAITextEncoder(net.text)
     return {"image": ImageEncoder(net.visual).eval(), "text": text.eval()}

@@ -2,7 +2,7 @@
 
 The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
 builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower; SigLIP's timm and text towers;
-ConvNeXt's, EVA's, ViTamin's, PE-Core's and MobileCLIP's ViT-B timm towers). Each row names its source and
+ConvNeXt's, EVA's, ViTamin's, PE-Core's and MobileCLIP's timm towers). Each row names its source and
 the activation the weights were trained with: open_clip keeps that apart from the config name (`ViT-B-32` is
 GELU, but its `openai`, MetaCLIP and some DFN tags are QuickGELU), and loading with the other one gives wrong
 features with no error.
@@ -166,7 +166,7 @@ _ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in (
     ("EVA02-E-14-plus", "laion2b_s9b_b144k", "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"),
 ))
 # ViTamin's (single pickled files in its author's repos: open_clip's keys, read with the phi named), PE-Core's and
-# the ViT-B MobileCLIPs' (open_clip layout on the hub).
+# MobileCLIP's (open_clip layout on the hub).
 _VITAMIN_FILES = {"ViTamin-S": "ViTamin-S", "ViTamin-S-LTT": "ViTamin-S-LTT", "ViTamin-B": "ViTamin-B",
                   "ViTamin-B-LTT": "ViTamin-B-LTT", **{f"ViTamin-{s}{px}": f"ViTamin-{s}-{px[1:] or '224'}px"
                                                         for s in ("L", "L2") for px in ("", "-256", "-336", "-384")},
@@ -177,8 +177,16 @@ _PE_CORE = ("PE-Core-T-16-384", "PE-Core-S-16-384", "PE-Core-B-16", "PE-Core-L-1
 _ROWS += tuple((a, "meta", f"hf-hub:timm/{a}", GELU) for a in _PE_CORE)
 _MOBILECLIP = (("MobileCLIP-B", "datacompdr", "apple/MobileCLIP-B-OpenCLIP"),
                ("MobileCLIP-B", "datacompdr_lt", "apple/MobileCLIP-B-LT-OpenCLIP"),
-               ("MobileCLIP2-B", "dfndr2b", "timm/MobileCLIP2-B-OpenCLIP"))
-_ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _MOBILECLIP)
+               ("MobileCLIP2-B", "dfndr2b", "timm/MobileCLIP2-B-OpenCLIP"),
+               ("MobileCLIP-S1", "datacompdr", "apple/MobileCLIP-S1-OpenCLIP"),
+               ("MobileCLIP-S2", "datacompdr", "apple/MobileCLIP-S2-OpenCLIP"),
+               ("MobileCLIP2-S0", "dfndr2b", "timm/MobileCLIP2-S0-OpenCLIP"),
+               ("MobileCLIP2-S2", "dfndr2b", "timm/MobileCLIP2-S2-OpenCLIP"))
+# MobileCLIP2-S3, -S4 and -L-14 were trained on OpenAI-normalised pixels (open_clip's `_mc2cfg`), the others on [0, 1].
+_MOBILECLIP2 = (("MobileCLIP2-S3", "dfndr2b", "timm/MobileCLIP2-S3-OpenCLIP"),
+                ("MobileCLIP2-S4", "dfndr2b", "timm/MobileCLIP2-S4-OpenCLIP"),
+                ("MobileCLIP2-L-14", "dfndr2b", "timm/MobileCLIP2-L-14-OpenCLIP"))
+_ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _MOBILECLIP + _MOBILECLIP2)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -193,7 +201,10 @@ _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN
                **{(a, "meta"): Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear",
                                           resize_mode="squash") for a in _PE_CORE},
                **{(a, t): Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
-                  for a, t, _ in _MOBILECLIP}}
+                  for a, t, _ in _MOBILECLIP},
+               # MobileCLIP2-S3/S4: OpenAI's mean and std, bilinear; L-14: OpenAI's exactly (bicubic).
+               **{(a, t): Preprocess(interpolation="bicubic" if a == "MobileCLIP2-L-14" else "bilinear")
+                  for a, t, _ in _MOBILECLIP2}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
