@@ -297,3 +297,53 @@ def test_a_bare_state_dict_of_an_hf_text_tower_asks_for_its_config_in_one_line()
     with pytest.raises(UnknownHeadsError) as e:
         infer_config(state)
     assert "open_clip_config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case, attention", [
+    ("roberta-mean-mlp-quickgelu", ("attention.self.query", "attention.self.key", "attention.self.value",
+                                    "attention.output.dense")),
+    ("nllb-cls-linear", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
+])
+def test_lora_wraps_each_layers_attention_projections_and_merges_back_within_1e_5(small_hub, case, attention):
+    from peft.tuners.lora import LoraLayer
+
+    from utils.finetune.lora import add_lora, plain_state_dict
+
+    config = from_open_clip(SMALL[case])
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    tokens = _tokens(pad=1, first=299 if "nllb" in case else 0)
+    with torch.no_grad():
+        base = model.encode_text(tokens)
+    add_lora(model, dict(lock_image=True, lock_text=False, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                         lora_targets=["attn"]))
+    layers = model.text.transformer.encoder.layer if "roberta" in case else model.text.transformer.layers
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    prefix = "text.transformer.encoder.layer" if "roberta" in case else "text.transformer.layers"
+    assert wrapped == {f"{prefix}.{i}.{a}" for i in range(len(layers)) for a in attention}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # trained adapters: B is no longer zero
+            torch.nn.init.normal_(p, std=0.5)
+    merged = build_model(config).eval()
+    merged.load_state_dict(plain_state_dict(model), strict=True)  # open_clip's keys, no adapter left
+    with torch.no_grad():
+        adapted, plain = model.encode_text(tokens), merged.encode_text(tokens)
+    torch.testing.assert_close(plain, adapted, atol=1e-5, rtol=0)
+    assert (adapted - base).abs().max() > 1e-2  # the adapters changed the features: the comparison means something
+
+
+@pytest.mark.parametrize("case, last", [("xlmr-cls-pooler-linear", ("transformer.encoder.layer.1.", "transformer.pooler.")),
+                                        ("nllb-cls-linear", ("transformer.layers.1.", "transformer.layer_norm."))])
+def test_text_locks_name_the_towers_groups(small_hub, case, last):
+    from utils.finetune.partial import apply_locks, text_groups
+
+    model = build_model(from_open_clip(SMALL[case]))
+    cfg = dict(lock_image=True, lock_image_unlocked_groups=0, lock_text=True, lock_layer_norm=True)
+    apply_locks(model, dict(cfg, lock_text_unlocked_layers=2))  # the last layer (with the final norm / pooler), proj
+    trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trainable} == {"transformer", "proj"}
+    assert all(n.startswith((*last, "proj.")) for n in trainable) and any(n.startswith(last[1]) for n in trainable)
+    assert len(text_groups(model.text)) == 2 + 2  # the embeddings, 2 layers, the projection
+    apply_locks(model, dict(cfg, lock_text_unlocked_layers=0, lock_layer_norm=False))  # only LayerNorms train
+    trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
+    assert trainable and all("LayerNorm" in n or "layer_norm" in n for n in trainable)
