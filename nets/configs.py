@@ -722,7 +722,9 @@ def _from_open_clip_hf(model_cfg: Mapping) -> CLIPConfig:
     # open_clip builds no projection only for a null proj_type on a tower as wide as the embedding.
     bad += [f"text_cfg.hf_proj_type={proj!r}"] * (proj not in ("linear", "mlp") and not (proj is None and
                                                                                          width == embed_dim))
-    if tokenizer not in HF_TOKENIZERS or HF_TOKENIZERS[tokenizer] != kwargs:
+    if tokenizer is None:  # open_clip would tokenize with OpenAI's BPE for a transformers model
+        bad.append(f"text_cfg.hf_model_name={name!r} without hf_tokenizer_name")
+    elif tokenizer not in HF_TOKENIZERS or HF_TOKENIZERS[tokenizer] != kwargs:
         bad.append(f"text_cfg.hf_tokenizer_name={tokenizer!r} with {kwargs!r}")
     if bad:
         raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not an HFTextEncoder this project "
