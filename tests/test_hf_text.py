@@ -183,6 +183,14 @@ def test_an_open_clip_folder_loads_with_auto_and_gives_open_clips_features_on_a_
         mine = model.detect_image_for_eval(images=[photo], texts=CAPTIONS)
     for a, b in zip(mine, theirs):
         assert (a - b).abs().max() < 1e-4
+    from utils.errors import UserError
+    from utils.export.hf import refusal
+    from utils.export.onnx_export import export_files
+
+    with pytest.raises(UserError) as e:  # before any work: its tokenizer is not one the ONNX predictor has
+        export_files(model)
+    assert "\n" not in str(e.value) and model.net.config.text.tokenizer in str(e.value)
+    assert "transformers has no CLIP class" in refusal(model.net.config)
     print(f"\n{case}: max |ours - open_clip| image {(mine[0] - theirs[0]).abs().max():.1e}, "
           f"text {(mine[1] - theirs[1]).abs().max():.1e}")
 
