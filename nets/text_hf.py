@@ -76,9 +76,9 @@ class HFTextTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool) -> None:
         if enable:
-            self.transformer.gradient_checkpointing_enable()
+            self.transformer.activation_checkpointing_enable()
         else:
-            self.transformer.gradient_checkpointing_disable()
+            self.transformer.activation_checkpointing_disable()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) ids, padded on the right with `pad_id` (open_clip's HFTokenizer pads to the context)."""

@@ -355,3 +355,46 @@ def test_text_locks_name_the_towers_groups(small_hub, case, last):
     apply_locks(model, dict(cfg, lock_text_unlocked_layers=0, lock_layer_norm=False))  # only LayerNorms train
     trainable = {n for n, p in model.text.named_parameters() if p.requires_grad}
     assert trainable and all("LayerNorm" in n or "layer_norm" in n for n in trainable)
+
+
+@pytest.mark.slow
+def test_train_py_fine_tunes_an_hf_text_model_with_its_tokenizer_and_saves_it_beside_the_weights(
+        small_hub, monkeypatch, tokenizers_made, tmp_path, capsys):
+    from clip import CLIP
+    from tests.test_training import train, train_args
+    from utils.data.toy import make_toy_dataset
+
+    toy = tmp_path / "toy"
+    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
+    cfg = SMALL["roberta-mean-mlp-quickgelu"]
+    folder = _open_clip_folder(tmp_path / "hub", cfg, _reference("tiny-train", cfg, monkeypatch), tokenizers_made["bpe"])
+    save_dir = tmp_path / "run"
+    train(train_args(toy, save_dir, phi="auto", model_path=folder, Epoch=1, eval_flag="false",
+                     lock_text=True, lock_text_unlocked_layers=1), capsys)
+    assert (save_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    model = CLIP(model_path=str(save_dir / "last_epoch_weights.pth"), phi="auto", cuda=False)
+    assert model.net.config == from_open_clip(cfg) and isinstance(model.tokenizer, HubTokenizer)
+    saved = model.net.state_dict()
+    before = torch.load(folder / "open_clip_pytorch_model.bin")
+    # the locked text tower's body is as it was; its projection (the one unlocked group) trained
+    assert torch.equal(saved["text.transformer.encoder.layer.0.attention.self.query.weight"],
+                       before["text.transformer.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(saved["text.proj.0.weight"], before["text.proj.0.weight"])
+
+
+@pytest.mark.parametrize("case", ["roberta-mean-mlp-quickgelu", "nllb-cls-linear"])
+def test_gradient_checkpointing_gives_the_same_gradients(small_hub, case):
+    from dataclasses import replace
+
+    config = from_open_clip(SMALL[case])
+    config = replace(config, text=replace(config.text, dropout=0.0))  # training mode, the same math both times
+    tokens = _tokens(pad=1, first=299 if "nllb" in case else 0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        text = build_model(config).text.train()  # transformers checkpoints in training mode only
+        text.set_grad_checkpointing(checkpointing)
+        assert text.transformer.is_activation_checkpointing == checkpointing
+        text(tokens).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in text.parameters() if p.grad is not None]))
+    assert torch.allclose(*grads, atol=1e-6) and grads[0].abs().max() > 0
