@@ -143,6 +143,8 @@ def test_small_models_give_open_clips_features_within_1e_4_and_load_its_keys(sma
         for a, b in zip(mine, theirs):
             assert (a - b).abs().max() < 1e-4
             assert b.abs().max() > 1e-2
+        print(f"\n{case}: max |ours - open_clip| image {(mine[0] - theirs[0]).abs().max():.1e}, "
+              f"text {(mine[1] - theirs[1]).abs().max():.1e}")
         # The mask matters: the same captions with the padding attended (pad id 0 masks nothing here) are far off.
         ours.text.pad_id = 0
         assert (ours.encode_text(tokens) - theirs[1]).abs().max() > 1e-3
