@@ -23,6 +23,12 @@ def _bert_tower(config: TextConfig, embed_dim: int) -> nn.Module:
     return BertTextTower(config, embed_dim)
 
 
+def _hf_tower(config: TextConfig, embed_dim: int) -> nn.Module:
+    from .text_hf import HFTextTower  # transformers' models cost seconds to import; only when used
+
+    return HFTextTower(config, embed_dim)
+
+
 def _timm_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
     from .vision_timm import timm_tower  # timm costs a second to import; only its towers need it
 
@@ -37,8 +43,9 @@ IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": Visi
 TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
                                                                   "bert-pooler": _bert_tower, "bert-cls": _bert_tower,
                                                                   "siglip": SiglipTextTower,
-                                                                  "openai-custom": OpenAITextTower}
-TEXT_KEEPS_PREFIX = {"siglip", "openai-custom"}
+                                                                  "openai-custom": OpenAITextTower,
+                                                                  "hf": _hf_tower}
+TEXT_KEEPS_PREFIX = {"siglip", "openai-custom", "hf"}
 
 
 def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:

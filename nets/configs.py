@@ -20,6 +20,7 @@ import torch
 
 from utils.errors import UserError
 
+from .hf_rows import HF_POOLERS, HF_PROJS, HF_ROWS, HF_TEXT_MODELS
 from .zoo_rows import ZOO
 
 # Text tower kinds:
@@ -29,7 +30,11 @@ from .zoo_rows import ZOO
 #   siglip       bidirectional transformer over captions padded to the context, the last position -> a linear
 #                projection with `proj_bias` (or none: `projection=False`); keys under open_clip's `text.` (SigLIP)
 #   openai-custom  the openai tower as open_clip's `custom_text` models hold it: keys under `text.` (EVA)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom")
+#   hf       open_clip's HFTextEncoder: transformers' `hf_family` model (RoBERTa, XLM-R, NLLB's M2M100 encoder) under
+#            `text.transformer.`, pooled (`hf_pooler`) over the ids that are not `pad_id`, then `text.proj` (`hf_proj`)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf")
+# The transformers model types the hf kind builds (nets/text_hf.py).
+HF_FAMILIES = ("roberta", "xlm-roberta", "m2m_100")
 TEXT_POOLS = ("argmax", "last", "eos")
 # Image tower kinds:
 #   vit      OpenAI's Vision Transformer: `layers` blocks of `width`, `patch_size` patches
@@ -136,14 +141,33 @@ class TextConfig:
     # cannot tell them and equality (phi_of, infer_config) ignores them.
     dropout: float = field(default=0.1, compare=False)
     initializer_range: float = field(default=0.02, compare=False)
+    # The hf kind's (open_clip's HFTextEncoder): the transformers model type, open_clip's pooler and projection, and
+    # the pad id that masks attention; its sizes are the fields above (width, layers, heads, intermediate_size,
+    # vocab_size, max_position_embeddings, type_vocab_size, eps, activation). Defaults: records of other kinds.
+    hf_family: str = ""
+    hf_pooler: str = ""
+    hf_proj: str = ""
+    pad_id: int = 0
 
     def __post_init__(self):
         if self.pool not in TEXT_POOLS:
             raise ValueError(f"text pool {self.pool!r} is not one of {TEXT_POOLS}")
+        if (self.kind == "hf") != bool(self.hf_family):
+            raise ValueError(f"hf_family {self.hf_family!r} goes with the hf kind only, and it needs one")
+        if self.kind == "hf" and (self.hf_family not in HF_FAMILIES or self.hf_pooler not in HF_POOLERS
+                                  or self.hf_proj not in HF_PROJS):
+            raise ValueError(f"hf text tower {self.hf_family!r} / {self.hf_pooler!r} / {self.hf_proj!r}: the family is "
+                             f"one of {HF_FAMILIES}, the pooler of {HF_POOLERS}, the projection of {HF_PROJS}")
 
     @property
     def is_bert(self) -> bool:
         return self.kind.startswith("bert")
+
+    @property
+    def own_activation(self) -> bool:
+        """Whether transformers builds the tower with its model's own MLP and activation (BERT, the hf kind), which
+        open_clip's quick_gelu switch leaves alone."""
+        return self.is_bert or self.kind == "hf"
 
     @property
     def mlp_width(self) -> int:
@@ -171,7 +195,7 @@ class CLIPConfig:
 
 
 def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
-    text = config.text if config.text.is_bert else replace(config.text, activation=activation)
+    text = config.text if config.text.own_activation else replace(config.text, activation=activation)
     return replace(config, vision=replace(config.vision, activation=activation), text=text)
 
 
@@ -405,6 +429,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
     **SIGLIP,
     **CLIPA,
     **{name: CLIPConfig.from_dict(row) for name, row in ZOO.items()},  # the zoo's families, checked here
+    **{name: CLIPConfig.from_dict(row) for name, row in HF_ROWS.items()},  # open_clip's HFTextEncoder models
 }.items()}
 
 
@@ -475,6 +500,8 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     open_clip's own defaults fill what the JSON leaves out (head width 64, MLP ratio 4, patch 16, context 77,
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
+    if model_cfg.get("text_cfg", {}).get("hf_model_name"):
+        return _from_open_clip_hf(model_cfg)
     if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
         # SigLIP's unprojected attention-pooled trunk and bidirectional text tower pooling the last position go
         # together (its path names what differs from them); other timm towers (ConvNeXt, EVA, ...) come with OpenAI's
@@ -517,6 +544,8 @@ def _openai_text_of(t: Mapping, activation: str) -> TextConfig:
 
 # Tokenizers of open_clip's configs built here (utils/tokenizer.py): the Hugging Face name -> its settings.
 HF_TOKENIZERS = {"bert-base-uncased": {"strip_sep_token": True}}
+# The hf text towers' own: open_clip's HFTokenizer at its defaults (no tokenizer_kwargs in their configs).
+HF_TOKENIZERS.update({name: {} for name in HF_TEXT_MODELS})
 
 
 def _open_clip_vit_variant(v: Mapping) -> dict:
@@ -669,6 +698,60 @@ def _from_open_clip_siglip(model_cfg: Mapping) -> CLIPConfig:
                       init_logit_bias=None if bias is None else float(bias))
 
 
+# open_clip's text_cfg keys of an HFTextEncoder read here, and the TextTransformer sizes open_clip ignores for one
+# (it builds the tower from hf_model_name's config).
+_HF_TEXT_READ = {"hf_model_name", "hf_tokenizer_name", "hf_pooler_type", "hf_proj_type", "hf_model_pretrained",
+                 "context_length", "tokenizer_kwargs", "output_tokens"}
+_HF_TEXT_IGNORED = {"width", "heads", "layers", "vocab_size", "mlp_ratio"}
+_HF_TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_bias", "init_logit_scale"}
+
+
+def _from_open_clip_hf(model_cfg: Mapping) -> CLIPConfig:
+    """An open_clip config with an HFTextEncoder (RoBERTa, XLM-R, NLLB): the transformers model's sizes from
+    HF_TEXT_MODELS (no hub here), the image tower as open_clip's other configs give it (OpenAI's ViT, SigLIP's timm
+    trunk, another timm tower); open_clip's defaults: pooler mean_pooler, projection mlp."""
+    v, t = model_cfg.get("vision_cfg", {}), model_cfg["text_cfg"]
+    name, embed_dim = t["hf_model_name"], model_cfg["embed_dim"]
+    pooler, proj = t.get("hf_pooler_type", "mean_pooler"), t.get("hf_proj_type", "mlp")
+    tokenizer, kwargs = t.get("hf_tokenizer_name"), t.get("tokenizer_kwargs") or {}
+    bad = [f"{k}={val!r}" for k, val in model_cfg.items() if k not in _HF_TOP]
+    bad += [f"text_cfg.{k}={val!r}" for k, val in t.items() if k not in _HF_TEXT_READ | _HF_TEXT_IGNORED]
+    if t.get("output_tokens"):
+        bad.append(f"text_cfg.output_tokens={t['output_tokens']!r}")
+    if name not in HF_TEXT_MODELS:
+        bad.append(f"text_cfg.hf_model_name={name!r} (the transformers models built here: {', '.join(HF_TEXT_MODELS)})")
+    bad += [f"text_cfg.hf_pooler_type={pooler!r}"] * (pooler not in HF_POOLERS)
+    width = HF_TEXT_MODELS.get(name, {}).get("width")
+    # open_clip builds no projection only for a null proj_type on a tower as wide as the embedding.
+    bad += [f"text_cfg.hf_proj_type={proj!r}"] * (proj not in ("linear", "mlp") and not (proj is None and
+                                                                                         width == embed_dim))
+    if tokenizer is None:  # open_clip would tokenize with OpenAI's BPE for a transformers model
+        bad.append(f"text_cfg.hf_model_name={name!r} without hf_tokenizer_name")
+    elif tokenizer not in HF_TOKENIZERS or HF_TOKENIZERS[tokenizer] != kwargs:
+        bad.append(f"text_cfg.hf_tokenizer_name={tokenizer!r} with {kwargs!r}")
+    if bad:
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: not an HFTextEncoder this project "
+                                           "builds (hf_model_name, hf_tokenizer_name, hf_pooler_type, hf_proj_type)")
+    if not v.get("timm_model_name"):
+        vision = from_open_clip({"embed_dim": embed_dim, "quick_gelu": model_cfg.get("quick_gelu", False),
+                                 "vision_cfg": v}).vision
+    elif (v.get("timm_pool"), v.get("timm_proj")) == ("map", "none"):  # SigLIP's trunk, as its rows build it
+        extra = set(v) - {"image_size", "timm_model_name", "timm_pool", "timm_proj"} - _OPEN_CLIP_TRAINING
+        if extra or v.get("timm_proj_bias"):
+            raise UnsupportedArchitectureError(f"open_clip config sets vision_cfg {sorted(extra)} with SigLIP's "
+                                               "attention-pooled timm trunk, which is built here at its defaults")
+        vision = _timm_vision(v["timm_model_name"], _square(v.get("image_size", 224), "image_size"))
+        if vision.width != embed_dim:
+            raise UnsupportedArchitectureError(f"open_clip config: embed_dim {embed_dim} is not the width of its "
+                                               f"unprojected image tower ({vision.width})")
+    else:
+        vision = _timm_head_vision(v)
+    text = TextConfig(kind="hf", context_length=int(t.get("context_length", 77)), tokenizer=tokenizer,
+                      hf_pooler=pooler, hf_proj=proj or "", **HF_TEXT_MODELS[name])
+    bias = model_cfg.get("init_logit_bias")
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, init_logit_bias=None if bias is None else float(bias))
+
+
 def get_config(phi: str) -> CLIPConfig:
     if phi not in MODEL_CONFIGS:
         raise UnknownModelError(f"unknown phi {phi!r}; valid values: {', '.join(MODEL_CONFIGS)}, or 'auto' "
@@ -683,6 +766,8 @@ def _tower_key(tower: VisionConfig | TextConfig, heads: bool = True, activation:
         fields.pop("dropout"), fields.pop("initializer_range")
         if tower.is_bert:  # BERT builds its own MLP and GELU from intermediate_size
             fields.pop("mlp_ratio"), fields.pop("activation")
+        elif tower.kind == "hf":  # its MLP is intermediate_size wide, the activation its family's (recorded)
+            fields.pop("mlp_ratio")
     if not heads:
         fields.pop("heads")
     if not activation:
@@ -794,6 +879,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
     """
     sd = state_dict
+    if any(k.startswith("text.transformer.") and not k.startswith("text.transformer.resblocks.") for k in sd):
+        raise UnknownHeadsError("a state dict with a transformers text tower (text.transformer.*, open_clip's "
+                                "HFTextEncoder): shapes do not show its model, pooler or tokenizer; pass the phi it was "
+                                "trained as, or keep open_clip_config.json beside it")
     if _SIGLIP_PATCHES in sd:
         return _siglip_of_shapes(sd)
     if any(k.startswith("visual.trunk.") for k in sd):  # ConvNeXt, ...: the timm model is in no shape

@@ -280,7 +280,9 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
     assert set(theirs) == set(pretrained.PRETRAINED)
     for key, row in pretrained.PRETRAINED.items():
         cfg = theirs[key]
-        assert row.activation == (QUICK_GELU if cfg.get("quick_gelu") else GELU), key
+        # the tag's quick_gelu, or the architecture's own (roberta-ViT-B-32's config sets it)
+        quick = cfg.get("quick_gelu") or open_clip.get_model_config(key[0]).get("quick_gelu")
+        assert row.activation == (QUICK_GELU if quick else GELU), key
         assert row.source in (cfg["url"], "hf-hub:" + cfg["hf_hub"].rstrip("/")), key
         if row.source.startswith("https://openaipublic"):
             assert len(row.sha256) == 64 and row.source == cfg["url"], key
@@ -295,9 +297,12 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
     zoo = {a for a, _ in open_clip.list_pretrained()
            if a.startswith(("convnext_", "EVA", "ViTamin", "PE-Core", "MobileCLIP"))}
     assert len(zoo) == 13 + 15 + 5 + 9
+    # open_clip's HFTextEncoder models (nets/hf_rows.py).
+    hf_text = {a for a, _ in open_clip.list_pretrained() if "roberta" in a or a.startswith("nllb-clip")}
+    assert len(hf_text) == 7
     assert architectures == {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-32-256",
                              "ViT-B-16", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
-                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo
+                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo | hf_text
     assert open_clip.__version__.startswith("3.")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from nets import build_model, clip, configs, get_config
 from nets.configs import MODEL_CONFIGS, CLIPConfig
+from nets.hf_rows import HF_ROWS
 from nets.zoo_rows import ZOO
 from tests.conftest import SMALL
 
@@ -21,9 +22,10 @@ BEFORE = json.loads((Path(__file__).parent / "model_configs_before.json").read_t
 
 
 def test_every_phi_is_the_config_it_was_in_the_same_order():
-    # Rows added since (SigLIP's, CLIPA's, the zoo's) come after, so phi_of still names the same row for every old architecture.
+    # Rows added since (SigLIP's, CLIPA's, the zoo's, the HF text towers') come after, so phi_of still names the same
+    # row for every old architecture.
     assert list(MODEL_CONFIGS)[:len(BEFORE)] == list(BEFORE)
-    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | set(ZOO)
+    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | set(ZOO) | set(HF_ROWS)
     for phi, before in BEFORE.items():
         # asdict compares the fields that == skips (dropout, initializer_range) too.
         assert asdict(get_config(phi)) == asdict(CLIPConfig.from_dict(before)), phi

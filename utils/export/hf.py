@@ -48,6 +48,10 @@ def refusal(config) -> str | None:
     """Why no transformers class computes this architecture exactly, or None when one does."""
     if is_siglip(config):
         return None
+    if config.text.kind == "hf":
+        return (f"transformers has no CLIP class with open_clip's {config.text.tokenizer} text tower "
+                f"({config.text.hf_pooler}, {config.text.hf_proj or 'no'} projection); use this project's weight file, "
+                "which open_clip reads (README, 'Export to transformers and open_clip')")
     if getattr(config.vision, "kind", "vit") == "resnet":
         return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
                 "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "

@@ -23,6 +23,9 @@ _ALIASES = {
     "bert": {"attn": ("attention.self.query", "attention.self.key", "attention.self.value",
                       "attention.output.dense"),
              "mlp": ("intermediate.dense", "output.dense")},
+    # transformers' M2M100 encoder (NLLB's hf text tower); RoBERTa and XLM-R are named as BERT is.
+    "m2m_100": {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+                "mlp": ("fc1", "fc2")},
     # A ResNet image tower's only attention and Linear layers are its attention pool's; its convolutions get none.
     "resnet": {"attn": ("attnpool.q_proj", "attnpool.k_proj", "attnpool.v_proj", "attnpool.c_proj"), "mlp": ()},
 }
@@ -31,7 +34,10 @@ ADAPTER_NAME = "default"
 
 def _kind(model, tower_name: str) -> str:
     if tower_name == "text":
-        return "bert" if model.config.text.is_bert else "openai"
+        text = model.config.text
+        if text.kind == "hf":
+            return "m2m_100" if text.hf_family == "m2m_100" else "bert"
+        return "bert" if text.is_bert else "openai"
     return "resnet" if model.config.vision.kind == "resnet" else "openai"
 
 

@@ -30,6 +30,8 @@ def vision_groups(visual) -> list[list]:
 
 
 def text_groups(text) -> list[list]:
+    if hasattr(text, "groups"):  # a tower that names its own (nets/text_hf.py's)
+        return _groups(text.groups())
     if hasattr(text, "token_embedding"):  # OpenAI's causal tower
         blocks = list(text.transformer.resblocks)
         return _groups([[text.token_embedding, text.positional_embedding], *blocks[:-1],

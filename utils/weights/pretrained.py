@@ -2,7 +2,8 @@
 
 The table holds one row per (architecture, tag) of open_clip 3.3's pretrained table for the towers this project
 builds (OpenAI's ViT and ModifiedResNet image towers with the OpenAI text tower; SigLIP's timm and text towers;
-ConvNeXt's, EVA's, ViTamin's, PE-Core's and MobileCLIP's timm towers). Each row names its source and
+ConvNeXt's, EVA's, ViTamin's, PE-Core's and MobileCLIP's timm towers; open_clip's HFTextEncoder text towers:
+RoBERTa, XLM-R, NLLB). Each row names its source and
 the activation the weights were trained with: open_clip keeps that apart from the config name (`ViT-B-32` is
 GELU, but its `openai`, MetaCLIP and some DFN tags are QuickGELU), and loading with the other one gives wrong
 features with no error.
@@ -187,6 +188,22 @@ _MOBILECLIP2 = (("MobileCLIP2-S3", "dfndr2b", "timm/MobileCLIP2-S3-OpenCLIP"),
                 ("MobileCLIP2-S4", "dfndr2b", "timm/MobileCLIP2-S4-OpenCLIP"),
                 ("MobileCLIP2-L-14", "dfndr2b", "timm/MobileCLIP2-L-14-OpenCLIP"))
 _ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _MOBILECLIP + _MOBILECLIP2)
+# open_clip's HFTextEncoder models (nets/hf_rows.py): LAION's RoBERTa / XLM-R ones and visheratin's NLLB-CLIPs, open_clip
+# layout on the hub; roberta-ViT-B-32's ViT was trained with QuickGELU (its config's quick_gelu).
+_HF_TEXT = (("roberta-ViT-B-32", "laion2b_s12b_b32k", "laion/CLIP-ViT-B-32-roberta-base-laion2B-s12B-b32k", QUICK_GELU),
+            ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k", "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k",
+             GELU),
+            ("xlm-roberta-large-ViT-H-14", "frozen_laion5b_s13b_b90k",
+             "laion/CLIP-ViT-H-14-frozen-xlm-roberta-large-laion5B-s13B-b90k", GELU),
+            ("nllb-clip-base", "v1", "visheratin/nllb-clip-base-oc", GELU),
+            ("nllb-clip-large", "v1", "visheratin/nllb-clip-large-oc", GELU))
+# The SigLIP-trunk NLLB-CLIPs: SigLIP's preprocessing (open_clip's _slpcfg).
+_NLLB_SIGLIP = (("nllb-clip-base-siglip", "v1", "visheratin/nllb-clip-base-siglip"),
+                ("nllb-clip-base-siglip", "mrl", "visheratin/nllb-siglip-mrl-base"),
+                ("nllb-clip-large-siglip", "v1", "visheratin/nllb-clip-large-siglip"),
+                ("nllb-clip-large-siglip", "mrl", "visheratin/nllb-siglip-mrl-large"))
+_ROWS += tuple((a, t, f"hf-hub:{repo}", act) for a, t, repo, act in _HF_TEXT)
+_ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _NLLB_SIGLIP)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -204,7 +221,8 @@ _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN
                   for a, t, _ in _MOBILECLIP},
                # MobileCLIP2-S3/S4: OpenAI's mean and std, bilinear; L-14: OpenAI's exactly (bicubic).
                **{(a, t): Preprocess(interpolation="bicubic" if a == "MobileCLIP2-L-14" else "bilinear")
-                  for a, t, _ in _MOBILECLIP2}}
+                  for a, t, _ in _MOBILECLIP2},
+               **{(a, t): SIGLIP_PREPROCESS for a, t, _ in _NLLB_SIGLIP}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
@@ -260,9 +278,9 @@ def _is_quick(value) -> bool:
 
 def activation_of(phi: str) -> str:
     """The activation open_clip's quick_gelu switch sets: the OpenAI text tower's (a ResNet image tower has none
-    of its own), or the ViT's where the text tower is BERT, whose GELU is fixed."""
+    of its own), or the ViT's where the text tower is transformers' (BERT, RoBERTa, ...), whose activation is fixed."""
     config = get_config(phi)
-    tower = config.vision if config.text.is_bert else config.text
+    tower = config.vision if config.text.own_activation else config.text
     # A table without the activation field holds QuickGELU towers only, as the project's first towers were.
     return QUICK_GELU if _is_quick(getattr(tower, "activation", QUICK_GELU)) else GELU
 
