@@ -26,8 +26,6 @@ Examples with the demo's weights (python train.py --demo en writes them); for yo
     python predict.py --mode predict_onnx --export_dir model_data/onnx --image img/example.jpg  # by onnxruntime
     python predict.py --mode export_hf --model_path logs/demo_en/last_epoch_weights.pth --phi auto \
         --export_dir model_data/hf                    # a transformers CLIPModel folder
-    python predict.py --mode caption --phi coca_ViT-B-32 --model_path mscoco_finetuned_laion2b_s13b_b90k \
-        --dir_origin_path photos/ --output photos/captions.json  # a CoCa captions a folder (docs/captions.md)
 """
 from __future__ import annotations
 

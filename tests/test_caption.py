@@ -85,14 +85,25 @@ def test_caption_writes_resumes_and_curate_reads_the_result(coca_folder, photos,
     resumed = json.loads(out.read_text(encoding="utf-8"))
     assert resumed[:6] == entries and resumed[6]["image"] == "new.png"
 
-    curated = tmp_path / "kept.json"
+    # docs/captions.md's next steps: curate (JSON Lines out), split with convert, fine-tune one epoch.
+    curated = tmp_path / "kept.jsonl"
     result = run_script("datasets/curate.py", "--datasets_path", photos, "--input", out, "--output", curated,
                         "--model_path", coca_folder, "--phi", "auto", "--min_clip_score", "-1", "--duplicates", "list",
                         "--skip_bad_samples", "true",  # the entry of an image not in the folder
                         capsys=capsys, threads=1)
     assert result.returncode == 0, result.stderr[-2000:]
-    kept = json.loads(curated.read_text(encoding="utf-8"))
+    kept = [json.loads(line) for line in curated.read_text(encoding="utf-8").splitlines()]
     assert {e["image"] for e in kept} == {e["image"] for e in resumed} - {"elsewhere/kept.jpg"}
+    split = tmp_path / "split"
+    result = run_script("datasets/convert.py", "--source", "jsonl", "--input", curated, "--images", photos,
+                        "--output_dir", split, "--name", "mine", "--val_ratio", "0.4", capsys=capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("train.py", "--model_path", coca_folder, "--phi", "auto", "--Cuda", "false", "--datasets_path",
+                        split, "--datasets_train_json_path", split / "mine_train.json", "--datasets_val_json_path",
+                        split / "mine_val.json", "--batch_size", "2", "--Epoch", "1", "--num_workers", "0",
+                        "--save_dir", tmp_path / "run", "--bert_path", "", capsys=capsys, threads=1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "last_epoch_weights.pth").is_file()
 
 
 def test_caption_refuses_a_model_without_a_decoder_and_a_file_it_cannot_append_to(photos, tmp_path, capsys):
