@@ -118,7 +118,8 @@ class CrossAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_1_kv = nn.LayerNorm(width)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, mlp_width)), ("gelu", _ACTIVATIONS[activation]()),
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, mlp_width)),
+                                              ("gelu", _ACTIVATIONS[activation]()),
                                               ("c_proj", nn.Linear(mlp_width, width))]))
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -876,7 +876,8 @@ def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
     """Equal networks: every size, head count and activation (training-only settings aside)."""
     return a.embed_dim == b.embed_dim and _tower_key(a.vision) == _tower_key(b.vision) \
         and _tower_key(a.text) == _tower_key(b.text) \
-        and (a.decoder is None) == (b.decoder is None) and (a.decoder is None or _tower_key(a.decoder) == _tower_key(b.decoder))
+        and (a.decoder is None) == (b.decoder is None) \
+        and (a.decoder is None or _tower_key(a.decoder) == _tower_key(b.decoder))
 
 
 def architecture_differences(a: CLIPConfig, b: CLIPConfig) -> list[str]:

@@ -19,7 +19,8 @@ from utils.predict.generate import Generation, captions, generate
 # open_clip's coca_ViT-B-32.json scaled down, with OpenAI's vocabulary (the BPE tokenizer decodes the captions).
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 96, "patch_size": 8, "head_width": 32,
-                       "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 9, "output_tokens": True},
+                       "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 9,
+                       "output_tokens": True},
         "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
                      "embed_cls": True, "output_tokens": True},
         "multimodal_cfg": {"context_length": 20, "width": 64, "heads": 2, "layers": 1},
@@ -46,7 +47,8 @@ def photos(tmp_path):
     for name, pixels in zip(("china.jpg", "flower.jpg"), sklearn.load_sample_images().images):
         Image.fromarray(pixels).save(folder / name)
     for i, digit in enumerate(sklearn.load_digits().images[:3]):
-        Image.fromarray((digit * 16).astype(np.uint8)).resize((40, 40)).convert("RGB").save(folder / "digits" / f"{i}.jpg")
+        digit = Image.fromarray((digit * 16).astype(np.uint8)).resize((40, 40)).convert("RGB")
+        digit.save(folder / "digits" / f"{i}.jpg")
     (folder / "broken.jpg").write_bytes(b"not a picture")
     return folder
 
@@ -126,6 +128,7 @@ def test_the_default_caption_file_is_named_by_the_weights_and_the_folder_as_dir_
 
     from utils.predict.caption import caption_path
 
-    config = {"output": "", "model_path": "logs/run/best.pth", "dir_origin_path": "photos/", "dir_save_path": "img_out/"}
+    config = {"output": "", "model_path": "logs/run/best.pth", "dir_origin_path": "photos/",
+              "dir_save_path": "img_out/"}
     assert caption_path(config) == Path("img_out/captions_run_best_photos.json")
     assert caption_path({**config, "output": "mine.json"}) == Path("mine.json")
