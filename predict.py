@@ -36,7 +36,8 @@ from utils.config import run_script
 # "embed" (features of a folder, caption file or shards into embeddings_dir), "index" (a FAISS index of
 # embeddings_dir in index_dir), "fps" (speed), "export_onnx" (write the model as ONNX to export_dir),
 # "predict_onnx" (the "predict" loop on export_dir with onnxruntime) or "export_hf" (write the model to export_dir
-# as a transformers CLIPModel / ChineseCLIPModel folder).
+# as a transformers CLIPModel / ChineseCLIPModel folder) or "caption" (a CoCa writes a caption for every image of
+# dir_origin_path into a caption file train.py reads).
 mode = "predict"
 # Weights: a file or folder, or a name downloaded once: a pretrained tag of phi ("openai",
 # "laion2b_s34b_b79k"), hf-hub:ORG/NAME or an http(s) URL (README, "Weights"); "" = random weights.
@@ -81,7 +82,7 @@ embeddings_dir = "logs/embeddings"
 part_size = 10000
 # embed: "float16" (clip-retrieval's default, half the disk) or "float32".
 embed_dtype = "float16"
-# embed: threads that decode the next batch of images while the model encodes this one.
+# embed and caption: threads that decode the next batch of images while the model encodes this one.
 num_workers = 2
 # embed: one process per GPU (or gloo processes on CPUs) under torchrun, each taking its share of the parts.
 distributed = False
@@ -94,7 +95,7 @@ index_type = "auto"
 index_memory = "4G"
 # web: the port of the page, served on 127.0.0.1 only.
 port = 7860
-# dir_predict and fps: images per batch (fps also measures batch 1).
+# dir_predict, caption and fps: images per batch (fps also measures batch 1).
 batch_size = 32
 # Fit the whole image on a grey canvas instead of cropping its centre.
 letterbox_image = False
@@ -106,6 +107,24 @@ export_fp16 = False
 # Decode JPEGs only as large as the model's input needs (several times faster on photos); false decodes every
 # image in full, for numbers reproduced bit for bit.
 fast_decode = True
+# caption: the caption file (the original's JSON list, image paths relative to dir_origin_path); "" =
+# dir_save_path/captions_<run folder>_<weights>_<folder>.json. A rerun keeps its entries and adds the images it lacks.
+output = ""
+# caption: "beam_search" (open_clip's default), "greedy", "top_k" or "top_p" (sampling), with open_clip's settings:
+generation = "beam_search"
+# beams (searched in num_beam_groups groups, as open_clip's)...
+num_beams = 6
+num_beam_groups = 3
+# ...top_p's kept probability mass (top_k: the top_k setting above, open_clip's 1 unless given)...
+top_p = 0.1
+# ...the longest caption in tokens with its start and end (at most the text tower's 76), the shortest before its
+# end token may come, and the window of last tokens the decoder reads...
+seq_len = 30
+min_seq_len = 5
+max_seq_len = 77
+# ...the sampling temperature, and the repetition penalty (1.0: none).
+temperature = 1.0
+repetition_penalty = 1.0
 # Use the GPU; None: when one is available.
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
@@ -120,6 +139,8 @@ def main(config: dict, explicit: dict) -> None:
 
     if config["mode"] in ("search", "web"):  # an index_dir is used only as given; mode index builds where told
         config = search_inputs(config, explicit)
+    if config["mode"] == "caption" and "top_k" not in explicit:  # dir_predict's 5 is not open_clip's sampling 1
+        config = {**config, "top_k": 1}
     check_inputs(config)
     MODES[config["mode"]](config)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .coca import CoCaTextTower, CoCaVisionTransformer, MultimodalDecoder
 from .configs import CLIPConfig, TextConfig, VisionConfig
 from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
@@ -39,13 +40,15 @@ def _timm_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
 # `visual.`; text towers at the top level of the file, as OpenAI's do (the `text.` prefix never reaches a file),
 # except those of TEXT_KEEPS_PREFIX, whose files (open_clip's `custom_text` models) keep it.
 IMAGE_TOWERS: dict[str, Callable[[VisionConfig, int], nn.Module]] = {"vit": VisionTransformer,
-                                                                     "resnet": ModifiedResNet, "timm": _timm_tower}
+                                                                     "resnet": ModifiedResNet, "timm": _timm_tower,
+                                                                     "coca-vit": CoCaVisionTransformer}
 TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": OpenAITextTower,
                                                                   "bert-pooler": _bert_tower, "bert-cls": _bert_tower,
                                                                   "siglip": SiglipTextTower,
                                                                   "openai-custom": OpenAITextTower,
-                                                                  "hf": _hf_tower}
-TEXT_KEEPS_PREFIX = {"siglip", "openai-custom", "hf"}
+                                                                  "hf": _hf_tower,
+                                                                  "coca": CoCaTextTower}
+TEXT_KEEPS_PREFIX = {"siglip", "openai-custom", "hf", "coca"}
 
 
 def build_tower(towers: dict[str, Callable], config: VisionConfig | TextConfig, embed_dim: int) -> nn.Module:
@@ -85,6 +88,8 @@ class CLIP(nn.Module):
         # SigLIP's: logits are scale * cos + bias. None (no key in the state dict) for every other model.
         bias = config.init_logit_bias
         self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(float(bias))))
+        # CoCa's caption decoder (`text_decoder.*`, open_clip's keys); None for every other model.
+        self.text_decoder = None if config.decoder is None else MultimodalDecoder(config.decoder)
         self.register_state_dict_post_hook(_drop_text_prefix)
         self.register_load_state_dict_pre_hook(_add_text_prefix)
 
@@ -96,6 +101,15 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
+
+    @property
+    def writes_captions(self) -> bool:
+        return self.text_decoder is not None
+
+    def caption_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """CoCa: (N, L, vocab) next-token logits of captions `tokens` (N, L) given `visual.forward_with_tokens`'s
+        image tokens: open_clip's `model(image, tokens, output_labels=False)["logits"]`."""
+        return self.text_decoder(image_tokens, self.text.forward_with_tokens(tokens)[1])
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)

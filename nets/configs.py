@@ -32,7 +32,9 @@ from .zoo_rows import ZOO
 #   openai-custom  the openai tower as open_clip's `custom_text` models hold it: keys under `text.` (EVA)
 #   hf       open_clip's HFTextEncoder: transformers' `hf_family` model (RoBERTa, XLM-R, NLLB's M2M100 encoder) under
 #            `text.transformer.`, pooled (`hf_pooler`) over the ids that are not `pad_id`, then `text.proj` (`hf_proj`)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf")
+#   coca     CoCa's: the openai tower with a class embedding appended after the caption (`text.cls_emb`), pooled there
+#            (nets/coca.py); keys under `text.`
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf", "coca")
 # The transformers model types the hf kind builds (nets/text_hf.py).
 HF_FAMILIES = ("roberta", "xlm-roberta", "m2m_100")
 TEXT_POOLS = ("argmax", "last", "eos")
@@ -43,7 +45,10 @@ TEXT_POOLS = ("argmax", "last", "eos")
 #   timm     timm's `timm_model_name` (SigLIP's `vit_*_siglip_*`) at this row's sizes, its pooled features the
 #            embedding (no projection: width == embed_dim); `activation` "gelu" is timm's own (open_clip's rows),
 #            "gelu_tanh" transformers' SiglipModel's; keys under open_clip's `visual.trunk.`
-VISION_KINDS = ("vit", "resnet", "timm")
+#   coca-vit CoCa's: OpenAI's ViT whose tokens an attentional pooler (`visual.attn_pool`, `attn_pool_queries` queries
+#            of embed_dim, `attn_pool_heads` heads) turns into the contrastive feature (the first) and the decoder's
+#            image tokens (the rest) (nets/coca.py)
+VISION_KINDS = ("vit", "resnet", "timm", "coca-vit")
 
 
 # MLP activations of the OpenAI-style towers: OpenAI trained with QuickGELU (x * sigmoid(1.702 x)); LAION,
@@ -88,6 +93,9 @@ class VisionConfig:
     timm_proj_bias: bool = False
     # What goes to timm.create_model besides the name, as (name, value) pairs; None: the ViT sizes above (SigLIP's).
     timm_kwargs: tuple | None = None
+    # The coca-vit kind's attentional pooler; 0 for the others.
+    attn_pool_queries: int = 0
+    attn_pool_heads: int = 0
 
     @property
     def mlp_width(self) -> int:
@@ -100,6 +108,8 @@ class VisionConfig:
             raise ValueError(f"timm_model_name {self.timm_model_name!r} goes with the timm kind only, and it needs one")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"vision pool {self.pool!r} is not 'token' or 'avg'")
+        if (self.kind == "coca-vit") != bool(self.attn_pool_queries and self.attn_pool_heads):
+            raise ValueError("attn_pool_queries and attn_pool_heads go with the coca-vit kind only, and it needs both")
         if self.timm_kwargs is not None:  # read back from JSON as lists; tuples keep the config hashable
             object.__setattr__(self, "timm_kwargs", tuple((k, _tuples(v)) for k, v in self.timm_kwargs))
         if isinstance(self.layers, list):  # read back from JSON; a tuple keeps the config hashable
@@ -175,28 +185,51 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """CoCa's multimodal text decoder (open_clip's multimodal_cfg): causal self-attention over the caption's token
+    states, cross-attention to the image tokens, then logits over `vocab_size` (nets/coca.py)."""
+    context_length: int
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+
+    @property
+    def mlp_width(self) -> int:
+        return mlp_width(self.width, self.mlp_ratio)
+
+
+@dataclass(frozen=True)
 class CLIPConfig:
     embed_dim: int
     vision: VisionConfig
     text: TextConfig
     # SigLIP's learned logit bias, its starting value (open_clip's name); None: the model has none.
     init_logit_bias: float | None = None
+    # CoCa's caption decoder; None: a model without one (every other family).
+    decoder: DecoderConfig | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["init_logit_bias"] is None:  # records of models without a bias stay as they were
-            del d["init_logit_bias"]
+        for key in ("init_logit_bias", "decoder"):  # records of models without them stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPConfig":
+        decoder = d.get("decoder")
         return cls(embed_dim=d["embed_dim"], vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
-                   init_logit_bias=d.get("init_logit_bias"))
+                   init_logit_bias=d.get("init_logit_bias"),
+                   decoder=None if decoder is None else DecoderConfig(**decoder))
 
 
 def with_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
     text = config.text if config.text.own_activation else replace(config.text, activation=activation)
-    return replace(config, vision=replace(config.vision, activation=activation), text=text)
+    decoder = None if config.decoder is None else replace(config.decoder, activation=activation)
+    return replace(config, vision=replace(config.vision, activation=activation), text=text, decoder=decoder)
 
 
 def _openai_text(*, width: int, heads: int, layers: int = 12) -> TextConfig:
@@ -417,6 +450,26 @@ CLIPA: dict[str, CLIPConfig] = {
 }
 
 
+def _coca(*, embed_dim: int, image_size: int, patch_size: int, width: int, layers: int, text_width: int,
+          text_heads: int, pool_heads: int = 8) -> CLIPConfig:
+    """A CoCa row (open_clip's coca_ViT-*.json): a GELU ViT with a 256-query attentional pooler, the text tower with
+    a class embedding after 76 caption tokens, and a caption decoder of the text tower's sizes."""
+    vision = replace(_vit(image_size=image_size, patch_size=patch_size, width=width, layers=layers), kind="coca-vit",
+                     activation="gelu", attn_pool_queries=256, attn_pool_heads=pool_heads)
+    text = replace(_openai_text(width=text_width, heads=text_heads), kind="coca", context_length=76, activation="gelu")
+    decoder = DecoderConfig(context_length=76, vocab_size=49408, width=text_width, layers=12, heads=text_heads)
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, decoder=decoder)
+
+
+# open_clip 3.3's CoCa configs with pretrained weights (coca_base and coca_roberta have none: not built).
+COCA: dict[str, CLIPConfig] = {
+    "coca_ViT-B-32": _coca(embed_dim=512, image_size=224, patch_size=32, width=768, layers=12, text_width=512,
+                           text_heads=8),
+    "coca_ViT-L-14": _coca(embed_dim=768, image_size=224, patch_size=14, width=1024, layers=24, text_width=768,
+                           text_heads=12),
+}
+
+
 # Every phi: name -> its config as a plain dict (CLIPConfig.to_dict, the shape a weight file's arch record holds).
 # A new family (or tower kind) is one more mapping of rows here.
 MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
@@ -430,6 +483,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
     **CLIPA,
     **{name: CLIPConfig.from_dict(row) for name, row in ZOO.items()},  # the zoo's families, checked here
     **{name: CLIPConfig.from_dict(row) for name, row in HF_ROWS.items()},  # open_clip's HFTextEncoder models
+    **COCA,
 }.items()}
 
 
@@ -500,6 +554,8 @@ def from_open_clip(model_cfg: Mapping) -> CLIPConfig:
     open_clip's own defaults fill what the JSON leaves out (head width 64, MLP ratio 4, patch 16, context 77,
     ...); `quick_gelu` picks the activation of both towers, GELU when absent, as open_clip does.
     """
+    if model_cfg.get("multimodal_cfg") is not None:
+        return _from_open_clip_coca(model_cfg)
     if model_cfg.get("text_cfg", {}).get("hf_model_name"):
         return _from_open_clip_hf(model_cfg)
     if model_cfg.get("vision_cfg", {}).get("timm_model_name"):
@@ -752,6 +808,47 @@ def _from_open_clip_hf(model_cfg: Mapping) -> CLIPConfig:
     return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, init_logit_bias=None if bias is None else float(bias))
 
 
+# open_clip's multimodal_cfg keys its CoCa decoder reads (context, sizes), or takes and ignores (mlp_ratio, dim_head,
+# n_queries, attn_pooler_heads: MultimodalTransformer is built with MLP ratio 4 and the text tower's vocabulary).
+_COCA_DECODER = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "dim_head", "n_queries",
+                 "attn_pooler_heads"}
+
+
+def _from_open_clip_coca(model_cfg: Mapping) -> CLIPConfig:
+    """An open_clip CoCa config: its image tower's attentional pooler, its text tower's class embedding and its decoder
+    taken off, the rest is an OpenAI-style ViT and text tower (refused, named, where it is not)."""
+    v, t, m = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {})), model_cfg["multimodal_cfg"]
+    bad = [f"multimodal_cfg.{k}={val!r}" for k, val in m.items()
+           if k not in _COCA_DECODER and not (k == "ls_init_value" and val is None)]
+    if v.pop("attentional_pool", False) is not True:
+        bad.append("vision_cfg without attentional_pool=true")
+    queries, heads = int(v.pop("attn_pooler_queries", 256)), int(v.pop("attn_pooler_heads", 8))
+    if v.pop("pool_type", "tok") != "tok" or v.pop("final_ln_after_pool", False):
+        bad.append("vision_cfg pooling the attentional pooler's queries other than by the first")
+    if t.pop("embed_cls", False) is not True or t.pop("pad_id", 0) != 0:
+        bad.append("text_cfg without embed_cls=true and pad_id 0")
+    t.pop("pool_type", None)  # the class embedding's position is pooled whatever it says
+    for part in (v, t):
+        part.pop("output_tokens", None)
+    if t.get("no_causal_mask") or t.get("hf_model_name"):
+        bad.append("a text tower other than OpenAI's causal one")
+    if bad:
+        raise UnsupportedArchitectureError(f"open_clip config sets {', '.join(bad)}: a CoCa is built here as "
+                                           "open_clip's coca_ViT-* (attentional pooler, class embedding, decoder)")
+    rest = {k: val for k, val in model_cfg.items() if k not in ("multimodal_cfg", "custom_text")}
+    base = from_open_clip({**rest, "vision_cfg": v, "text_cfg": t})
+    if base.vision.kind != "vit":
+        raise UnsupportedArchitectureError("open_clip config: a CoCa image tower is built here on OpenAI's ViT only")
+    decoder = DecoderConfig(context_length=int(m.get("context_length", 77)), vocab_size=base.text.vocab_size,
+                            width=int(m.get("width", 512)), layers=int(m.get("layers", 12)),
+                            heads=int(m.get("heads", 8)), activation=base.text.activation)
+    if decoder.width != base.embed_dim:  # its cross-attention reads the pooler's embed_dim-wide image tokens
+        raise UnsupportedArchitectureError(f"open_clip config: multimodal_cfg.width {decoder.width} is not embed_dim "
+                                           f"{base.embed_dim}, the width of the image tokens it attends to")
+    vision = replace(base.vision, kind="coca-vit", attn_pool_queries=queries, attn_pool_heads=heads)
+    return replace(base, vision=vision, text=replace(base.text, kind="coca"), decoder=decoder)
+
+
 def get_config(phi: str) -> CLIPConfig:
     if phi not in MODEL_CONFIGS:
         raise UnknownModelError(f"unknown phi {phi!r}; valid values: {', '.join(MODEL_CONFIGS)}, or 'auto' "
@@ -778,7 +875,9 @@ def _tower_key(tower: VisionConfig | TextConfig, heads: bool = True, activation:
 def same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
     """Equal networks: every size, head count and activation (training-only settings aside)."""
     return a.embed_dim == b.embed_dim and _tower_key(a.vision) == _tower_key(b.vision) \
-        and _tower_key(a.text) == _tower_key(b.text)
+        and _tower_key(a.text) == _tower_key(b.text) \
+        and (a.decoder is None) == (b.decoder is None) \
+        and (a.decoder is None or _tower_key(a.decoder) == _tower_key(b.decoder))
 
 
 def architecture_differences(a: CLIPConfig, b: CLIPConfig) -> list[str]:
@@ -871,6 +970,33 @@ def _siglip_of_shapes(sd: Mapping) -> CLIPConfig:
                             "beside it, or record its architecture beside the file (README, 'Models')")
 
 
+def _coca_shapes(sd: Mapping) -> tuple:
+    def shape(key: str):
+        return tuple(sd[key].shape) if key in sd else None
+
+    return (shape("visual.conv1.weight"), shape("visual.positional_embedding"), shape("visual.attn_pool.query"),
+            _count_layers(sd, r"visual\.transformer\.resblocks\.(\d+)\."), shape("text.token_embedding.weight"),
+            shape("text.positional_embedding"), _count_layers(sd, r"text\.transformer\.resblocks\.(\d+)\."),
+            shape("text.text_projection"), shape("text_decoder.text_projection"),
+            _count_layers(sd, r"text_decoder\.resblocks\.(\d+)\."))
+
+
+def _coca_of_shapes(sd: Mapping) -> CLIPConfig:
+    """The CoCa row whose network has these shapes (the row knows the heads, which no shape shows)."""
+    def row_shapes(c: CLIPConfig) -> tuple:
+        v, t, d = c.vision, c.text, c.decoder
+        grid = v.image_size // v.patch_size
+        return ((v.width, 3, v.patch_size, v.patch_size), (grid * grid + 1, v.width),
+                (v.attn_pool_queries, c.embed_dim), v.layers, (t.vocab_size, t.width), (t.context_length + 1, t.width),
+                t.layers, (t.width, c.embed_dim), (d.width, d.vocab_size), d.layers)
+
+    found = [phi for phi in COCA if row_shapes(get_config(phi)) == _coca_shapes(sd)]
+    if not found:
+        raise UnknownHeadsError("a CoCa state dict (text.cls_emb) whose shapes match no CoCa row of the table: shapes "
+                                "do not show its heads; keep open_clip_config.json beside it, or pass the phi")
+    return get_config(found[0])
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     """The architecture of a state dict in OpenAI's key layout, from its tensor shapes and the table.
 
@@ -879,6 +1005,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
     the original repo's and OpenAI's files need; `with_activation` makes the GELU twin.
     """
     sd = state_dict
+    if "text.cls_emb" in sd:
+        return _coca_of_shapes(sd)
     if any(k.startswith("text.transformer.") and not k.startswith("text.transformer.resblocks.") for k in sd):
         raise UnknownHeadsError("a state dict with a transformers text tower (text.transformer.*, open_clip's "
                                 "HFTextEncoder): shapes do not show its model, pooler or tokenizer; pass the phi it was "

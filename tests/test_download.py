@@ -300,9 +300,11 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
     # open_clip's HFTextEncoder models (nets/hf_rows.py).
     hf_text = {a for a, _ in open_clip.list_pretrained() if "roberta" in a or a.startswith("nllb-clip")}
     assert len(hf_text) == 7
+    cocas = {a for a, _ in open_clip.list_pretrained() if a.startswith("coca_")}
+    assert cocas == {"coca_ViT-B-32", "coca_ViT-L-14"}
     assert architectures == {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-32-256",
                              "ViT-B-16", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
-                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo | hf_text
+                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo | hf_text | cocas
     assert open_clip.__version__.startswith("3.")
 
 

@@ -25,7 +25,8 @@ def test_every_phi_is_the_config_it_was_in_the_same_order():
     # Rows added since (SigLIP's, CLIPA's, the zoo's, the HF text towers') come after, so phi_of still names the same
     # row for every old architecture.
     assert list(MODEL_CONFIGS)[:len(BEFORE)] == list(BEFORE)
-    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | set(ZOO) | set(HF_ROWS)
+    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | set(ZOO) | set(HF_ROWS) \
+        | set(configs.COCA)
     for phi, before in BEFORE.items():
         # asdict compares the fields that == skips (dropout, initializer_range) too.
         assert asdict(get_config(phi)) == asdict(CLIPConfig.from_dict(before)), phi

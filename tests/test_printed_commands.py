@@ -99,6 +99,16 @@ SKIPPED = {  # documented command -> why it cannot run here
                              "zero-shot on the toy set",
     "python predict.py --model_path ViT-B-32.pt --phi auto --image cat.jpg --labels cat dog 'red panda'":
         "needs OpenAI's ViT-B-32.pt",
+    **{command: "downloads CoCa's weights (tests/test_caption.py runs these steps on a tiny random CoCa)" for command in (
+        "python predict.py --mode caption --phi coca_ViT-L-14 --model_path mscoco_finetuned_laion2b_s13b_b90k "
+        "--dir_origin_path my_photos/ --output my_photos/captions.json",
+        "python datasets/curate.py --datasets_path my_photos/ --input my_photos/captions.json --output "
+        "my_photos/captions_kept.jsonl --phi coca_ViT-L-14 --model_path laion2b_s13b_b90k --min_clip_score -1",
+        "python datasets/convert.py --source jsonl --input my_photos/captions_kept.jsonl --output_dir "
+        "datasets/my_photos --name my_photos --val_ratio 0.05",
+        "python train.py --phi ViT-B-32 --model_path laion2b_s34b_b79k --datasets_path datasets/my_photos "
+        "--datasets_train_json_path datasets/my_photos/my_photos_train.json --datasets_val_json_path "
+        "datasets/my_photos/my_photos_val.json")},
 }
 # Documented commands that run here with more arguments, and why.
 EXTRA = {

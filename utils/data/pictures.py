@@ -34,8 +34,9 @@ class Encoding:
     in input order, as they are met."""
 
     def __init__(self, pipeline: "ImagePipeline", sources: Sequence[Any], names: Sequence[str] | None,
-                 batch_size: int, threads: int | None, progress: Callable[[int], None] | None):
-        self.pipeline, self.sources, self.names = pipeline, list(sources), names
+                 batch_size: int, threads: int | None, progress: Callable[[int], None] | None,
+                 features: bool = True):
+        self.pipeline, self.sources, self.names, self.features = pipeline, list(sources), names, features
         self.batch_size, self.threads, self.progress = max(1, batch_size), threads, progress
         self.unreadable: list[tuple[str, str]] = []
 
@@ -56,7 +57,9 @@ class Encoding:
                     self.unreadable.append((name, why))
             good = [(position, pixels) for position, pixels, _ in batch if pixels is not None]
             if good:
-                yield [p for p, _ in good], self.pipeline.encode_pixels(torch.stack([x for _, x in good]))
+                pixels = torch.stack([x for _, x in good])
+                yield [p for p, _ in good], (self.pipeline.encode_pixels(pixels) if self.features else
+                                             pixels.to(self.pipeline.device, non_blocking=True))
 
     def all(self) -> tuple[torch.Tensor, list[int]]:
         """(unit features of every readable source, in order; their positions)."""
@@ -108,3 +111,9 @@ class ImagePipeline:
         the next batch while the model encodes this one (None: one per core, at most 4; 0: one). `names` name
         the sources in the unreadable list (default: the path); `progress(n)` hears of each batch's n sources."""
         return Encoding(self, sources, names, batch_size, threads, progress)
+
+    def batches(self, sources: Sequence[Any], batch_size: int = 32, threads: int | None = None,
+                names: Sequence[str] | None = None, progress: Callable[[int], None] | None = None) -> Encoding:
+        """`encode`'s batches of model input on the pipeline's device instead of features, for a job that runs
+        another part of the model on them (CoCa's captions)."""
+        return Encoding(self, sources, names, batch_size, threads, progress, features=False)

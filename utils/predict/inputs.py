@@ -24,6 +24,13 @@ def check_inputs(config: dict) -> None:
                         f"to {'score' if mode == 'dir_predict' else 'search'}")
     if mode == "dir_predict":
         refuse_existing([predictions_path(config)], config["overwrite"], "another dir_save_path")
+    if mode == "caption":
+        from utils.predict.caption import caption_path, existing_captions
+
+        if not Path(config["dir_origin_path"]).is_dir():
+            raise UserError(f"dir_origin_path {config['dir_origin_path']} is not a folder; give the folder of images "
+                            "to caption")
+        existing_captions(caption_path(config))  # a file a rerun could not append to is refused now
     if config["templates"] and mode not in ("fps", "export_onnx", "export_hf"):
         from utils.prompts import load_templates
 

@@ -125,8 +125,25 @@ def export_hf(config: dict) -> None:
     run_export_hf(config)
 
 
+def caption(config: dict) -> None:
+    from utils.predict.caption import caption_folder, caption_path
+    from utils.predict.generate import Generation
+
+    settings = Generation(**{name: config[name] for name in CAPTION_SETTINGS})
+    out, added, kept, problems = caption_folder(_clip(config), config["dir_origin_path"], caption_path(config),
+                                                settings, config["batch_size"], config["num_workers"])
+    for problem in problems:
+        print(f"skipped {problem}")
+    print(f"{added} images captioned, {kept} kept from before, {len(problems)} unreadable skipped; wrote {out}")
+
+
+# predict.py's settings that reach utils/predict/generate.Generation in mode caption.
+CAPTION_SETTINGS = ("generation", "seq_len", "max_seq_len", "min_seq_len", "temperature", "top_k", "top_p",
+                    "num_beams", "num_beam_groups", "repetition_penalty")
+
+
 MODES: dict[str, Callable[[dict], None]] = {
     "predict": predict, "dir_predict": dir_predict, "search": search, "web": web, "fps": fps,
     "export_onnx": export_onnx, "predict_onnx": predict_onnx, "export_hf": export_hf, "embed": embed,
-    "index": index,
+    "index": index, "caption": caption,
 }

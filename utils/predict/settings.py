@@ -11,6 +11,7 @@ def check_settings(cfg: dict) -> None:
     one_of(cfg, "mode", tuple(MODES))
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
     one_of(cfg, "embed_dtype", ("float16", "float32"))
+    one_of(cfg, "generation", ("beam_search", "greedy", "top_k", "top_p"))
     if cfg["part_size"] < 1:
         raise UserError(f"part_size must be at least 1, got {cfg['part_size']}")
     if cfg["mode"] == "index" and not cfg["index_dir"]:

@@ -204,6 +204,10 @@ _NLLB_SIGLIP = (("nllb-clip-base-siglip", "v1", "visheratin/nllb-clip-base-sigli
                 ("nllb-clip-large-siglip", "mrl", "visheratin/nllb-siglip-mrl-large"))
 _ROWS += tuple((a, t, f"hf-hub:{repo}", act) for a, t, repo, act in _HF_TEXT)
 _ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _NLLB_SIGLIP)
+# open_clip 3.3's CoCa pairs: LAION's hub repos (open_clip layout), GELU, OpenAI's preprocessing.
+_COCA = (("coca_ViT-B-32", "CoCa-ViT-B-32"), ("coca_ViT-L-14", "CoCa-ViT-L-14"))
+_ROWS += tuple((a, t, f"hf-hub:laion/{prefix}{repo}-laion2B-s13B-b90k", GELU) for a, repo in _COCA
+               for t, prefix in (("laion2b_s13b_b90k", ""), ("mscoco_finetuned_laion2b_s13b_b90k", "mscoco_finetuned_")))
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
