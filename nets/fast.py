@@ -26,7 +26,9 @@ from torch import nn
 
 from .transformer import QUICK_GELU, Attention, QuickGELU, ResidualAttentionBlock
 
-_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's bf16 inner product needs the CPU's bf16 units (AVX-512 BF16 / AMX): without them it cannot build a
+# primitive at all, so bf16 stays on PyTorch's own kernels there.
+_DTYPES = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 # A weight is reordered on the layer's PACK_AFTER-th call: the reorder costs about as much as one batch-1 pass.
 PACK_AFTER = 2
 
