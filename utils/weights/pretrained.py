@@ -204,6 +204,13 @@ _NLLB_SIGLIP = (("nllb-clip-base-siglip", "v1", "visheratin/nllb-clip-base-sigli
                 ("nllb-clip-large-siglip", "mrl", "visheratin/nllb-siglip-mrl-large"))
 _ROWS += tuple((a, t, f"hf-hub:{repo}", act) for a, t, repo, act in _HF_TEXT)
 _ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _NLLB_SIGLIP)
+# open_clip 3.3's MetaCLIP 2 pairs (timm's hub repos, open_clip layout): the 224 px ViT-H trained with QuickGELU, the
+# others with GELU (open_clip's notes); OpenAI's preprocessing, the 378 px ones squashed to the square.
+_WORLDWIDE = (("ViT-H-14-worldwide", "vit_huge_patch14_clip_224", QUICK_GELU),
+              ("ViT-H-14-worldwide-378", "vit_huge_patch14_clip_378", GELU),
+              ("ViT-bigG-14-worldwide", "vit_gigantic_patch14_clip_224", GELU),
+              ("ViT-bigG-14-worldwide-378", "vit_gigantic_patch14_clip_378", GELU))
+_ROWS += tuple((a, "metaclip2_worldwide", f"hf-hub:timm/{repo}.metaclip2_worldwide", act) for a, repo, act in _WORLDWIDE)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -222,7 +229,9 @@ _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN
                # MobileCLIP2-S3/S4: OpenAI's mean and std, bilinear; L-14: OpenAI's exactly (bicubic).
                **{(a, t): Preprocess(interpolation="bicubic" if a == "MobileCLIP2-L-14" else "bilinear")
                   for a, t, _ in _MOBILECLIP2},
-               **{(a, t): SIGLIP_PREPROCESS for a, t, _ in _NLLB_SIGLIP}}
+               **{(a, t): SIGLIP_PREPROCESS for a, t, _ in _NLLB_SIGLIP},
+               **{(a, "metaclip2_worldwide"): Preprocess(resize_mode="squash") for a, _, _ in _WORLDWIDE
+                  if a.endswith("-378")}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
