@@ -32,7 +32,9 @@ from .zoo_rows import ZOO
 #   openai-custom  the openai tower as open_clip's `custom_text` models hold it: keys under `text.` (EVA)
 #   hf       open_clip's HFTextEncoder: transformers' `hf_family` model (RoBERTa, XLM-R, NLLB's M2M100 encoder) under
 #            `text.transformer.`, pooled (`hf_pooler`) over the ids that are not `pad_id`, then `text.proj` (`hf_proj`)
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf")
+#   altclip      transformers' AltCLIP: XLMRobertaModel -> pre_LN -> transformation (width -> project_dim) -> the
+#                [CLS] state -> text_projection (BAAI's multilingual AltCLIP folders)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf", "altclip")
 # The transformers model types the hf kind builds (nets/text_hf.py).
 HF_FAMILIES = ("roberta", "xlm-roberta", "m2m_100")
 TEXT_POOLS = ("argmax", "last", "eos")
@@ -137,6 +139,8 @@ class TextConfig:
     eps: float = 1e-5
     proj_bias: bool = False
     projection: bool = True
+    # AltCLIP's: the width its `transformation` layer maps XLM-R's states to, before text_projection; 0 elsewhere.
+    project_dim: int = 0
     # BERT-only training settings (bert-base-chinese's by default). They shape no tensor, so a checkpoint
     # cannot tell them and equality (phi_of, infer_config) ignores them.
     dropout: float = field(default=0.1, compare=False)
@@ -186,6 +190,8 @@ class CLIPConfig:
         d = asdict(self)
         if d["init_logit_bias"] is None:  # records of models without a bias stay as they were
             del d["init_logit_bias"]
+        if not d["text"]["project_dim"]:  # and of towers without AltCLIP's transformation layer
+            del d["text"]["project_dim"]
         return d
 
     @classmethod

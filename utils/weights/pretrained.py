@@ -399,7 +399,7 @@ def _names_a_tokenizer(kind: str, config: Path) -> bool:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
         if kind != "open_clip":
-            return data.get("model_type") == "siglip"
+            return data.get("model_type") in ("siglip", "metaclip_2", "altclip")
         text = data["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False  # the reader reports an unreadable config
