@@ -122,3 +122,32 @@ def test_a_metaclip2_folder_of_another_tokenizer_is_refused_in_one_line(tmp_path
     with pytest.raises(UserError) as e:
         CLIP(model_path=str(folder), phi="auto", cuda=False)
     assert "\n" not in str(e.value) and "eos_token_id is 1" in str(e.value)
+
+
+def test_an_altclip_folder_with_only_xlm_rs_sentencepiece_model_tokenizes_as_transformers(tmp_path):
+    """XLM-R's repos hold sentencepiece.bpe.model, which transformers converts where there is no tokenizer.json."""
+    import io
+    import json
+
+    spm = pytest.importorskip("sentencepiece")
+    from clip import CLIP
+
+    model = tiny_altclip()
+    folder = tmp_path / "altclip"
+    model.save_pretrained(folder)
+    record = Preprocess(interpolation="bilinear", resize_mode="squash")
+    transformers.CLIPImageProcessor(**record.to_transformers(32)).save_pretrained(folder)
+    written = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS[:4] * 20), model_writer=written, vocab_size=40,
+                                   model_type="unigram", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    (folder / "sentencepiece.bpe.model").write_bytes(written.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    ours = CLIP(model_path=str(folder), phi="auto", cuda=False)
+    tokens = ours.tokenize(CAPTIONS)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)(CAPTIONS, padding="max_length", truncation=True,
+                                                                max_length=tokens.shape[1], return_tensors="pt")
+    assert torch.equal(tokens, theirs["input_ids"]) and (tokens[:, 0] == 0).all()
+    with torch.no_grad():
+        expected = model.get_text_features(**theirs).pooler_output
+        assert (ours.detect_image_for_eval(texts=CAPTIONS)[1] - expected).abs().max() < 1e-4

@@ -21,7 +21,7 @@ from nets.configs import HF_TOKENIZERS, MODEL_CONFIGS, get_config
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
-from utils.tokenizer import HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
+from utils.tokenizer import HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, XLM_SENTENCEPIECE
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.weights.folders import find_layout
 
@@ -210,7 +210,8 @@ _WORLDWIDE = (("ViT-H-14-worldwide", "vit_huge_patch14_clip_224", QUICK_GELU),
               ("ViT-H-14-worldwide-378", "vit_huge_patch14_clip_378", GELU),
               ("ViT-bigG-14-worldwide", "vit_gigantic_patch14_clip_224", GELU),
               ("ViT-bigG-14-worldwide-378", "vit_gigantic_patch14_clip_378", GELU))
-_ROWS += tuple((a, "metaclip2_worldwide", f"hf-hub:timm/{repo}.metaclip2_worldwide", act) for a, repo, act in _WORLDWIDE)
+_ROWS += tuple((a, "metaclip2_worldwide", f"hf-hub:timm/{repo}.metaclip2_worldwide", act)
+               for a, repo, act in _WORLDWIDE)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -382,7 +383,8 @@ def _hub_weights(spec: str) -> Path:
         # sentencepiece model.
         for name in TOKENIZER_CONFIG_FILES:
             optional(name)
-        next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
+        next((path for name in (*SIGLIP_TOKENIZER_FILES, XLM_SENTENCEPIECE) if (path := optional(name)) is not None),
+             None)
         if (named := _hf_tokenizer_name(layout.kind, layout.config)) in HF_TOKENIZERS:
             # CLIPA's bert-base-uncased lives in its own repo: its files go to the cache, where the tokenizer looks.
             for name in (*HUB_TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES):
