@@ -151,3 +151,22 @@ def test_an_altclip_folder_with_only_xlm_rs_sentencepiece_model_tokenizes_as_tra
     with torch.no_grad():
         expected = model.get_text_features(**theirs).pooler_output
         assert (ours.detect_image_for_eval(texts=CAPTIONS)[1] - expected).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [tiny_altclip, tiny_metaclip2], ids=["altclip", "metaclip2"])
+def test_train_py_fine_tunes_a_multilingual_folder_and_saves_its_tokenizer_beside_the_weights(tmp_path, make):
+    from clip import CLIP
+    from tests.test_training import train, train_args
+    from utils.data.toy import make_toy_dataset
+    from utils.tokenizer import HubTokenizer
+
+    make_toy_dataset(tmp_path / "toy", n_train=8, n_val=4, seed=1)
+    folder = save_folder(make(), tmp_path / "hf")
+    start = CLIP(model_path=str(folder), phi="auto", cuda=False)
+    save_dir = tmp_path / "run"
+    train(train_args(tmp_path / "toy", save_dir, phi="auto", model_path=folder, Epoch=1, eval_flag="false"))
+    assert (save_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    tuned = CLIP(model_path=str(save_dir / "last_epoch_weights.pth"), phi="auto", cuda=False)
+    assert tuned.net.config == start.net.config and isinstance(tuned.tokenizer, HubTokenizer)
+    assert torch.equal(tuned.tokenize(CAPTIONS), start.tokenize(CAPTIONS))
