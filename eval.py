@@ -33,8 +33,9 @@ csv_image_column = "filepath"
 csv_caption_column = "title"
 # zeroshot: a file with one class name per line, in sorted-folder (or label) order; "" = the folder names.
 classnames = ""
-# zeroshot: prompt templates with {c} for the class name: a JSON list file, one template, or "" = OpenAI's 80
-# ImageNet templates (English) or model_data/templates_cn.json (Chinese text towers).
+# zeroshot: prompt templates with {c} for the class name: a JSON list file, one template, a language ("en":
+# OpenAI's 80 ImageNet templates; "zh": Chinese-CLIP's 80, for Chinese class names through any tower), or "" =
+# the tower's language (zh for the Chinese BERT towers, en for the others).
 templates = ""
 # Images (or captions) encoded at a time.
 batch_size = 64

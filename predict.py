@@ -48,8 +48,8 @@ phi = "openai/VIT-B-32"
 captions = ["a photo of a dog", "a photo of a cat", "a red circle and a blue square", "a green triangle"]
 # Zero-shot classes: when given, each label is scored through the prompt templates (ensembled) instead of captions.
 labels = []
-# Prompt templates with {c} for the label: a JSON list file, one template, or "" = OpenAI's 80 ImageNet templates
-# (model_data/templates_cn.json for Chinese text towers).
+# Prompt templates with {c} for the label: a JSON list file, one template, a language ("en", "zh": Chinese-CLIP's
+# 80), or "" = OpenAI's 80 ImageNet templates (Chinese-CLIP's for Chinese text towers).
 templates = ""
 # Answer for this image once instead of asking in a loop.
 image = ""

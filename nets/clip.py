@@ -30,6 +30,12 @@ def _hf_tower(config: TextConfig, embed_dim: int) -> nn.Module:
     return HFTextTower(config, embed_dim)
 
 
+def _altclip_tower(config: TextConfig, embed_dim: int) -> nn.Module:
+    from .text_altclip import AltCLIPTextTower  # transformers' XLM-R, imported only when used
+
+    return AltCLIPTextTower(config, embed_dim)
+
+
 def _timm_tower(config: VisionConfig, embed_dim: int) -> nn.Module:
     from .vision_timm import timm_tower  # timm costs a second to import; only its towers need it
 
@@ -47,7 +53,8 @@ TEXT_TOWERS: dict[str, Callable[[TextConfig, int], nn.Module]] = {"openai": Open
                                                                   "siglip": SiglipTextTower,
                                                                   "openai-custom": OpenAITextTower,
                                                                   "hf": _hf_tower,
-                                                                  "coca": CoCaTextTower}
+                                                                  "coca": CoCaTextTower,
+                                                                  "altclip": _altclip_tower}
 TEXT_KEEPS_PREFIX = {"siglip", "openai-custom", "hf", "coca"}
 
 

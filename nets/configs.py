@@ -34,7 +34,9 @@ from .zoo_rows import ZOO
 #            `text.transformer.`, pooled (`hf_pooler`) over the ids that are not `pad_id`, then `text.proj` (`hf_proj`)
 #   coca     CoCa's: the openai tower with a class embedding appended after the caption (`text.cls_emb`), pooled there
 #            (nets/coca.py); keys under `text.`
-TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf", "coca")
+#   altclip      transformers' AltCLIP: XLMRobertaModel -> pre_LN -> transformation (width -> project_dim) -> the
+#                [CLS] state -> text_projection (BAAI's multilingual AltCLIP folders)
+TEXT_KINDS = ("openai", "bert-pooler", "bert-cls", "siglip", "openai-custom", "hf", "coca", "altclip")
 # The transformers model types the hf kind builds (nets/text_hf.py).
 HF_FAMILIES = ("roberta", "xlm-roberta", "m2m_100")
 TEXT_POOLS = ("argmax", "last", "eos")
@@ -147,6 +149,8 @@ class TextConfig:
     eps: float = 1e-5
     proj_bias: bool = False
     projection: bool = True
+    # AltCLIP's: the width its `transformation` layer maps XLM-R's states to, before text_projection; 0 elsewhere.
+    project_dim: int = 0
     # BERT-only training settings (bert-base-chinese's by default). They shape no tensor, so a checkpoint
     # cannot tell them and equality (phi_of, infer_config) ignores them.
     dropout: float = field(default=0.1, compare=False)
@@ -216,6 +220,8 @@ class CLIPConfig:
         for key in ("init_logit_bias", "decoder"):  # records of models without them stay as they were
             if d[key] is None:
                 del d[key]
+        if not d["text"]["project_dim"]:  # and of towers without AltCLIP's transformation layer
+            del d["text"]["project_dim"]
         return d
 
     @classmethod
@@ -470,6 +476,31 @@ COCA: dict[str, CLIPConfig] = {
 }
 
 
+def _worldwide(*, image_size: int, width: int, layers: int, head_width: int, mlp_ratio: float, text_width: int,
+               text_heads: int, text_layers: int, embed_dim: int) -> CLIPConfig:
+    """A MetaCLIP 2 "worldwide" row (open_clip's ViT-*-worldwide*.json): OpenAI's ViT and causal text tower, over
+    XLM-V's 901,629-token vocabulary, pooling the first `</s>` (id 2) rather than the largest id."""
+    vision = replace(_vit(image_size=image_size, patch_size=14, width=width, layers=layers, head_width=head_width,
+                          mlp_ratio=mlp_ratio), activation="gelu")
+    text = TextConfig(kind="openai", context_length=77, vocab_size=901629, width=text_width, layers=text_layers,
+                      heads=text_heads, activation="gelu", pool="eos", eos_id=2, tokenizer="facebook/xlm-v-base")
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+_WORLDWIDE_H = dict(width=1280, layers=32, head_width=80, mlp_ratio=4.0, text_width=1024, text_heads=16,
+                    text_layers=24, embed_dim=1024)
+_WORLDWIDE_BIGG = dict(width=1664, layers=48, head_width=104, mlp_ratio=4.9231, text_width=1280, text_heads=20,
+                       text_layers=32, embed_dim=1280)
+# open_clip 3.3's MetaCLIP 2 configs with the XLM-V tokenizer; each is two phis (_activation_twins), so open_clip's
+# own ViT-H-14-worldwide-quickgelu is the QuickGELU twin of ViT-H-14-worldwide.
+WORLDWIDE: dict[str, CLIPConfig] = {
+    "ViT-H-14-worldwide": _worldwide(image_size=224, **_WORLDWIDE_H),
+    "ViT-H-14-worldwide-378": _worldwide(image_size=378, **_WORLDWIDE_H),
+    "ViT-bigG-14-worldwide": _worldwide(image_size=224, **_WORLDWIDE_BIGG),
+    "ViT-bigG-14-worldwide-378": _worldwide(image_size=378, **_WORLDWIDE_BIGG),
+}
+
+
 # Every phi: name -> its config as a plain dict (CLIPConfig.to_dict, the shape a weight file's arch record holds).
 # A new family (or tower kind) is one more mapping of rows here.
 MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
@@ -481,6 +512,7 @@ MODEL_CONFIGS: dict[str, dict] = {name: config.to_dict() for name, config in {
                             text=_openai_text(width=128, heads=2, layers=3)),
     **SIGLIP,
     **CLIPA,
+    **_activation_twins(WORLDWIDE),
     **{name: CLIPConfig.from_dict(row) for name, row in ZOO.items()},  # the zoo's families, checked here
     **{name: CLIPConfig.from_dict(row) for name, row in HF_ROWS.items()},  # open_clip's HFTextEncoder models
     **COCA,
@@ -602,6 +634,8 @@ def _openai_text_of(t: Mapping, activation: str) -> TextConfig:
 HF_TOKENIZERS = {"bert-base-uncased": {"strip_sep_token": True}}
 # The hf text towers' own: open_clip's HFTokenizer at its defaults (no tokenizer_kwargs in their configs).
 HF_TOKENIZERS.update({name: {} for name in HF_TEXT_MODELS})
+# XLM-V (MetaCLIP 2): open_clip's HFTokenizer at its defaults, its </s> pooled (eos_id 2), its padding id 1.
+HF_TOKENIZERS["facebook/xlm-v-base"] = {}
 
 
 def _open_clip_vit_variant(v: Mapping) -> dict:

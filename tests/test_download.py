@@ -287,11 +287,11 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
         if row.source.startswith("https://openaipublic"):
             assert len(row.sha256) == 64 and row.source == cfg["url"], key
     # Every OpenAI-style architecture of open_clip with pretrained weights is here (not the -quickgelu copies,
-    # CoCa, multilingual text towers or MetaCLIP 2's tokenizer), and every
-    # SigLIP / SigLIP 2 and CLIPA architecture with pretrained weights.
+    # CoCa), and every SigLIP / SigLIP 2, CLIPA and MetaCLIP 2 "worldwide" architecture with pretrained weights.
     siglips = {a for a, _ in open_clip.list_pretrained() if "SigLIP" in a}
     clipas = {a for a, _ in open_clip.list_pretrained() if "CLIPA" in a}
-    assert len(siglips) == 26 and len(clipas) == 6
+    worldwide = {a for a, _ in open_clip.list_pretrained() if "worldwide" in a and not a.endswith("-quickgelu")}
+    assert len(siglips) == 26 and len(clipas) == 6 and len(worldwide) == 4
     # ConvNeXt, EVA, ViTamin, PE-Core and MobileCLIP (nets/zoo_rows.py): every architecture of theirs with
     # pretrained weights.
     zoo = {a for a, _ in open_clip.list_pretrained()
@@ -304,7 +304,8 @@ def test_the_table_holds_open_clips_tags_for_these_towers_with_its_sources_and_a
     assert cocas == {"coca_ViT-B-32", "coca_ViT-L-14"}
     assert architectures == {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-32-256",
                              "ViT-B-16", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
-                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo | hf_text | cocas
+                             "ViT-H-14-378", "ViT-g-14", "ViT-bigG-14"} | siglips | clipas | zoo | hf_text | cocas \
+                             | worldwide
     assert open_clip.__version__.startswith("3.")
 
 

@@ -22,11 +22,12 @@ BEFORE = json.loads((Path(__file__).parent / "model_configs_before.json").read_t
 
 
 def test_every_phi_is_the_config_it_was_in_the_same_order():
-    # Rows added since (SigLIP's, CLIPA's, the zoo's, the HF text towers') come after, so phi_of still names the same
-    # row for every old architecture.
+    # Rows added since (SigLIP's, CLIPA's, MetaCLIP 2's with their QuickGELU twins, the zoo's, the HF text towers')
+    # come after, so phi_of still names the same row for every old architecture.
     assert list(MODEL_CONFIGS)[:len(BEFORE)] == list(BEFORE)
-    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | set(ZOO) | set(HF_ROWS) \
-        | set(configs.COCA)
+    worldwide = {f"{name}{twin}" for name in configs.WORLDWIDE for twin in ("", "-quickgelu")}
+    assert set(MODEL_CONFIGS) - set(BEFORE) == set(configs.SIGLIP) | set(configs.CLIPA) | worldwide | set(ZOO) | \
+        set(HF_ROWS) | set(configs.COCA)
     for phi, before in BEFORE.items():
         # asdict compares the fields that == skips (dropout, initializer_range) too.
         assert asdict(get_config(phi)) == asdict(CLIPConfig.from_dict(before)), phi

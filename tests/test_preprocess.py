@@ -72,9 +72,10 @@ def _ours(model: CLIP, images) -> torch.Tensor:
 
 
 def test_every_pretrained_row_has_open_clips_preprocessing():
-    """All 161 (architecture, tag) pairs (70 OpenAI-style, 26 SigLIP, 7 CLIPA, 12 ConvNeXt, 7 EVA, 15 ViTamin,
-    5 PE-Core, 10 MobileCLIP, 9 HF text towers) against open_clip 3.3's get_pretrained_cfg: mean, std, filter, resize."""
-    assert len(pretrained.PRETRAINED) == 161
+    """All 169 (architecture, tag) pairs (70 OpenAI-style, 26 SigLIP, 7 CLIPA, 12 ConvNeXt, 7 EVA, 15 ViTamin,
+    5 PE-Core, 10 MobileCLIP, 9 HF text towers, 4 MetaCLIP 2, 4 CoCa) against open_clip 3.3's get_pretrained_cfg: mean, std,
+    filter, resize."""
+    assert len(pretrained.PRETRAINED) == 169
     for (arch, tag), row in pretrained.PRETRAINED.items():
         cfg = open_clip.get_pretrained_cfg(arch, tag)
         assert cfg, (arch, tag)
@@ -84,8 +85,9 @@ def test_every_pretrained_row_has_open_clips_preprocessing():
             (theirs.mean, theirs.std, theirs.interpolation, theirs.resize_mode), (arch, tag)
     assert pretrained.PRETRAINED["ViT-L-14", "laion2b_s32b_b82k"].preprocess.mean == (0.5, 0.5, 0.5)
     assert [key for key, row in pretrained.PRETRAINED.items() if row.preprocess.resize_mode == "squash"
-            and row.tag not in ("webli", "meta") and "CLIPA" not in key[0] and "siglip" not in key[0]] == [("ViT-H-14", "dfn5b"),
-                                                                                  ("ViT-H-14-378", "dfn5b")]
+            and row.tag not in ("webli", "meta") and "CLIPA" not in key[0] and "siglip" not in key[0]] == [
+        ("ViT-H-14", "dfn5b"), ("ViT-H-14-378", "dfn5b"), ("ViT-H-14-worldwide-378", "metaclip2_worldwide"),
+        ("ViT-bigG-14-worldwide-378", "metaclip2_worldwide")]
     siglip = {key: row for key, row in pretrained.PRETRAINED.items() if "SigLIP" in key[0]}
     assert len(siglip) == 26 and all(row.preprocess.mean == row.preprocess.std == (0.5, 0.5, 0.5)
                                      and row.preprocess.resize_mode == "squash" for row in siglip.values())

@@ -13,17 +13,29 @@ if TYPE_CHECKING:
     import torch
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "model_data"
-DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "cn": MODEL_DATA / "templates_cn.json"}
+# A language's default set: OpenAI's 80 ImageNet templates; for Chinese, Chinese-CLIP's 80 (its
+# cn_clip/eval/imagenet_zeroshot_templates.py, MIT licence), `cn` kept as the name this project gave it first.
+# This project's earlier 18 Chinese templates stay in model_data/templates_cn.json, for `templates` to name.
+DEFAULT_TEMPLATES = {"en": MODEL_DATA / "templates_imagenet_en.json", "zh": MODEL_DATA / "templates_zh.json",
+                     "cn": MODEL_DATA / "templates_zh.json"}
+
+
+def template_language(spec: str, chinese_tower: bool) -> str:
+    """The language of the templates `spec` names: a language given as `templates` (zh, en), else the tower's own
+    (zh for the Chinese BERT towers, en for the others, multilingual ones included)."""
+    if spec in DEFAULT_TEMPLATES:
+        return "zh" if spec == "cn" else spec
+    return "zh" if chinese_tower else "en"
 # Said beside a SigLIP model's scores (predict, predict_onnx, the web page), which a reader would otherwise take for
 # shares of 1: with a logit bias each name gets its own sigmoid(scale * cos + bias). Accuracy is the argmax either way.
 INDEPENDENT = "independent probabilities: one sigmoid per name, as the model was trained; they do not sum to 1"
 
 
 def load_templates(spec: str, language: str = "en") -> list[str]:
-    """Prompt templates with {c} for the class name: a JSON list file, a single template, or "" for the
-    language's default set (OpenAI's 80 ImageNet templates; a Chinese set)."""
-    if not spec:
-        spec = str(DEFAULT_TEMPLATES[language])
+    """Prompt templates with {c} for the class name: a JSON list file, a single template, a language (`zh`, `en`)
+    for its default set, or "" for `language`'s (OpenAI's 80 ImageNet templates; Chinese-CLIP's 80)."""
+    if not spec or spec in DEFAULT_TEMPLATES:
+        spec = str(DEFAULT_TEMPLATES[spec or language])
     if spec.endswith(".json"):
         path = Path(spec)
         if not path.is_file():

@@ -291,11 +291,14 @@ class SiglipTokenizer(_PaddedTransformersTokenizer):
 
 # The files a Hugging Face tokenizer reads (any one of them): its fast tokenizer, or a WordPiece vocabulary.
 HUB_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+# XLM-R's and XLM-V's sentencepiece model, which transformers converts where a folder has no tokenizer.json
+# (AltCLIP's and MetaCLIP 2's transformers folders; it needs the `sentencepiece` package).
+XLM_SENTENCEPIECE = "sentencepiece.bpe.model"
 
 
 def _hub_tokenizer_folder(name: str, folder: Path | None) -> Path:
     """Where `name`'s tokenizer files are: beside the weights, else huggingface_hub's cache (no network here)."""
-    if folder is not None and any((folder / n).is_file() for n in HUB_TOKENIZER_FILES):
+    if folder is not None and any((folder / n).is_file() for n in (*HUB_TOKENIZER_FILES, XLM_SENTENCEPIECE)):
         return folder
     from huggingface_hub import try_to_load_from_cache
 
@@ -356,7 +359,8 @@ def copy_tokenizer_files(source: Path | None, target: Path) -> None:
 
     if source is None or not source.is_dir() or source.resolve() == target.resolve():
         return
-    for name in dict.fromkeys(SIGLIP_TOKENIZER_FILES + HUB_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES):
+    for name in dict.fromkeys((*SIGLIP_TOKENIZER_FILES, *HUB_TOKENIZER_FILES, XLM_SENTENCEPIECE,
+                               *TOKENIZER_CONFIG_FILES)):
         if (source / name).is_file():
             atomic_write_bytes((source / name).read_bytes(), target / name)
 

@@ -17,7 +17,7 @@ from utils.eval.settings import EVAL_TYPES
 from utils.eval.zeroshot import format_classes, plot_confusion, zeroshot_metrics, zeroshot_set
 from utils.files import atomic_write_bytes, check_writable, output_name, refuse_existing
 from utils.metrics import small_val_warning
-from utils.prompts import class_embeddings, load_templates
+from utils.prompts import class_embeddings, load_templates, template_language
 
 RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")
 
@@ -83,7 +83,7 @@ def run_zeroshot(cfg: dict) -> dict:
         load_templates(cfg["templates"])  # a given file reads alike in every language: checked before the model
     started = time.time()
     clip = CLIP.from_config(cfg)
-    language = "cn" if clip.net.config.text.is_bert else "en"
+    language = template_language(cfg["templates"], clip.net.config.text.is_bert)
     templates = load_templates(cfg["templates"], language)
     preprocessing = {"task": "zeroshot", "image_size": clip.net.config.vision.image_size,
                      "letterbox": cfg["letterbox_image"], "precision": clip.precision, "classnames": names,

@@ -33,6 +33,14 @@ _CLIP_PREFIXES = [
 ]
 # ChineseCLIP's text model is a BertModel, whose keys this project keeps as they are under `transformer.`.
 _BERT_PREFIX = ("text_model.", "transformer.")
+# AltCLIP's text model: its XLM-R body as XLMRobertaModel names it under `transformer.`, its pre_LN and
+# transformation as they are; the image tower and projections are CLIPModel's. Its files say `layer.N` in both
+# towers (the hub's names, which transformers 5 still writes); its modules `layers.N`: either is read.
+_ALTCLIP_KEYS = [("text_model.roberta.encoder.layers.", "transformer.encoder.layer."),
+                 ("text_model.roberta.", "transformer."), ("text_model.pre_LN.", "pre_LN."),
+                 ("text_model.transformation.", "transformation."),
+                 ("vision_model.encoder.layers.", "vision_model.encoder.layers."),
+                 ("vision_model.encoder.layer.", "vision_model.encoder.layers.")]
 _BLOCK_NAMES = [
     ("self_attn.out_proj.", "attn.out_proj."),
     ("layer_norm1.", "ln_1."),
@@ -67,6 +75,8 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "transformers-siglip"
     if "text_model.embeddings.word_embeddings.weight" in state_dict:
         return "transformers-chinese-clip"
+    if "text_model.roberta.embeddings.word_embeddings.weight" in state_dict:
+        return "transformers-altclip"
     if any(k.startswith("vision_model.") for k in state_dict):
         return "transformers-clip"
     return "openai"
@@ -101,6 +111,9 @@ def to_openai(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
         return weights, layout
     if layout == "transformers-siglip":
         return siglip_to_open_clip(weights), layout
+    if layout == "transformers-altclip":
+        weights = {next((new + k[len(old):] for old, new in _ALTCLIP_KEYS if k.startswith(old)), k): v
+                   for k, v in weights.items()}
     prefixes = _CLIP_PREFIXES + ([_BERT_PREFIX] if layout == "transformers-chinese-clip" else [])
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,11 +200,13 @@ def config_from_transformers(config_json: Mapping):
             "and aspect ratio (variable-length patch sequences, resized position embeddings), which the fixed-grid "
             "towers here do not compute; use a fixed-resolution SigLIP 2 folder (model_type 'siglip', such as "
             "google/siglip2-base-patch16-224) or open_clip's (--phi ViT-B-16-SigLIP2 --model_path webli)")
-    classes = {"clip": transformers.CLIPConfig, "chinese_clip": transformers.ChineseCLIPConfig}
+    classes = {"clip": transformers.CLIPConfig, "chinese_clip": transformers.ChineseCLIPConfig,
+               "metaclip_2": transformers.MetaClip2Config, "altclip": transformers.AltCLIPConfig}
     if model_type not in classes:
         raise UnsupportedArchitectureError(f"model_type {model_type!r}: only transformers' CLIPModel ('clip'), "
-                                           "ChineseCLIPModel ('chinese_clip') and SiglipModel ('siglip') have the "
-                                           "towers built here")
+                                           "ChineseCLIPModel ('chinese_clip'), MetaClip2Model ('metaclip_2'), "
+                                           "AltCLIPModel ('altclip') and SiglipModel ('siglip') have the towers "
+                                           "built here")
     full = classes[model_type].from_dict(dict(config_json))
     v, t = full.vision_config, full.text_config
     _check_layer_norm(v.layer_norm_eps, 1e-5, "vision_config")
@@ -213,6 +228,8 @@ def config_from_transformers(config_json: Mapping):
             if getattr(t, name, None) != getattr(ours, name, None):
                 raise UnsupportedArchitectureError(f"text_config.{name} is {getattr(t, name, None)!r}; the BERT "
                                                    f"tower here uses {getattr(ours, name, None)!r}")
+    elif model_type in _MULTILINGUAL:
+        text = _MULTILINGUAL[model_type](t)
     else:
         _check_layer_norm(t.layer_norm_eps, 1e-5, "text_config")
         # transformers pools the first EOS token (the argmax for its legacy id 2); OpenAI's tower pools the argmax.
@@ -224,6 +241,47 @@ def config_from_transformers(config_json: Mapping):
                           mlp_ratio=mlp_ratio_of(t.hidden_size, t.intermediate_size),
                           activation=_activation(t.hidden_act, "text_config"))
     return CLIPConfig(embed_dim=full.projection_dim, vision=vision, text=text)
+
+
+# MetaClip2Model's tokenizer by its end id: XLM-V's (the worldwide folders, </s> 2), read from the folder's files.
+# transformers pools the first text_config.eos_token_id, as open_clip's eos pooling does.
+_METACLIP2_TOKENIZERS = {2: "facebook/xlm-v-base"}
+
+
+def _metaclip2_text(t):
+    """MetaClip2Model's text tower: OpenAI's causal one, pooling the first `</s>` of XLM-V's ids."""
+    from nets.configs import TextConfig, mlp_ratio_of
+
+    _check_layer_norm(t.layer_norm_eps, 1e-5, "text_config")
+    if t.eos_token_id not in _METACLIP2_TOKENIZERS:
+        raise UnsupportedArchitectureError(
+            f"text_config.eos_token_id is {t.eos_token_id}: the MetaClip2Model folders read here are the XLM-V "
+            "ones (</s> 2, the worldwide models); mT5's (</s> 1) are not built yet")
+    return TextConfig(kind="openai", context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
+                      width=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                      mlp_ratio=mlp_ratio_of(t.hidden_size, t.intermediate_size),
+                      activation=_activation(t.hidden_act, "text_config"), pool="eos", eos_id=t.eos_token_id,
+                      tokenizer=_METACLIP2_TOKENIZERS[t.eos_token_id])
+
+
+def _altclip_text(t):
+    """AltCLIPModel's text tower (XLM-R, pre_LN, transformation, [CLS]) with XLM-R's tokenizer from the folder;
+    captions up to the positions XLM-R has (they count from <pad> + 1), as transformers takes them."""
+    from nets.configs import TextConfig
+    from nets.text_altclip import PAD_TOKEN_ID
+
+    if t.pad_token_id != PAD_TOKEN_ID or getattr(t, "position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedArchitectureError(f"text_config: pad_token_id {t.pad_token_id}, position_embedding_type "
+                                           f"{getattr(t, 'position_embedding_type', None)!r}; the XLM-R tower here "
+                                           f"pads with {PAD_TOKEN_ID} and has absolute positions")
+    return TextConfig(kind="altclip", context_length=t.max_position_embeddings - PAD_TOKEN_ID - 1,
+                      vocab_size=t.vocab_size, width=t.hidden_size, layers=t.num_hidden_layers,
+                      heads=t.num_attention_heads, activation=t.hidden_act, intermediate_size=t.intermediate_size,
+                      max_position_embeddings=t.max_position_embeddings, type_vocab_size=t.type_vocab_size,
+                      tokenizer="xlm-roberta-large", eps=float(t.layer_norm_eps), project_dim=t.project_dim)
+
+
+_MULTILINGUAL = {"metaclip_2": _metaclip2_text, "altclip": _altclip_text}
 
 
 # transformers SiglipModel -> open_clip's SigLIP keys: (transformers prefix, open_clip prefix), first match wins.

@@ -21,7 +21,7 @@ from nets.configs import HF_TOKENIZERS, MODEL_CONFIGS, get_config
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
-from utils.tokenizer import HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES
+from utils.tokenizer import HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, XLM_SENTENCEPIECE
 from utils.weights.download import DownloadError, fetch_hub, fetch_url
 from utils.weights.folders import find_layout
 
@@ -208,6 +208,14 @@ _ROWS += tuple((a, t, f"hf-hub:{repo}", GELU) for a, t, repo in _NLLB_SIGLIP)
 _COCA = (("coca_ViT-B-32", "CoCa-ViT-B-32"), ("coca_ViT-L-14", "CoCa-ViT-L-14"))
 _ROWS += tuple((a, t, f"hf-hub:laion/{prefix}{repo}-laion2B-s13B-b90k", GELU) for a, repo in _COCA
                for t, prefix in (("laion2b_s13b_b90k", ""), ("mscoco_finetuned_laion2b_s13b_b90k", "mscoco_finetuned_")))
+# open_clip 3.3's MetaCLIP 2 pairs (timm's hub repos, open_clip layout): the 224 px ViT-H trained with QuickGELU, the
+# others with GELU (open_clip's notes); OpenAI's preprocessing, the 378 px ones squashed to the square.
+_WORLDWIDE = (("ViT-H-14-worldwide", "vit_huge_patch14_clip_224", QUICK_GELU),
+              ("ViT-H-14-worldwide-378", "vit_huge_patch14_clip_378", GELU),
+              ("ViT-bigG-14-worldwide", "vit_gigantic_patch14_clip_224", GELU),
+              ("ViT-bigG-14-worldwide-378", "vit_gigantic_patch14_clip_378", GELU))
+_ROWS += tuple((a, "metaclip2_worldwide", f"hf-hub:timm/{repo}.metaclip2_worldwide", act)
+               for a, repo, act in _WORLDWIDE)
 # big_vision's: images squashed to the square (no crop), bicubic, scaled to [-1, 1].
 SIGLIP_PREPROCESS = Preprocess(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode="squash")
 
@@ -226,7 +234,9 @@ _PREPROCESS = {("ViT-L-14", "laion2b_s32b_b82k"): Preprocess(mean=INCEPTION_MEAN
                # MobileCLIP2-S3/S4: OpenAI's mean and std, bilinear; L-14: OpenAI's exactly (bicubic).
                **{(a, t): Preprocess(interpolation="bicubic" if a == "MobileCLIP2-L-14" else "bilinear")
                   for a, t, _ in _MOBILECLIP2},
-               **{(a, t): SIGLIP_PREPROCESS for a, t, _ in _NLLB_SIGLIP}}
+               **{(a, t): SIGLIP_PREPROCESS for a, t, _ in _NLLB_SIGLIP},
+               **{(a, "metaclip2_worldwide"): Preprocess(resize_mode="squash") for a, _, _ in _WORLDWIDE
+                  if a.endswith("-378")}}
 
 # This project's names of OpenAI's models (QuickGELU), read as open_clip's architecture names for tag lookups.
 ALIASES = {"openai/VIT-B-32": "ViT-B-32", "openai/VIT-B-16": "ViT-B-16", "openai/VIT-L-14": "ViT-L-14",
@@ -377,7 +387,8 @@ def _hub_weights(spec: str) -> Path:
         # sentencepiece model.
         for name in TOKENIZER_CONFIG_FILES:
             optional(name)
-        next((path for name in SIGLIP_TOKENIZER_FILES if (path := optional(name)) is not None), None)
+        next((path for name in (*SIGLIP_TOKENIZER_FILES, XLM_SENTENCEPIECE) if (path := optional(name)) is not None),
+             None)
         if (named := _hf_tokenizer_name(layout.kind, layout.config)) in HF_TOKENIZERS:
             # CLIPA's bert-base-uncased lives in its own repo: its files go to the cache, where the tokenizer looks.
             for name in (*HUB_TOKENIZER_FILES, *TOKENIZER_CONFIG_FILES):
@@ -394,7 +405,7 @@ def _names_a_tokenizer(kind: str, config: Path) -> bool:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
         if kind != "open_clip":
-            return data.get("model_type") == "siglip"
+            return data.get("model_type") in ("siglip", "metaclip_2", "altclip")
         text = data["model_cfg"]["text_cfg"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False  # the reader reports an unreadable config
