@@ -56,7 +56,7 @@ def refusal(config) -> str | None:
         return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
                 "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
                 "open_clip (README, 'Export to transformers and open_clip')")
-    if getattr(config.vision, "kind", "vit") == "timm" and config.text.kind != "siglip":
+    if getattr(config.vision, "kind", "vit") == "timm" and "siglip" not in config.vision.timm_model_name:
         return (f"transformers has no CLIP class with timm's {config.vision.timm_model_name} image tower (open_clip's "
                 "TimmModel); export_hf takes OpenAI's ViT and SigLIP. Use export_onnx, or this project's weight file, "
                 "which open_clip reads as it is")
