@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -29,12 +28,13 @@ _ALIASES = {
                 "mlp": ("fc1", "fc2")},
     # A ResNet image tower's only attention and Linear layers are its attention pool's; its convolutions get none.
     "resnet": {"attn": ("attnpool.q_proj", "attnpool.k_proj", "attnpool.v_proj", "attnpool.c_proj"), "mlp": ()},
-    # timm trunks name them by module: every Linear of a module called attn* (timm's ViT, EVA and PE-Core `attn.qkv`,
-    # `attn.proj`, EVA02's `attn.q_proj` ..., an attention pool's `attn_pool.q`, `.kv`, `.proj`) or mlp (`mlp.fc1`,
-    # SwiGLU's `mlp.fc1_g`, ViTamin's `mlp.w0`). open_clip's head (the projection) is neither. ConvNeXt has no attention.
-    "timm": {"attn": re.compile(r"trunk\.(.+\.)?attn[^.]*\.[^.]+"), "mlp": re.compile(r"trunk\.(.+\.)?mlp\.[^.]+")},
 }
 ADAPTER_NAME = "default"
+# timm trunks: the Linear layers directly inside a module whose class name says what it is (timm's `Attention`,
+# `EvaAttention`, FastViT's attention mixer, an `AttentionPoolLatent`'s q, kv, proj; `Mlp`, `SwiGluMlp`, `GluMlp`,
+# ViTamin's `GeGluMlp`), so that blocks named `attn`, `token_mixer` or `attn_pool` are all found. open_clip's head (the
+# projection) is outside the trunk. A ConvNeXt has no attention; FastViT's early stages (RepMixer) have none either.
+_TIMM_OWNERS = {"attn": ("attention",), "mlp": ("mlp", "glu")}
 
 
 def _kind(model, tower_name: str) -> str:
@@ -47,9 +47,18 @@ def _kind(model, tower_name: str) -> str:
     return kind if kind in ("resnet", "timm") else "openai"
 
 
+def _timm_layers(tower: nn.Module, owners: tuple[str, ...]) -> frozenset[str]:
+    """Names of the Linear layers directly inside the trunk's modules whose class name holds one of `owners`."""
+    found = set()
+    for name, module in tower.trunk.named_modules(prefix="trunk"):
+        if any(o in type(module).__name__.lower() for o in owners):
+            found.update(f"{name}.{child}" for child, m in module.named_children() if isinstance(m, nn.Linear))
+    return frozenset(found)
+
+
 def _ends_with(name: str, suffixes) -> bool:
-    if isinstance(suffixes, re.Pattern):
-        return suffixes.fullmatch(name) is not None
+    if isinstance(suffixes, frozenset):
+        return name in suffixes
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
@@ -81,7 +90,9 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
         found = 0
         for tower_name in towers:
             tower = getattr(model, tower_name)
-            suffixes = _ALIASES[_kind(model, tower_name)].get(target, (target,))
+            kind = _kind(model, tower_name)
+            suffixes = _timm_layers(tower, _TIMM_OWNERS[target]) if kind == "timm" and target in _TIMM_OWNERS \
+                else _ALIASES[kind].get(target, (target,))
             in_tower = 0
             for name, module in tower.named_modules():
                 full = f"{tower_name}.{name}"
