@@ -63,8 +63,9 @@ def refusal(config) -> str | None:
     if not config.vision.ln_pre or config.vision.pool != "token" or not config.text.causal or \
             config.text.pool != "argmax" or config.text.tokenizer:
         return ("transformers' CLIPModel pools the class token after ln_pre and the causal text tower's EOT through "
-                "OpenAI's BPE; this model (CLIPA's variant: patch mean without ln_pre, or a text tower without the "
-                "causal mask, pooled elsewhere, or another tokenizer) is not computed by it. Use export_onnx or this "
+                "OpenAI's BPE; this model (CLIPA's variant: patch mean without ln_pre, a text tower without the causal "
+                "mask pooled at its last position; or another pooling or tokenizer, as MetaCLIP 2's) is not computed "
+                "by it. Use export_onnx or this "
                 "project's weight file")
     if getattr(config.vision, "kind", "vit") != "vit" or config.text.kind == "siglip":
         return ("transformers' SiglipModel has SigLIP's image and text towers together; this model pairs one of them "
