@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nets import build_model, get_config
+from nets import MODEL_CONFIGS, build_model, get_config
 from nets.fast import accelerate
 from utils.data.images import eval_transform
 from utils.data.pictures import ImagePipeline
@@ -17,7 +17,7 @@ from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, text_tokenizer
 from utils.weights.load import load, preprocess_of
-from utils.weights.memory import ensure_fits
+from utils.weights.memory import ensure_fits, parameter_count
 
 
 class CLIP(object):
@@ -69,22 +69,26 @@ class CLIP(object):
 
     def generate(self) -> None:
         self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
+        self.device = resolve_device(self.cuda)
+        self.precision = resolve_precision(self.precision, self.device)
+        if self.device.type == "cuda" and self.phi in MODEL_CONFIGS:  # refused before the weights are read to RAM
+            ensure_fits(parameter_count(get_config(self.phi)) * (torch.finfo(PRECISIONS[self.precision]).bits // 8),
+                        f"{self.phi} on {self.device}", self.device)
         if self.model_path:
             self.net, self.phi, self.weights_path = load(self.model_path, self.phi)
         elif self.phi == "auto":
             raise UserError("phi='auto' reads the architecture from model_path, which is empty")
-        else:
+        else:  # random weights: refused in one line where they cannot fit, as a load is
+            ensure_fits(parameter_count(get_config(self.phi)) * 4, f"{self.phi}'s weights")
             self.net = build_model(get_config(self.phi))
         config = self.net.config
         self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path)
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
-        self.device = resolve_device(self.cuda)
-        self.precision = resolve_precision(self.precision, self.device)
         if self.device.type == "cuda":  # the GPU copy of the weights, refused in one line when it cannot fit
             size = torch.finfo(PRECISIONS[self.precision]).bits // 8
             ensure_fits(sum(t.numel() for t in self.net.state_dict().values()) * size, f"{self.phi} on {self.device}",
-                        self.device)
+                        self.device, announce=self.phi not in MODEL_CONFIGS)  # a table phi said it above
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
         if self.onednn and self.device.type == "cpu":
             accelerate(self.net)

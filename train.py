@@ -103,7 +103,7 @@ skip_bad_samples = False
 # Freeze the image tower (LiT).
 lock_image = False
 # ...but keep its last N groups training (groups: embeddings, each block, the last block with ln_post, proj;
-# a ResNet's: stem, its 4 stages, the attention pool).
+# a ResNet's: stem, its 4 stages, the attention pool; a timm tower's: its trunk's as timm groups them, then the head).
 lock_image_unlocked_groups = 0
 # Freeze the text tower.
 lock_text = False

@@ -13,6 +13,12 @@ with a note. SigLIP phis (timm image tower, SigLIP text tower) take open_clip's 
 state dict loaded strictly (the keys are open_clip's); their captions are token ids padded to the context length,
 as SigLIP's tokenizers pad them (the tower runs every position whatever the ids), and the workload is smaller
 (--captions, --image-batches) because a ViT-B/16 costs four times a ViT-B/32.
+
+    python benchmarks/bench_inference.py --families [NAME ...] [--reps 3] [--threads 2]
+
+One architecture per family (FAMILY_PHIS: OpenAI ViT and ResNet, SigLIP, EVA, ConvNeXt, ViTamin, PE-Core, MobileCLIP,
+CLIPA) against open_clip's `create_model` of the same name with our state dict loaded strictly, one process, both in
+fp32 under inference_mode with the same threads, batched; a table of images/s and captions/s and their ratios.
 """
 from __future__ import annotations
 
@@ -145,7 +151,78 @@ def _speed_up(peer: float | None, ours: float) -> str:
     return "-" if peer is None else f"{peer / ours:.2f}x"
 
 
+# One real architecture per family, the smallest open_clip has (CLIPA's is a ViT-L/14), with the images per batch
+# that keep a family's run to about a minute on two loaded cores.
+FAMILY_PHIS = {"OpenAI ViT": ("ViT-B-32", 8), "OpenAI ResNet": ("RN50", 8), "SigLIP": ("ViT-B-16-SigLIP", 4),
+               "EVA": ("EVA02-B-16", 4), "ConvNeXt": ("convnext_base", 4), "ViTamin": ("ViTamin-S", 4),
+               "PE-Core": ("PE-Core-T-16-384", 4), "MobileCLIP": ("MobileCLIP-B", 4), "CLIPA": ("ViT-L-14-CLIPA", 2)}
+
+
+def family_tokens(config: CLIPConfig, n: int) -> torch.Tensor:
+    """Captions as the family's tower takes them: BPE ids of Flickr-like captions for a causal tower (ours trims
+    after EOT, the peer runs the whole context), else ids padded to the context (every position runs on both)."""
+    text = config.text
+    if text.kind in ("openai", "openai-custom") and text.causal and not text.tokenizer:
+        return BPETokenizer(context_length=text.context_length)(flickr_like_captions(n))
+    return torch.randint(1, text.vocab_size, (n, text.context_length), generator=torch.Generator().manual_seed(0))
+
+
+def family_row(family: str, reps: int, warmup: int, n_captions: int) -> dict:
+    import open_clip
+
+    phi, image_batch = FAMILY_PHIS[family]
+    torch.manual_seed(0)
+    config = get_config(phi)
+    ours = build_model(config).eval()
+    for p in ours.parameters():  # biases and gains off their 0/1 init, so that every parameter counts
+        if p.dim() == 1:
+            nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
+    peer = open_clip.create_model(phi, pretrained=None).eval()
+    peer.load_state_dict(ours.state_dict(), strict=True)  # open_clip's keys on both sides
+    accelerate(ours)  # what CLIP runs on the CPU (nets/fast.py)
+    tokens = family_tokens(config, n_captions)
+    size = config.vision.image_size
+    pixels = torch.randn(image_batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        text_times, text_features = side_by_side({"ours": ours.encode_text, "open_clip": peer.encode_text},
+                                                 list(tokens.split(32)), reps, warmup)
+        image_times, image_features = side_by_side({"ours": ours.encode_image, "open_clip": peer.encode_image},
+                                                   [pixels], reps, warmup)
+    return dict(family=family, phi=phi, image_batch=image_batch, captions=n_captions,
+                images=(image_batch / image_times["ours"], image_batch / image_times["open_clip"]),
+                texts=(n_captions / text_times["ours"], n_captions / text_times["open_clip"]),
+                diff=max((image_features["ours"] - image_features["open_clip"]).abs().max().item(),
+                         (text_features["ours"] - text_features["open_clip"]).abs().max().item()))
+
+
+def families_main(names: list[str], reps: int, warmup: int, threads: int, n_captions: int) -> None:
+    unknown = [n for n in names if n not in FAMILY_PHIS]
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; known: {', '.join(FAMILY_PHIS)}")
+    torch.set_num_threads(threads)
+    print(f"{threads} threads, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, fp32, median of "
+          f"{reps} after {warmup} warm-up, captions in batches of 32")
+    print("| family | phi | images/s ours | open_clip | ratio | captions/s ours | open_clip | ratio | max abs diff |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for name in names or list(FAMILY_PHIS):
+        row = family_row(name, reps, warmup, n_captions)
+        (image_ours, image_peer), (text_ours, text_peer) = row["images"], row["texts"]
+        print(f"| {name} | {row['phi']} (images batch {row['image_batch']}) | {image_ours:.2f} | {image_peer:.2f} | "
+              f"{image_ours / image_peer:.2f}x | {text_ours:.1f} | {text_peer:.1f} | {text_ours / text_peer:.2f}x | "
+              f"{row['diff']:.1e} |", flush=True)
+
+
 def main() -> None:
+    if "--families" in sys.argv:
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--families", nargs="*", default=[], help=f"default: all of {', '.join(FAMILY_PHIS)}")
+        parser.add_argument("--reps", type=int, default=3)
+        parser.add_argument("--warmup", type=int, default=1)
+        parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+        parser.add_argument("--captions", type=int, default=64)
+        args = parser.parse_args()
+        families_main(args.families, args.reps, args.warmup, args.threads, args.captions)
+        return
     openai_text_phis = [phi for phi in MODEL_CONFIGS if get_config(phi).text.kind in ("openai", "siglip")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phi", default="openai/VIT-B-32", choices=openai_text_phis,

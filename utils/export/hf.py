@@ -56,6 +56,17 @@ def refusal(config) -> str | None:
         return ("transformers has no CLIP class with OpenAI's ResNet image tower (ModifiedResNet with attention "
                 "pooling); export_hf takes ViT models only. Use export_onnx, or this project's weight file with "
                 "open_clip (README, 'Export to transformers and open_clip')")
+    if getattr(config.vision, "kind", "vit") == "timm" and "siglip" not in config.vision.timm_model_name:
+        return (f"transformers has no CLIP class with timm's {config.vision.timm_model_name} image tower (open_clip's "
+                "TimmModel); export_hf takes OpenAI's ViT and SigLIP. Use export_onnx, or this project's weight file, "
+                "which open_clip reads as it is")
+    if not config.vision.ln_pre or config.vision.pool != "token" or not config.text.causal or \
+            config.text.pool != "argmax" or config.text.tokenizer:
+        return ("transformers' CLIPModel pools the class token after ln_pre and the causal text tower's EOT through "
+                "OpenAI's BPE; this model (CLIPA's variant: patch mean without ln_pre, a text tower without the causal "
+                "mask pooled at its last position; or another pooling or tokenizer, as MetaCLIP 2's) is not computed "
+                "by it. Use export_onnx or this "
+                "project's weight file")
     if getattr(config.vision, "kind", "vit") != "vit" or config.text.kind == "siglip":
         return ("transformers' SiglipModel has SigLIP's image and text towers together; this model pairs one of them "
                 "with another kind of tower. Use export_onnx or this project's weight file")

@@ -30,6 +30,11 @@ _ALIASES = {
     "resnet": {"attn": ("attnpool.q_proj", "attnpool.k_proj", "attnpool.v_proj", "attnpool.c_proj"), "mlp": ()},
 }
 ADAPTER_NAME = "default"
+# timm trunks: the Linear layers directly inside a module whose class name says what it is (timm's `Attention`,
+# `EvaAttention`, FastViT's attention mixer, an `AttentionPoolLatent`'s q, kv, proj; `Mlp`, `SwiGluMlp`, `GluMlp`,
+# ViTamin's `GeGluMlp`), so that blocks named `attn`, `token_mixer` or `attn_pool` are all found. open_clip's head (the
+# projection) is outside the trunk. A ConvNeXt has no attention; FastViT's early stages (RepMixer) have none either.
+_TIMM_OWNERS = {"attn": ("attention",), "mlp": ("mlp", "glu")}
 
 
 def _kind(model, tower_name: str) -> str:
@@ -38,31 +43,73 @@ def _kind(model, tower_name: str) -> str:
         if text.kind == "hf":
             return "m2m_100" if text.hf_family == "m2m_100" else "bert"
         return "bert" if text.is_bert else "openai"
-    return "resnet" if model.config.vision.kind == "resnet" else "openai"
+    kind = model.config.vision.kind
+    return kind if kind in ("resnet", "timm") else "openai"
+
+
+def _timm_layers(tower: nn.Module, owners: tuple[str, ...]) -> frozenset[str]:
+    """Names of the Linear layers directly inside the trunk's modules whose class name holds one of `owners`."""
+    found = set()
+    for name, module in tower.trunk.named_modules(prefix="trunk"):
+        if any(o in type(module).__name__.lower() for o in owners):
+            found.update(f"{name}.{child}" for child, m in module.named_children() if isinstance(m, nn.Linear))
+    return frozenset(found)
 
 
 def _ends_with(name: str, suffixes) -> bool:
+    if isinstance(suffixes, frozenset):
+        return name in suffixes
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def _tower_title(model, tower_name: str) -> str:
+    if tower_name == "text":
+        return "text tower"
+    vision = model.config.vision
+    return f"image tower ({vision.timm_model_name or vision.kind})"
+
+
+def _call_fused_qkv_layers(model: nn.Module) -> int:
+    """timm's EVA01 attention (q and v biases) computes `F.linear(x, self.qkv.weight, bias)` and so never calls its
+    qkv layer, where the adapter sits; its `qkv_bias_separate` path calls the layer, then adds the same bias (equal
+    features: the layer has no bias of its own). Returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "qkv", None), nn.Linear) and getattr(module, "q_bias", None) is not None \
+                and getattr(module, "qkv_bias_separate", True) is False:
+            module.qkv_bias_separate = True
+            switched += 1
+    return switched
+
+
 def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
-    """Full names of the Linear modules and bare weight parameters `targets` picks in `towers`."""
+    """Full names of the Linear modules and bare weight parameters `targets` picks in `towers`. "attn" must find
+    attention in every adapted tower (a tower without any is named); any other target somewhere."""
     modules, params, unmatched = [], [], []
     for target in targets:
         found = 0
         for tower_name in towers:
             tower = getattr(model, tower_name)
-            suffixes = _ALIASES[_kind(model, tower_name)].get(target, (target,))
+            kind = _kind(model, tower_name)
+            suffixes = _timm_layers(tower, _TIMM_OWNERS[target]) if kind == "timm" and target in _TIMM_OWNERS \
+                else _ALIASES[kind].get(target, (target,))
+            in_tower = 0
             for name, module in tower.named_modules():
                 full = f"{tower_name}.{name}"
                 if isinstance(module, nn.Linear) and _ends_with(name, suffixes):
                     if not (target == "mlp" and ".attention." in full):  # BERT's output.dense is also in attention
                         modules.append(full)
-                        found += 1
+                        in_tower += 1
             for name, param in tower.named_parameters():
                 if param.ndim == 2 and name.endswith("in_proj_weight") and _ends_with(name, suffixes):
                     params.append(f"{tower_name}.{name}")
-                    found += 1
+                    in_tower += 1
+            if target == "attn" and not in_tower:
+                other = "lock_image=True" if tower_name == "visual" else "lock_text=True"
+                raise UserError(f"lora_targets 'attn': the {_tower_title(model, tower_name)} has no attention layer "
+                                f"for an adapter; set lora_targets to 'mlp' or Linear layer names, or {other} to "
+                                f"adapt the other tower alone")
+            found += in_tower
         if not found:
             unmatched.append(target)
     if unmatched:
@@ -89,6 +136,7 @@ def add_lora(model, cfg: dict) -> list[str]:
     modules, params = _targets(model, towers, list(cfg["lora_targets"]))
     for p in model.parameters():
         p.requires_grad_(False)
+    _call_fused_qkv_layers(model)
     config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                         target_modules=modules or None, target_parameters=params or None, bias="none")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)

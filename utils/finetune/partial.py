@@ -4,23 +4,51 @@ A tower is a sequence of groups, input side first: the embeddings (with the ViT'
 per transformer block, the last block together with the final norm (ViT ln_post, OpenAI ln_final, BERT
 pooler and ln_final), then the projection. `unlocked` = N keeps the last N groups of a locked tower
 trainable; this is how open_clip counts `lock_image_unlocked_groups` / `lock_text_unlocked_layers`.
-A ResNet image tower's groups are its stem, its four stages and its attention pool (which projects too).
+A ResNet image tower's groups are its stem, its four stages and its attention pool (which projects too). A timm
+image tower's are its trunk's as timm's `group_matcher` counts them (the stem, each block or stage, the final norm,
+the trunk's own head), as open_clip's `TimmModel.lock` counts them, then open_clip's head (pool, projection), which
+open_clip never locks and here is the last group.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from nets.modified_resnet import ModifiedResNet
+from nets.vision_timm import TimmVisionTower
 
-# The norms whose gains and biases lock_layer_norm=False keeps training in locked groups.
-_NORMS = (nn.LayerNorm, nn.BatchNorm2d)
+# The norms whose gains and biases lock_layer_norm=False keeps training in locked groups (timm's LayerNorm2d and
+# RMS norms among them; every BatchNorm, FastViT's and MobileCLIP's stems' as well as ResNet's).
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def _groups(modules_and_params) -> list[list]:
     return [item if isinstance(item, list) else [item] for item in modules_and_params]
 
 
+def timm_groups(visual: TimmVisionTower) -> list[list]:
+    """The trunk's groups by timm's own `group_matcher` (the regexes timm uses for layer decay and open_clip for
+    partial locks), each a list of its parameters, with a norm's module standing for its parameters so that
+    lock_layer_norm=False finds it; then the head's parameters, when it has any."""
+    from timm.models._manipulate import group_parameters
+
+    trunk = visual.trunk
+    groups = []
+    for names in group_parameters(trunk, trunk.group_matcher()).values():
+        items, seen = [], set()
+        for name in names:
+            owner = trunk.get_submodule(name.rpartition(".")[0])
+            item = owner if isinstance(owner, _NORMS) else trunk.get_parameter(name)
+            if id(item) not in seen:
+                seen.add(id(item))
+                items.append(item)
+        groups.append(items)
+    head = list(visual.head.parameters())
+    return groups + ([head] if head else [])
+
+
 def vision_groups(visual) -> list[list]:
+    if isinstance(visual, TimmVisionTower):
+        return timm_groups(visual)
     if isinstance(visual, ModifiedResNet):
         stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
         return _groups([stem, *visual.stages, visual.attnpool])

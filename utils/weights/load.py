@@ -269,16 +269,37 @@ def load(model_path: str | Path, phi: str) -> tuple[CLIP, str, Path]:
 
 
 def _built_for_loading(config) -> CLIP:
-    """The model on the meta device, for a strict load to give the checkpoint's tensors to: ViT-B/32's random
-    initialisation alone takes about a second of CPU, all of it overwritten, and a second copy of the weights
-    would double the memory a large model needs. Built normally when it holds buffers that are not in a
-    state dict (transformers' BERT computes some at construction), since those must be computed."""
+    """The model with its parameters on the meta device, for a strict load to give the checkpoint's tensors to:
+    ViT-B/32's random initialisation alone takes about a second of CPU, all of it overwritten, and a second copy of
+    the weights would double the memory a large model needs. Buffers that are not in a state dict (timm's RoPE
+    tables and EVA's zero k bias, transformers' BERT position ids) are computed at construction, so they are built
+    for real, one tensor at a time, beside parameters that are never allocated."""
     with torch.device("meta"):
         model = build_model(config)
     saved = set(model.state_dict())
-    if any(name not in saved for name, _ in model.named_buffers()):
+    if all(name in saved for name, _ in model.named_buffers()):
+        return model  # load_into gives it the checkpoint's tensors
+    model = _with_parameters_on_meta(config)
+    if any(b.is_meta for name, b in model.named_buffers() if name not in saved):
+        return build_model(config)  # a buffer computed from a parameter: only a real build has its value
+    return model
+
+
+def _with_parameters_on_meta(config) -> CLIP:
+    """build_model(config) with each parameter moved to the meta device as it is registered (accelerate's
+    `init_empty_weights(include_buffers=False)`): the initialisers run on meta tensors, buffers on the CPU."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
         return build_model(config)
-    return model  # load_into gives it the checkpoint's tensors
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _load_bert_folder(model: CLIP, bert_path: str | Path) -> None:
@@ -309,6 +330,7 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     if not model_path:
         if phi == "auto":
             raise UserError("phi='auto' reads the architecture from model_path, which is empty")
+        ensure_fits(parameter_count(get_config(phi)) * 4, f"{phi}'s weights")
         model = build_model(get_config(phi))
         text = "random"
         if model.config.text.is_bert and bert_path:
@@ -317,14 +339,16 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
         return model, phi, ["image tower: random", f"text tower: {text}"]
     opened = open_weights(model_path, phi)
     checkpoint, config, phi, notes = opened.checkpoint, opened.config, opened.phi, opened.notes
-    model = build_model(config)
-    model.preprocess = opened.preprocess  # the record goes on with the fine-tuned weights
     where = _where(model_path, checkpoint.path)
     visual = {k: v for k, v in checkpoint.state_dict.items() if k.startswith("visual.")}
     own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
     if not config.text.is_bert or own_text or not bert_path:
+        model = _built_for_loading(config)  # the checkpoint's tensors become the weights: no random copy first
+        model.preprocess = opened.preprocess  # the record goes on with the fine-tuned weights
         load_into(model, checkpoint, phi)
         return model.float(), phi, [f"image and text towers: {where} ({checkpoint.layout} layout)", *notes]
+    model = build_model(config)
+    model.preprocess = opened.preprocess
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
