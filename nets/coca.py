@@ -108,6 +108,10 @@ class CoCaTextTower(TokenTransformer):
         tokens = F.pad(tokens, (0, self.context_length - tokens.shape[1]), value=PAD_ID)
         return self.forward_with_tokens(tokens)[0]
 
+    def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`forward` of captions already at the full context, with no data-dependent shapes (a traced export)."""
+        return self.forward_with_tokens(tokens)[0]
+
 
 class CrossAttentionBlock(nn.Module):
     """open_clip's ResidualAttentionBlock with is_cross_attention: the text states attend to the image tokens."""

@@ -239,3 +239,40 @@ def test_a_model_without_a_decoder_refuses_in_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="generation 'nucleus'"):
         Generation(generation="nucleus")
+
+
+def test_onnx_export_of_a_coca_gives_its_contrastive_features_within_1e_4(tmp_path):
+    """CoCa's image tower (attentional pooler) and its text tower, read at the full context because its class
+    embedding sits after the padding, export; onnxruntime equals PyTorch on captions the export's tokenizer makes."""
+    pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    from clip import CLIP
+    from utils.export.onnx_export import export_files, write_files
+    from utils.export.onnx_predict import OnnxCLIP
+
+    cfg = {**SMALL, "text_cfg": {**SMALL["text_cfg"], "vocab_size": 49408},  # OpenAI's BPE ids
+           "multimodal_cfg": {**SMALL["multimodal_cfg"], "vocab_size": 49408}}
+    from open_clip.coca_model import CoCa
+
+    torch.manual_seed(0)
+    ref = CoCa(cfg["embed_dim"], cfg["multimodal_cfg"], cfg["text_cfg"], cfg["vision_cfg"])
+    folder = tmp_path / "coca"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, folder / "open_clip_model.safetensors")
+    model = CLIP(model_path=str(folder), phi="auto", cuda=False)
+    lines = []
+    files = export_files(model, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["image.onnx", "text.onnx"]
+    assert all(float(line.split("= ")[1].split()[0]) < TOL for line in lines), lines
+    export = tmp_path / "export"
+    export.mkdir()
+    write_files(export, files)
+    onnx = OnnxCLIP(export)
+    tokens = onnx.tokenize(["a dog", "a photo of a red car by a tall building"])
+    with torch.no_grad():
+        want = model.net.encode_text(torch.from_numpy(tokens)).numpy()
+        image = model.net.encode_image(images(2)).numpy()
+    assert abs(onnx.encode_text(tokens) - want).max() < TOL and abs(want).max() > 1e-2
+    assert abs(onnx.encode_image(images(2).numpy()) - image).max() < TOL

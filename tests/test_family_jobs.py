@@ -345,3 +345,38 @@ def test_export_hf_writes_transformers_class_within_1e_4_or_refuses_in_one_line(
     assert (tmp_path / "hf" / "config.json").is_file() and HF_CLASSES[family] in \
         (tmp_path / "hf" / "config.json").read_text()
     assert worst[0] <= 1e-4, worst
+
+
+def _altclip() -> CLIPConfig:
+    from dataclasses import replace
+
+    text = TextConfig(kind="altclip", context_length=512, vocab_size=250002, width=1024, layers=24, heads=16,
+                      activation="gelu", intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1,
+                      tokenizer="xlm-roberta-large", project_dim=768)
+    return replace(get_config("ViT-L-14"), embed_dim=768, text=text)
+
+
+# The families built after the jobs above were checked at a small size (their own tests check their jobs): what
+# export_hf and ONNX say of each real row, in one line, before any weight is read.
+LATER = {"fastvit": lambda: get_config("MobileCLIP2-S0"), "hf-text": lambda: get_config("xlm-roberta-base-ViT-B-32"),
+         "worldwide": lambda: get_config("ViT-H-14-worldwide"), "coca": lambda: get_config("coca_ViT-B-32"),
+         "altclip": _altclip}
+LATER_HF_REFUSALS = {"fastvit": "timm's", "hf-text": "open_clip's", "worldwide": "MetaCLIP 2", "coca": "CoCa",
+                     "altclip": "AltCLIP"}
+LATER_ONNX_REFUSALS = {"hf-text": "xlm-roberta-base", "worldwide": "xlm-v-base", "altclip": "xlm-roberta-large"}
+
+
+@pytest.mark.parametrize("family", list(LATER))
+def test_later_families_are_refused_by_export_hf_and_by_onnx_where_their_tokenizer_does_not_export(family):
+    from types import SimpleNamespace
+
+    from utils.export import hf
+    from utils.export.onnx_export import export_files
+
+    config = LATER[family]()
+    reason = hf.refusal(config)
+    assert reason is not None and LATER_HF_REFUSALS[family] in reason and "\n" not in reason
+    if family in LATER_ONNX_REFUSALS:
+        with pytest.raises(UserError, match=LATER_ONNX_REFUSALS[family]) as err:
+            export_files(SimpleNamespace(net=SimpleNamespace(config=config), phi=family), log=lambda line: None)
+        assert "\n" not in str(err.value)

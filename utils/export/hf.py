@@ -48,6 +48,12 @@ def refusal(config) -> str | None:
     """Why no transformers class computes this architecture exactly, or None when one does."""
     if is_siglip(config):
         return None
+    if config.decoder is not None:
+        return ("transformers has no CoCa class (an attentional pooler and a caption decoder over OpenAI's towers); use "
+                "export_onnx for its contrastive towers, or this project's weight file, which open_clip reads as it is")
+    if config.text.kind == "altclip":
+        return ("export_hf writes CLIPModel, ChineseCLIPModel and SiglipModel; an AltCLIP model (XLM-R text tower) is "
+                "not written back to transformers' AltCLIPModel yet: use this project's weight file")
     if config.text.kind == "hf":
         return (f"transformers has no CLIP class with open_clip's {config.text.tokenizer} text tower "
                 f"({config.text.hf_pooler}, {config.text.hf_proj or 'no'} projection); use this project's weight file, "

@@ -101,8 +101,10 @@ class OnnxCLIP:
         return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        # SigLIP's and MobileCLIP's bidirectional towers read their padding: it is never trimmed.
-        if self.config["tokenizer"] != "siglip" and self.config.get("model", {}).get("text", {}).get("causal", True):
+        # SigLIP's and MobileCLIP's bidirectional towers read their padding, and CoCa's class embedding comes after
+        # it: it is never trimmed.
+        text = self.config.get("model", {}).get("text", {})
+        if self.config["tokenizer"] != "siglip" and text.get("causal", True) and text.get("kind") != "coca":
             tokens = trim_padding(tokens)
         tokens = np.ascontiguousarray(tokens)
         return self.text_session.run(None, {"tokens": tokens})[0].astype(np.float32)

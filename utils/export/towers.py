@@ -127,12 +127,12 @@ class SiglipTextEncoder(_BatchEncoder):
 
 
 class BidirectionalOpenAITextEncoder(_BatchEncoder):
-    """text.onnx of an OpenAI (byte-level BPE) text tower without the causal mask (MobileCLIP's): `tokens` ->
-    `features`.
+    """text.onnx of an OpenAI (byte-level BPE) text tower read at the full context: MobileCLIP's, without the causal
+    mask, or CoCa's, whose class embedding sits after the padding: `tokens` -> `features`.
 
     tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them (OpenAITextEncoder's),
-        padded with 0s to the full context. Every position attends to every other, padding included, as the weights
-        were trained, so no column may be dropped; the tower reads the state at each row's EOT (its largest id).
+        padded with 0s to the full context. MobileCLIP's positions attend to every other, padding included, as the
+        weights were trained, and CoCa's class position is the context's end, so no column may be dropped.
     features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
         L2-normalised.
     """
@@ -159,5 +159,6 @@ def encoders(net: nn.Module) -> dict[str, nn.Module]:
     kind = net.config.text.kind
     text = SiglipTextEncoder(net.text) if kind == "siglip" else \
         BertTextEncoder(net.text) if net.config.text.is_bert else \
-        OpenAITextEncoder(net.text) if net.config.text.causal else BidirectionalOpenAITextEncoder(net.text)
+        OpenAITextEncoder(net.text) if net.config.text.causal and kind != "coca" else \
+        BidirectionalOpenAITextEncoder(net.text)
     return {"image": ImageEncoder(net.visual).eval(), "text": text.eval()}
