@@ -17,8 +17,9 @@ as SigLIP's tokenizers pad them (the tower runs every position whatever the ids)
     python benchmarks/bench_inference.py --families [NAME ...] [--reps 3] [--threads 2]
 
 One architecture per family (FAMILY_PHIS: OpenAI ViT and ResNet, SigLIP, EVA, ConvNeXt, ViTamin, PE-Core, MobileCLIP,
-CLIPA) against open_clip's `create_model` of the same name with our state dict loaded strictly, one process, both in
-fp32 under inference_mode with the same threads, batched; a table of images/s and captions/s and their ratios.
+CLIPA, MobileCLIP's FastViT, CoCa) against open_clip's `create_model` of the same name with our state dict loaded
+strictly, one process, both in fp32 under inference_mode with the same threads, batched; a table of images/s and
+captions/s and their ratios.
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def _speed_up(peer: float | None, ours: float) -> str:
 # that keep a family's run to about a minute on two loaded cores.
 FAMILY_PHIS = {"OpenAI ViT": ("ViT-B-32", 8), "OpenAI ResNet": ("RN50", 8), "SigLIP": ("ViT-B-16-SigLIP", 4),
                "EVA": ("EVA02-B-16", 4), "ConvNeXt": ("convnext_base", 4), "ViTamin": ("ViTamin-S", 4),
-               "PE-Core": ("PE-Core-T-16-384", 4), "MobileCLIP": ("MobileCLIP-B", 4), "CLIPA": ("ViT-L-14-CLIPA", 2)}
+               "PE-Core": ("PE-Core-T-16-384", 4), "MobileCLIP": ("MobileCLIP-B", 4), "CLIPA": ("ViT-L-14-CLIPA", 2),
+               "MobileCLIP FastViT": ("MobileCLIP2-S0", 4), "CoCa": ("coca_ViT-B-32", 4)}
 
 
 def family_tokens(config: CLIPConfig, n: int) -> torch.Tensor:
