@@ -17,9 +17,9 @@ as SigLIP's tokenizers pad them (the tower runs every position whatever the ids)
     python benchmarks/bench_inference.py --families [NAME ...] [--reps 3] [--threads 2]
 
 One architecture per family (FAMILY_PHIS: OpenAI ViT and ResNet, SigLIP, EVA, ConvNeXt, ViTamin, PE-Core, MobileCLIP,
-CLIPA, MobileCLIP's FastViT, CoCa) against open_clip's `create_model` of the same name with our state dict loaded
-strictly, one process, both in fp32 under inference_mode with the same threads, batched; a table of images/s and
-captions/s and their ratios.
+CLIPA, MobileCLIP's FastViT, CoCa, HF text) against open_clip's `create_model` of the same name with our state dict
+loaded strictly, one process, both in fp32 under inference_mode with the same threads, batched; a table of images/s
+and captions/s and their ratios.
 """
 from __future__ import annotations
 
@@ -157,7 +157,19 @@ def _speed_up(peer: float | None, ours: float) -> str:
 FAMILY_PHIS = {"OpenAI ViT": ("ViT-B-32", 8), "OpenAI ResNet": ("RN50", 8), "SigLIP": ("ViT-B-16-SigLIP", 4),
                "EVA": ("EVA02-B-16", 4), "ConvNeXt": ("convnext_base", 4), "ViTamin": ("ViTamin-S", 4),
                "PE-Core": ("PE-Core-T-16-384", 4), "MobileCLIP": ("MobileCLIP-B", 4), "CLIPA": ("ViT-L-14-CLIPA", 2),
-               "MobileCLIP FastViT": ("MobileCLIP2-S0", 4), "CoCa": ("coca_ViT-B-32", 4)}
+               "MobileCLIP FastViT": ("MobileCLIP2-S0", 4), "CoCa": ("coca_ViT-B-32", 4),
+               "HF text": ("xlm-roberta-base-ViT-B-32", 4)}
+
+
+class _RowConfig:
+    """open_clip's AutoConfig for an HF text tower, answering from_pretrained with the row's transformers config
+    (the hub's config.json is not reachable here; the row holds its sizes)."""
+
+    def __init__(self, hf_config):
+        self.hf_config = hf_config
+
+    def from_pretrained(self, *args, **kwargs):
+        return self.hf_config
 
 
 def family_tokens(config: CLIPConfig, n: int) -> torch.Tensor:
@@ -179,7 +191,14 @@ def family_row(family: str, reps: int, warmup: int, n_captions: int) -> dict:
     for p in ours.parameters():  # biases and gains off their 0/1 init, so that every parameter counts
         if p.dim() == 1:
             nn.init.normal_(p, mean=float(p.detach().mean()), std=0.05)
-    peer = open_clip.create_model(phi, pretrained=None).eval()
+    extra = {}
+    if config.text.kind == "hf":  # open_clip reads the tower's config from the hub, and its weights unless told not to
+        import open_clip.hf_model
+        from nets.text_hf import transformers_config
+
+        open_clip.hf_model.AutoConfig = _RowConfig(transformers_config(config.text))
+        extra = dict(pretrained_text=False)
+    peer = open_clip.create_model(phi, pretrained=None, **extra).eval()
     peer.load_state_dict(ours.state_dict(), strict=True)  # open_clip's keys on both sides
     accelerate(ours)  # what CLIP runs on the CPU (nets/fast.py)
     tokens = family_tokens(config, n_captions)

@@ -299,12 +299,16 @@ def test_zero_shot_and_embed_through_the_saved_weights_equal_the_saved_network_w
 ONNX_REFUSED = {"clipa": "tokenizer"}
 
 
-# Quick: a RoPE trunk, a convolutional one and the refusal; the others (10-30 s each) with the slow tests. OpenAI's and
-# SigLIP's exports are also checked in tests/test_onnx.py and tests/test_siglip_jobs.py.
+# Quick: a RoPE trunk, a convolutional one and the refusal; the others (10-30 s each) with the slow tests.
 ONNX_QUICK = {"eva02", "convnext", "clipa"}
 
 
-@pytest.mark.parametrize("family", [f if f in ONNX_QUICK else pytest.param(f, marks=pytest.mark.slow) for f in NAMES])
+# OpenAI's ViT and ResNet and SigLIP export in tests/test_onnx.py, test_resnet_product.py and test_siglip_jobs.py.
+ONNX_ELSEWHERE = {"openai-vit", "openai-resnet", "siglip"}
+
+
+@pytest.mark.parametrize("family", [f if f in ONNX_QUICK else pytest.param(f, marks=pytest.mark.slow) for f in NAMES
+                                    if f not in ONNX_ELSEWHERE])
 def test_onnx_export_equals_pytorch_within_1e_4_or_refuses_in_one_line(saved, family):
     pytest.importorskip("onnxruntime")
     from utils.export.onnx_export import export_files

@@ -89,7 +89,8 @@ def test_loading_holds_the_weights_once_not_twice(tmp_path):
 # The largest architecture of each family: each says its need and is refused in one line where it cannot fit.
 LARGEST = {"EVA": "EVA02-E-14-plus", "OpenAI-style ViT": "ViT-bigG-14", "SigLIP": "ViT-gopt-16-SigLIP2-384",
            "PE-Core": "PE-Core-bigG-14-448", "ConvNeXt": "convnext_xxlarge", "ViTamin": "ViTamin-XL-384",
-           "CLIPA": "ViT-bigG-14-CLIPA", "ResNet": "RN50x64", "MobileCLIP": "MobileCLIP2-B"}
+           "CLIPA": "ViT-bigG-14-CLIPA", "ResNet": "RN50x64", "MobileCLIP": "MobileCLIP2-L-14",
+           "HF text": "nllb-clip-large-siglip", "MetaCLIP 2": "ViT-bigG-14-worldwide", "CoCa": "coca_ViT-L-14"}
 
 
 QUICK = {"EVA", "OpenAI-style ViT", "SigLIP"}  # the three; the others (seconds each) with the slow tests
@@ -102,7 +103,7 @@ def test_the_largest_of_each_family_is_refused_in_one_line_before_any_allocation
 
     name = LARGEST[family]
     need = memory.parameter_count(get_config(name)) * 4  # the meta-device build's parameters and buffers, in fp32
-    assert need > 2 * memory.GiB
+    assert need > memory.GiB  # MobileCLIP's largest, 1.6 GiB, is the smallest of these
     monkeypatch.setattr(memory, "free_bytes", lambda device="cpu": need // 2)
 
     def allocation(*args, **kwargs):
