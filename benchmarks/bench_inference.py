@@ -212,8 +212,11 @@ def family_row(family: str, reps: int, warmup: int, n_captions: int) -> dict:
     return dict(family=family, phi=phi, image_batch=image_batch, captions=n_captions,
                 images=(image_batch / image_times["ours"], image_batch / image_times["open_clip"]),
                 texts=(n_captions / text_times["ours"], n_captions / text_times["open_clip"]),
-                diff=max((image_features["ours"] - image_features["open_clip"]).abs().max().item(),
-                         (text_features["ours"] - text_features["open_clip"]).abs().max().item()))
+                # normalised: open_clip's CoCa.encode_* normalise by default, its CLIP's do not
+                diff=max((F.normalize(image_features["ours"], dim=-1) - F.normalize(image_features["open_clip"], dim=-1))
+                         .abs().max().item(),
+                         (F.normalize(text_features["ours"], dim=-1) - F.normalize(text_features["open_clip"], dim=-1))
+                         .abs().max().item()))
 
 
 def families_main(names: list[str], reps: int, warmup: int, threads: int, n_captions: int) -> None:
