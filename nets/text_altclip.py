@@ -11,6 +11,7 @@ from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from .configs import TextConfig
+from .text_transformer import set_transformers_checkpointing
 
 # XLM-R's ids: <s> 0, <pad> 1, </s> 2; positions count from pad + 1, as fairseq's do.
 PAD_TOKEN_ID = 1
@@ -39,10 +40,7 @@ class AltCLIPTextTower(nn.Module):
         nn.init.normal_(self.text_projection, std=config.project_dim ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool) -> None:
-        if enable:
-            self.transformer.activation_checkpointing_enable()
-        else:
-            self.transformer.activation_checkpointing_disable()
+        set_transformers_checkpointing(self.transformer, enable)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) XLM-R ids, <s> first, padded with <pad> (1)."""

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from .configs import TextConfig
+from .text_transformer import set_transformers_checkpointing
 
 
 def bert_config(config: TextConfig) -> BertConfig:
@@ -38,10 +39,7 @@ class BertTextTower(nn.Module):
         nn.init.normal_(self.text_projection, std=self.transformer.config.hidden_size ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool) -> None:
-        if enable:
-            self.transformer.activation_checkpointing_enable()
-        else:
-            self.transformer.activation_checkpointing_disable()
+        set_transformers_checkpointing(self.transformer, enable)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) WordPiece ids, [CLS] first, padded with 0."""

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .configs import TextConfig
+from .text_transformer import set_transformers_checkpointing
 
 
 def transformers_config(config: TextConfig):
@@ -75,10 +76,7 @@ class HFTextTower(nn.Module):
         return [first, *([layer] for layer in layers[:-1]), [layers[-1], *last], [self.proj]]
 
     def set_grad_checkpointing(self, enable: bool) -> None:
-        if enable:
-            self.transformer.activation_checkpointing_enable()
-        else:
-            self.transformer.activation_checkpointing_disable()
+        set_transformers_checkpointing(self.transformer, enable)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L) ids, padded on the right with `pad_id` (open_clip's HFTokenizer pads to the context)."""

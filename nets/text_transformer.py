@@ -28,3 +28,11 @@ class TokenTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool) -> None:
         self.transformer.grad_checkpointing = enable
+
+
+def set_transformers_checkpointing(model, enable: bool) -> None:
+    """Gradient checkpointing of a transformers model (the BERT, XLM-R and HF text towers' `transformer`)."""
+    if enable:
+        model.activation_checkpointing_enable()
+    else:
+        model.activation_checkpointing_disable()
