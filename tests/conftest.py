@@ -137,6 +137,14 @@ _INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_"
           "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: tests run side by side (pytest -n), so no port is fixed."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def _no_init():
     """torch.nn.init's fills as no-ops: on the meta device they change nothing but cost half of a big tower's build

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from utils.data.toy import make_toy_dataset
-from tests.conftest import run_script
+from tests.conftest import free_port, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,12 +73,6 @@ def read(folder: Path) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
     return images, texts, rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_rank(rank: int, world: int, ports: list[int], jobs: list[list[str]], codes) -> None:
     for j, (args, port) in enumerate(zip(jobs, ports)):
         # torchrun's environment: predict.py --distributed true joins the group through it, as under torchrun.
@@ -98,7 +91,7 @@ def test_two_gloo_processes_embed_each_item_once_equal_to_one_process(data, tiny
             for name, source in sources(data).items()]
     codes = mp.get_context("spawn").Array("i", [-1] * 4)
     # A port per job: the first group's store may still hold its port when the second one starts.
-    processes = mp.spawn(_gloo_rank, args=(2, [_free_port(), _free_port()], jobs, codes), nprocs=2, join=False)
+    processes = mp.spawn(_gloo_rank, args=(2, [free_port(), free_port()], jobs, codes), nprocs=2, join=False)
     deadline = time.monotonic() + 300
     while not processes.join(timeout=5):
         if time.monotonic() > deadline:  # a rank stuck at a collective: fail, do not hang the suite

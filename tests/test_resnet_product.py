@@ -113,12 +113,13 @@ def test_web_classify_with_a_resnet(trained, tmp_path):
     import uvicorn
 
     from clip import CLIP
-    from tests.test_web import _free_port, _post
+    from tests.conftest import free_port
+    from tests.test_web import _post
     from utils.web import app as web
 
     model = CLIP(model_path=str(trained[0] / "run" / "last_epoch_weights.pth"), phi="auto", cuda=False)
     Image.new("RGB", (48, 48), (210, 20, 20)).save(tmp_path / "red.png")
-    port = _free_port()
+    port = free_port()
     app = web.create_app(model, templates="a photo of a {c}.")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from utils.data.toy import make_toy_dataset
+from tests.conftest import free_port
 from tests.test_training import train, train_args
 from utils.errors import UserError
 
@@ -326,10 +326,7 @@ def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(tmp_path):
 
     holder = SaveDirLock(tmp_path)
     holder.acquire()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-c", _DDP_RANK, str(ROOT), str(tmp_path)], cwd=ROOT,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.data.toy import make_toy_dataset
+from tests.conftest import free_port
 from tests.test_training import run_train, step_losses, train_args
 from utils.data.augment import CaptionAugment
 from utils.data.sources.pipeline import convert
@@ -127,7 +128,7 @@ def test_too_few_shards_or_samples_for_the_processes_is_refused(shards):
 def test_two_gloo_processes_train_from_shards_and_resume_exactly(shards, tmp_path):
     data = dict(datasets_path=shards / "toy", datasets_train_json_path=shards / "toy_train" / "{00000..00007}.tar",
                 datasets_val_json_path=shards / "toy" / "en_val.json", Epoch=2, num_workers=1)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     straight = run_train(train_args(shards / "toy", tmp_path / "a", distributed="true", **data), launcher=launcher)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "processes=2" in straight.stdout and "40 train / 8 val images, 5 steps per epoch" in straight.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from utils.data.toy import make_toy_dataset
 from nets import build_model, get_config
-from tests.conftest import ScriptResult, run_script
+from tests.conftest import ScriptResult, free_port, run_script
 from utils.errors import UserError
 from utils.files import atomic_save
 from utils.train.checkpoint import load_state, newest_state
@@ -107,10 +106,7 @@ def test_ddp_two_gloo_processes_match_one_process(toy, tmp_path, capsys, setting
     """Each loss gathers what the global batch needs: 2 processes train the weights 1 process does."""
     single = train(train_args(toy, tmp_path / "one", Epoch=1, **settings), capsys)
     assert single.returncode == 0, single.stderr[-3000:]
-    with socket.socket() as free:  # parallel test runs share the machine: a fixed port may be taken
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     double = run_train(train_args(toy, tmp_path / "two", Epoch=1, distributed="true", **settings), launcher=launcher)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "processes=2" in double.stdout and f"loss={settings.get('loss', 'softmax')}" in double.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import shutil
 import socket
@@ -21,15 +22,10 @@ from nets import build_model, get_config
 from utils.predict.search import SearchIndex, encode_paths
 from utils.errors import UserError
 from utils.web import app as web
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red.png": (210, 20, 20), "green.png": (20, 190, 30), "blue.png": (20, 30, 210), "sub/yellow.png": (230, 220, 30)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -37,7 +33,7 @@ def _serving(app):
     """`app` served by uvicorn on a free 127.0.0.1 port in a thread, as predict.py serves it; yields the URL."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -225,7 +221,6 @@ def test_k_and_the_pixel_count_are_checked_with_a_message(server):
 def _request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None
              ) -> tuple[int, "http.client.HTTPMessage", bytes]:
     """(status, headers, body) of one request with exactly these headers (Host included, when given)."""
-    import http.client
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -368,7 +363,7 @@ def test_an_oversized_upload_is_refused_before_it_is_read(server):
 
 
 def test_cheap_endpoints_answer_while_a_heavy_request_runs_and_a_burst_gets_503(server, monkeypatch):
-    url, folder, model = server["url"], server["folder"], server["model"]
+    folder, model = server["folder"], server["model"]
     gate = Gate(model, monkeypatch)
     try:
         with _serving(web.create_app(model, server["index"], folder, "a photo of a {c}.", queue_size=2)) as small:
