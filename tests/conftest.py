@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
 
@@ -131,6 +133,15 @@ def run_script(script: str, *args, capsys=None, threads: int | None = None) -> S
     stdout, stderr = capsys.readouterr() if capsys is not None else (out.getvalue(), err.getvalue())
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
     return ScriptResult(code, stdout, shown + stderr)
+
+
+def write_hf_tokenizer(folder: Path, tokenizer, settings: dict) -> Path:
+    """`folder` holding a Hugging Face tokenizer as the weights' repos do (no hub): the `tokenizers.Tokenizer`'s
+    tokenizer.json, and tokenizer_config.json with `settings` (its class and special tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
 
 
 _INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_", "xavier_normal_",

@@ -121,15 +121,6 @@ def _clipa_folder(tmp_path):
     return folder
 
 
-def test_onnx_export_of_clipa_is_one_line_before_any_work(tmp_path):
-    from utils.export.onnx_export import export_files
-
-    model = CLIP(model_path=str(_clipa_folder(tmp_path)), phi="auto", cuda=False)
-    with pytest.raises(UserError) as e:
-        export_files(model)
-    assert "\n" not in str(e.value) and "bert-base-uncased" in str(e.value)
-
-
 @pytest.mark.slow
 def test_train_py_fine_tunes_clipa_with_its_tokenizer_and_saves_it_beside_the_weights(tmp_path, capsys):
     from tests.test_training import train, train_args

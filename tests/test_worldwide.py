@@ -13,7 +13,7 @@ from PIL import Image
 from clip import CLIP
 from nets import get_config
 from nets.configs import WORLDWIDE, from_open_clip
-from tests.conftest import meta_models_with_open_clips_names_and_shapes
+from tests.conftest import meta_models_with_open_clips_names_and_shapes, write_hf_tokenizer
 from tests.test_open_clip import _open_clip_model, _ours_with_weights_of
 from utils.errors import UserError
 from utils.tokenizer import HubTokenizer
@@ -33,7 +33,6 @@ def xlm_tokenizer_folder(folder: Path) -> Path:
     tokenizer.json built with `tokenizers`, as the weights' repos hold one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    folder.mkdir(parents=True, exist_ok=True)
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz") | set("".join(_PIECES)) - {"▁"}) + ["▁"]
     vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(p, -float(i + 1)) for i, p in enumerate(_PIECES)] + [(c, -40.0) for c in chars if c not in _PIECES]
@@ -42,12 +41,10 @@ def xlm_tokenizer_folder(folder: Path) -> Path:
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
                                                              special_tokens=[("<s>", 0), ("</s>", 2)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
+    return write_hf_tokenizer(folder, tokenizer, {
         "tokenizer_class": "XLMRobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
         "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<unk>",
-        "model_max_length": 512}))
-    return folder
+        "model_max_length": 512})
 
 
 VOCAB = 4 + len(set(_PIECES) | set("abcdefghijklmnopqrstuvwxyz") | set("".join(_PIECES)) - {"▁"}) + 1

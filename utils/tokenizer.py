@@ -328,7 +328,7 @@ class HubTokenizer(_PaddedTransformersTokenizer):
             self.tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"{source}: {name}'s tokenizer files are not readable ({str(e).splitlines()[0][:200]})") from e
-        self.strip_sep_token = strip_sep_token
+        self.name, self.folder, self.strip_sep_token = name, source, strip_sep_token
         self.vocab_size = len(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
 

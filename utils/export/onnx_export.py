@@ -1,4 +1,5 @@
-"""mode="export_onnx": image.onnx, text.onnx, config.json and the tokenizer's vocabulary (SigLIP: its files) in export_dir.
+"""mode="export_onnx": image.onnx, text.onnx, config.json and the tokenizer's vocabulary (SigLIP and the Hugging Face
+tokenizers: their files) in export_dir.
 
 Each file is checked in onnxruntime against the PyTorch model before anything is written, and all of them
 are written at once (temporary files renamed at the end), so a failure leaves an earlier export as it was.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -16,8 +18,8 @@ import torch
 
 from utils.errors import UserError
 from utils.files import check_writable, write_error
-from utils.tokenizer import (DEFAULT_BPE_PATH, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES, files_beside,
-                             tokenizer_kind)
+from utils.tokenizer import (DEFAULT_BPE_PATH, HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES,
+                             XLM_SENTENCEPIECE, files_beside, tokenizer_kind)
 
 from utils.export.preprocess import to_config
 from utils.export.towers import encoders
@@ -38,6 +40,27 @@ def export_tower(encoder: torch.nn.Module, dtype: torch.dtype) -> bytes:
     return program.model_proto.SerializeToString()
 
 
+def refusal(error: Exception) -> str:
+    """What stopped torch's exporter, in a few words: the op it has no ONNX function for (`aten._linalg_eigh.default`),
+    else the node it could not translate, else its message's first line."""
+    text = str(error)
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
+    if op:
+        return f"the op {op[1]}.{op[2]} has no ONNX function in torch's exporter"
+    node = re.search(r"target=(torch\.ops\.[\w.]+)", text)
+    if node:
+        return f"torch's exporter cannot translate the op {node[1].removeprefix('torch.ops.')}"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:200]
+
+
+def export_or_refuse(encoder: torch.nn.Module, dtype: torch.dtype, what: str) -> bytes:
+    """export_tower's bytes, or a one-line UserError naming `what` (a tower) and the op that does not export."""
+    try:
+        return export_tower(encoder, dtype)
+    except torch.onnx.OnnxExporterError as e:
+        raise UserError(f"ONNX export of {what} is refused: {refusal(e)}; use the PyTorch model") from e
+
+
 def session(model: bytes | str | Path):
     import onnxruntime as ort
 
@@ -53,9 +76,6 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
     """{file name: contents} of the export of `model` (a clip.CLIP), each ONNX file checked in onnxruntime
     against PyTorch's fp32 features on a random batch; `log` gets one line per check."""
     config = model.net.config
-    if config.text.tokenizer:  # MobileCLIP's bidirectional OpenAI tower exports (towers.py), CLIPA's tokenizer not
-        raise UserError(f"ONNX export of {model.phi}'s text tower is not built yet: it reads a Hugging Face "
-                        f"tokenizer ({config.text.tokenizer}); use the PyTorch model")
     net = model.net.float().cpu().eval()
     g = torch.Generator().manual_seed(0)
     inputs = {"image": torch.randn(3, 3, config.vision.image_size, config.vision.image_size, generator=g),
@@ -67,16 +87,20 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
     logit_scale = net.logit_scale.detach().exp().item()
     dtype = torch.float16 if fp16 else torch.float32
     files: dict[str, bytes] = {}
-    for tower, encoder in encoders(copy.deepcopy(net).half() if fp16 else net).items():
-        files[f"{tower}.onnx"] = export_tower(encoder, dtype)
+    towers = encoders(copy.deepcopy(net).half() if fp16 else net)
+    for tower, encoder in towers.items():
+        files[f"{tower}.onnx"] = export_or_refuse(encoder, dtype, f"{model.phi}'s {tower} tower")
         given = inputs[tower].numpy()
         if tower == "image":
             given = given.astype(np.float16 if fp16 else np.float32)
         got = run_session(session(files[f"{tower}.onnx"]), given).astype(np.float32)
         log(f"{tower}.onnx: max |onnxruntime - PyTorch fp32| = {np.abs(got - expected[tower]).max():.2e} on a batch "
             f"of {len(given)} (features up to {np.abs(expected[tower]).max():.2f})")
-    kind = tokenizer_kind(config.text.kind)
-    if kind == "siglip":  # its tokenizer files, as the model read them beside its weights
+    kind = "hub" if config.text.tokenizer else tokenizer_kind(config.text.kind)
+    if kind == "hub":  # the Hugging Face tokenizer's files, from the folder the model read them from
+        files.update(tokenizer_files(model.tokenizer.folder))
+        vocab = "."
+    elif kind == "siglip":  # its tokenizer files, as the model read them beside its weights
         folder = files_beside(model.weights_path)
         names = [n for n in SIGLIP_TOKENIZER_FILES + TOKENIZER_CONFIG_FILES if (folder / n).is_file()]
         files.update({n: (folder / n).read_bytes() for n in names})
@@ -94,8 +118,16 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         **to_config(model.transform.preprocess),
         "context_length": config.text.context_length,
         "tokenizer": kind,
-        # The vocabulary file, relative to the export folder ("." for SigLIP: the folder of its tokenizer files).
+        # The vocabulary file, relative to the export folder ("." for SigLIP and "hub": the folder of its tokenizer
+        # files).
         "vocab": vocab,
+        # "hub": the Hugging Face tokenizer's name and open_clip's setting of it (CLIPA's [SEP] replaced by 0).
+        **({"hub_tokenizer": model.tokenizer.name, "strip_sep_token": model.tokenizer.strip_sep_token}
+           if kind == "hub" else {}),
+        # The id captions are padded with, and whether columns of it alone may be dropped before text.onnx (exact
+        # only where the tower masks the padding or never reads past the pooled token).
+        "pad_id": int(model.tokenizer.pad_token_id),
+        "trim_padding": towers["text"].trims_padding,
         "dtype": "float16" if fp16 else "float32",
         "features": "unnormalised",
         "logit_scale": logit_scale,
@@ -106,6 +138,13 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         "opset": OPSET,
     }, indent=2, ensure_ascii=False).encode("utf-8")
     return files
+
+
+def tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """{name: contents} of the Hugging Face tokenizer files in `folder` (what transformers reads: tokenizer.json,
+    a WordPiece vocab.txt or XLM-R's sentencepiece model, and its config), for the export folder."""
+    names = dict.fromkeys((*HUB_TOKENIZER_FILES, XLM_SENTENCEPIECE, *TOKENIZER_CONFIG_FILES))
+    return {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:

@@ -3,7 +3,8 @@
 `OnnxCLIP` answers the calls predict.py's loop makes of `clip.CLIP` (detect_image, class_embeddings,
 classify) with numpy arrays; images are prepared with PIL and numpy (preprocess.py), text by the repo's
 tokenizer (`ids`: int64 numpy). Nothing on this path imports torch, so a deployment needs onnxruntime, numpy,
-Pillow and the tokenizer's packages (ftfy and regex; transformers for the BERT and SigLIP towers).
+Pillow and the tokenizer's packages (ftfy and regex; transformers for the BERT and SigLIP towers and the Hugging Face
+tokenizers: CLIPA's, the hf text towers', MetaCLIP 2's XLM-V, AltCLIP's XLM-R).
 """
 from __future__ import annotations
 
@@ -34,17 +35,26 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-logits))
 
 
-def trim_padding(tokens: np.ndarray) -> np.ndarray:
-    """`tokens` without the columns that are padding (0) in every row: the same features, less work."""
-    used = np.flatnonzero(tokens.any(axis=0))
+def trim_padding(tokens: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    """`tokens` without the columns that are padding (`pad_id`) in every row: the same features, less work."""
+    used = np.flatnonzero((tokens != pad_id).any(axis=0))
     return tokens[:, :max(2, int(used[-1]) + 1 if used.size else 2)]
+
+
+def _tokenizer(config: dict, folder: Path):
+    """The tokenizer of an export: a Hugging Face one ("hub": its files in the export folder, as the PyTorch model
+    read them beside its weights), else the kind's, from the vocabulary file the export holds."""
+    from utils.tokenizer import HubTokenizer, build_tokenizer
+
+    if config["tokenizer"] == "hub":
+        return HubTokenizer(config["hub_tokenizer"], folder, config["context_length"],
+                            strip_sep_token=config["strip_sep_token"])
+    return build_tokenizer(config["tokenizer"], config["context_length"], folder / config["vocab"])
 
 
 class OnnxCLIP:
     def __init__(self, export_dir: str | Path, threads: int = 0, fast_decode: bool = True):
         import onnxruntime as ort
-
-        from utils.tokenizer import build_tokenizer
 
         folder = Path(export_dir)
         missing = [name for name in _FILES if not (folder / name).is_file()]
@@ -67,8 +77,7 @@ class OnnxCLIP:
                 raise UserError(f"onnxruntime cannot load {folder / name} ({str(e).splitlines()[0][:200]}); "
                                 "export again with --mode export_onnx") from e
         self.image_session, self.text_session = sessions
-        self.tokenizer = build_tokenizer(self.config["tokenizer"], self.config["context_length"],
-                                         folder / self.config["vocab"])
+        self.tokenizer = _tokenizer(self.config, folder)
         self.logit_scale = float(self.config["logit_scale"])
         # Exports before SigLIP have neither key: a softmax without a bias.
         self.logit_bias = self.config.get("logit_bias")
@@ -101,13 +110,18 @@ class OnnxCLIP:
         return self.image_session.run(None, {"pixels": pixels})[0].astype(np.float32)
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        # SigLIP's and MobileCLIP's bidirectional towers read their padding, and CoCa's class embedding comes after
-        # it: it is never trimmed.
-        text = self.config.get("model", {}).get("text", {})
-        if self.config["tokenizer"] != "siglip" and text.get("causal", True) and text.get("kind") != "coca":
-            tokens = trim_padding(tokens)
+        if self._trims_padding():
+            tokens = trim_padding(tokens, self.config.get("pad_id", 0))
         tokens = np.ascontiguousarray(tokens)
         return self.text_session.run(None, {"tokens": tokens})[0].astype(np.float32)
+
+    def _trims_padding(self) -> bool:
+        if "trim_padding" in self.config:
+            return bool(self.config["trim_padding"])
+        # Exports before the key: SigLIP's and MobileCLIP's bidirectional towers read their padding, and CoCa's class
+        # embedding comes after it, so those are never trimmed.
+        text = self.config.get("model", {}).get("text", {})
+        return self.config["tokenizer"] != "siglip" and text.get("causal", True) and text.get("kind") != "coca"
 
     def detect_image(self, image: Image.Image, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (1, len(texts)) that each caption describes the image, as `clip.CLIP.detect_image`."""

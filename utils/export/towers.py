@@ -15,6 +15,9 @@ class _BatchEncoder(nn.Module):
     """A tower whose input has one free dimension, the batch (images at the export's size, SigLIP's padded captions)."""
 
     input_name: str
+    # Whether columns of padding alone may be dropped before the graph (onnx_predict's trim_padding): only where the
+    # tower's features do not depend on the padding.
+    trims_padding = False
 
     def dynamic_shapes(self) -> dict:
         return {self.input_name: {0: Dim("batch")}}
@@ -48,6 +51,7 @@ class _TextEncoder(nn.Module):
     """A text tower's fixed-shape path (`forward_padded`), with a batch and a length that may vary."""
 
     input_name = "tokens"
+    trims_padding = True
 
     def __init__(self, text: nn.Module):
         super().__init__()
@@ -62,7 +66,9 @@ class _TextEncoder(nn.Module):
 
 
 class OpenAITextEncoder(_TextEncoder):
-    """text.onnx of an OpenAI (byte-level BPE) text tower: `tokens` -> `features`.
+    """text.onnx of an OpenAI (byte-level BPE) causal text tower: `tokens` -> `features`. (MetaCLIP 2's "worldwide"
+    tower is one over XLM-V's ids, read with the export folder's tokenizer files: <s> (0), ids, </s> (2), then <pad>
+    (1); it pools the first </s>, and columns of <pad> alone may be dropped.)
 
     tokens: int64, (N, L) with any N >= 1 and 2 <= L <= context_length (77): rows as `CLIP.tokenize` makes
         them. Each row is SOT (49406), the BPE ids of the cleaned, lower-cased caption, EOT (49407), then 0s to
@@ -100,65 +106,76 @@ class BertTextEncoder(_TextEncoder):
         return tokens
 
 
-class SiglipTextEncoder(_BatchEncoder):
-    """text.onnx of a SigLIP (sentencepiece) text tower: `tokens` -> `features`.
+class FullContextTextEncoder(_BatchEncoder):
+    """text.onnx of a text tower that reads every position of the full context, padding included: `tokens` ->
+    `features`. SigLIP's (sentencepiece; it attends both ways without a mask and reads the last position),
+    MobileCLIP's OpenAI tower without the causal mask (it attends to the padding, as the weights were trained), CoCa's
+    (its class embedding sits after the padding) and CLIPA's (bert-base-uncased ids, [SEP] stripped, no mask, the last
+    position pooled).
 
-    tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them with the tokenizer files
-        of the export folder (tokenizer.json / spiece.model): the ids of the canonicalized caption (lower case, no
-        punctuation) and `</s>`, cut to the context and padded to its full length with the pad id. The tower
-        attends both ways without a mask and reads the last position, so no column may be dropped.
+    tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them with the export folder's
+        tokenizer (SigLIP's and CLIPA's files, or OpenAI's vocabulary), padded to the full context with the pad id
+        (config.json "pad_id"). No column may be dropped.
     features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
         L2-normalised.
     """
 
     input_name = "tokens"
 
-    def __init__(self, text: nn.Module):
+    def __init__(self, text: nn.Module, vocab_size: int):
         super().__init__()
         self.text = text
         self.context_length = text.context_length
+        self.vocab_size = vocab_size
+        # SigLIP's tower has a fixed shape already (nothing is trimmed); the OpenAI towers' fixed-shape path is
+        # forward_padded.
+        self.padded_path = hasattr(text, "forward_padded")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text(tokens)  # fixed shape already: nothing is trimmed
+        return self.text.forward_padded(tokens) if self.padded_path else self.text(tokens)
 
     def example(self, dtype: torch.dtype) -> torch.Tensor:
-        vocab = self.text.token_embedding.num_embeddings
-        return torch.arange(3 * self.context_length).reshape(3, self.context_length) % vocab
-
-
-class BidirectionalOpenAITextEncoder(_BatchEncoder):
-    """text.onnx of an OpenAI (byte-level BPE) text tower read at the full context: MobileCLIP's, without the causal
-    mask, or CoCa's, whose class embedding sits after the padding: `tokens` -> `features`.
-
-    tokens: int64, (N, context_length) with any N >= 1: rows as `CLIP.tokenize` makes them (OpenAITextEncoder's),
-        padded with 0s to the full context. MobileCLIP's positions attend to every other, padding included, as the
-        weights were trained, and CoCa's class position is the context's end, so no column may be dropped.
-    features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
-        L2-normalised.
-    """
-
-    input_name = "tokens"
-
-    def __init__(self, text: nn.Module):
-        super().__init__()
-        self.text = text
-        self.context_length = text.context_length
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text.forward_padded(tokens)
-
-    def example(self, dtype: torch.dtype) -> torch.Tensor:
-        vocab = self.text.token_embedding.num_embeddings
+        vocab = self.vocab_size
         tokens = torch.zeros(3, self.context_length, dtype=torch.long)
         tokens[:, 0], tokens[:, 1:3], tokens[:, 3] = vocab - 2, 1000 % (vocab - 2), vocab - 1
         return tokens
 
 
+class HFTextEncoder(_TextEncoder):
+    """text.onnx of a transformers text tower (open_clip's HFTextEncoder: RoBERTa, XLM-R, NLLB's encoder; AltCLIP's
+    XLM-R): `tokens` -> `features`.
+
+    tokens: int64, (N, L) with any N >= 1 and 2 <= L <= context_length: rows as `CLIP.tokenize` makes them with the
+        tokenizer files of the export folder: the tokenizer's own special tokens around the caption (<s> ... </s>, or
+        NLLB's language code first), cut to the context, then the pad id (config.json "pad_id") to the end. The graph
+        masks out every pad id (attention, positions, pooling), so no mask input is needed, and columns that are
+        padding in every row may be dropped (same features, faster).
+    features: float32 (float16 in an fp16 export), (N, embed_dim): `CLIP.encode_text`'s projection, not
+        L2-normalised.
+    """
+
+    def __init__(self, text: nn.Module, vocab_size: int, pad_id: int):
+        super().__init__(text)
+        self.vocab_size, self.pad_id = vocab_size, pad_id
+
+    def example(self, dtype: torch.dtype) -> torch.Tensor:
+        tokens = torch.full((3, min(8, self.context_length - 1)), self.pad_id, dtype=torch.long)
+        tokens[:, 0], tokens[:, 1:3], tokens[:, 3] = 0, (self.pad_id + 5) % self.vocab_size, 2
+        tokens[0, 3:5] = torch.tensor([7 % self.vocab_size, 2])  # one row longer, so the mask is not all alike
+        return tokens
+
+
 def encoders(net: nn.Module) -> dict[str, nn.Module]:
     """{"image": ..., "text": ...}: the wrapper of each tower of a `nets.CLIP`, in eval mode."""
-    kind = net.config.text.kind
-    text = SiglipTextEncoder(net.text) if kind == "siglip" else \
-        BertTextEncoder(net.text) if net.config.text.is_bert else \
-        OpenAITextEncoder(net.text) if net.config.text.causal and kind != "coca" else \
-        BidirectionalOpenAITextEncoder(net.text)
+    config = net.config.text
+    if config.kind in ("hf", "altclip"):
+        # The pad id the tower masks: the hf row's, AltCLIP's XLM-R <pad>.
+        pad_id = config.pad_id if config.kind == "hf" else net.text.pad_token_id
+        text = HFTextEncoder(net.text, config.vocab_size, pad_id)
+    elif config.is_bert:
+        text = BertTextEncoder(net.text)
+    elif config.causal and config.kind not in ("siglip", "coca") and config.pool != "last":
+        text = OpenAITextEncoder(net.text)
+    else:  # SigLIP's, CoCa's, MobileCLIP's and CLIPA's: the full context, padding included
+        text = FullContextTextEncoder(net.text, config.vocab_size)
     return {"image": ImageEncoder(net.visual).eval(), "text": text.eval()}
