@@ -1,5 +1,5 @@
 """mode="export_hf": the model as a transformers CLIPModel (ChineseCLIPModel for Chinese-CLIP, SiglipModel for
-SigLIP and SigLIP 2) folder.
+SigLIP and SigLIP 2, MetaClip2Model for MetaCLIP 2 "worldwide", AltCLIPModel for AltCLIP) folder.
 
 The folder is what `from_pretrained` reads: config.json, model.safetensors, the tokenizer's files and the image
 processor's config. It is written in a hidden temporary folder beside export_dir, loaded back with transformers
@@ -20,14 +20,14 @@ from PIL import Image
 from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 from utils.files import new_file_mode, write_error
-from utils.tokenizer import EOT_TOKEN, NUM_MERGES, SOT_TOKEN, BPETokenizer
-from utils.weights.layouts import (open_clip_to_siglip, openai_to_transformers, siglip_head,
+from utils.tokenizer import EOT_TOKEN, NUM_MERGES, SOT_TOKEN, XLM_SENTENCEPIECE, BPETokenizer
+from utils.weights.layouts import (is_metaclip2, open_clip_to_siglip, openai_to_transformers, siglip_head,
                                    siglip_transformers_config, transformers_config)
 
 # Every name an export writes: a folder holding only these is an earlier export, which may be replaced.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json",
                 "special_tokens_map.json", "preprocessor_config.json", "tokenizer.json", "spiece.model",
-                "tokenizer.model")
+                "tokenizer.model", XLM_SENTENCEPIECE)
 # Largest |transformers - this model| the check after writing accepts (features and probabilities).
 TOLERANCE = 1e-3
 # 256 bytes, each also as a word end, the merges, SOT and EOT: utils.tokenizer.BPETokenizer's vocabulary.
@@ -36,12 +36,28 @@ _CHECK_CAPTIONS = {"openai": ["a dog", "a photo of a red car parked next to a ta
                    "bert": ["一只狗", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a cat"],
                    # Already canonical (lower case, no punctuation): transformers' fast tokenizer does not clean
                    # captions as SigLIP's training did, so its users pass them cleaned, as these are.
-                   "siglip": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", ""]}
+                   "siglip": ["a dog", "a photo of a red car parked next to a tall building on a rainy day", ""],
+                   "multilingual": ["a dog", "一张照片：雨天停在高楼旁边的一辆红色汽车", "a photo of a red car"]}
+# transformers' model class of each family export_hf writes: (its processor, the check's captions).
+CLASSES = {"CLIPModel": ("CLIPProcessor", "openai"), "ChineseCLIPModel": ("ChineseCLIPProcessor", "bert"),
+           "SiglipModel": ("SiglipProcessor", "siglip"), "MetaClip2Model": ("CLIPProcessor", "multilingual"),
+           "AltCLIPModel": ("AltCLIPProcessor", "multilingual")}
 
 
 def is_siglip(config) -> bool:
     """SigLIP's towers (timm's attention-pool trunk, the bidirectional text tower): transformers' SiglipModel."""
     return config.vision.kind == "timm" and config.text.kind == "siglip"
+
+
+def transformers_class(config) -> str:
+    """The name of the transformers class in CLASSES that holds the towers of `config` (one with no `refusal`)."""
+    if is_siglip(config):
+        return "SiglipModel"
+    if config.text.is_bert:
+        return "ChineseCLIPModel"
+    if config.text.kind == "altclip":
+        return "AltCLIPModel"
+    return "MetaClip2Model" if is_metaclip2(config.text) else "CLIPModel"
 
 
 def refusal(config) -> str | None:
@@ -51,9 +67,6 @@ def refusal(config) -> str | None:
     if config.decoder is not None:
         return ("transformers has no CoCa class (an attentional pooler and a caption decoder over OpenAI's towers); use "
                 "export_onnx for its contrastive towers, or this project's weight file, which open_clip reads as it is")
-    if config.text.kind == "altclip":
-        return ("export_hf writes CLIPModel, ChineseCLIPModel and SiglipModel; an AltCLIP model (XLM-R text tower) is "
-                "not written back to transformers' AltCLIPModel yet: use this project's weight file")
     if config.text.kind == "hf":
         return (f"transformers has no CLIP class with open_clip's {config.text.tokenizer} text tower "
                 f"({config.text.hf_pooler}, {config.text.hf_proj or 'no'} projection); use this project's weight file, "
@@ -66,13 +79,14 @@ def refusal(config) -> str | None:
         return (f"transformers has no CLIP class with timm's {config.vision.timm_model_name} image tower (open_clip's "
                 "TimmModel); export_hf takes OpenAI's ViT and SigLIP. Use export_onnx, or this project's weight file, "
                 "which open_clip reads as it is")
-    if not config.vision.ln_pre or config.vision.pool != "token" or not config.text.causal or \
-            config.text.pool != "argmax" or config.text.tokenizer:
+    # AltCLIP's XLM-R tower and MetaCLIP 2's (the first </s> of XLM-V's ids) have classes of their own.
+    own_text = config.text.kind == "altclip" or is_metaclip2(config.text)
+    if not config.vision.ln_pre or config.vision.pool != "token" or not own_text and (
+            not config.text.causal or config.text.pool != "argmax" or config.text.tokenizer):
         return ("transformers' CLIPModel pools the class token after ln_pre and the causal text tower's EOT through "
-                "OpenAI's BPE; this model (CLIPA's variant: patch mean without ln_pre, a text tower without the causal "
-                "mask pooled at its last position; or another pooling or tokenizer, as MetaCLIP 2's) is not computed "
-                "by it. Use export_onnx or this "
-                "project's weight file")
+                "OpenAI's BPE (MetaClip2Model the first </s> of XLM-V's ids); this model (CLIPA's variant: patch mean "
+                "without ln_pre, a text tower without the causal mask pooled at its last position; or another "
+                "pooling or tokenizer) is not computed by them. Use export_onnx or this project's weight file")
     if getattr(config.vision, "kind", "vit") != "vit" or config.text.kind == "siglip":
         return ("transformers' SiglipModel has SigLIP's image and text towers together; this model pairs one of them "
                 "with another kind of tower. Use export_onnx or this project's weight file")
@@ -82,7 +96,7 @@ def refusal(config) -> str | None:
     if config.text.kind == "bert-pooler":
         return ("transformers has no CLIP class with self-cn's text head (BERT pooler -> ln_final -> projection); "
                 "export_hf takes the OpenAI text tower and Chinese-CLIP's [CLS] head (cn-clip). Use export_onnx")
-    if config.text.kind == "openai" and config.text.vocab_size != BPE_VOCAB_SIZE:
+    if config.text.kind == "openai" and not config.text.tokenizer and config.text.vocab_size != BPE_VOCAB_SIZE:
         return (f"the text tower has {config.text.vocab_size} token ids but the BPE tokenizer written with the "
                 f"export has {BPE_VOCAB_SIZE}; export_hf needs OpenAI's vocabulary")
     return None
@@ -125,10 +139,9 @@ def _bert_files(vocab_path: Path, context_length: int) -> dict[str, bytes]:
 def _image_processor(config, preprocess: Preprocess) -> dict:
     """The weights' eval transform (utils.data.images.eval_transform of their record) as the image processor's
     settings, which Preprocess.from_transformers reads back."""
-    chinese = config.text.is_bert
     return {
-        "image_processor_type": "ChineseCLIPImageProcessor" if chinese else "CLIPImageProcessor",
-        "processor_class": "ChineseCLIPProcessor" if chinese else "CLIPProcessor",
+        "image_processor_type": "ChineseCLIPImageProcessor" if config.text.is_bert else "CLIPImageProcessor",
+        "processor_class": CLASSES[transformers_class(config)][0],
         **preprocess.to_transformers(config.vision.image_size),
     }
 
@@ -140,9 +153,9 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if whole else tensor.clone()
 
 
-def _tokenizer_files(tokenizer, context_length: int) -> dict[str, bytes]:
-    """The files transformers' `save_pretrained` writes for SigLIP's tokenizer (the one read beside the weights),
-    its maximum length the text tower's context."""
+def _tokenizer_files(tokenizer, context_length: int, processor_class: str, **settings) -> dict[str, bytes]:
+    """The files transformers' `save_pretrained` writes for the tokenizer read beside the weights (SigLIP's, XLM-V's,
+    XLM-R's), its maximum length the text tower's context, so that the processor cuts captions where it does."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
@@ -151,12 +164,11 @@ def _tokenizer_files(tokenizer, context_length: int) -> dict[str, bytes]:
     unknown = sorted(set(files) - set(EXPORT_FILES))
     if unknown:
         raise UserError(f"the tokenizer writes {', '.join(unknown)}, which export_hf does not know; please report this")
-    settings = json.loads(files["tokenizer_config.json"])
-    # No attention mask, as the hub's SiglipTokenizer gives none: SigLIP's tower attends to the padding it was
-    # trained with, and SiglipModel would mask it out where the processor returned one.
-    settings.update(model_max_length=context_length, processor_class="SiglipProcessor",
-                    model_input_names=["input_ids"])
-    files["tokenizer_config.json"] = _json(settings)
+    saved = json.loads(files["tokenizer_config.json"])
+    for how_it_was_read in ("is_local", "local_files_only"):  # this machine's loading, not the tokenizer's
+        saved.pop(how_it_was_read, None)
+    files["tokenizer_config.json"] = _json({**saved, **settings, "model_max_length": context_length,
+                                            "processor_class": processor_class})
     return files
 
 
@@ -178,7 +190,10 @@ def _siglip_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
         processor.pop(crop, None)
     return {"config.json": hf_config.to_json_string().encode("utf-8"), "model.safetensors": weights,
             "preprocessor_config.json": _json(processor),
-            **_tokenizer_files(tokenizer, config.text.context_length)}
+            # No attention mask, as the hub's SiglipTokenizer gives none: SigLIP's tower attends to the padding it
+            # was trained with, and SiglipModel would mask it out where the processor returned one.
+            **_tokenizer_files(tokenizer, config.text.context_length, "SiglipProcessor",
+                               model_input_names=["input_ids"])}
 
 
 def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
@@ -192,12 +207,16 @@ def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
     if preprocess.resize_mode == "longest":
         raise UserError("transformers' CLIPImageProcessor cannot letterbox (resize_mode 'longest'); export with "
                         "letterbox_image=False, or use export_onnx, which keeps the letterbox")
-    hf_config = transformers_config(config)
-    hf_config.architectures = ["ChineseCLIPModel" if config.text.is_bert else "CLIPModel"]
+    kind = transformers_class(config)
+    ids = {}
+    if kind == "MetaClip2Model":
+        ids = dict(bos_token_id=model.tokenizer.tokenizer.bos_token_id, pad_token_id=model.tokenizer.pad_token_id)
+    hf_config = transformers_config(config, **ids)
+    hf_config.architectures = [kind]
     hf_config.logit_scale_init_value = net.logit_scale.item()  # the config says what the weights hold
     # Each tower's own config is what CLIPVisionModelWithProjection and the like read on their own.
     hf_config.vision_config.projection_dim = config.embed_dim
-    if not config.text.is_bert:
+    if kind == "CLIPModel":
         hf_config.text_config.projection_dim = config.embed_dim
         hf_config.text_config.pad_token_id = hf_config.text_config.eos_token_id  # as tokenizer_config.json says
     weights = {k: _own_storage(v.detach().float().cpu().contiguous())
@@ -206,6 +225,8 @@ def export_files(model) -> dict[str, bytes | dict[str, torch.Tensor]]:
              "preprocessor_config.json": _json(_image_processor(config, preprocess))}
     if config.text.is_bert:
         files.update(_bert_files(Path(model.bert_vocab_path), config.text.context_length))
+    elif config.text.tokenizer:  # XLM-V's or XLM-R's, read beside the weights
+        files.update(_tokenizer_files(model.tokenizer, config.text.context_length, CLASSES[kind][0]))
     else:
         files.update(_bpe_files(config.text.context_length))
     return files
@@ -223,11 +244,10 @@ def compare(folder: Path, model, log=print) -> float:
     `CLIP.detect_image`) and the text and image features of a check image and captions; `log` gets the line."""
     import transformers
 
-    chinese, siglip = model.net.config.text.is_bert, is_siglip(model.net.config)
-    model_class = transformers.ChineseCLIPModel if chinese else transformers.SiglipModel if siglip else \
-        transformers.CLIPModel
-    processor_class = transformers.ChineseCLIPProcessor if chinese else transformers.SiglipProcessor if siglip else \
-        transformers.CLIPProcessor
+    kind = transformers_class(model.net.config)
+    siglip = kind == "SiglipModel"
+    processor_name, caption_set = CLASSES[kind]
+    model_class, processor_class = getattr(transformers, kind), getattr(transformers, processor_name)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would read as the export's own
     try:
@@ -236,7 +256,7 @@ def compare(folder: Path, model, log=print) -> float:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     processor = processor_class.from_pretrained(folder, backend="pil")
-    image, captions = check_image(), _CHECK_CAPTIONS["bert" if chinese else "siglip" if siglip else "openai"]
+    image, captions = check_image(), _CHECK_CAPTIONS[caption_set]
     # SigLIP's captions are padded to the full context, as it was trained (its tower attends to the padding).
     padding = dict(padding="max_length", max_length=model.tokenizer.context_length, truncation=True) if siglip \
         else dict(padding=True)
@@ -340,7 +360,6 @@ def run_export_hf(config: dict) -> None:
                             f"nothing was written to {folder}. Please report this with the phi and weights used")
 
     write_folder(folder, files, check)
-    kind = "ChineseCLIPModel" if model.net.config.text.is_bert else "SiglipModel" if is_siglip(model.net.config) \
-        else "CLIPModel"
+    kind = transformers_class(model.net.config)
     print(f"wrote {', '.join(files)} to {folder}; load it with transformers.{kind}.from_pretrained({str(folder)!r}) "
-          f"and {kind.replace('Model', 'Processor')}.from_pretrained({str(folder)!r})")
+          f"and {CLASSES[kind][0]}.from_pretrained({str(folder)!r})")

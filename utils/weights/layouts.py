@@ -1,9 +1,10 @@
 """Maps every supported checkpoint layout onto OpenAI's state-dict key names, and back to `transformers`.
 
 Layouts: OpenAI's own (original repo `.pth`, OpenAI TorchScript, open_clip, this project's outputs),
-`transformers` CLIPModel and ChineseCLIPModel; `transformers` SiglipModel onto open_clip's SigLIP keys
-(`visual.trunk.*`, timm's, and `text.*`), which are this project's for SigLIP. Containers (`{"state_dict": ...}`, `{"model": ...}`) and
-the `module.` / `_orig_mod.` prefixes of DDP and torch.compile are unwrapped first.
+`transformers` CLIPModel, ChineseCLIPModel, MetaClip2Model and AltCLIPModel; `transformers` SiglipModel onto
+open_clip's SigLIP keys (`visual.trunk.*`, timm's, and `text.*`), which are this project's for SigLIP. Containers
+(`{"state_dict": ...}`, `{"model": ...}`) and the `module.` / `_orig_mod.` prefixes of DDP and torch.compile are
+unwrapped first.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ _CLIP_PREFIXES = [
 _BERT_PREFIX = ("text_model.", "transformer.")
 # AltCLIP's text model: its XLM-R body as XLMRobertaModel names it under `transformer.`, its pre_LN and
 # transformation as they are; the image tower and projections are CLIPModel's. Its files say `layer.N` in both
-# towers (the hub's names, which transformers 5 still writes); its modules `layers.N`: either is read.
-_ALTCLIP_KEYS = [("text_model.roberta.encoder.layers.", "transformer.encoder.layer."),
-                 ("text_model.roberta.", "transformer."), ("text_model.pre_LN.", "pre_LN."),
+# towers (the hub's names, which transformers 5 still writes, and export_hf writes): (AltCLIP's, CLIPModel's / ours).
+_ALTCLIP_KEYS = [("text_model.roberta.", "transformer."), ("text_model.pre_LN.", "pre_LN."),
                  ("text_model.transformation.", "transformation."),
-                 ("vision_model.encoder.layers.", "vision_model.encoder.layers."),
                  ("vision_model.encoder.layer.", "vision_model.encoder.layers.")]
+# Its modules' `layers.N` (transformers 5), read too; the image tower's already are CLIPModel's.
+_ALTCLIP_READ_ALSO = [("text_model.roberta.encoder.layers.", "transformer.encoder.layer.")]
 _BLOCK_NAMES = [
     ("self_attn.out_proj.", "attn.out_proj."),
     ("layer_norm1.", "ln_1."),
@@ -82,6 +83,11 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "openai"
 
 
+def _swap(key: str, prefixes: list[tuple[str, str]]) -> str:
+    """`key` with the first matching (old, new) prefix replaced; as it is where none matches."""
+    return next((new + key[len(old):] for old, new in prefixes if key.startswith(old)), key)
+
+
 def _is_stack(prefix: str) -> bool:
     return prefix.endswith(("layers.", "resblocks.", "blocks."))
 
@@ -112,8 +118,7 @@ def to_openai(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     if layout == "transformers-siglip":
         return siglip_to_open_clip(weights), layout
     if layout == "transformers-altclip":
-        weights = {next((new + k[len(old):] for old, new in _ALTCLIP_KEYS if k.startswith(old)), k): v
-                   for k, v in weights.items()}
+        weights = {_swap(k, _ALTCLIP_READ_ALSO + _ALTCLIP_KEYS): v for k, v in weights.items()}
     prefixes = _CLIP_PREFIXES + ([_BERT_PREFIX] if layout == "transformers-chinese-clip" else [])
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,7 +139,15 @@ def to_openai(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 
 def openai_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenAI layout -> `transformers` CLIPModel / ChineseCLIPModel keys (those with a BERT tower)."""
+    """OpenAI layout -> `transformers` CLIPModel / MetaClip2Model keys (the same names), ChineseCLIPModel's (those
+    with a BERT tower) or AltCLIPModel's (an XLM-R tower, `pre_LN` after it)."""
+    if "pre_LN.weight" in state_dict:
+        # The inverse of to_openai's AltCLIP renames: the text tower's keys straight, the rest as CLIPModel's with
+        # the image stack then named as AltCLIP's files name it.
+        inverse = [(ours, theirs) for theirs, ours in _ALTCLIP_KEYS]
+        text = [k for k in state_dict if _swap(k, inverse) != k]
+        rest = openai_to_transformers({k: v for k, v in state_dict.items() if k not in text})
+        return {**{_swap(k, inverse): state_dict[k] for k in text}, **{_swap(k, inverse): v for k, v in rest.items()}}
     bert = "transformer.embeddings.word_embeddings.weight" in state_dict
     inverse = [(new, old) for old, new in _CLIP_PREFIXES] + ([_BERT_PREFIX[::-1]] if bert else [])
     block_names = [(new, old) for old, new in _BLOCK_NAMES]
@@ -152,8 +165,17 @@ def openai_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def transformers_config(config):
-    """The `transformers` CLIPConfig (ChineseCLIPConfig for BERT towers) of a model in this repo's table."""
+def is_metaclip2(text) -> bool:
+    """Whether a text tower is MetaClip2Model's (the inverse of `_metaclip2_text`): OpenAI's causal one pooling the
+    first `</s>` of a tokenizer its folders are read with."""
+    return text.kind == "openai" and text.causal and text.pool == "eos" and bool(text.tokenizer) and \
+        _METACLIP2_TOKENIZERS.get(text.eos_id) == text.tokenizer
+
+
+def transformers_config(config, bos_token_id: int | None = None, pad_token_id: int | None = None):
+    """The `transformers` CLIPConfig of a model in this repo's table: ChineseCLIPConfig for BERT towers,
+    AltCLIPConfig for AltCLIP's, MetaClip2Config for MetaCLIP 2's (its tokenizer's start and pad ids, which shape
+    no tensor)."""
     import transformers
 
     v, t = config.vision, config.text
@@ -165,6 +187,17 @@ def transformers_config(config):
 
         return transformers.ChineseCLIPConfig(text_config=bert_config(t).to_dict(), vision_config=vision,
                                               projection_dim=config.embed_dim)
+    if t.kind == "altclip":  # the inverse of _altclip_text
+        from nets.text_altclip import xlmr_config
+
+        return transformers.AltCLIPConfig(text_config={**xlmr_config(t).to_dict(), "project_dim": t.project_dim},
+                                          vision_config=vision, projection_dim=config.embed_dim)
+    if is_metaclip2(t):  # the inverse of _metaclip2_text
+        text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
+                    num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                    hidden_act=t.activation, layer_norm_eps=t.eps, eos_token_id=t.eos_id, bos_token_id=bos_token_id,
+                    pad_token_id=pad_token_id, projection_dim=config.embed_dim)
+        return transformers.MetaClip2Config(text_config=text, vision_config=vision, projection_dim=config.embed_dim)
     # EOT is the largest id, so transformers' first-EOS pooling picks the same token as OpenAI's argmax.
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
