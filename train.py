@@ -33,6 +33,10 @@ bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
 # learned logit_bias; a model without one gets scale 10 and bias -10 to start); "" = what the weights were trained
 # with: sigmoid for a model with a logit_bias, else softmax (from scratch too).
 loss = ""
+# CoCa (phi coca_*): the loss is coca_contrastive_loss_weight x the contrastive loss above + coca_caption_loss_weight
+# x the caption decoder's cross-entropy on each caption's next tokens (padding ignored); open_clip's defaults.
+coca_caption_loss_weight = 2.0
+coca_contrastive_loss_weight = 1.0
 # Global batch: with N processes each takes batch_size / N, and the loss still spans all of it.
 batch_size = 64
 # First epoch to run (epochs before it count as done, for the schedule too).

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coca import CoCaTextTower, CoCaVisionTransformer, MultimodalDecoder
+from .coca import PAD_ID, CoCaTextTower, CoCaVisionTransformer, MultimodalDecoder
 from .configs import CLIPConfig, TextConfig, VisionConfig
 from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
@@ -124,18 +124,36 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text(tokens)
 
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, captions: bool = False) -> tuple[torch.Tensor, ...]:
         """Normalised image and text features, the temperature `logit_scale.exp()` and, for a model with one,
         `logit_bias` (open_clip's outputs, so `criterion(*model(pixels, tokens))` fits both).
 
         Logits are `scale * image_features @ text_features.T (+ bias)`; the losses live in `utils/train/loss.py`
-        so that they can gather features across processes.
+        so that they can gather features across processes. `captions` (CoCa): one more output, the decoder's
+        (N, L - 1, vocab) logits of each caption's next tokens `tokens[:, 1:]` (utils/train/caption_loss.py).
         """
+        if captions:
+            return self._forward_with_captions(pixels, tokens)
         image_features = F.normalize(self.encode_image(pixels), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         if self.logit_bias is None:
             return image_features, text_features, self.logit_scale.exp()
         return image_features, text_features, self.logit_scale.exp(), self.logit_bias
+
+    def _forward_with_captions(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """open_clip's `CoCa.forward(image, text)`: each tower runs once for both the features and the decoder."""
+        if not self.writes_captions:
+            raise ValueError("captions=True needs a model with a caption decoder (a CoCa)")
+        if tokens.shape[1] > self.text.context_length:
+            raise ValueError(f"{tokens.shape[1]} tokens per caption; this tower takes at most {self.text.context_length}")
+        image_features, image_tokens = self.visual.forward_with_tokens(pixels)
+        # The class embedding sits after the full context's padding, as the text tower's forward puts it. The decoder
+        # is causal, so logits of the caption's own positions do not depend on how much padding follows.
+        padded = F.pad(tokens, (0, self.text.context_length - tokens.shape[1]), value=PAD_ID)
+        text_features, states = self.text.forward_with_tokens(padded)
+        logits = self.text_decoder(image_tokens, states[:, :tokens.shape[1] - 1])  # N, L - 1, vocab
+        scalars = (self.logit_scale.exp(),) if self.logit_bias is None else (self.logit_scale.exp(), self.logit_bias)
+        return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), *scalars, logits
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """(images, texts) scores of normalised features: `scale * cos`, plus the bias of a model with one."""

@@ -60,14 +60,9 @@ class CoCaVisionTransformer(VisionTransformer):
 
 
 def _masked_block(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`block` (our pre-LayerNorm block, OpenAI's keys) with a boolean attention mask (N, 1, L, L; True attends)."""
-    attn = block.attn
-    h = block.ln_1(x)
-    qkv = attn.project(h, attn.in_proj_weight, attn.in_proj_bias)
-    n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    qkv = qkv.view(n, length, 3, attn.heads, width // attn.heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
-    x = x + attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
+    """`block` (our pre-LayerNorm block, OpenAI's keys) with a boolean attention mask (N, 1, L, L; True attends). The
+    attention is called, not read, so that a LoRA adapter wrapped around it (utils/finetune/lora.py) takes part."""
+    x = x + block.attn(block.ln_1(x), False, None, mask=mask)
     return x + block.mlp(block.ln_2(x))
 
 

@@ -63,13 +63,15 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, packing: Packing | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: a boolean attention mask (True attends) instead of `causal` (CoCa's text tower's, nets/coca.py)."""
         qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
         if packing is not None:
             qkv = packing.pad(qkv)
         n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
         out = out.transpose(1, 2).reshape(n, length, width)
         return self.out_proj(out if packing is None else packing.unpad(out))
 

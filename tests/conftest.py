@@ -15,6 +15,31 @@ from tests.reference_openai import ReferenceCLIP
 
 SMALL = CLIPConfig(embed_dim=48, vision=VisionConfig(image_size=32, patch_size=8, width=128, layers=2, heads=2),
                    text=TextConfig(kind="openai", context_length=77, vocab_size=1000, width=128, layers=2, heads=2))
+# open_clip's coca_ViT-B-32.json scaled down: a 4 x 4 grid, 9 pooler queries, 12-token captions, a 500-token
+# vocabulary (tests/test_coca.py makes its last two the start and end tokens). The vision width differs from
+# embed_dim, so the pooler holds separate q/k/v weights as the published models' do.
+SMALL_COCA = {"embed_dim": 64,
+              "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "patch_size": 8, "head_width": 32,
+                             "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 9,
+                             "output_tokens": True},
+              "text_cfg": {"context_length": 12, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
+                           "embed_cls": True, "output_tokens": True},
+              "multimodal_cfg": {"context_length": 12, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
+                                 "attn_pooler_heads": 4},
+              "custom_text": True}
+
+
+def small_coca(layers: int = 2, context_length: int = 12, vocab_size: int = 500) -> dict:
+    """SMALL_COCA (an open_clip model_cfg) with `layers` in every tower and the captions' context and vocabulary."""
+    import copy
+
+    cfg = copy.deepcopy(SMALL_COCA)
+    cfg["vision_cfg"]["layers"] = layers
+    for tower in ("text_cfg", "multimodal_cfg"):
+        cfg[tower].update(layers=layers, context_length=context_length, vocab_size=vocab_size)
+    return cfg
+
+
 SMALL_BERT = dict(vocab_size=21128, width=128, layers=2, heads=2, intermediate_size=256,
                   max_position_embeddings=96, type_vocab_size=2)
 

@@ -13,18 +13,11 @@ from PIL import Image
 from clip import CLIP
 from nets import build_model
 from nets.configs import from_open_clip
-from tests.conftest import run_script
+from tests.conftest import run_script, small_coca
 from utils.predict.generate import Generation, captions, generate
 
-# open_clip's coca_ViT-B-32.json scaled down, with OpenAI's vocabulary (the BPE tokenizer decodes the captions).
-TINY = {"embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 96, "patch_size": 8, "head_width": 32,
-                       "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 9,
-                       "output_tokens": True},
-        "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
-                     "embed_cls": True, "output_tokens": True},
-        "multimodal_cfg": {"context_length": 20, "width": 64, "heads": 2, "layers": 1},
-        "custom_text": True}
+# tests/conftest's SMALL_COCA with OpenAI's vocabulary (the BPE tokenizer decodes the captions).
+TINY = small_coca(layers=1, context_length=20, vocab_size=49408)
 
 
 @pytest.fixture(scope="module")

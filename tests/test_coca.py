@@ -10,26 +10,14 @@ import torch
 
 from nets import build_model, get_config, phi_of
 from nets.configs import COCA, from_open_clip, infer_config
-from tests.conftest import meta_models_with_open_clips_names_and_shapes
+from tests.conftest import SMALL_COCA as SMALL, meta_models_with_open_clips_names_and_shapes
 from utils.errors import UserError
 from utils.predict.generate import Generation, filtered, generate, processed
 
 open_clip = pytest.importorskip("open_clip")
 
 TOL = 1e-4
-# open_clip's coca_ViT-B-32.json scaled down: a 4 x 4 grid, 9 pooler queries, 12-token captions, a 500-token
-# vocabulary whose last two are the start and end tokens. The vision width differs from embed_dim, so the pooler
-# holds separate q/k/v weights as the published models' do.
-SOT, EOT = 498, 499
-SMALL = {"embed_dim": 64,
-         "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "patch_size": 8, "head_width": 32,
-                        "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 9,
-                        "output_tokens": True},
-         "text_cfg": {"context_length": 12, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
-                      "embed_cls": True, "output_tokens": True},
-         "multimodal_cfg": {"context_length": 12, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
-                            "attn_pooler_heads": 4},
-         "custom_text": True}
+SOT, EOT = 498, 499  # the last two of SMALL's vocabulary
 
 
 def reference(seed: int = 0):

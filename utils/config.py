@@ -44,6 +44,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "accum_freq": _AT_LEAST_1, "lora_r": _NOT_NEGATIVE, "lock_image_unlocked_groups": _NOT_NEGATIVE,
     "lock_text_unlocked_layers": _NOT_NEGATIVE, "lora_alpha": (_number(lambda v: v > 0), "above 0"),
     "lora_dropout": (_number(lambda v: 0 <= v < 1), "0 or more and below 1"),
+    "coca_caption_loss_weight": _NOT_NEGATIVE, "coca_contrastive_loss_weight": _NOT_NEGATIVE,
     # WiSE-FT's blend weight: 0 is the start, 1 the fine-tuned weights; None (train.py) leaves them unblended.
     "wise_ft_alpha": (lambda v: v is None or _number(lambda a: 0 <= a <= 1)(v), "a number from 0 to 1"),
     "wise_ft_alphas": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0

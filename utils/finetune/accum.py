@@ -36,28 +36,48 @@ def _no_sync(model, last: bool):
 class CachedBatch:
     """One optimiser step's batch split into `accum_freq` micro-batches, first encoded without gradients.
 
-    `loss` is the whole batch's loss (for the finiteness check and the log); `backward(run_backward)` then
-    runs the k gradient passes, `run_backward(loss)` being one backward (e.g. through a GradScaler).
+    `loss` is the whole batch's loss (for the finiteness check and the log), `parts` its named terms (a CoCa's);
+    `backward(run_backward)` then runs the k gradient passes, `run_backward(loss)` being one backward (e.g. through a
+    GradScaler). A CoCa's caption term keeps each micro-batch's token sum and count, not its logits (N x L x vocab).
     """
 
     def __init__(self, model, criterion, pixels: torch.Tensor, tokens: torch.Tensor, accum_freq: int, device,
                  dtype):
         self.model, self.criterion, self.device, self.dtype = model, criterion, device, dtype
+        # utils/train/caption_loss.CoCaLoss, known by its method: that layer sits above this one.
+        self.captions = hasattr(criterion, "caption_sum")
         self.chunks = list(zip(pixels.chunk(accum_freq), tokens.chunk(accum_freq)))
         with torch.no_grad(), autocast(device, dtype):
-            kept = [model(p, t) for p, t in self.chunks]
+            kept = [self._forward(p, t) for p, t in self.chunks]
             self.images = [k[0] for k in kept]
             self.texts = [k[1] for k in kept]
-            self.loss = criterion(torch.cat(self.images), torch.cat(self.texts), *kept[0][2:])
+            self.sums = [k[3] for k in kept]
+            self.loss, self.parts = self._loss(self.images, self.texts, kept[0][2], self.sums)
+
+    def _forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple:
+        """(image features, text features, scalars, the caption term's (sum, count) or None)."""
+        if not self.captions:
+            image, text, *scalars = self.model(pixels, tokens)
+            return image, text, tuple(scalars), None
+        image, text, *scalars, logits = self.model(pixels, tokens, captions=True)
+        return image, text, tuple(scalars), self.criterion.caption_sum(logits, tokens)
+
+    def _loss(self, images: list, texts: list, scalars: tuple, sums: list) -> tuple[torch.Tensor, dict]:
+        if not self.captions:
+            return self.criterion(torch.cat(images), torch.cat(texts), *scalars), {}
+        parts = self.criterion(torch.cat(images), torch.cat(texts), scalars, sum(s[0] for s in sums),
+                               sum(s[1] for s in sums))
+        return sum(parts.values()), parts
 
     def backward(self, run_backward) -> None:
-        images, texts, k = self.images, self.texts, len(self.chunks)
+        images, texts, sums, k = self.images, self.texts, self.sums, len(self.chunks)
         for j, (p, t) in enumerate(self.chunks):
             last = j == k - 1
             with _no_sync(self.model, last):
                 with autocast(self.device, self.dtype):
-                    image_j, text_j, *scalars = self.model(p, t)  # scale, and a SigLIP model's bias
-                    loss_j = self.criterion(torch.cat(images[:j] + [image_j] + images[j + 1:]),
-                                            torch.cat(texts[:j] + [text_j] + texts[j + 1:]),
-                                            *(s if last else s.detach() for s in scalars))
+                    image_j, text_j, scalars, sum_j = self._forward(p, t)  # scale, and a SigLIP model's bias
+                    loss_j, _ = self._loss(images[:j] + [image_j] + images[j + 1:],
+                                           texts[:j] + [text_j] + texts[j + 1:],
+                                           tuple(s if last else s.detach() for s in scalars),
+                                           sums[:j] + [sum_j] + sums[j + 1:])
                 run_backward(loss_j)

@@ -38,6 +38,8 @@ _TIMM_OWNERS = {"attn": ("attention",), "mlp": ("mlp", "glu")}
 
 
 def _kind(model, tower_name: str) -> str:
+    if tower_name == "text_decoder":  # CoCa's: OpenAI blocks, and cross-attention whose q/k/v is in_proj_weight
+        return "openai"
     if tower_name == "text":
         text = model.config.text
         if text.kind == "hf":
@@ -63,6 +65,8 @@ def _ends_with(name: str, suffixes) -> bool:
 
 
 def _tower_title(model, tower_name: str) -> str:
+    if tower_name == "text_decoder":
+        return "caption decoder"
     if tower_name == "text":
         return "text tower"
     vision = model.config.vision
@@ -94,9 +98,11 @@ def _targets(model, towers: list[str], targets: list[str]) -> tuple[list[str], l
             suffixes = _timm_layers(tower, _TIMM_OWNERS[target]) if kind == "timm" and target in _TIMM_OWNERS \
                 else _ALIASES[kind].get(target, (target,))
             in_tower = 0
+            # nn.MultiheadAttention reads its out_proj's weight without calling it: an adapter there would never act.
+            inside_mha = {f"{n}.out_proj" for n, m in tower.named_modules() if isinstance(m, nn.MultiheadAttention)}
             for name, module in tower.named_modules():
                 full = f"{tower_name}.{name}"
-                if isinstance(module, nn.Linear) and _ends_with(name, suffixes):
+                if isinstance(module, nn.Linear) and _ends_with(name, suffixes) and name not in inside_mha:
                     if not (target == "mlp" and ".attention." in full):  # BERT's output.dense is also in attention
                         modules.append(full)
                         in_tower += 1
@@ -133,7 +139,9 @@ def add_lora(model, cfg: dict) -> list[str]:
     if not towers:
         raise UserError("lora_r > 0 with lock_image and lock_text both true leaves no tower for the adapters; "
                         "unlock one of them")
-    modules, params = _targets(model, towers, list(cfg["lora_targets"]))
+    # A CoCa's caption decoder, which no lock freezes, takes adapters too: the caption loss trains them.
+    modules, params = _targets(model, towers + (["text_decoder"] if getattr(model, "text_decoder", None) is not None
+                                                else []), list(cfg["lora_targets"]))
     for p in model.parameters():
         p.requires_grad_(False)
     _call_fused_qkv_layers(model)

@@ -53,8 +53,9 @@ def vision_groups(visual) -> list[list]:
         stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
         return _groups([stem, *visual.stages, visual.attnpool])
     blocks = list(visual.transformer.resblocks)
+    pool = [visual.attn_pool] if hasattr(visual, "attn_pool") else []  # CoCa's pooler, read by ln_post
     return _groups([[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
-                    *blocks[:-1], [blocks[-1], visual.ln_post], visual.proj])
+                    *blocks[:-1], [blocks[-1], *pool, visual.ln_post], visual.proj])
 
 
 def text_groups(text) -> list[list]:
@@ -62,7 +63,8 @@ def text_groups(text) -> list[list]:
         return _groups(text.groups())
     if hasattr(text, "token_embedding"):  # OpenAI's causal tower
         blocks = list(text.transformer.resblocks)
-        return _groups([[text.token_embedding, text.positional_embedding], *blocks[:-1],
+        cls = [text.cls_emb] if hasattr(text, "cls_emb") else []  # CoCa's class embedding, open_clip's embeddings
+        return _groups([[text.token_embedding, text.positional_embedding, *cls], *blocks[:-1],
                         [blocks[-1], text.ln_final], text.text_projection])
     bert = text.transformer
     layers = list(bert.encoder.layer)
@@ -91,7 +93,8 @@ def lock_tower(groups: list[list], unlocked: int, freeze_layer_norm: bool) -> No
 
 
 def apply_locks(model, cfg: dict) -> None:
-    """lock_image / lock_text with their unlocked groups, as the settings in train.py describe."""
+    """lock_image / lock_text with their unlocked groups, as the settings in train.py describe. A CoCa's caption
+    decoder belongs to neither tower and keeps training, as open_clip's locks leave it."""
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg["lock_image"]:

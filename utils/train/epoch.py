@@ -14,6 +14,7 @@ from utils.device import PRECISIONS, autocast
 from utils.errors import UserError
 from utils.finetune.accum import CachedBatch
 from utils.finetune.partial import batch_norm_stats_frozen, freeze_batch_norm_stats, tower_trains
+from utils.train.caption_loss import batch_losses
 from utils.train.distributed import DistInfo, all_true, mean_across
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -60,10 +61,10 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
         pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         if accum_freq > 1:
             batch = CachedBatch(model, criterion, pixels, tokens, accum_freq, device, PRECISIONS[precision])
-            loss = batch.loss
+            loss, parts = batch.loss, batch.parts
         else:
             with autocast(device, PRECISIONS[precision]):
-                loss = criterion(*model(pixels, tokens))
+                loss, parts = batch_losses(model, criterion, pixels, tokens)
         if not all_true(bool(torch.isfinite(loss)), info, device):
             state["bad_steps"] += 1
             state["bad_in_a_row"] += 1
@@ -90,13 +91,17 @@ def fit_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoch:
         state["global_step"] += 1
         state["step"] = step + 1
         shown = float(mean_across(loss.detach().float(), info))
+        terms = {name: float(mean_across(term.detach().float(), info)) for name, term in parts.items()}
         lr = optimizer.param_groups[0]["lr"]
         if info.is_main:
             state["epoch_loss_sum"] += shown if math.isfinite(shown) else 0.0
             state["epoch_loss_count"] += int(math.isfinite(shown))
+            sums = state.setdefault("epoch_term_sums", {})
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + (value if math.isfinite(shown) else 0.0)
             bar.set_postfix(loss=f"{state['epoch_loss_sum'] / max(state['epoch_loss_count'], 1):.3f}", lr=f"{lr:.2e}")
             if history is not None:
-                history.log_step(state["global_step"], epoch, loss=shown, lr=lr)
+                history.log_step(state["global_step"], epoch, loss=shown, lr=lr, **terms)
         if step + 1 < total and stop_requested(stop, state, cfg, info, device):
             return False
     bar.close()
@@ -109,6 +114,6 @@ def validation_loss(model, criterion, loader, device, precision: str, info: Dist
     losses = []
     for pixels, tokens in loader:
         with autocast(device, PRECISIONS[precision]):
-            losses.append(criterion(*model(pixels.to(device), tokens.to(device))).float())
+            losses.append(batch_losses(model, criterion, pixels.to(device), tokens.to(device))[0].float())
     mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device)
     return float(mean_across(mean, info))

@@ -26,6 +26,7 @@ from utils.finetune.lora import add_lora, plain_state_dict, save_adapter
 from utils.finetune.partial import apply_locks, batch_norm_stats_frozen, parameter_summary
 from utils.metrics import small_val_warning
 from utils.tokenizer import copy_tokenizer_files, files_beside, reads_files_beside, text_tokenizer
+from utils.train.caption_loss import CAPTION_LOSS_WEIGHT, CONTRASTIVE_LOSS_WEIGHT, CoCaLoss
 from utils.train.checkpoint import load_state, newest_state, prune_states, state_path
 from utils.train.distributed import DistInfo, cleanup, init_distributed
 from utils.train.epoch import StopFlag, fit_one_epoch, stop_requested, validation_loss
@@ -220,6 +221,9 @@ class _Run:
         self.ddp_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if self.info.enabled else self.model
         self.criterion = build_loss(self.loss, self.info)
+        if self.model.writes_captions:  # a CoCa trains its caption decoder too, as open_clip trains it
+            self.criterion = CoCaLoss(self.criterion, cfg.get("coca_caption_loss_weight", CAPTION_LOSS_WEIGHT),
+                                      cfg.get("coca_contrastive_loss_weight", CONTRASTIVE_LOSS_WEIGHT), self.info)
 
     def restore_progress(self) -> None:
         resumed, device = self.resumed, self.device
@@ -257,6 +261,10 @@ class _Run:
         copy_tokenizer_files(self.tokenizer_folder, self.save_dir)
         print(f"phi={self.phi}  loss={self.loss}  device={self.device}  precision={self.precision}  "
               f"processes={info.world_size}")
+        if isinstance(self.criterion, CoCaLoss):
+            print(f"CoCa: loss = {self.criterion.contrastive_weight:g} x {self.loss} + "
+                  f"{self.criterion.caption_weight:g} x caption cross-entropy (coca_contrastive_loss_weight, "
+                  "coca_caption_loss_weight)")
         tuning = self.tuning
         print(parameter_summary(self.model) + (f", LoRA r={tuning['lora_r']} on {'+'.join(tuning['lora_targets'])}"
                                                if tuning.get("lora_r", 0) > 0 else ""))
@@ -316,7 +324,7 @@ class _Run:
                         "log_dir": state["log_dir"]}
         for epoch in range(state["epoch"], cfg["Epoch"]):
             state["epoch"] = epoch
-            state["epoch_loss_sum"], state["epoch_loss_count"] = 0.0, 0
+            state["epoch_loss_sum"], state["epoch_loss_count"], state["epoch_term_sums"] = 0.0, 0, {}
             self.train_sampler.set_epoch(epoch, state["step"])
             finished = fit_one_epoch(self.ddp_model, self.criterion, self.optimizer, self.scheduler, self.scaler,
                                      self.train_loader, epoch + 1, state["step"], state, cfg, self.device,
@@ -342,6 +350,9 @@ class _Run:
                   "lr": self.optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"]}
         print(f"Epoch {epoch + 1}/{cfg['Epoch']}")
         print(f"Total Loss: {train_loss:.3f} || Val Loss: {val_loss:.3f} ")
+        if terms := {name: total / max(state["epoch_loss_count"], 1) for name, total in state.get("epoch_term_sums", {}).items()}:
+            record.update(terms)  # a CoCa's weighted contrastive_loss and caption_loss, whose sum is the loss
+            print("  = " + " + ".join(f"{name} {value:.3f}" for name, value in terms.items()))
         if self.evaluator.due(epoch + 1, cfg["Epoch"]):
             metrics = self.evaluator(self.model)
             summary["metrics"] = metrics
