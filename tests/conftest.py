@@ -182,7 +182,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def _no_init():
+def no_init():
     """torch.nn.init's fills as no-ops: on the meta device they change nothing but cost half of a big tower's build
     (each op dispatched through the device mode), and only names and shapes are compared."""
     def keep(*args, **kwargs):
@@ -199,7 +199,7 @@ def meta_models_with_open_clips_names_and_shapes(name: str, config):
     same parameter names and shapes."""
     import open_clip
 
-    with _no_init(), torch.device("meta"):
+    with no_init(), torch.device("meta"):
         reference = open_clip.create_model(name, pretrained=None, device="meta")
         model = build_model(config)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \

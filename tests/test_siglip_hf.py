@@ -343,12 +343,13 @@ def test_every_siglip_row_exports_onto_siglipmodels_names_and_shapes_and_reads_b
 
     from nets.clip import build_model
     from nets.configs import SIGLIP, phi_of, same_architecture
+    from tests.conftest import no_init
     from utils.weights.layouts import (config_from_transformers, open_clip_to_siglip, siglip_head,
                                        siglip_transformers_config)
 
     for phi, row in SIGLIP.items():
         hf_config = siglip_transformers_config(row, pad_token_id=0, eos_token_id=1)
-        with torch.device("meta"):
+        with no_init(), torch.device("meta"):
             ours = open_clip_to_siglip(siglip_head(build_model(row).state_dict(), row))
             theirs = transformers.SiglipModel(hf_config).state_dict()
         assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}, phi
