@@ -34,7 +34,8 @@ DOWNLOAD = "downloads weights by name (tests/test_download.py covers names again
 SKIPPED = {  # documented command -> why it cannot run here
     "pip install -r requirements.txt && python train.py --demo en":
         "installs from the network; the module's fixture runs the demo, shortened",
-    "pip install -r requirements.txt && python -m pytest -q": "the whole suite, this test among it",
+    "pip install -r requirements.txt && python -m pytest -q -n 2 --dist loadfile": "the whole suite, this test among it",
+    "python -m pytest -q -n 2 --dist loadfile": "the whole suite, this test among it",
     "python -m pytest -q": "the whole suite, this test among it",
     "python -m pytest -q -m 'not slow'": "most of the suite (tests/test_suite_settings.py runs it on a planted folder)",
     "python -m pytest -q --lf": "the suite's last failures (tests/test_suite_settings.py runs it on a planted folder)",
