@@ -158,7 +158,9 @@ FAMILY_PHIS = {"OpenAI ViT": ("ViT-B-32", 8), "OpenAI ResNet": ("RN50", 8), "Sig
                "EVA": ("EVA02-B-16", 4), "ConvNeXt": ("convnext_base", 4), "ViTamin": ("ViTamin-S", 4),
                "PE-Core": ("PE-Core-T-16-384", 4), "MobileCLIP": ("MobileCLIP-B", 4), "CLIPA": ("ViT-L-14-CLIPA", 2),
                "MobileCLIP FastViT": ("MobileCLIP2-S0", 4), "CoCa": ("coca_ViT-B-32", 4),
-               "HF text": ("xlm-roberta-base-ViT-B-32", 4)}
+               "HF text": ("xlm-roberta-base-ViT-B-32", 4),
+               # 1.9B parameters (XLM-V's 901,629-token embedding is half): two side by side need about 16 GB.
+               "MetaCLIP 2": ("ViT-H-14-worldwide", 1)}
 
 
 class _RowConfig:
@@ -178,6 +180,12 @@ def family_tokens(config: CLIPConfig, n: int) -> torch.Tensor:
     text = config.text
     if text.kind in ("openai", "openai-custom") and text.causal and not text.tokenizer:
         return BPETokenizer(context_length=text.context_length)(flickr_like_captions(n))
+    if text.pool == "eos":  # MetaCLIP 2: ids of a Flickr-like caption's length, its </s>, then padding
+        lengths = (BPETokenizer(context_length=text.context_length)(flickr_like_captions(n)) != 0).sum(1)
+        tokens = torch.randint(3, text.vocab_size, (n, text.context_length), generator=torch.Generator().manual_seed(0))
+        for row, length in zip(tokens, lengths.tolist()):
+            row[length - 1], row[length:] = text.eos_id, text.pad_id
+        return tokens
     return torch.randint(1, text.vocab_size, (n, text.context_length), generator=torch.Generator().manual_seed(0))
 
 
