@@ -1,6 +1,7 @@
 """Inference wrapper in the original repo's shape: `CLIP(**overrides).detect_image(image, texts)`."""
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
 import utils  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads)
@@ -11,11 +12,14 @@ from PIL import Image
 
 from nets import MODEL_CONFIGS, build_model, get_config
 from nets.fast import accelerate
+from nets.ort import OnnxRuntime
 from utils.data.images import eval_transform
 from utils.data.pictures import ImagePipeline
+from utils.checks import RUNTIME_NAMES
 from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, text_tokenizer
+from utils.weights.download import cache_dir
 from utils.weights.load import load, preprocess_of
 from utils.weights.memory import ensure_fits, parameter_count
 
@@ -42,6 +46,11 @@ class CLIP(object):
         # On the CPU, linear layers run through oneDNN (nets/fast.py): about twice as fast, features within
         # 1e-5 of the plain PyTorch path; False keeps the plain path.
         "onednn": True,
+        # "torch", or "onnxruntime": on the CPU in fp32, the towers run in onnxruntime from an ONNX export made once
+        # per weights and kept in the download cache (nets/ort.py); faster on CPUs where onnxruntime's matmuls beat
+        # oneDNN's (AVX2; `predict.py --mode fps` says), features within 1e-4. The first call of each tower exports
+        # it (tens of seconds for a ViT-B); later starts load it.
+        "runtime": "torch",
     }
 
     @classmethod
@@ -68,6 +77,11 @@ class CLIP(object):
         self.generate()
 
     def generate(self) -> None:
+        if self.runtime not in RUNTIME_NAMES:
+            raise UserError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIME_NAMES)}")
+        if self.runtime == "onnxruntime":
+            if importlib.util.find_spec("onnxruntime") is None:
+                raise UserError("runtime='onnxruntime' needs onnxruntime: pip install onnxruntime")
         self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
@@ -92,6 +106,11 @@ class CLIP(object):
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
         if self.onednn and self.device.type == "cpu":
             accelerate(self.net)
+        if self.runtime == "onnxruntime":
+            if self.device.type == "cpu" and self.precision == "fp32":
+                self.net.runtime = OnnxRuntime(cache_dir() / "onnx", self.tokenizer.pad_token_id)
+            else:
+                print(f"runtime onnxruntime runs fp32 on the CPU; {self.precision} on {self.device} runs in PyTorch")
         # The weights are cast to the precision, so the pipeline needs no autocast region (dtype float32).
         self.pipeline = ImagePipeline(lambda pixels: self.net.encode_image(pixels), self.transform, self.device,
                                       fast_decode=self.fast_decode)

@@ -129,6 +129,9 @@ repetition_penalty = 1.0
 Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
+# "torch", or "onnxruntime": on the CPU in fp32 the towers run in onnxruntime from an ONNX export made on first use
+# and cached per weights (faster where onnxruntime's matmuls beat oneDNN's, as on AVX2 CPUs; --mode fps tells).
+runtime = "torch"
 
 def main(config: dict, explicit: dict) -> None:
     from utils.predict.settings import check_settings

@@ -97,6 +97,9 @@ class CLIP(nn.Module):
         self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(float(bias))))
         # CoCa's caption decoder (`text_decoder.*`, open_clip's keys); None for every other model.
         self.text_decoder = None if config.decoder is None else MultimodalDecoder(config.decoder)
+        # Another runtime for the towers' inference (nets/ort.py's onnxruntime): its image(net, pixels) / text(net,
+        # tokens) answer a call or return None for the towers to run it. None: the towers always do.
+        self.runtime = None
         self.register_state_dict_post_hook(_drop_text_prefix)
         self.register_load_state_dict_pre_hook(_add_text_prefix)
 
@@ -119,10 +122,12 @@ class CLIP(nn.Module):
         return self.text_decoder(image_tokens, self.text.forward_with_tokens(tokens)[1])
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixels)
+        features = None if self.runtime is None else self.runtime.image(self, pixels)
+        return self.visual(pixels) if features is None else features
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text(tokens)
+        features = None if self.runtime is None else self.runtime.text(self, tokens)
+        return self.text(tokens) if features is None else features
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, captions: bool = False) -> tuple[torch.Tensor, ...]:
         """Normalised image and text features, the temperature `logit_scale.exp()` and, for a model with one,

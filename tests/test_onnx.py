@@ -25,10 +25,10 @@ from tests.conftest import SMALL, bert_config, random_tokens, run_script
 from utils.data.images import eval_transform, open_rgb
 from utils.data.preprocess import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
 from utils.export import onnx_export
-from utils.export.onnx_export import export_tower, run_session, session
+from utils.export.onnx_export import run_session, session
 from utils.export.onnx_predict import OnnxCLIP, trim_padding
 from utils.export.preprocess import pixels
-from utils.export.towers import encoders
+from nets.onnx_towers import encoders, export_tower
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "img" / "example.jpg"

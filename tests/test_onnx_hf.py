@@ -168,8 +168,8 @@ class _EighTower(torch.nn.Module):
 
 def test_a_text_tower_with_an_op_that_does_not_export_is_refused_in_one_line_naming_it():
     from utils.errors import UserError
-    from utils.export.onnx_export import export_or_refuse
-    from utils.export.towers import HFTextEncoder
+    from nets.onnx_towers import export_or_refuse
+    from nets.onnx_towers import HFTextEncoder
 
     with pytest.raises(UserError) as e:
         export_or_refuse(HFTextEncoder(_EighTower(), 20, 1).eval(), torch.float32, "tiny's text tower")

@@ -181,8 +181,8 @@ def test_resnet_image_tower_in_onnxruntime_within_1e4(resnet_session, batch):
 
 @pytest.fixture(scope="module")
 def resnet_session():
-    from utils.export.onnx_export import export_tower, session
-    from utils.export.towers import encoders
+    from utils.export.onnx_export import session
+    from nets.onnx_towers import encoders, export_tower
 
     torch.manual_seed(0)
     net = build_model(get_config("tiny/RN-T")).eval()

@@ -345,7 +345,7 @@ def run_export_hf(config: dict) -> None:
     if config["phi"] != "auto" and (reason := refusal(get_config(config["phi"]))):
         raise UserError(f"cannot export phi={config['phi']!r} to transformers: {reason}")
     check_target(folder)
-    model = CLIP.from_config(config, letterbox_image=False, cuda=False, precision="fp32")
+    model = CLIP.from_config(config, letterbox_image=False, cuda=False, precision="fp32", runtime="torch")
     if reason := refusal(model.net.config):
         raise UserError(f"cannot export {config['model_path']} (phi={model.phi!r}) to transformers: {reason}")
     if config["letterbox_image"]:

@@ -9,56 +9,21 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.errors import UserError
 from utils.files import check_writable, write_error
 from utils.tokenizer import (DEFAULT_BPE_PATH, HUB_TOKENIZER_FILES, SIGLIP_TOKENIZER_FILES, TOKENIZER_CONFIG_FILES,
                              XLM_SENTENCEPIECE, files_beside, tokenizer_kind)
 
+from nets.onnx_towers import OPSET, encoders, export_or_refuse
 from utils.export.preprocess import to_config
-from utils.export.towers import encoders
 
-# torch's exporter builds its graphs in opset 18 (TORCHLIB_OPSET); the issue asks for 17 or later.
-OPSET = 18
 # Captions of several lengths for the parity check printed after export.
 _CHECK_CAPTIONS = ["a dog", "a photo of a red car parked next to a tall building on a rainy day", "一只猫"]
-
-
-def export_tower(encoder: torch.nn.Module, dtype: torch.dtype) -> bytes:
-    """The serialised ONNX model of one wrapper from towers.py, its batch (and text length) dynamic."""
-    name = encoder.input_name
-    with torch.no_grad():
-        program = torch.onnx.export(encoder, (encoder.example(dtype),), input_names=[name],
-                                    output_names=["features"], dynamic_shapes=encoder.dynamic_shapes(),
-                                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
-    return program.model_proto.SerializeToString()
-
-
-def refusal(error: Exception) -> str:
-    """What stopped torch's exporter, in a few words: the op it has no ONNX function for (`aten._linalg_eigh.default`),
-    else the node it could not translate, else its message's first line."""
-    text = str(error)
-    op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
-    if op:
-        return f"the op {op[1]}.{op[2]} has no ONNX function in torch's exporter"
-    node = re.search(r"target=(torch\.ops\.[\w.]+)", text)
-    if node:
-        return f"torch's exporter cannot translate the op {node[1].removeprefix('torch.ops.')}"
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:200]
-
-
-def export_or_refuse(encoder: torch.nn.Module, dtype: torch.dtype, what: str) -> bytes:
-    """export_tower's bytes, or a one-line UserError naming `what` (a tower) and the op that does not export."""
-    try:
-        return export_tower(encoder, dtype)
-    except torch.onnx.OnnxExporterError as e:
-        raise UserError(f"ONNX export of {what} is refused: {refusal(e)}; use the PyTorch model") from e
 
 
 def session(model: bytes | str | Path):
@@ -177,7 +142,7 @@ def run_export(config: dict) -> None:
 
     folder = Path(config["export_dir"])
     check_writable(folder, "export_dir")
-    model = CLIP.from_config(config, cuda=False, precision="fp32")
+    model = CLIP.from_config(config, cuda=False, precision="fp32", runtime="torch")
     files = export_files(model, fp16=config["export_fp16"])
     write_files(folder, files)
     print(f"wrote {', '.join(files)} to {folder} ({'fp16' if config['export_fp16'] else 'fp32'}, opset {OPSET}); "

@@ -2,7 +2,7 @@
 are utils/predict/inputs.py's."""
 from __future__ import annotations
 
-from utils.checks import PRECISION_NAMES, one_of, weights_exist
+from utils.checks import PRECISION_NAMES, RUNTIME_NAMES, one_of, weights_exist
 from utils.errors import UserError
 from utils.predict.modes import MODES
 
@@ -10,6 +10,7 @@ from utils.predict.modes import MODES
 def check_settings(cfg: dict) -> None:
     one_of(cfg, "mode", tuple(MODES))
     one_of(cfg, "precision", PRECISION_NAMES, also=(None,))
+    one_of(cfg, "runtime", RUNTIME_NAMES)
     one_of(cfg, "embed_dtype", ("float16", "float32"))
     one_of(cfg, "generation", ("beam_search", "greedy", "top_k", "top_p"))
     if cfg["part_size"] < 1:

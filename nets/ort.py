@@ -1,0 +1,178 @@
+"""runtime="onnxruntime": a net's towers run by onnxruntime, from an ONNX export cached by the weights' content.
+
+On CPUs where onnxruntime's own matmuls (MLAS) beat oneDNN's on the skinny matrices of inference (this project's
+AVX2 EPYC: 50 x 768 x 3072 at one thread 67 against 53 GFLOP/s, a 13-token caption's 54 against 42), the whole
+tower is faster there than nets/fast.py can make PyTorch (benchmarks/README.md, bench_fast.py); where oneDNN wins
+(the AVX-512 machines) `runtime="torch"` stays the faster choice. `python predict.py --mode fps` says which.
+
+Each tower is exported on its first call (tens of seconds for a ViT-B, once) into
+`<cache>/onnx/<key>/<tower>.onnx`, checked against PyTorch on an example batch before it is kept, and loaded from
+there on every later start; the key is a sha256 over the model's config, the tower's every tensor (name, dtype,
+shape, bytes) and the torch, onnxruntime and exporter versions, so an export of other weights is never used.
+A tower runs in onnxruntime only while gradients are off, the net is in eval mode, its input is a CPU tensor
+(float32 pixels, integer ids) and its weights are still those hashed (each tensor's storage and version counter:
+an in-place update, a load_state_dict or a cast moves them); otherwise, or where the export is refused, PyTorch
+runs it, said once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+from .onnx_towers import OPSET, encoders, export_or_refuse
+
+# Bumped whenever the exported graphs change, so that older cached files are not loaded.
+EXPORT_VERSION = 1
+# Largest |onnxruntime - PyTorch| on the example batch for an export to be kept (the house's feature tolerance).
+TOLERANCE = 1e-4
+
+
+def _tower(net: nn.Module, name: str) -> nn.Module:
+    return net.visual if name == "image" else net.text
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """Where each tensor lives and how often it was written: a cast, a load or an in-place update changes it."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+def weights_key(net: nn.Module, name: str) -> str:
+    """sha256 (32 hex digits) over what the export of tower `name` depends on."""
+    import onnxruntime
+
+    h = hashlib.sha256(json.dumps({"config": net.config.to_dict(), "tower": name, "opset": OPSET,
+                                   "export": EXPORT_VERSION, "torch": torch.__version__,
+                                   "onnxruntime": onnxruntime.__version__}, sort_keys=True).encode())
+    for key, t in _tower(net, name).state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all: a temporary file renamed (a concurrent writer's equal file may win)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class OnnxRuntime:
+    """Set as `net.runtime` (nets/clip.py): `image(net, pixels)` / `text(net, tokens)` answer a tower's call from
+    onnxruntime, or None where PyTorch must run it."""
+
+    def __init__(self, cache: str | Path, pad_id: int, threads: int = 0, log=print):
+        self.cache = Path(cache)
+        self.pad_id = pad_id
+        self.threads = threads or torch.get_num_threads()
+        self.log = log
+        self._sessions: dict[str, object] = {}
+        self._fingerprints: dict[str, tuple] = {}
+        self._refused: dict[str, str] = {}
+        self._trims: dict[str, bool] = {}
+        self._said: set[str] = set()
+
+    # Sessions hold native state: a copy or a pickle of the net gets no runtime (its towers run in PyTorch).
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+    def image(self, net: nn.Module, pixels: torch.Tensor) -> torch.Tensor | None:
+        if not (self._usable(net, pixels) and pixels.dtype == torch.float32 and pixels.dim() == 4):
+            return None
+        session = self._session(net, "image")
+        if session is None:
+            return None
+        return torch.from_numpy(session.run(None, {"pixels": pixels.contiguous().numpy()})[0])
+
+    def text(self, net: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+        if not (self._usable(net, tokens) and not tokens.is_floating_point() and tokens.dim() == 2):
+            return None
+        session = self._session(net, "text")
+        if session is None:
+            return None
+        ids = tokens.to(torch.int64).numpy()
+        if self._trims["text"]:
+            used = np.flatnonzero((ids != self.pad_id).any(axis=0))
+            ids = ids[:, :max(2, int(used[-1]) + 1 if used.size else 2)]
+        return torch.from_numpy(session.run(None, {"tokens": np.ascontiguousarray(ids)})[0])
+
+    @staticmethod
+    def _usable(net: nn.Module, x: torch.Tensor) -> bool:
+        return (type(x) is torch.Tensor and x.device.type == "cpu" and len(x) > 0 and not net.training
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+    def _say(self, name: str, why: str) -> None:
+        if name not in self._said:
+            self._said.add(name)
+            self.log(f"runtime onnxruntime: the {name} tower runs in PyTorch ({why})")
+
+    def _session(self, net: nn.Module, name: str):
+        if name in self._refused:
+            return None
+        tower = _tower(net, name)
+        if name in self._sessions:
+            if _fingerprint(tower) == self._fingerprints[name]:
+                return self._sessions[name]
+            self._say(name, "its weights changed since they were exported")
+            return None
+        if any(p.dtype != torch.float32 for p in tower.parameters()):
+            self._refused[name] = "onnxruntime runs the float32 weights only"
+            self._say(name, self._refused[name])
+            return None
+        try:
+            self._sessions[name] = self._load(net, name)
+        except UserError as e:
+            self._refused[name] = str(e)
+            self._say(name, str(e))
+            return None
+        self._fingerprints[name] = _fingerprint(tower)
+        return self._sessions[name]
+
+    def _load(self, net: nn.Module, name: str):
+        import onnxruntime as ort
+
+        path = self.cache / weights_key(net, name) / f"{name}.onnx"
+        encoder = encoders(net)[name]
+        if not path.is_file():
+            self.log(f"runtime onnxruntime: exporting the {name} tower once, to {path}")
+            data = export_or_refuse(encoder, torch.float32, f"the {name} tower")
+            self._check(ort.InferenceSession(data, providers=["CPUExecutionProvider"]), encoder)
+            _write_once(path, data)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own types, for a file damaged in the cache
+            raise UserError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); delete it to "
+                            "export again") from e
+        self._trims[name] = encoder.trims_padding
+        return session
+
+    @staticmethod
+    def _check(session, encoder: nn.Module) -> None:
+        given = encoder.example(torch.float32)
+        with torch.no_grad():
+            want = encoder(given).numpy()
+        got = session.run(None, {encoder.input_name: given.numpy()})[0]
+        diff = float(np.abs(got - want).max())
+        if not diff <= TOLERANCE:
+            raise UserError(f"its export differs from PyTorch by {diff:.1e} on an example batch")
