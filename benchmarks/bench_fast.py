@@ -1,5 +1,5 @@
 """CPU inference side by side in one process: plain PyTorch, the oneDNN path CLIP runs (nets/fast.py),
-onnxruntime and open_clip, fp32 and bf16, with the share of this CPU's measured matmul peak.
+onnxruntime, CLIP(runtime="onnxruntime") (nets/ort.py: the same graphs behind our API) and open_clip, fp32 and bf16, with the share of this CPU's measured matmul peak.
 
     python benchmarks/bench_fast.py [--phi openai/VIT-B-32] [--batch 1 32] [--reps 5] [--threads N]
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_inference import flickr_like_captions, open_clip_peer  # noqa: E402  (this folder)
 from clip import CLIP  # noqa: E402
 from nets.fast import accelerate  # noqa: E402
+from nets.ort import OnnxRuntime  # noqa: E402
 
 
 def _median_seconds(run, reps: int) -> float:
@@ -92,6 +93,12 @@ def encoders(model: CLIP, threads: int) -> dict[str, dict]:
     peer = open_clip_peer(model.net.config, model.net.state_dict())
     if peer is not None:
         found["open_clip"] = towers(peer)
+    # CLIP(runtime="onnxruntime"): the same graphs behind our API (net.encode_image / encode_text), exported to a
+    # fresh cache here. Not right after onnxruntime: each session's threads spin a while after a run, which slows
+    # another session that starts at once (alone, each runs at the other's rate).
+    behind = copy.deepcopy(model.net)
+    behind.runtime = OnnxRuntime(Path(folder) / "cache", model.tokenizer.pad_token_id, threads, log=lambda line: None)
+    found["runtime onnxruntime"] = towers(behind)
     if not BF16_UNITS:
         return found
     bf16 = copy.deepcopy(model.net).bfloat16()
@@ -152,17 +159,20 @@ def main() -> None:
           + (f"; bf16/fp32 {bf16_peak / fp32_peak:.2f}x" if BF16_UNITS else ""))
     names = list(run)
     bf16 = ["fast bf16 / fast", "% bf16 peak (fast bf16)"] if BF16_UNITS else []
-    columns = names + ["fast / onnxruntime"] + bf16[:1] + ["% fp32 peak (eager, fast)"] + bf16[1:]
-    print("| per second | batch | " + " | ".join(columns) + " | max abs diff from eager (fast, onnxruntime) |")
+    columns = names + ["fast / onnxruntime", "runtime onnxruntime / onnxruntime"] + bf16[:1] + ["% fp32 peak (eager, fast)"] + bf16[1:]
+    print("| per second | batch | " + " | ".join(columns) + " | max abs diff from eager (fast, onnxruntime, runtime "
+          "onnxruntime) |")
     print("|---|---:|" + "---:|" * len(columns) + "---|")
     for kind, batch, flops, times, diffs in rows:
         speed = {name: batch / t for name, t in times.items()}
         share = {name: flops / times[name] / 1e9 for name in names}
-        cells = [f"{speed[n]:.1f}" for n in names] + [f"{speed['fast'] / speed['onnxruntime']:.2f}x"]
+        cells = [f"{speed[n]:.1f}" for n in names] + [f"{speed['fast'] / speed['onnxruntime']:.2f}x",
+                                                      f"{speed['runtime onnxruntime'] / speed['onnxruntime']:.2f}x"]
         cells += [f"{speed['fast bf16'] / speed['fast']:.2f}x"] if BF16_UNITS else []
         cells += [f"{100 * share['eager'] / fp32_peak:.0f}%, {100 * share['fast'] / fp32_peak:.0f}%"]
         cells += [f"{100 * share['fast bf16'] / bf16_peak:.0f}%"] if BF16_UNITS else []
-        print(f"| {kind}s | {batch} | " + " | ".join(cells) + f" | {diffs['fast']:.1e}, {diffs['onnxruntime']:.1e} |")
+        print(f"| {kind}s | {batch} | " + " | ".join(cells) + f" | {diffs['fast']:.1e}, {diffs['onnxruntime']:.1e}, "
+              f"{diffs['runtime onnxruntime']:.1e} |")
 
 
 if __name__ == "__main__":

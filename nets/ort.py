@@ -96,10 +96,10 @@ class OnnxRuntime:
         return (type(None), ())
 
     def image(self, net: nn.Module, pixels: torch.Tensor) -> torch.Tensor | None:
-        if not (self._usable(net, pixels) and pixels.dtype == torch.float32 and pixels.dim() == 4):
+        if not (self._usable(net, pixels) and pixels.dim() == 4):
             return None
         session = self._session(net, "image")
-        if session is None:
+        if session is None or pixels.dtype != torch.float32:
             return None
         return torch.from_numpy(session.run(None, {"pixels": pixels.contiguous().numpy()})[0])
 
