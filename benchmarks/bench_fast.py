@@ -1,5 +1,6 @@
 """CPU inference side by side in one process: plain PyTorch, the oneDNN path CLIP runs (nets/fast.py),
-onnxruntime, CLIP(runtime="onnxruntime") (nets/ort.py: the same graphs behind our API) and open_clip, fp32 and bf16, with the share of this CPU's measured matmul peak.
+onnxruntime, CLIP(runtime="onnxruntime") (nets/ort.py: the same graphs behind our API) and open_clip, fp32 and
+bf16, with the share of this CPU's measured matmul peak.
 
     python benchmarks/bench_fast.py [--phi openai/VIT-B-32] [--batch 1 32] [--reps 5] [--threads N]
 
@@ -159,7 +160,8 @@ def main() -> None:
           + (f"; bf16/fp32 {bf16_peak / fp32_peak:.2f}x" if BF16_UNITS else ""))
     names = list(run)
     bf16 = ["fast bf16 / fast", "% bf16 peak (fast bf16)"] if BF16_UNITS else []
-    columns = names + ["fast / onnxruntime", "runtime onnxruntime / onnxruntime"] + bf16[:1] + ["% fp32 peak (eager, fast)"] + bf16[1:]
+    columns = (names + ["fast / onnxruntime", "runtime onnxruntime / onnxruntime"] + bf16[:1]
+               + ["% fp32 peak (eager, fast)"] + bf16[1:])
     print("| per second | batch | " + " | ".join(columns) + " | max abs diff from eager (fast, onnxruntime, runtime "
           "onnxruntime) |")
     print("|---|---:|" + "---:|" * len(columns) + "---|")

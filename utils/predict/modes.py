@@ -97,8 +97,10 @@ def fps(config: dict) -> None:
     from utils.predict.speed import encoding_speed, format_speeds
 
     model = _clip(config)
-    print(format_speeds(encoding_speed(model, (1, config["batch_size"])),
-                        f"{model.phi} on {model.device} ({model.precision})"))
+    label = f"{model.phi} on {model.device} ({model.precision}, runtime {model.runtime})"
+    if model.device.type == "cpu":  # the other runtime may be the faster one on this CPU (clip.py, runtime)
+        label += f"; compare --runtime {'torch' if model.runtime == 'onnxruntime' else 'onnxruntime'}"
+    print(format_speeds(encoding_speed(model, (1, config["batch_size"])), label))
 
 
 def embed(config: dict) -> None:
