@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.tokenizer import trim_padding
 
 from .onnx_towers import OPSET, encoders, export_or_refuse
 
@@ -127,8 +128,7 @@ class OnnxRuntime:
             return None  # the graph takes these lengths only; the tower says what is wrong with others
         ids = tokens.to(torch.int64).numpy()
         if self._trims["text"]:
-            used = np.flatnonzero((ids != self.pad_id).any(axis=0))
-            ids = ids[:, :max(2, int(used[-1]) + 1 if used.size else 2)]
+            ids = trim_padding(ids, self.pad_id)
         return torch.from_numpy(session.run(None, {"tokens": np.ascontiguousarray(ids)})[0])
 
     @staticmethod

@@ -26,7 +26,8 @@ from utils.data.images import eval_transform, open_rgb
 from utils.data.preprocess import LETTERBOX_FILL, OPENAI_MEAN, OPENAI_STD
 from utils.export import onnx_export
 from utils.export.onnx_export import run_session, session
-from utils.export.onnx_predict import OnnxCLIP, trim_padding
+from utils.export.onnx_predict import OnnxCLIP
+from utils.tokenizer import trim_padding
 from utils.export.preprocess import pixels
 from nets.onnx_towers import encoders, export_tower
 

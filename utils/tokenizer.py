@@ -414,3 +414,10 @@ def build_tokenizer(
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
     return TOKENIZERS[kind](vocab_path, context_length)
+
+
+def trim_padding(tokens: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    """`tokens` without the columns that are padding (`pad_id`) in every row: less work for the same features, where
+    the tower masks its padding or never reads past the pooled token (the ONNX graphs of onnx_predict and nets/ort)."""
+    used = np.flatnonzero((tokens != pad_id).any(axis=0))
+    return tokens[:, :max(2, int(used[-1]) + 1 if used.size else 2)]

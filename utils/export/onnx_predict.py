@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
+from utils.tokenizer import trim_padding
 
 from utils.export import preprocess
 
@@ -33,12 +34,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-logits))
-
-
-def trim_padding(tokens: np.ndarray, pad_id: int = 0) -> np.ndarray:
-    """`tokens` without the columns that are padding (`pad_id`) in every row: the same features, less work."""
-    used = np.flatnonzero((tokens != pad_id).any(axis=0))
-    return tokens[:, :max(2, int(used[-1]) + 1 if used.size else 2)]
 
 
 def _tokenizer(config: dict, folder: Path):
