@@ -5,9 +5,10 @@ AVX2 EPYC: 50 x 768 x 3072 at one thread 67 against 53 GFLOP/s, a 13-token capti
 tower is faster there than nets/fast.py can make PyTorch (benchmarks/README.md, bench_fast.py); where oneDNN wins
 (the AVX-512 machines) `runtime="torch"` stays the faster choice. `python predict.py --mode fps` says which.
 
-Each tower is exported on its first call (tens of seconds for a ViT-B, once) into
-`<cache>/onnx/<key>/<tower>.onnx`, checked against PyTorch on an example batch before it is kept, and loaded from
-there on every later start; the key is a sha256 over the model's config, the tower's every tensor (name, dtype,
+PyTorch answers a tower's first calls: on the second, a thread hashes the tower's weights and opens its export from
+`<cache>/onnx/<key>/<tower>.onnx` (a second or two for a ViT-B), so one image costs what it does in PyTorch; once the
+thread is done, calls go to onnxruntime, and where the cache had no export, the next call writes it (tens of
+seconds for a ViT-B, once), checked against PyTorch on an example batch before it is kept. The key is a sha256 over the model's config, the tower's every tensor (name, dtype,
 shape, bytes) and the torch, onnxruntime and exporter versions, so an export of other weights is never used.
 A tower runs in onnxruntime only while gradients are off, the net is in eval mode, its input is a CPU tensor
 (float32 pixels, integer ids) and its weights are still those hashed (each tensor's storage and version counter:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -33,6 +35,9 @@ from .onnx_towers import OPSET, encoders, export_or_refuse
 
 # Bumped whenever the exported graphs change, so that older cached files are not loaded.
 EXPORT_VERSION = 1
+# A tower's export is looked up on its LOOKUP_AFTER-th call: one image (a call per tower) costs what PyTorch's does,
+# with no hashing or session competing for the cores (0.28 s against 0.53 s for ViT-B/32 when the first call did).
+LOOKUP_AFTER = 2
 # Largest |onnxruntime - PyTorch| on the example batch for an export to be kept (the house's feature tolerance).
 TOLERANCE = 1e-4
 
@@ -102,6 +107,8 @@ class OnnxRuntime:
         self._refused: dict[str, str] = {}
         self._trims: dict[str, bool] = {}
         self._said: set[str] = set()
+        self._loading: dict[str, tuple[threading.Thread, dict]] = {}
+        self._calls: dict[str, int] = {}
 
     # Sessions hold native state: a copy or a pickle of the net gets no runtime (its towers run in PyTorch).
     def __deepcopy__(self, memo) -> None:
@@ -142,6 +149,9 @@ class OnnxRuntime:
             self.log(f"runtime onnxruntime: the {name} tower runs in PyTorch ({why})")
 
     def _session(self, net: nn.Module, name: str):
+        """The tower's session, or None while PyTorch must answer: the LOOKUP_AFTER-th call starts hashing the weights
+        and opening a cached export in a thread (both release the GIL); a call after that exports the tower when the
+        cache has none."""
         if name in self._refused:
             return None
         tower = _tower(net, name)
@@ -150,38 +160,75 @@ class OnnxRuntime:
                 return self._sessions[name]
             self._say(name, "its weights changed since they were exported")
             return None
+        if name in self._loading:
+            thread, found = self._loading[name]
+            if thread.is_alive():
+                return None
+            del self._loading[name]
+            if isinstance(found.get("error"), UserError):
+                return self._refuse(name, str(found["error"]))
+            if "error" in found:
+                raise found["error"]
+            if not self._fingerprints[name].holds(tower):  # changed while it was hashed
+                self._say(name, "its weights changed since they were exported")
+                return None
+            try:
+                self._sessions[name] = (self._export(net, name, found["path"]) if found["session"] is None
+                                        else found["session"])
+            except UserError as e:
+                return self._refuse(name, str(e))
+            return self._session(net, name)
         if any(p.dtype != torch.float32 for p in tower.parameters()):
-            self._refused[name] = "onnxruntime runs the float32 weights only"
-            self._say(name, self._refused[name])
-            return None
-        try:
-            self._sessions[name] = self._load(net, name)
-        except UserError as e:
-            self._refused[name] = str(e)
-            self._say(name, str(e))
+            return self._refuse(name, "onnxruntime runs the float32 weights only")
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._calls[name] < LOOKUP_AFTER:
             return None
         self._fingerprints[name] = _Fingerprint(tower)
-        return self._sessions[name]
+        self._trims[name] = encoders(net)[name].trims_padding
+        found: dict = {}
+        thread = threading.Thread(target=self._open, args=(net, name, found), daemon=True,
+                                  name=f"onnxruntime {name} tower")
+        self._loading[name] = (thread, found)
+        thread.start()
+        return None
 
-    def _load(self, net: nn.Module, name: str):
+    def wait(self) -> None:
+        """Until the towers' exports have been looked up and opened (tests, benchmarks: a steady state)."""
+        for thread, _ in list(self._loading.values()):
+            thread.join()
+
+    def _refuse(self, name: str, why: str) -> None:
+        self._refused[name] = why
+        self._say(name, why)
+
+    def _open(self, net: nn.Module, name: str, found: dict) -> None:
+        """In a thread: found["path"] of the tower's export, and found["session"] when the cache holds it."""
+        try:
+            found["path"] = self.cache / weights_key(net, name) / f"{name}.onnx"
+            found["session"] = self._opened(found["path"]) if found["path"].is_file() else None
+        except Exception as e:  # handed to the calling thread, which raises it or says it
+            found["error"] = e
+
+    def _export(self, net: nn.Module, name: str, path: Path):
         import onnxruntime as ort
 
-        path = self.cache / weights_key(net, name) / f"{name}.onnx"
+        self.log(f"runtime onnxruntime: exporting the {name} tower once, to {path}")
         encoder = encoders(net)[name]
-        if not path.is_file():
-            self.log(f"runtime onnxruntime: exporting the {name} tower once, to {path}")
-            data = export_or_refuse(encoder, torch.float32, f"the {name} tower")
-            self._check(ort.InferenceSession(data, providers=["CPUExecutionProvider"]), encoder)
-            _write_once(path, data)
+        data = export_or_refuse(encoder, torch.float32, f"the {name} tower")
+        self._check(ort.InferenceSession(data, providers=["CPUExecutionProvider"]), encoder)
+        _write_once(path, data)
+        return self._opened(path)
+
+    def _opened(self, path: Path):
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own types, for a file damaged in the cache
             raise UserError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); delete it to "
                             "export again") from e
-        self._trims[name] = encoder.trims_padding
-        return session
 
     @staticmethod
     def _check(session, encoder: nn.Module) -> None:
