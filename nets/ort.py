@@ -17,6 +17,7 @@ runs it, said once.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -190,6 +191,8 @@ class OnnxRuntime:
                                   name=f"onnxruntime {name} tower")
         self._loading[name] = (thread, found)
         thread.start()
+        # A session still being created when the interpreter exits aborts the process (C++ terminate): wait for it.
+        atexit.register(thread.join)
         return None
 
     def wait(self) -> None:
