@@ -48,8 +48,8 @@ class CLIP(object):
         "onednn": True,
         # "torch", or "onnxruntime": on the CPU in fp32, the towers run in onnxruntime from an ONNX export made once
         # per weights and kept in the download cache (nets/ort.py); faster on CPUs where onnxruntime's matmuls beat
-        # oneDNN's (AVX2; `predict.py --mode fps` says), features within 1e-4. The first call of each tower exports
-        # it (tens of seconds for a ViT-B); later starts load it.
+        # oneDNN's (AVX2; `predict.py --mode fps` says), features within 1e-4. PyTorch answers a tower's first
+        # calls while its export is looked up in a thread; the first run ever exports it (tens of seconds, ViT-B).
         "runtime": "torch",
     }
 
