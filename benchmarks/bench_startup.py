@@ -76,8 +76,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.phi, args.runtime, args.calls)
-    if args.calls < 3:
-        parser.error("--calls must be at least 3 (the export is written on a tower's third call)")
+    from nets.ort import LOOKUP_AFTER
+
+    if args.calls <= LOOKUP_AFTER:
+        parser.error(f"--calls must be more than {LOOKUP_AFTER} (the export is looked up on a tower's call "
+                     f"{LOOKUP_AFTER} and written on the next)")
 
     import torch
 
