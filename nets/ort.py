@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.ort_sessions import cpu_session
 from utils.tokenizer import trim_padding
 
 from .onnx_towers import OPSET, encoders, export_or_refuse
@@ -223,19 +224,7 @@ class OnnxRuntime:
         return self._opened(path)
 
     def _opened(self, path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        # A session's threads spin after each run by default, starving the other tower's session: an image and two
-        # captions, as detect_image runs them, took 177 ms with spinning and 114 ms without (ViT-B/32, 2 AVX2 cores);
-        # one tower alone loses 3-5%.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own types, for a file damaged in the cache
-            raise UserError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); delete it to "
-                            "export again") from e
+        return cpu_session(path, self.threads, "delete it to export again")
 
     @staticmethod
     def _check(session, encoder: nn.Module) -> None:

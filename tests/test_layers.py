@@ -1,7 +1,7 @@
 """The house rule: imports run one way, from the scripts down to the ground, and no two modules import each other.
 
 Layers (docs/layout.md, "Where things are"); a module may import its own layer or a lower one:
-  0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks
+  0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks, utils.ort_sessions
   1 text, data   utils.tokenizer, utils.metrics, utils.prompts, utils.dataloader, utils.data, nets.configs and
                  nets.zoo_rows, nets.hf_rows (the model table is data: convert's caption-length check reads it)
   2 models       nets, utils.weights
@@ -29,6 +29,7 @@ SCRIPT_FOLDERS = ("datasets",)
 
 LAYERS = {
     "utils.errors": 0, "utils.config": 0, "utils.device": 0, "utils.files": 0, "utils.checks": 0,
+    "utils.ort_sessions": 0,
     "utils.tokenizer": 1, "utils.metrics": 1, "utils.prompts": 1, "utils.dataloader": 1, "utils.data": 1,
     "nets.configs": 1, "nets.zoo_rows": 1, "nets.hf_rows": 1,
     "nets": 2, "utils.weights": 2,

@@ -28,6 +28,7 @@ from utils.export import onnx_export
 from utils.export.onnx_export import run_session, session
 from utils.export.onnx_predict import OnnxCLIP
 from utils.tokenizer import trim_padding
+from utils.ort_sessions import STOP_SPINNING
 from utils.export.preprocess import pixels
 from nets.onnx_towers import encoders, export_tower
 
@@ -273,6 +274,14 @@ def test_onnx_clip_matches_detect_image_on_a_batch_of_its_own_calls(tiny):
     assert np.abs(onnx_model.encode_image(onnx_model.preprocess([open_rgb(IMAGE)] * 2))
                   - image_features.numpy()).max() < 1e-4
     assert np.abs(onnx_model.encode_text(onnx_model.tokenize(["a dog", "a cat"])) - text_features.numpy()).max() < 1e-4
+
+
+def test_onnx_clip_sessions_stop_spinning_after_a_run(tiny):
+    """Spinning threads of one tower's session hold the cores the other's runs on next (utils/ort_sessions.py)."""
+    onnx_model = OnnxCLIP(tiny[2], threads=1)
+    for runner in (onnx_model.image_session, onnx_model.text_session):
+        assert runner.get_session_options().get_session_config_entry(STOP_SPINNING) == "1"
+        assert runner.get_session_options().intra_op_num_threads == 1
 
 
 def test_predict_onnx_without_an_export_is_one_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from nets.ort import OnnxRuntime
 from tests.conftest import SMALL, run_script
 from tests.test_fast import CONFIGS, SLOW_KINDS, inputs, random_model
 from utils.errors import UserError
+from utils.ort_sessions import STOP_SPINNING
 
 pytest.importorskip("onnxruntime")
 
@@ -108,6 +109,16 @@ def test_a_cached_export_is_loaded_for_the_same_weights_and_never_for_others(cac
     want_image = encode(copy.deepcopy(other).eval(), pixels, tokens)[0]  # a copy has no runtime: its towers
     assert (got_image - want_image).abs().max().item() < 1e-4
     assert (got_image - encode(eager, pixels, tokens)[0]).abs().max().item() > 1e-2
+
+
+def test_the_runtime_sessions_stop_spinning_after_a_run(cache):
+    """An image then captions, as detect_image runs them: the image session's spinning threads would hold the cores
+    (utils/ort_sessions.py)."""
+    net = attached(random_model(SMALL), cache)
+    warm(net, *inputs(SMALL, 2))
+    assert sorted(net.runtime._sessions) == ["image", "text"]
+    for session in net.runtime._sessions.values():
+        assert session.get_session_options().get_session_config_entry(STOP_SPINNING) == "1"
 
 
 def test_the_first_call_never_waits_for_hashing_opening_or_exporting(tmp_path):

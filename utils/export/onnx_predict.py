@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
+from utils.ort_sessions import cpu_session
 from utils.tokenizer import trim_padding
 
 from utils.export import preprocess
@@ -49,8 +50,6 @@ def _tokenizer(config: dict, folder: Path):
 
 class OnnxCLIP:
     def __init__(self, export_dir: str | Path, threads: int = 0, fast_decode: bool = True):
-        import onnxruntime as ort
-
         folder = Path(export_dir)
         missing = [name for name in _FILES if not (folder / name).is_file()]
         if missing:
@@ -62,15 +61,8 @@ class OnnxCLIP:
             raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); export again") from e
         self.phi = self.config["phi"]
         self.fast_decode = fast_decode
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        sessions = []
-        for name in ("image.onnx", "text.onnx"):
-            try:
-                sessions.append(ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"]))
-            except Exception as e:  # onnxruntime raises its own types for a truncated or foreign file
-                raise UserError(f"onnxruntime cannot load {folder / name} ({str(e).splitlines()[0][:200]}); "
-                                "export again with --mode export_onnx") from e
+        sessions = [cpu_session(folder / name, threads, "export again with --mode export_onnx")
+                    for name in ("image.onnx", "text.onnx")]
         self.image_session, self.text_session = sessions
         self.tokenizer = _tokenizer(self.config, folder)
         self.logit_scale = float(self.config["logit_scale"])
