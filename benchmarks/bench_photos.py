@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,27 +36,30 @@ WEIGHTS: dict[str, str] = {}  # phi -> weight file (--weights), else random weig
 
 
 def make_photos(folder: Path, count: int, size: tuple[int, int] = (4032, 3024)) -> list[Path]:
-    """`count` photo-like JPEGs (quality 92) in `folder`, made once."""
+    """`count` photo-like JPEGs (quality 92) in `folder`, made once, one per core at a time (0.7 s each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo_{i:03d}.jpg" for i in range(count)]
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(lambda i: _make_photo(paths[i], i, size), [i for i, p in enumerate(paths) if not p.exists()]))
+    return paths
+
+
+def _make_photo(path: Path, seed: int, size: tuple[int, int]) -> None:
     from PIL import Image, ImageDraw
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"photo_{i:03d}.jpg"
-        paths.append(path)
-        if path.exists():
-            continue
-        rng = np.random.default_rng(i)
-        w, h = size
-        picture = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        draw = ImageDraw.Draw(picture)
-        for _ in range(12):
-            x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(h // 20, h // 4))
-            shape = draw.ellipse if rng.integers(2) else draw.rectangle
-            shape((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        noisy = np.asarray(picture, dtype=np.int16) + rng.normal(0, 6, (h, w, 1)).astype(np.int16)
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=92)
-    return paths
+    rng = np.random.default_rng(seed)
+    w, h = size
+    picture = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    draw = ImageDraw.Draw(picture)
+    for _ in range(12):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(h // 20, h // 4))
+        shape = draw.ellipse if rng.integers(2) else draw.rectangle
+        shape((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    noisy = np.asarray(picture, dtype=np.int16) + rng.normal(0, 6, (h, w, 1)).astype(np.int16)
+    # Written aside and renamed, so a photo cut off half-way is made again next time rather than read.
+    partial = path.with_suffix(".part")
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(partial, format="JPEG", quality=92)
+    partial.replace(path)
 
 
 def cpu_seconds() -> float:

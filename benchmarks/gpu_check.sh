@@ -14,6 +14,11 @@
 # adapters on CUDA in bf16 and in fp16 with accum_freq 2 (AMP, accumulation and LoRA on the GPU in one run each).
 # "inference" also times SigLIP 2 (timm image tower, SigLIP text tower) against open_clip's model of that name.
 # "train" covers AMP/bf16 training speed, "accum" accumulation, "onnx" the fp16 export, "decode" nvJPEG.
+# Part durations on the H200 machine (2026-12-04, its torch 2.11, open_clip and the pinned timm/transformers carried
+# as wheels): tests over 130 s; inference 75 s for both phis; train about 60 s a precision; onnx 50 s; lora 60 s;
+# embed 40 s; accum over 50 s; decode over 50 s (it makes its 64 photos first); fast over 140 s (two ONNX exports
+# per thread count, the one-thread run slowest, so it runs last). A 15-minute lease holds about two full calls:
+# PARTS="tests inference train" in one, the rest in the next.
 set -uo pipefail
 out=${1:-logs/gpu_check}
 parts=" ${PARTS:-tests inference train accum onnx demo decode} "
@@ -56,10 +61,10 @@ m('$toy', n_train=256, n_val=2, seed=0)" && $py -m torch.distributed.run --nproc
     --embeddings_dir "$toy/emb" --part_size 64; } 2>&1 | tail -5 | tee "$out/embed_nccl.txt"
 
 [[ $parts == *" index10m "* ]] && $py benchmarks/bench_index.py --vectors 10000000 --index_memory 2G --types auto \
-    --threads "$(nproc)" 2>&1 | grep -v WARNING | tee "$out/bench_index_10m.txt"
-[[ $parts == *" fast "* ]] && for threads in 1 "$(nproc)"; do
+    --threads "$(nproc)" 2>&1 | grep --line-buffered -v WARNING | tee "$out/bench_index_10m.txt"
+[[ $parts == *" fast "* ]] && for threads in "$(nproc)" 1; do
     $py benchmarks/bench_fast.py --phi openai/VIT-B-32 --batch 1 32 --reps 5 --threads "$threads" 2>&1 \
-        | grep -v -i warning | tee "$out/bench_fast_$threads.txt"
+        | grep --line-buffered -v -i warning | tee "$out/bench_fast_$threads.txt"
 done
 
 [[ $parts == *" lora "* ]] && { toy=$(mktemp -d); $py -c "from utils.data.toy import make_toy_dataset as m; \
