@@ -95,8 +95,8 @@ def encoders(model: CLIP, threads: int) -> dict[str, dict]:
     if peer is not None:
         found["open_clip"] = towers(peer)
     # CLIP(runtime="onnxruntime"): the same graphs behind our API (net.encode_image / encode_text), exported to a
-    # fresh cache here. Not right after onnxruntime: each session's threads spin a while after a run, which slows
-    # another session that starts at once (alone, each runs at the other's rate).
+    # fresh cache here. Both it and the onnxruntime peer stop their threads after each run (utils/ort_sessions.py),
+    # so neither slows the encoder timed next.
     behind = copy.deepcopy(model.net)
     behind.runtime = OnnxRuntime(Path(folder) / "cache", model.tokenizer.pad_token_id, threads, log=lambda line: None)
     found["runtime onnxruntime"] = towers(behind)
