@@ -38,7 +38,7 @@ PART = 100_000
 
 def write_vectors(folder: Path, n: int, dim: int, clusters: int, noise: float = 1.0, seed: int = 0) -> None:
     """n mixture-of-clusters unit vectors as an embeddings folder of float16 parts (metadata: the row number)."""
-    from utils.predict.index import write_part
+    from utils.predict.embeddings import write_part
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
@@ -90,8 +90,9 @@ def main() -> None:
     import faiss
 
     from utils.files import human_size
-    from utils.predict.index import (Embeddings, TARGET_RECALL, build, choose_key, exact_top, ms_per_query,
-                                     parse_memory, recall_at, search_params, set_param)
+    from utils.predict.embeddings import Embeddings
+    from utils.predict.index import (TARGET_RECALL, build, choose_key, exact_top, ms_per_query, parse_memory,
+                                     recall_at, search_params, set_param)
 
     faiss.omp_set_num_threads(args.threads)
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_index_"))

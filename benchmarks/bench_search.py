@@ -2,7 +2,7 @@
 
     python benchmarks/bench_search.py [--images 100000] [--dim 512] [--k 10] [--reps 20]
 
-Random unit features (float32) are written as a folder search's index (one part, utils/predict/index.write_part)
+Random unit features (float32) are written as a folder search's index (one part, utils/predict/embeddings.write_part)
 and opened as mode="search" opens it (utils/predict/index.VectorIndex: verified, then a FAISS Flat index); prints
 the time to open it, the median query time, the index's memory, and checks each answer against one full matrix
 product.
@@ -30,7 +30,8 @@ def main() -> None:
 
     import faiss
 
-    from utils.predict.index import FORMAT, VectorIndex, write_manifest, write_part
+    from utils.predict.embeddings import write_part
+    from utils.predict.index import FORMAT, VectorIndex, write_manifest
 
     rng = np.random.default_rng(0)
     unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731

@@ -138,7 +138,7 @@ _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import utils.predict.embed as embed
-import utils.predict.index as index
+import utils.predict.embeddings as embeddings
 calls = [0]
 write = embed.atomic_write_bytes
 def dying_write(data, path):
@@ -146,7 +146,7 @@ def dying_write(data, path):
     if calls[0] == {kill_at}:  # embed.json, part 0's three files, part 1's image file: then kill -9
         os.kill(os.getpid(), signal.SIGKILL)
     write(data, path)
-embed.atomic_write_bytes = index.atomic_write_bytes = dying_write
+embed.atomic_write_bytes = embeddings.atomic_write_bytes = dying_write
 from utils.config import run_script
 import predict
 run_script(vars(predict), predict.main, {args!r})

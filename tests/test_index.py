@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from utils.errors import UserError
-from utils.predict.index import write_part
-from utils.predict.index import (Embeddings, VectorIndex, build, choose_key, parse_memory, recall_at, run_index)
+from utils.predict.embeddings import Embeddings, write_part
+from utils.predict.index import VectorIndex, build, choose_key, parse_memory, recall_at, run_index
 
 DIM = 32
 

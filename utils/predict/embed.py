@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from utils.errors import UserError
 from utils.files import atomic_write_bytes, check_writable
-from utils.predict.index import part_done, part_notes, part_paths, write_part
+from utils.predict.embeddings import part_done, part_notes, part_paths, write_part
 
 MANIFEST = "embed.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}

@@ -17,8 +17,9 @@ from utils.data.images import IMAGE_SUFFIXES, image_files
 from utils.errors import UserError
 from utils.eval.feature_cache import model_identity
 from utils.predict.ask import ask_loop
-from utils.predict.index import (FORMAT, VectorIndex, is_built_index, part_names, read_manifest, refuse_foreign_folder,
-                                 remove_part, write_manifest, write_part)
+from utils.predict.embeddings import part_names, remove_part, write_part
+from utils.predict.index import (FORMAT, VectorIndex, is_built_index, read_manifest, refuse_foreign_folder,
+                                 write_manifest)
 from utils.tokenizer import truncated
 
 PART_WIDTH = 5  # fixed, so that name order is part order for readers that sort names (embedding_reader)
