@@ -67,7 +67,7 @@ def register_small_siglip() -> None:
 
 def config_of(phi: str):
     if phi in SMALL_SIGLIP:
-        from nets.configs import from_open_clip
+        from nets.open_clip_configs import from_open_clip
 
         register_small_siglip()
         return from_open_clip(SMALL_SIGLIP[phi])

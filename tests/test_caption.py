@@ -12,7 +12,7 @@ from PIL import Image
 
 from clip import CLIP
 from nets import build_model
-from nets.configs import from_open_clip
+from nets.open_clip_configs import from_open_clip
 from tests.conftest import run_script, small_coca
 from utils.predict.generate import Generation, captions, generate
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from clip import CLIP
 from nets import build_model, get_config
-from nets.configs import CLIPA, from_open_clip
+from nets.configs import CLIPA
+from nets.open_clip_configs import from_open_clip
 from tests.test_open_clip import _open_clip_model, _ours_with_weights_of
 from utils.errors import UserError
 from utils.tokenizer import HubTokenizer

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from nets import build_model, get_config, phi_of
-from nets.configs import COCA, from_open_clip, infer_config
+from nets.configs import COCA
+from nets.shape_config import infer_config
+from nets.open_clip_configs import from_open_clip
 from tests.conftest import SMALL_COCA as SMALL, meta_models_with_open_clips_names_and_shapes
 from utils.errors import UserError
 from utils.predict.generate import Generation, filtered, generate, processed

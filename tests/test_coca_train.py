@@ -104,7 +104,7 @@ def coca_run(tmp_path_factory):
     from safetensors.torch import save_file
 
     from nets import build_model
-    from nets.configs import from_open_clip
+    from nets.open_clip_configs import from_open_clip
     from utils.data.toy import make_toy_dataset
 
     toy = tmp_path_factory.mktemp("toy")

@@ -15,7 +15,8 @@ from PIL import Image
 from torch import nn
 
 from nets import build_model, get_config
-from nets.configs import CLIPConfig, TextConfig, VisionConfig, from_open_clip
+from nets.configs import CLIPConfig, TextConfig, VisionConfig
+from nets.open_clip_configs import from_open_clip
 from utils.data.preprocess import OPENAI
 from utils.errors import UserError
 from utils.finetune.lora import add_lora, merged_copy

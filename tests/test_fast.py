@@ -161,7 +161,7 @@ def test_siglip_models_keep_their_features_within_1e_4_with_every_mlp_fused(monk
     """A whole SigLIP model as the table builds it: timm's image tower (MAP head, exact GELU) and our SigLIP text
     tower (exact GELU; SigLIP 2's tanh GELU), every MLP's activation fused into oneDNN's matmul."""
     timm = pytest.importorskip("timm")
-    from nets.configs import from_open_clip
+    from nets.open_clip_configs import from_open_clip
     from tests.test_siglip_towers import TINY_OVERRIDES, TINY_TRUNK, _tiny_open_clip_config
 
     real_create = timm.create_model

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nets import build_model, get_config
-from nets.configs import HF_TEXT_MODELS, TextConfig, UnsupportedArchitectureError, from_open_clip
+from nets.configs import TextConfig, UnsupportedArchitectureError
+from nets.hf_rows import HF_TEXT_MODELS
+from nets.open_clip_configs import from_open_clip
 from nets.hf_rows import HF_ROWS
 from tests.conftest import write_hf_tokenizer
 from utils.tokenizer import HubTokenizer
@@ -295,7 +297,7 @@ def test_hf_settings_not_built_here_are_refused_by_name(change, named):
 
 
 def test_a_bare_state_dict_of_an_hf_text_tower_asks_for_its_config_in_one_line():
-    from nets.configs import UnknownHeadsError, infer_config
+    from nets.shape_config import UnknownHeadsError, infer_config
 
     with torch.device("meta"):
         state = build_model(get_config("nllb-clip-base")).state_dict()

@@ -3,7 +3,8 @@
 Layers (docs/layout.md, "Where things are"); a module may import its own layer or a lower one:
   0 ground       utils.errors, utils.config, utils.device, utils.files, utils.checks, utils.ort_sessions
   1 text, data   utils.tokenizer, utils.metrics, utils.prompts, utils.dataloader, utils.data, nets.configs and
-                 nets.zoo_rows, nets.hf_rows (the model table is data: convert's caption-length check reads it)
+                 nets.zoo_rows, nets.hf_rows (the model table is data: convert's caption-length check reads it),
+                 nets.open_clip_configs and nets.shape_config (configs read from open_clip's JSON, from shapes)
   2 models       nets, utils.weights
   3 on a model   clip (the inference wrapper), utils.finetune (what the training run applies to a model)
   4 jobs         utils.train, utils.eval, utils.callbacks
@@ -31,7 +32,7 @@ LAYERS = {
     "utils.errors": 0, "utils.config": 0, "utils.device": 0, "utils.files": 0, "utils.checks": 0,
     "utils.ort_sessions": 0,
     "utils.tokenizer": 1, "utils.metrics": 1, "utils.prompts": 1, "utils.dataloader": 1, "utils.data": 1,
-    "nets.configs": 1, "nets.zoo_rows": 1, "nets.hf_rows": 1,
+    "nets.configs": 1, "nets.zoo_rows": 1, "nets.hf_rows": 1, "nets.open_clip_configs": 1, "nets.shape_config": 1,
     "nets": 2, "utils.weights": 2,
     "clip": 3, "utils.finetune": 3,
     "utils.train": 4, "utils.eval": 4, "utils.callbacks": 4,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from nets import build_model, get_config
-from nets.configs import from_open_clip
+from nets.open_clip_configs import from_open_clip
 from nets.zoo_rows import MOBILECLIP, MOBILECLIP_NON_CAUSAL
 from tests.conftest import meta_models_with_open_clips_names_and_shapes
 from tests.test_siglip_towers import _move_every_parameter

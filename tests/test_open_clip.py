@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nets import build_model, get_config
-from nets.configs import MODEL_CONFIGS, OPEN_CLIP_VITS, from_open_clip, unsupported_open_clip_settings, with_activation
+from nets.configs import MODEL_CONFIGS, OPEN_CLIP_VITS, with_activation
+from nets.open_clip_configs import from_open_clip, unsupported_open_clip_settings
 from tests.conftest import random_tokens
 from utils.errors import UserError
 from utils.weights.arch import save_weights

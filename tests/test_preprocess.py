@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from clip import CLIP
-from nets.configs import MODEL_CONFIGS, from_open_clip
+from nets.configs import MODEL_CONFIGS
+from nets.open_clip_configs import from_open_clip
 from utils.data.augment import CaptionAugment
 from utils.data.images import eval_transform
 from utils.data.preprocess import OPENAI, Preprocess

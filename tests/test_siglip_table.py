@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from nets import build_model, configs, get_config
-from nets.configs import MODEL_CONFIGS, UnknownHeadsError, UnsupportedArchitectureError, from_open_clip, \
-    infer_config, phi_of
+from nets.configs import MODEL_CONFIGS, UnsupportedArchitectureError, phi_of
+from nets.shape_config import UnknownHeadsError, infer_config
+from nets.open_clip_configs import from_open_clip
 from tests.conftest import meta_models_with_open_clips_names_and_shapes
 from tests.test_siglip_towers import _move_every_parameter, _tiny_open_clip_config, tiny_open_clip  # noqa: F401
 from utils.weights.arch import save_weights

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from nets import build_model
-from nets.configs import TextConfig, from_open_clip, mlp_ratio_of
+from nets.configs import TextConfig, mlp_ratio_of
+from nets.open_clip_configs import from_open_clip
 from nets.text_siglip import SiglipTextTower
 
 open_clip = pytest.importorskip("open_clip")

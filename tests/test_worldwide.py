@@ -12,7 +12,8 @@ from PIL import Image
 
 from clip import CLIP
 from nets import get_config
-from nets.configs import WORLDWIDE, from_open_clip
+from nets.configs import WORLDWIDE
+from nets.open_clip_configs import from_open_clip
 from tests.conftest import meta_models_with_open_clips_names_and_shapes, write_hf_tokenizer
 from tests.test_open_clip import _open_clip_model, _ours_with_weights_of
 from utils.errors import UserError

@@ -368,7 +368,7 @@ def copy_tokenizer_files(source: Path | None, target: Path) -> None:
 def text_tokenizer(text: "TextConfig", weights: str | Path | None, bert_vocab_path: str | Path | None = None):
     """The tokenizer a text tower's weights were trained with: the Hugging Face one its config names, else its
     kind's (OpenAI's BPE, BERT's vocab at `bert_vocab_path`, SigLIP's files beside `weights`)."""
-    from nets.configs import HF_TOKENIZERS
+    from nets.open_clip_configs import HF_TOKENIZERS
 
     if text.tokenizer:
         return HubTokenizer(text.tokenizer, files_beside(weights), text.context_length,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nets.configs import CLIPConfig, from_open_clip
+from nets.configs import CLIPConfig
+from nets.open_clip_configs import from_open_clip
 from utils.data.preprocess import Preprocess
 from utils.errors import UserError
 from utils.weights.layouts import config_from_transformers

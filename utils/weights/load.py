@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from nets.clip import CLIP, build_model
-from nets.configs import (MODEL_CONFIGS, CLIPConfig, architecture_differences, get_config, infer_config, phi_of,
-                          with_activation)
+from nets.configs import MODEL_CONFIGS, CLIPConfig, architecture_differences, get_config, phi_of, with_activation
+from nets.shape_config import infer_config
 
 from utils.data.preprocess import OPENAI, Preprocess
 from utils.errors import UserError

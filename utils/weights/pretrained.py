@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from nets.configs import HF_TOKENIZERS, MODEL_CONFIGS, get_config
+from nets.configs import MODEL_CONFIGS, get_config
+from nets.open_clip_configs import HF_TOKENIZERS
 from utils.checks import is_weight_name
 from utils.data.preprocess import INCEPTION_MEAN, INCEPTION_STD, OPENAI, Preprocess
 from utils.errors import UserError
