@@ -6,7 +6,7 @@ from torch import nn
 
 from .configs import TextConfig
 from .text_transformer import TokenTransformer
-from .transformer import Packing
+from .transformer import Packing, Pooled
 
 
 class OpenAITextTower(TokenTransformer):
@@ -39,12 +39,15 @@ class OpenAITextTower(TokenTransformer):
         # The mask is causal, so positions after a row's pooled token never reach it: dropping them is exact.
         # The rest are packed, so padding costs attention alone, not the linear layers.
         length = int(eot.max()) + 1
-        packing = Packing(torch.arange(length, device=tokens.device) <= eot[:, None])  # keep: N, length
+        keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # N, length
+        packing = Packing(keep)
         x = packing.pack(self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length])  # T, width
-        x = self.transformer(x, packing)
-        # Rows are packed in order, so each row's pooled token is the last of its tokens.
+        # Rows are packed in order, so each row's pooled token is the last of its tokens; the last block computes
+        # those alone, each attending to its own row's tokens (every key where all rows have one length).
         last = (eot + 1).cumsum(dim=0) - 1
-        return self.ln_final(x[last]) @ self.text_projection
+        mask = None if len(packing.index) == keep.numel() else keep[:, None, None]  # N, 1, 1, length
+        x = self.transformer(x, packing, Pooled(rows=last, positions=eot, mask=mask))  # N, width
+        return self.ln_final(x) @ self.text_projection
 
     def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """`forward` without packing: every one of the L given positions runs. Equal to `forward` under the causal

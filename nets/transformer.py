@@ -50,6 +50,29 @@ class Packing:
     unpad = pack
 
 
+class Pooled:
+    """The one position per row whose output a tower reads (ViT's class token, a caption's pooled token): the last
+    block computes that row alone (its attention for one query, its projection and MLP), while keys and values still
+    come from every position. Exact: no other output of the last block reaches the features. `rows` index the
+    block's input tokens (packed (T, width) text; None: position 0 of (N, L, width)); `positions` are those rows'
+    places in the padded (N, L) layout that attention sees (None: 0); `mask` (N, 1, 1, L) the keys each may attend
+    (None: all)."""
+
+    def __init__(self, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None):
+        self.rows, self.positions, self.mask = rows, positions, mask
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, H, L, hd) -> (N, H, 1, hd): the pooled position's query of each row."""
+        if self.positions is None:
+            return q[:, :, :1]
+        return q[torch.arange(q.shape[0], device=q.device), :, self.positions].unsqueeze(2)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The block input's pooled rows: (N, width)."""
+        return x[:, 0] if self.rows is None else x[self.rows]
+
+
 class Attention(nn.Module):
     # The QKV projection's matmul; nets/fast.py swaps in oneDNN's for CPU inference.
     project = staticmethod(F.linear)
@@ -64,13 +87,18 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool, packing: Packing | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask`: a boolean attention mask (True attends) instead of `causal` (CoCa's text tower's, nets/coca.py)."""
+                mask: torch.Tensor | None = None, pooled: Pooled | None = None) -> torch.Tensor:
+        """`mask`: a boolean attention mask (True attends) instead of `causal` (CoCa's text tower's, nets/coca.py).
+        `pooled`: the output of its rows alone, (N, width)."""
         qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
         if packing is not None:
             qkv = packing.pad(qkv)
         n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
+        if pooled is not None:
+            # One query per row; causal attention from a row's pooled token is its mask over the keys.
+            out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
+            return self.out_proj(out.reshape(n, width))  # N, H, 1, hd -> N, width
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
         out = out.transpose(1, 2).reshape(n, length, width)
         return self.out_proj(out if packing is None else packing.unpad(out))
@@ -90,8 +118,12 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(mlp_width, width)),
         ]))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal, packing)
+    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None,
+                pooled: Pooled | None = None) -> torch.Tensor:
+        if pooled is None:
+            x = x + self.attn(self.ln_1(x), causal, packing)
+        else:
+            x = pooled.take(x) + self.attn(self.ln_1(x), causal, packing, pooled=pooled)  # N, width
         return x + self.mlp(self.ln_2(x))
 
 
@@ -105,13 +137,16 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width or 4 * width, activation, eps)
                                         for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
-        """x: (N, L, width), batch first; or (T, width), the tokens that `packing` kept."""
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, pooled: Pooled | None = None) -> torch.Tensor:
+        """x: (N, L, width), batch first; or (T, width), the tokens that `packing` kept. With `pooled`, the last
+        block's output at those rows alone: (N, width)."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            rows = pooled if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.causal, packing, use_reentrant=False)
+                x = checkpoint(block, x, self.causal, packing, rows, use_reentrant=False)
             else:
-                x = block(x, self.causal, packing)
+                x = block(x, self.causal, packing, rows)
         return x
 
     def init_weights(self) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .configs import VisionConfig
-from .transformer import Transformer
+from .transformer import Pooled, Transformer
 
 
 class VisionTransformer(nn.Module):
@@ -39,6 +39,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # N, grid*grid, width
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]  # N, width
+        if self.pool == "avg":
+            pooled = self.transformer(self.ln_pre(x))[:, 1:].mean(dim=1)
+        else:  # the class token's state alone: N, width
+            pooled = self.transformer(self.ln_pre(x), pooled=Pooled())
         return self.ln_post(pooled) @ self.proj

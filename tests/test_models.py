@@ -87,6 +87,33 @@ def test_text_features_do_not_depend_on_batch_companions(small_pair):
     assert (batch - alone).abs().max() < TOL
 
 
+def test_the_last_block_computes_the_pooled_rows_alone(small_pair):
+    # Only the class token's and each caption's pooled token's states reach the features, so the last block's MLP
+    # runs on N rows; the block before it on every token (parity with the reference: the test above).
+    ours, _ = small_pair
+    seen, hooks = {}, []
+
+    def record(key):
+        def hook(module, args, out):
+            seen[key] = tuple(args[0].shape)
+        return hook
+
+    for name, tower in (("image", ours.visual), ("text", ours.text)):
+        for depth, block in (("last", tower.transformer.resblocks[-1]), ("before", tower.transformer.resblocks[-2])):
+            hooks.append(block.mlp.register_forward_hook(record((name, depth))))
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
+    try:
+        with torch.no_grad():
+            ours.encode_image(torch.randn(4, 3, 32, 32)), ours.encode_text(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    width = SMALL.vision.width
+    assert seen[("image", "last")] == (4, width) and seen[("image", "before")] == (4, 17, width)
+    real = int((tokens.argmax(dim=1) + 1).sum())  # each caption's tokens up to its EOT, packed
+    assert seen[("text", "last")] == (6, SMALL.text.width) and seen[("text", "before")] == (real, SMALL.text.width)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_text_gradients_match_the_reference(small_pair, checkpointing):
     # Packing drops every position after each row's EOT; training must see the same gradients as the
