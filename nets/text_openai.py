@@ -37,17 +37,19 @@ class OpenAITextTower(TokenTransformer):
             return self.forward_padded(tokens)
         eot = self._pooled(tokens)
         # The mask is causal, so positions after a row's pooled token never reach it: dropping them is exact.
-        # The rest are packed, so padding costs attention alone, not the linear layers.
-        length = int(eot.max()) + 1
-        keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # N, length
-        packing = Packing(keep)
-        x = packing.pack(self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length])  # T, width
-        # Rows are packed in order, so each row's pooled token is the last of its tokens; the last block computes
-        # those alone, each attending to its own row's tokens (every key where all rows have one length).
-        last = (eot + 1).cumsum(dim=0) - 1
-        mask = None if len(packing.index) == keep.numel() else keep[:, None, None]  # N, 1, 1, length
-        x = self.transformer(x, packing, Pooled(rows=last, positions=eot, mask=mask))  # N, width
-        return self.ln_final(x) @ self.text_projection
+        # The last block computes the pooled tokens alone, each attending to its own row's tokens.
+        shortest, longest = (int(n) for n in torch.aminmax(eot))
+        length = longest + 1
+        x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]  # N, length, width
+        if shortest == longest:  # one caption, or captions of one length: nothing to pack
+            x = self.transformer(x, pooled=Pooled(positions=eot))
+        else:  # the rest packed, so padding costs attention alone, not the linear layers
+            keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # N, length
+            packing = Packing(keep)
+            # Rows are packed in order, so each row's pooled token is the last of its tokens.
+            last = (eot + 1).cumsum(dim=0) - 1
+            x = self.transformer(packing.pack(x), packing, Pooled(rows=last, positions=eot, mask=keep[:, None, None]))
+        return self.ln_final(x) @ self.text_projection  # x: N, width
 
     def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """`forward` without packing: every one of the L given positions runs. Equal to `forward` under the causal

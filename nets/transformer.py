@@ -53,10 +53,9 @@ class Packing:
 class Pooled:
     """The one position per row whose output a tower reads (ViT's class token, a caption's pooled token): the last
     block computes that row alone (its attention for one query, its projection and MLP), while keys and values still
-    come from every position. Exact: no other output of the last block reaches the features. `rows` index the
-    block's input tokens (packed (T, width) text; None: position 0 of (N, L, width)); `positions` are those rows'
-    places in the padded (N, L) layout that attention sees (None: 0); `mask` (N, 1, 1, L) the keys each may attend
-    (None: all)."""
+    come from every position. Exact: no other output of the last block reaches the features. `positions` are the
+    rows' places in the (N, L) layout that attention sees (None: 0); `rows` index the block's input instead where it
+    is packed (T, width) tokens; `mask` (N, 1, 1, L) the keys each may attend (None: all)."""
 
     def __init__(self, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None):
@@ -70,7 +69,9 @@ class Pooled:
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The block input's pooled rows: (N, width)."""
-        return x[:, 0] if self.rows is None else x[self.rows]
+        if self.rows is not None:
+            return x[self.rows]
+        return x[:, 0] if self.positions is None else x[torch.arange(x.shape[0], device=x.device), self.positions]
 
 
 class Attention(nn.Module):
