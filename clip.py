@@ -76,6 +76,9 @@ class CLIP(object):
             setattr(self, name, value)
         self.generate()
 
+    # Built outside inference mode whatever the caller's: inference tensors keep no version counter, which the
+    # packed weights (nets/fast.py) and the runtime's fingerprint (nets/ort.py) read to see the weights change.
+    @torch.inference_mode(False)
     def generate(self) -> None:
         if self.runtime not in RUNTIME_NAMES:
             raise UserError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIME_NAMES)}")

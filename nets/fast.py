@@ -62,6 +62,10 @@ class Matmul:
         self.calls, self.key, self.packed, self.bias, self.source = 0, None, None, None, _nothing
 
     def _prepared(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if weight.is_inference() or (bias is not None and bias.is_inference()):
+            # Made inside inference mode: no version counter says when they change, so no copy is kept.
+            scaled = None if bias is None else _scaled(bias, self.bias_scale)
+            return _scaled(weight.flatten(1), self.weight_scale), scaled
         # The tensors themselves (a new Parameter may reuse a freed one's memory), where their data lies and
         # how often it was changed in place: any other weights, and the packed copy is made again.
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape,

@@ -156,6 +156,35 @@ def test_clip_wrapper_is_accelerated_on_the_cpu_and_equals_the_plain_path_within
             assert (g - w).abs().max() < 1e-4
 
 
+def test_a_clip_built_inside_inference_mode_answers_as_one_built_outside():
+    # `with torch.inference_mode(): model = CLIP(...)` is a common idiom; tensors made there keep no version
+    # counter, which the packed weights' staleness check reads.
+    torch.manual_seed(0)
+    outside = CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, precision="fp32")
+    with torch.inference_mode():
+        inside = CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, precision="fp32")
+        inside.net.load_state_dict(outside.net.state_dict())
+        pixels, tokens = inputs(outside.net.config, 2)
+        for _ in range(PACK_AFTER + 1):
+            got, want = inside.detect_image_for_eval(pixels, tokens), outside.detect_image_for_eval(pixels, tokens)
+            assert all((g - w).abs().max() < 1e-5 for g, w in zip(got, want))
+
+
+def test_layers_with_inference_tensors_run_unpacked_and_see_every_update():
+    # A net built inside inference mode by hand: its weights cannot say when they change, so none is packed.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = nn.Linear(16, 8)
+        fast = copy.deepcopy(layer)
+        accelerate(fast)
+        x = torch.randn(3, 16)
+        for _ in range(PACK_AFTER + 1):
+            assert (fast(x) - layer(x)).abs().max() < 1e-5
+        for net in (layer, fast):
+            net.weight.mul_(2)  # in place, as load_state_dict writes
+        assert (fast(x) - layer(x)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("siglip2", [False, True], ids=["siglip", "siglip2"])
 def test_siglip_models_keep_their_features_within_1e_4_with_every_mlp_fused(monkeypatch, siglip2):
     """A whole SigLIP model as the table builds it: timm's image tower (MAP head, exact GELU) and our SigLIP text
