@@ -115,16 +115,18 @@ def test_the_last_block_computes_the_pooled_rows_alone(small_pair):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_text_gradients_match_the_reference(small_pair, checkpointing):
-    # Packing drops every position after each row's EOT; training must see the same gradients as the
-    # reference's full 77 positions, with and without gradient checkpointing.
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_gradients_match_the_reference(small_pair, checkpointing, tower):
+    # Packing drops every position after each row's EOT, and the last block computes the pooled rows alone;
+    # training must see the same gradients as the reference's full positions, with and without checkpointing.
     ours, reference = small_pair
     ours.set_grad_checkpointing(checkpointing)
-    tokens = random_tokens(6, SMALL.text.vocab_size, seed=5)
+    given = random_tokens(6, SMALL.text.vocab_size, seed=5) if tower == "text" else torch.randn(6, 3, 32, 32)
     weights = torch.randn(6, SMALL.embed_dim)
     for model in (ours, reference):
         model.zero_grad()
-        (model.encode_text(tokens) * weights).sum().backward()
+        encode = model.encode_text if tower == "text" else model.encode_image
+        (encode(given) * weights).sum().backward()
     grads = dict(reference.named_parameters())
     checked = 0
     for name, p in ours.named_parameters():
@@ -132,6 +134,7 @@ def test_text_gradients_match_the_reference(small_pair, checkpointing):
             assert (p.grad - grads[name.removeprefix("text.")].grad).abs().max() < TOL, name
             checked += 1
     assert checked > 10
+    ours.set_grad_checkpointing(False)
 
 
 def _hf_clip(config, state_dict):
