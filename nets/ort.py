@@ -35,8 +35,8 @@ from utils.tokenizer import trim_padding
 
 from .onnx_towers import OPSET, encoders, export_or_refuse
 
-# Bumped whenever the exported graphs change, so that older cached files are not loaded (2: a ViT's last block
-# computes the class token alone).
+# Bumped whenever the exported graphs change, so that older cached files are not loaded (2: the last block computes
+# the pooled rows alone).
 EXPORT_VERSION = 2
 # A tower's export is looked up on its LOOKUP_AFTER-th call: one image (a call per tower) costs what PyTorch's does,
 # with no hashing or session competing for the cores (0.28 s against 0.53 s for ViT-B/32 when the first call did).

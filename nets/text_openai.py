@@ -42,13 +42,13 @@ class OpenAITextTower(TokenTransformer):
         length = longest + 1
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]  # N, length, width
         if shortest == longest:  # one caption, or captions of one length: nothing to pack
-            x = self.transformer(x, pooled=Pooled(positions=eot))
+            x = self.transformer(x, pooled=Pooled(eot))
         else:  # the rest packed, so padding costs attention alone, not the linear layers
             keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # N, length
             packing = Packing(keep)
             # Rows are packed in order, so each row's pooled token is the last of its tokens.
             last = (eot + 1).cumsum(dim=0) - 1
-            x = self.transformer(packing.pack(x), packing, Pooled(rows=last, positions=eot, mask=keep[:, None, None]))
+            x = self.transformer(packing.pack(x), packing, Pooled(eot, rows=last, mask=keep[:, None, None]))
         return self.ln_final(x) @ self.text_projection  # x: N, width
 
     def forward_padded(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -60,6 +60,8 @@ class OpenAITextTower(TokenTransformer):
         if length > self.context_length:
             raise ValueError(f"{length} tokens per caption; this tower takes at most {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # N, L, width
-        x = self.transformer(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self._pooled(tokens)]  # N, width: each row's pooled state
+        pooled = self._pooled(tokens)
+        # The last block computes each row's pooled state alone, its keys the causal mask's (or every position).
+        keys = (torch.arange(length, device=tokens.device) <= pooled[:, None])[:, None, None] if self.causal else None
+        x = self.transformer(x, pooled=Pooled(pooled, mask=keys))  # N, width
         return self.ln_final(x) @ self.text_projection

@@ -7,6 +7,7 @@ from torch import nn
 
 from .configs import TextConfig
 from .text_transformer import TokenTransformer
+from .transformer import Pooled
 
 
 class SiglipTextTower(TokenTransformer):
@@ -40,5 +41,5 @@ class SiglipTextTower(TokenTransformer):
         if length > self.context_length:
             raise ValueError(f"{length} tokens per caption; this tower takes at most {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # N, L, width
-        x = self.ln_final(self.transformer(x))
-        return self.text_projection(x[:, -1])  # N, embed_dim: the last position, as big_vision pools
+        x = self.ln_final(self.transformer(x, pooled=Pooled(-1)))  # the last position's state alone: N, width
+        return self.text_projection(x)  # N, embed_dim: the last position, as big_vision pools

@@ -54,24 +54,27 @@ class Pooled:
     """The one position per row whose output a tower reads (ViT's class token, a caption's pooled token): the last
     block computes that row alone (its attention for one query, its projection and MLP), while keys and values still
     come from every position. Exact: no other output of the last block reaches the features. `positions` are the
-    rows' places in the (N, L) layout that attention sees (None: 0); `rows` index the block's input instead where it
-    is packed (T, width) tokens; `mask` (N, 1, 1, L) the keys each may attend (None: all)."""
+    rows' places in the (N, L) layout that attention sees: one int for every row (0: ViT's class token, -1: the
+    last) or an (N,) tensor; `rows` index the block's input instead where it is packed (T, width) tokens; `mask`
+    (N, 1, 1, L) the keys each may attend (None: all)."""
 
-    def __init__(self, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+    def __init__(self, positions: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None):
-        self.rows, self.positions, self.mask = rows, positions, mask
+        self.positions, self.rows, self.mask = positions, rows, mask
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         """(N, H, L, hd) -> (N, H, 1, hd): the pooled position's query of each row."""
-        if self.positions is None:
-            return q[:, :, :1]
+        if isinstance(self.positions, int):
+            return q[:, :, self.positions].unsqueeze(2)
         return q[torch.arange(q.shape[0], device=q.device), :, self.positions].unsqueeze(2)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The block input's pooled rows: (N, width)."""
         if self.rows is not None:
             return x[self.rows]
-        return x[:, 0] if self.positions is None else x[torch.arange(x.shape[0], device=x.device), self.positions]
+        if isinstance(self.positions, int):
+            return x[:, self.positions]
+        return x[torch.arange(x.shape[0], device=x.device), self.positions]
 
 
 class Attention(nn.Module):

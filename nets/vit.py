@@ -42,5 +42,5 @@ class VisionTransformer(nn.Module):
         if self.pool == "avg":
             pooled = self.transformer(self.ln_pre(x))[:, 1:].mean(dim=1)
         else:  # the class token's state alone: N, width
-            pooled = self.transformer(self.ln_pre(x), pooled=Pooled())
+            pooled = self.transformer(self.ln_pre(x), pooled=Pooled(0))
         return self.ln_post(pooled) @ self.proj

@@ -6,7 +6,7 @@ import torch
 import transformers
 from torch import nn
 
-from nets import MODEL_CONFIGS, build_model, get_config, infer_config, phi_of
+from nets import MODEL_CONFIGS, TextConfig, build_model, get_config, infer_config, phi_of
 from nets.text_bert import bert_config as to_bert_config
 from tests.conftest import SMALL, bert_config, random_tokens, reference_for, traces_on_purpose
 from utils.weights.layouts import openai_to_transformers, transformers_config
@@ -87,10 +87,8 @@ def test_text_features_do_not_depend_on_batch_companions(small_pair):
     assert (batch - alone).abs().max() < TOL
 
 
-def test_the_last_block_computes_the_pooled_rows_alone(small_pair):
-    # Only the class token's and each caption's pooled token's states reach the features, so the last block's MLP
-    # runs on N rows; the block before it on every token (parity with the reference: the test above).
-    ours, _ = small_pair
+def _mlp_inputs(towers: dict, run) -> dict:
+    """{(tower name, "last" / "before"): the shape its last / second-to-last block's MLP got} while `run()` runs."""
     seen, hooks = {}, []
 
     def record(key):
@@ -98,20 +96,54 @@ def test_the_last_block_computes_the_pooled_rows_alone(small_pair):
             seen[key] = tuple(args[0].shape)
         return hook
 
-    for name, tower in (("image", ours.visual), ("text", ours.text)):
+    for name, tower in towers.items():
         for depth, block in (("last", tower.transformer.resblocks[-1]), ("before", tower.transformer.resblocks[-2])):
             hooks.append(block.mlp.register_forward_hook(record((name, depth))))
-    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
     try:
         with torch.no_grad():
-            ours.encode_image(torch.randn(4, 3, 32, 32)), ours.encode_text(tokens)
+            run()
     finally:
         for hook in hooks:
             hook.remove()
+    return seen
+
+
+def test_the_last_block_computes_the_pooled_rows_alone(small_pair):
+    # Only the class token's and each caption's pooled token's states reach the features, so the last block's MLP
+    # runs on N rows; the block before it on every token (parity with the reference: the test above).
+    ours, _ = small_pair
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
+    seen = _mlp_inputs({"image": ours.visual, "text": ours.text},
+                       lambda: (ours.encode_image(torch.randn(4, 3, 32, 32)), ours.encode_text(tokens)))
     width = SMALL.vision.width
     assert seen[("image", "last")] == (4, width) and seen[("image", "before")] == (4, 17, width)
     real = int((tokens.argmax(dim=1) + 1).sum())  # each caption's tokens up to its EOT, packed
     assert seen[("text", "last")] == (6, SMALL.text.width) and seen[("text", "before")] == (real, SMALL.text.width)
+
+
+def test_the_padded_and_siglip_text_paths_pool_in_the_last_block_too(small_pair):
+    # forward_padded (what the ONNX export traces) and SigLIP's bidirectional tower, each within 1e-5 of the whole
+    # last block's output at the pooled positions.
+    from nets.text_siglip import SiglipTextTower
+    from nets.transformer import Pooled
+
+    ours, _ = small_pair
+    tokens = random_tokens(6, SMALL.text.vocab_size, seed=1)
+    siglip = SiglipTextTower(TextConfig(kind="siglip", context_length=16, vocab_size=50, width=32, layers=2, heads=2),
+                             24).eval()
+    ids = torch.randint(1, 50, (3, 16))
+    seen = _mlp_inputs({"text": ours.text, "siglip": siglip},
+                       lambda: (ours.text.forward_padded(tokens), siglip(ids)))
+    assert seen[("text", "last")] == (6, SMALL.text.width) and seen[("text", "before")] == (6, 77, SMALL.text.width)
+    assert seen[("siglip", "last")] == (3, 32) and seen[("siglip", "before")] == (3, 16, 32)
+    for tower, given, pooled in ((ours.text, tokens, tokens.argmax(dim=1)), (siglip, ids, torch.full((3,), 15))):
+        x = tower.token_embedding(given) + tower.positional_embedding[:given.shape[1]]
+        with torch.no_grad():
+            whole = tower.transformer(x)[torch.arange(len(given)), pooled]
+            causal = tower.transformer.causal
+            keys = (torch.arange(given.shape[1]) <= pooled[:, None])[:, None, None] if causal else None
+            alone = tower.transformer(x, pooled=Pooled(pooled, mask=keys))
+        assert (whole - alone).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
