@@ -118,7 +118,7 @@ for spec in ${PARTS:-tests inference train accum onnx demo decode}; do
     fi
     echo "=== $name$( (( limit )) && echo " (limit $limit s)")"
     began=$SECONDS
-    timeout -k 5 "$limit" bash -c "part_$name"  # a limit of 0 is none
+    timeout -k 5 "$limit" bash -o pipefail -c "part_$name"  # a limit of 0 is none
     rc=$?
     summary+=("$name: $( ((rc == 124 || rc == 137)) && echo "cut at its limit" || echo "rc $rc") after $((SECONDS - began)) s")
 done
