@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -151,8 +152,37 @@ def test_weights_changed_after_the_export_run_in_pytorch_said_once(cache):
     for _ in range(2):
         for g, w in zip(encode(net, pixels, tokens), encode(fresh, pixels, tokens)):
             assert (g - w).abs().max().item() < 1e-6
-    assert lines == [f"runtime onnxruntime: the {name} tower runs in PyTorch (its weights changed since they were "
-                     "exported)" for name in ("image", "text")]
+    assert lines == [f"runtime onnxruntime: the {name} tower runs in PyTorch (its weights or modules changed since "
+                     "they were exported)" for name in ("image", "text")]
+
+
+def test_a_submodule_swapped_in_after_the_export_runs_in_pytorch(cache):
+    # LoRA's injection swaps layers for wrappers that keep the base weights: the tensors the export saw are all
+    # still there, unchanged, so only the modules tell.
+    lines = []
+    net = attached(random_model(SMALL), cache, lines)
+    pixels, tokens = inputs(SMALL, 2)
+    warm(net, pixels, tokens)
+    lines.clear()
+    block = net.visual.transformer.resblocks[0]
+    block.mlp.c_fc = _Doubled(block.mlp.c_fc)  # the same tensors, computing something else
+    calls = tower_calls(net)
+    got = encode(net, pixels, tokens)[0]
+    assert calls == ["visual"]  # the text tower is untouched: onnxruntime still answers it
+    with torch.inference_mode():
+        want = net.visual(pixels)
+    assert (got - want).abs().max().item() < 1e-6
+    assert lines == ["runtime onnxruntime: the image tower runs in PyTorch (its weights or modules changed since they "
+                     "were exported)"]
+
+
+class _Doubled(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2 * self.inner(x)
 
 
 def test_gradients_training_mode_and_other_dtypes_run_the_towers(cache):
