@@ -231,3 +231,18 @@ def test_an_index_type_faiss_cannot_parse_is_one_line(folder, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "auto, flat, ivf, hnsw, pq" in err and "index_factory.cpp" not in err and "Traceback" not in err
     assert not (tmp_path / "index").exists()
+
+
+def test_the_prompts_tuning_text_queries_are_in_the_text_towers_language():
+    # A Chinese tower fed "一张dog的照片" would tune the index on queries no user of it sends.
+    import re
+
+    from nets import get_config
+    from utils.predict.index import OBJECT_NAMES, prompts_for
+
+    assert len(OBJECT_NAMES["en"]) == len(OBJECT_NAMES["cn"]) == len(set(OBJECT_NAMES["cn"]))
+    chinese = prompts_for(get_config("tiny-cn/VIT-T-8").text, 200)
+    english = prompts_for(get_config("tiny/VIT-T-8").text, 200)
+    assert len(set(chinese)) == len(set(english)) == 200
+    assert not any(re.search("[A-Za-z]", p.replace("jpeg", "")) for p in chinese), chinese[:5]  # a template's word
+    assert all(p.isascii() for p in english), english[:5]

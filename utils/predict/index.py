@@ -17,12 +17,16 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from utils.files import atomic_write_bytes, human_size
 from utils.errors import UserError
 from utils.predict.embeddings import Embeddings, embeddings_fix, part_names, part_paths
+
+if TYPE_CHECKING:
+    from nets.configs import TextConfig
 
 MANIFEST = "index.json"
 INDEX_FILE = "knn.index"
@@ -272,8 +276,10 @@ def tune(index, emb: Embeddings, kinds: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 # Text queries for embeddings without captions: the zero-shot templates over these names (COCO's 80 classes and
-# other everyday subjects of photos), so that the index is tuned for what users type as well as for images.
-OBJECT_NAMES = (
+# other everyday subjects of photos), so that the index is tuned for what users type as well as for images; by the
+# language of the templates the text tower reads (utils/prompts.load_templates: "cn" for the Chinese BERT towers),
+# the lists row for row the same names.
+OBJECT_NAMES = {"en": (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
     "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
     "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
@@ -289,13 +295,34 @@ OBJECT_NAMES = (
     "butterfly", "rabbit", "monkey", "lion", "tiger", "road", "road sign", "house", "church", "castle", "stadium",
     "guitar", "piano", "computer", "phone", "camera", "watch", "toy", "doll", "lamp", "window", "door", "sky",
     "cloud", "sea", "desert", "field", "farm", "tractor", "helicopter", "rocket", "ship", "sculpture",
-)
+), "cn": (
+    "人", "自行车", "汽车", "摩托车", "飞机", "公交车", "火车", "卡车", "小船", "红绿灯", "消防栓", "停车标志",
+    "停车计时器", "长椅", "鸟", "猫", "狗", "马", "羊", "奶牛", "大象", "熊", "斑马", "长颈鹿", "背包", "雨伞",
+    "手提包", "领带", "行李箱", "飞盘", "滑雪板", "单板滑雪板", "球", "风筝", "棒球棒", "棒球手套", "滑板", "冲浪板",
+    "网球拍", "瓶子", "酒杯", "杯子", "叉子", "刀", "勺子", "碗", "香蕉", "苹果", "三明治", "橙子", "西兰花",
+    "胡萝卜", "热狗", "披萨", "甜甜圈", "蛋糕", "椅子", "沙发", "盆栽", "床", "餐桌", "马桶", "电视", "笔记本电脑",
+    "鼠标", "遥控器", "键盘", "手机", "微波炉", "烤箱", "烤面包机", "水槽", "冰箱", "书", "时钟", "花瓶", "剪刀",
+    "泰迪熊", "吹风机", "牙刷", "海滩", "山", "森林", "河流", "湖", "城市街道", "建筑", "桥", "日落", "雪", "花",
+    "树", "花园", "厨房", "卧室", "办公室", "餐厅", "孩子", "婴儿", "女人", "男人", "人群", "脸", "手", "鞋", "衬衫",
+    "连衣裙", "帽子", "眼镜", "油画", "素描", "图表", "地图", "文字", "徽标", "截图", "食物", "咖啡", "面包", "鱼",
+    "昆虫", "蝴蝶", "兔子", "猴子", "狮子", "老虎", "道路", "路标", "房子", "教堂", "城堡", "体育场", "吉他", "钢琴",
+    "电脑", "电话", "相机", "手表", "玩具", "玩偶", "台灯", "窗户", "门", "天空", "云", "大海", "沙漠", "田野",
+    "农场", "拖拉机", "直升机", "火箭", "轮船", "雕塑",
+)}
 
 
-def prompt_texts(count: int, templates: list[str], seed: int = 0) -> list[str]:
-    """`count` prompts, each a template over an object name, drawn without repeats (names first, all of them)."""
+def prompts_for(text: TextConfig, count: int, seed: int = 0) -> list[str]:
+    """`count` zero-shot prompts over OBJECT_NAMES in the language of the text tower `text`."""
+    from utils.prompts import load_templates
+
+    language = "cn" if text.is_bert else "en"
+    return prompt_texts(count, load_templates("", language), OBJECT_NAMES[language], seed)
+
+
+def prompt_texts(count: int, templates: list[str], names: tuple[str, ...], seed: int = 0) -> list[str]:
+    """`count` prompts, each a template over one of `names`, drawn at random without repeats."""
     rng = np.random.default_rng(seed)
-    pairs = [(name, template) for template in templates for name in OBJECT_NAMES]
+    pairs = [(name, template) for template in templates for name in names]
     order = rng.permutation(len(pairs))
     return [pairs[i][1].replace("{c}", pairs[i][0]) for i in order[:count]]
 
@@ -494,7 +521,7 @@ def _check_complete(emb_dir: Path, job: dict) -> None:
 def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int = 0
                  ) -> tuple[np.ndarray | None, str]:
     """(unit text vectors to tune on, where they came from): the embeddings' own caption vectors when they have
-    them, else zero-shot prompts over OBJECT_NAMES encoded by the weights the embeddings were made with (the ones
+    them, else zero-shot prompts over OBJECT_NAMES (in the tower's language) encoded by the weights the embeddings were made with (the ones
     embed.json names when that file is still there, else model_path / phi), which must be those weights."""
     if emb.text:
         rng = np.random.default_rng(seed)
@@ -509,7 +536,6 @@ def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int
 
     from clip import CLIP
     from utils.eval.feature_cache import model_identity
-    from utils.prompts import load_templates
 
     weights = job.get("model_path") if job.get("model_path") and Path(job["model_path"]).exists() else None
     model = CLIP(model_path=weights or config["model_path"], phi=job.get("phi") or config["phi"],
@@ -518,7 +544,7 @@ def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int
         raise UserError(f"the embeddings in {emb.root} were made with other weights than {config['model_path']} "
                         f"({config['phi']}); mode index encodes text prompts with them to tune for text queries: give "
                         "the --model_path and --phi the embeddings were made with")
-    texts = prompt_texts(count, load_templates("", "cn" if model.net.config.text.is_bert else "en"), seed)
+    texts = prompts_for(model.net.config.text, count, seed)
     with torch.no_grad():
         vectors = torch.cat([F.normalize(model.detect_image_for_eval(texts=texts[s:s + 64])[1].float(), dim=-1).cpu()
                              for s in range(0, len(texts), 64)])
