@@ -44,7 +44,7 @@ class OpenAITextTower(TokenTransformer):
         if shortest == longest:  # one caption, or captions of one length: nothing to pack
             x = self.transformer(x, pooled=Pooled(eot))
         else:  # the rest packed, so padding costs attention alone, not the linear layers
-            keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # N, length
+            keep = _up_to(eot, length)  # N, length
             packing = Packing(keep)
             # Rows are packed in order, so each row's pooled token is the last of its tokens.
             last = (eot + 1).cumsum(dim=0) - 1
@@ -62,6 +62,11 @@ class OpenAITextTower(TokenTransformer):
         x = self.token_embedding(tokens) + self.positional_embedding[:length]  # N, L, width
         pooled = self._pooled(tokens)
         # The last block computes each row's pooled state alone, its keys the causal mask's (or every position).
-        keys = (torch.arange(length, device=tokens.device) <= pooled[:, None])[:, None, None] if self.causal else None
+        keys = _up_to(pooled, length)[:, None, None] if self.causal else None
         x = self.transformer(x, pooled=Pooled(pooled, mask=keys))  # N, width
         return self.ln_final(x) @ self.text_projection
+
+
+def _up_to(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(N, length) booleans: each row's positions up to and including its own in `positions`."""
+    return torch.arange(length, device=positions.device) <= positions[:, None]

@@ -62,19 +62,19 @@ class Pooled:
                  mask: torch.Tensor | None = None):
         self.positions, self.rows, self.mask = positions, rows, mask
 
-    def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, H, L, hd) -> (N, H, 1, hd): the pooled position's query of each row."""
-        if isinstance(self.positions, int):
-            return q[:, :, self.positions].unsqueeze(2)
-        return q[torch.arange(q.shape[0], device=q.device), :, self.positions].unsqueeze(2)
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """The block input's pooled rows: (N, width)."""
-        if self.rows is not None:
-            return x[self.rows]
+    def _at(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, ...) -> (N, ...): each row's pooled position."""
         if isinstance(self.positions, int):
             return x[:, self.positions]
         return x[torch.arange(x.shape[0], device=x.device), self.positions]
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, H, L, hd) -> (N, H, 1, hd): the pooled position's query of each row."""
+        return self._at(q.transpose(1, 2)).unsqueeze(2)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The block input's pooled rows: (N, width)."""
+        return x[self.rows] if self.rows is not None else self._at(x)
 
 
 class Attention(nn.Module):
