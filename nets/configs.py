@@ -1,5 +1,5 @@
 """Model table: every `phi` is one row of data, turned into dataclasses here (open_clip's own configs are read by
-nets/open_clip_configs.py, a bare state dict's shapes by nets/infer_config.py).
+nets/open_clip_configs.py, a bare state dict's shapes by nets/shape_config.py).
 
 The rows are one encoding, CLIPConfig dataclasses written by keyword in one Python table, rather than open_clip's
 JSON file per model: 69 of the 72 phis use OpenAI's text tower at its context and vocabulary, and most are the

@@ -521,8 +521,9 @@ def _check_complete(emb_dir: Path, job: dict) -> None:
 def text_queries(emb: Embeddings, job: dict, config: dict, count: int, seed: int = 0
                  ) -> tuple[np.ndarray | None, str]:
     """(unit text vectors to tune on, where they came from): the embeddings' own caption vectors when they have
-    them, else zero-shot prompts over OBJECT_NAMES (in the tower's language) encoded by the weights the embeddings were made with (the ones
-    embed.json names when that file is still there, else model_path / phi), which must be those weights."""
+    them, else zero-shot prompts over OBJECT_NAMES (in the tower's language) encoded by the weights the embeddings
+    were made with (the ones embed.json names when that file is still there, else model_path / phi), which must be
+    those weights."""
     if emb.text:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(emb.total, size=min(count, emb.total), replace=False))
