@@ -53,6 +53,17 @@ def warm(net, pixels, tokens):
     return encode(net, pixels, tokens)
 
 
+def served(cache, lines=None):
+    """SMALL's random model with the runtime in its steady state (onnxruntime answering), `lines` cleared of what the
+    start said; with its example inputs."""
+    net = attached(random_model(SMALL), cache, lines)
+    pixels, tokens = inputs(SMALL, 2)
+    warm(net, pixels, tokens)
+    if lines is not None:
+        lines.clear()
+    return net, pixels, tokens
+
+
 def tower_calls(net) -> list[str]:
     """The towers' PyTorch forwards from here on, by name."""
     calls = []
@@ -141,10 +152,7 @@ def test_the_first_call_never_waits_for_hashing_opening_or_exporting(tmp_path):
 
 def test_weights_changed_after_the_export_run_in_pytorch_said_once(cache):
     lines = []
-    net = attached(random_model(SMALL), cache, lines)
-    pixels, tokens = inputs(SMALL, 2)
-    warm(net, pixels, tokens)
-    lines.clear()
+    net, pixels, tokens = served(cache, lines)
     with torch.no_grad():
         net.visual.proj.mul_(2.0)  # in place: the export no longer holds these weights
     net.text.load_state_dict(random_model(SMALL, seed=3).text.state_dict())
@@ -160,10 +168,7 @@ def test_a_submodule_swapped_in_after_the_export_runs_in_pytorch(cache):
     # LoRA's injection swaps layers for wrappers that keep the base weights: the tensors the export saw are all
     # still there, unchanged, so only the modules tell.
     lines = []
-    net = attached(random_model(SMALL), cache, lines)
-    pixels, tokens = inputs(SMALL, 2)
-    warm(net, pixels, tokens)
-    lines.clear()
+    net, pixels, tokens = served(cache, lines)
     block = net.visual.transformer.resblocks[0]
     block.mlp.c_fc = _Doubled(block.mlp.c_fc)  # the same tensors, computing something else
     calls = tower_calls(net)
@@ -186,9 +191,7 @@ class _Doubled(nn.Module):
 
 
 def test_gradients_training_mode_and_other_dtypes_run_the_towers(cache):
-    net = attached(random_model(SMALL), cache)
-    pixels, tokens = inputs(SMALL, 2)
-    warm(net, pixels, tokens)
+    net, pixels, tokens = served(cache)
     calls = tower_calls(net)
     assert net.encode_image(pixels).requires_grad and calls == ["visual"]  # gradients on: the towers
     net.train()
