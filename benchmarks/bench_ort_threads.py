@@ -22,8 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.ort_sessions import STOP_SPINNING  # noqa: E402  (torch-free)
 
-SETTINGS = {"spin on (default)": {}, "stop after a run (house)": {"session.force_spinning_stop": "1"},
+SETTINGS = {"spin on (default)": {}, "stop after a run (house)": {STOP_SPINNING: "1"},
             "never spin": {"session.intra_op.allow_spinning": "0"}}
 
 
