@@ -345,3 +345,10 @@ def test_a_failed_export_leaves_the_earlier_one_intact(tmp_path, capsys, monkeyp
     assert result.returncode == 2 and "RuntimeError: unexpected pos" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == earlier
+
+
+def test_write_files_makes_its_folder(tmp_path):
+    # A direct call (the benchmarks', a user's script) into a folder not made yet: the files, not a WriteError.
+    folder = tmp_path / "not" / "made" / "yet"
+    onnx_export.write_files(folder, {"image.onnx": b"image", "config.json": b"{}"})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"image.onnx": b"image", "config.json": b"{}"}

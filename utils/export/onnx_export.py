@@ -113,11 +113,12 @@ def tokenizer_files(folder: Path) -> dict[str, bytes]:
 
 
 def write_files(folder: Path, files: dict[str, bytes]) -> None:
-    """All of `files` in `folder` or none of them: each is written and synced to a hidden temporary file, and
-    only when all are on disk are they renamed over any earlier ones."""
+    """All of `files` in `folder` (made if missing) or none of them: each is written and synced to a hidden
+    temporary file, and only when all are on disk are they renamed over any earlier ones."""
     temps: dict[str, Path] = {}
     name = ""
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             # Not mkstemp: its files are private (0600), and an export is meant to be copied and served.
             temps[name] = folder / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
