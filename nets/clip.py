@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .coca import PAD_ID, CoCaTextTower, CoCaVisionTransformer, MultimodalDecoder
+from .coca import PAD_ID, CaptionSteps, CoCaTextTower, CoCaVisionTransformer, MultimodalDecoder
 from .configs import CLIPConfig, TextConfig, VisionConfig
 from .modified_resnet import ModifiedResNet
 from .text_openai import OpenAITextTower
@@ -120,6 +120,11 @@ class CLIP(nn.Module):
         """CoCa: (N, L, vocab) next-token logits of captions `tokens` (N, L) given `visual.forward_with_tokens`'s
         image tokens: open_clip's `model(image, tokens, output_labels=False)["logits"]`."""
         return self.text_decoder(image_tokens, self.text.forward_with_tokens(tokens)[1])
+
+    def caption_steps(self, image_tokens: torch.Tensor, beams: int = 1):
+        """CoCa: `caption_logits` one token at a time with a key-value cache (nets/coca.py CaptionSteps) for `beams`
+        rows per image; None where the decoder's blocks are not the plain ones it follows (an adapter around them)."""
+        return CaptionSteps(self, image_tokens, beams) if CaptionSteps.fits(self) else None
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         features = None if self.runtime is None else self.runtime.image(self, pixels)

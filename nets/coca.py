@@ -11,7 +11,7 @@ from torch import nn
 
 from .configs import DecoderConfig, TextConfig, VisionConfig
 from .text_transformer import TokenTransformer
-from .transformer import _ACTIVATIONS, ResidualAttentionBlock, Transformer
+from .transformer import _ACTIVATIONS, Attention, ResidualAttentionBlock, Transformer
 from .vit import VisionTransformer
 
 PAD_ID = 0  # open_clip's CoCa pad_id: the tokenizer's padding, masked out of the text tower's attention
@@ -95,6 +95,17 @@ class CoCaTextTower(TokenTransformer):
             x = _masked_block(block, x, mask)
         return self.ln_final(x[:, -1]) @ self.text_projection, x[:, :-1]
 
+    def step(self, tokens: torch.Tensor, position: int, past: list, keys: torch.Tensor) -> torch.Tensor:
+        """The caption state (N, 1, width) of one new token per row (N, 1) at `position`, from each block's keys and
+        values of the positions before it (`past`, updated in place); `keys` (N, position + 1): which of them it may
+        attend, as `forward_with_tokens`'s mask has them. Causal, so no later token changes it."""
+        if position >= self.context_length:
+            raise ValueError(f"position {position}; this tower takes at most {self.context_length} tokens")
+        x = self.token_embedding(tokens) + self.positional_embedding[position]
+        for i, block in enumerate(self.transformer.resblocks):
+            x, past[i] = block.step(x, past[i], keys[:, None, None])
+        return x
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Features of captions padded to the context (as open_clip's tokenizer pads them: the class embedding sits
         after the padding, so its position is the context length whatever the caller trimmed)."""
@@ -126,6 +137,24 @@ class CrossAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), kv, kv, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
+    def image_keys(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the image tokens (N, S, width), each (N, heads, S, head width): what `forward`
+        computes again for every caption, made once for a whole decoding."""
+        width, heads = self.attn.embed_dim, self.attn.num_heads
+        kv = F.linear(self.ln_1_kv(image), self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:])
+        return tuple(kv.view(kv.shape[0], kv.shape[1], 2, heads, width // heads).permute(2, 0, 3, 1, 4))
+
+    def step(self, x: torch.Tensor, image_keys: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`forward` of one new position per row (R, 1, width) against `image_keys` of n images, R = n x beams rows
+        in image order: each image's beams are that many queries to its keys, so the keys are not repeated."""
+        width, heads = self.attn.embed_dim, self.attn.num_heads
+        rows, n = x.shape[0], image_keys[0].shape[0]
+        q = F.linear(self.ln_1(x), self.attn.in_proj_weight[:width], self.attn.in_proj_bias[:width])
+        q = q.view(n, rows // n, heads, width // heads).transpose(1, 2)  # n, H, beams, hd
+        out = F.scaled_dot_product_attention(q, *image_keys).transpose(1, 2).reshape(rows, 1, width)
+        x = x + self.attn.out_proj(out)
+        return x + self.mlp(self.ln_2(x))
+
 
 class MultimodalDecoder(nn.Module):
     """open_clip's MultimodalTransformer: per layer a causal self-attention block over the caption states, then a
@@ -152,3 +181,54 @@ class MultimodalDecoder(nn.Module):
         for block, cross in zip(self.resblocks, self.cross_attn):
             x = cross(block(x, causal=True), image_tokens)
         return self.ln_final(x) @ self.text_projection
+
+    def step(self, image_keys: list, state: torch.Tensor, past: list) -> torch.Tensor:
+        """(N, vocab) logits of one new caption state per row (N, 1, width), from each self-attention block's keys
+        and values of the positions before it (`past`, updated in place) and each cross block's `image_keys`."""
+        x = state
+        for i, (block, cross) in enumerate(zip(self.resblocks, self.cross_attn)):
+            x, past[i] = block.step(x, past[i])
+            x = cross.step(x, image_keys[i])
+        return (self.ln_final(x) @ self.text_projection)[:, 0]
+
+
+class CaptionSteps:
+    """A CoCa's next-token logits one token at a time, each layer's keys and values kept (a key-value cache): after
+    tokens t_0 .. t_p were fed, `next` gives `caption_logits(image_tokens, t_0 .. t_p)[:, -1]` at the cost of one
+    position instead of the whole prefix, and the image tokens' keys and values are made once per image, not at every
+    token for every beam. Rows are `beams` per image, image by image; `keep(rows)` follows a beam search moving
+    rows among each image's beams."""
+
+    def __init__(self, net: nn.Module, image_tokens: torch.Tensor, beams: int = 1):
+        self.text, self.decoder, self.beams = net.text, net.text_decoder, beams
+        self.image_keys = [cross.image_keys(image_tokens) for cross in self.decoder.cross_attn]
+        self.text_past = [None] * len(self.text.transformer.resblocks)
+        self.decoder_past = [None] * len(self.decoder.resblocks)
+        self.keys, self.last, self.position = None, None, 0
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (R, 1): each row's next token -> (R, vocab) logits for the token after it."""
+        # forward_with_tokens' mask: key 0 always, key j > 0 where token j - 1 is not padding.
+        fresh = tokens.new_ones(tokens.shape[0], 1, dtype=torch.bool) if self.last is None else self.last != PAD_ID
+        self.keys = fresh if self.keys is None else torch.cat([self.keys, fresh], dim=1)
+        state = self.text.step(tokens, self.position, self.text_past, self.keys)
+        self.last, self.position = tokens, self.position + 1
+        return self.decoder.step(self.image_keys, state, self.decoder_past)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Row i becomes row `rows[i]` of before, with all it has seen; each must come from its own image's beams."""
+        if not torch.equal(rows // self.beams, torch.arange(len(rows), device=rows.device) // self.beams):
+            raise ValueError("keep: a row may only take the place of a row of the same image")
+        self.keys, self.last = self.keys[rows], self.last[rows]
+        for past in (self.text_past, self.decoder_past):
+            past[:] = [(k[rows], v[rows]) for k, v in past]
+
+    @staticmethod
+    def fits(net: nn.Module) -> bool:
+        """Whether `net`'s decoder is made of the plain blocks whose `step` this follows (not adapter-wrapped ones,
+        whose forward may compute something else)."""
+        blocks = [*net.text.transformer.resblocks, *net.text_decoder.resblocks]
+        return (type(net.text) is CoCaTextTower and type(net.text_decoder) is MultimodalDecoder
+                and all(type(b) is ResidualAttentionBlock and type(b.attn) is Attention for b in blocks)
+                and all(type(c) is CrossAttentionBlock and type(c.attn) is nn.MultiheadAttention
+                        for c in net.text_decoder.cross_attn))

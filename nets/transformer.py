@@ -107,6 +107,20 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(n, length, width)
         return self.out_proj(out if packing is None else packing.unpad(out))
 
+    def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One new position per row, x (N, 1, width), attending to the positions before it (`past`: their keys and
+        values, each (N, heads, P, head width)) and to itself: decoding with a key-value cache. Returns its output
+        (N, 1, width) and the keys and values with its own appended. `mask` (N, 1, 1, P + 1): the keys it may attend
+        (None: all of them, which is causal attention for the newest position)."""
+        qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
+        n, width = qkv.shape[0], qkv.shape[2] // 3
+        q, k, v = qkv.view(n, 1, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # each N, H, 1, hd
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.reshape(n, 1, width)), (k, v)  # N, H, 1, hd is N, 1, width in memory
+
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu", eps: float = 1e-5):
@@ -129,6 +143,13 @@ class ResidualAttentionBlock(nn.Module):
         else:
             x = pooled.take(x) + self.attn(self.ln_1(x), causal, packing, pooled=pooled)  # N, width
         return x + self.mlp(self.ln_2(x))
+
+    def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`forward` of one new position per row (N, 1, width) with a key-value cache (`Attention.step`)."""
+        out, past = self.attn.step(self.ln_1(x), past, mask)
+        x = x + out
+        return x + self.mlp(self.ln_2(x)), past
 
 
 class Transformer(nn.Module):

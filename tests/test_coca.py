@@ -88,6 +88,57 @@ def test_image_and_text_features_and_decoder_logits_within_1e_4_of_open_clip():
     assert moved > 1e-3
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "onednn"])
+def test_caption_steps_give_the_whole_prefixs_logits_through_padding_and_beam_reordering(fast):
+    from nets.fast import accelerate
+
+    ours = ours_of(reference())
+    if fast:
+        accelerate(ours)
+    pixels, beams = images(2), 3
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, SOT, (2 * beams, 9), generator=g)
+    tokens[:, 0] = SOT
+    tokens[1, 4], tokens[1, 5:] = EOT, 0  # a finished caption: its end token, then padding (masked as keys)
+    tokens[4, 2:] = 0
+    with torch.inference_mode():
+        image_tokens = ours.visual.forward_with_tokens(pixels)[1]
+        repeated = image_tokens.repeat_interleave(beams, dim=0)
+        steps = ours.caption_steps(image_tokens, beams)
+        worst, seen = 0.0, tokens[:, :0]
+        for p in range(tokens.shape[1]):
+            if p == 5:  # a beam search's sources: rows move and repeat within each image's beams
+                rows = torch.tensor([2, 0, 0, 5, 3, 4])
+                steps.keep(rows)
+                tokens, seen = tokens[rows], seen[rows]
+            seen = torch.cat([seen, tokens[:, p:p + 1]], dim=1)
+            want = ours.caption_logits(repeated, seen)[:, -1]
+            worst = max(worst, (steps.next(tokens[:, p:p + 1]) - want).abs().max().item())
+        with pytest.raises(ValueError, match="same image"):
+            steps.keep(torch.tensor([3, 1, 2, 0, 4, 5]))
+    assert worst < 1e-5 and want.abs().max() > 0.1, worst
+
+
+def test_a_decoder_with_a_wrapped_block_generates_through_the_whole_prefix():
+    ref = reference()
+    ours = ours_of(ref)
+    pixels = images(2)
+    settings = Generation(generation="greedy", seq_len=8, min_seq_len=3)
+    plain = generate(ours, pixels, SOT, EOT, settings)
+
+    class Wrapped(torch.nn.Module):  # as an adapter wraps a layer: its forward is what runs, and step would skip it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    ours.text_decoder.resblocks[0] = Wrapped(ours.text_decoder.resblocks[0])
+    assert ours.caption_steps(ours.visual.forward_with_tokens(pixels)[1]) is None
+    assert torch.equal(generate(ours, pixels, SOT, EOT, settings), plain)
+
+
 def test_an_open_clip_folder_loads_with_phi_auto_and_a_bare_state_dict_names_its_row(tmp_path):
     from safetensors.torch import save_file
 

@@ -5,7 +5,9 @@ longer has; the same steps are written here. Its defaults are kept (`Generation`
 (open_clip feeds no log-softmax), hypotheses scored by their sum over their length, at most 30 tokens with the start
 and end tokens, the end token banned before 5. open_clip splits its 6 beams into 3 groups but passes no diversity
 penalty, so its groups are three copies of one search: one group's `num_beams // num_beam_groups` beams are searched
-here, with the same result. Each step runs the whole prefix, as open_clip's does (no key-value cache)."""
+here, with the same result. Where the caption stays within the decoder's window (seq_len - 1 <= max_seq_len, as by
+default), each step runs the new token alone through a key-value cache (nets/coca.py CaptionSteps) and the image
+tokens' keys are made once; otherwise each step runs the whole prefix, as open_clip's does."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,21 +88,40 @@ def generate(net, pixels: torch.Tensor, sot: int, eot: int, settings: Generation
     return _one_token_at_a_time(net, image_tokens, sot, eot, pad, settings, generator)
 
 
-def _next_logits(net, image_tokens: torch.Tensor, tokens: torch.Tensor, window: int) -> torch.Tensor:
-    return net.caption_logits(image_tokens, tokens[:, -window:])[:, -1].float()  # N, vocab
+class _NextLogits:
+    """The next token's (N, vocab) logits given all tokens so far (N, P): the decoder's key-value cache fed the last
+    one, or the last `window` tokens run whole where a longer caption would slide past the cache's positions."""
+
+    def __init__(self, net, image_tokens: torch.Tensor, settings: Generation, beams: int = 1):
+        self.net = net
+        self.window = min(settings.max_seq_len, net.text.context_length)
+        # Captions stop at seq_len tokens, so the decoder sees at most seq_len - 1.
+        self.steps = net.caption_steps(image_tokens, beams) if settings.seq_len - 1 <= self.window else None
+        self.image_tokens = image_tokens.repeat_interleave(beams, dim=0) if self.steps is None else None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps is not None:
+            return self.steps.next(tokens[:, -1:]).float()
+        return self.net.caption_logits(self.image_tokens, tokens[:, -self.window:])[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """The rows' new order (a beam search's sources)."""
+        if self.steps is not None:
+            self.steps.keep(rows)
 
 
 def _one_token_at_a_time(net, image_tokens, sot, eot, pad, settings: Generation, generator) -> torch.Tensor:
     """open_clip's sampling loop (greedy: the processed logits' argmax instead of a draw)."""
     n = image_tokens.shape[0]
-    window = min(settings.max_seq_len, net.text.context_length)
+    next_logits = _NextLogits(net, image_tokens, settings)
+    window = next_logits.window
     out = torch.full((n, 1), sot, dtype=torch.long, device=image_tokens.device)
     while True:
         finished = (out[:, -1] == eot) | (out[:, -1] == pad)
         if finished.all():
             break
         x = out[:, -window:]
-        logits = _next_logits(net, image_tokens, out, window)
+        logits = next_logits(out)
         sample = torch.full((n, 1), pad, dtype=torch.long, device=out.device)
         going = ~finished
         scores = processed(x[going], logits[going], settings, eot)
@@ -145,16 +166,15 @@ def _beam_search(net, image_tokens, sot, eot, pad, settings: Generation) -> torc
     """open_clip's `_generate_beamsearch` with one of its identical beam groups (see the module's docstring)."""
     n, beams = image_tokens.shape[0], settings.num_beams // settings.num_beam_groups
     device = image_tokens.device
-    image_tokens = image_tokens.repeat_interleave(beams, dim=0)
+    next_logits = _NextLogits(net, image_tokens, settings, beams)
     tokens = torch.full((n * beams, 1), sot, dtype=torch.long, device=device)
     totals = torch.full((n, beams), -1e9, device=device)
     totals[:, 0] = 0  # the beams start alike: only the first may pick the first tokens
     totals = totals.view(-1)
     found = [_Hypotheses(beams) for _ in range(n)]
     done = [False] * n
-    window = min(settings.max_seq_len, net.text.context_length)
     while True:
-        logits = processed(tokens, _next_logits(net, image_tokens, tokens, window), settings, eot)
+        logits = processed(tokens, next_logits(tokens), settings, eot)
         vocab = logits.shape[-1]
         step = (logits + totals[:, None]).view(n, beams * vocab)
         top, where = step.topk(2 * beams, dim=1, largest=True, sorted=True)
@@ -181,6 +201,7 @@ def _beam_search(net, image_tokens, sot, eot, pad, settings: Generation) -> torc
         totals = next_totals.view(-1)
         if all(done) or tokens.shape[1] >= settings.seq_len:
             break
+        next_logits.keep(sources.view(-1))
     for b in range(n):  # open beams join the finished ones, with their length so far
         if not done[b]:
             for row in range(b * beams, (b + 1) * beams):
