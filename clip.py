@@ -51,6 +51,9 @@ class CLIP(object):
         # oneDNN's (AVX2; `predict.py --mode fps` says), features within 1e-4. PyTorch answers a tower's first
         # calls while its export is looked up in a thread; the first run ever exports it (tens of seconds, ViT-B).
         "runtime": "torch",
+        # NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", ...), each caption's first token; "" or None =
+        # the tokenizer's default, eng_Latn. Other models take none.
+        "text_language": None,
     }
 
     @classmethod
@@ -99,7 +102,7 @@ class CLIP(object):
             ensure_fits(parameter_count(get_config(self.phi)) * 4, f"{self.phi}'s weights")
             self.net = build_model(get_config(self.phi))
         config = self.net.config
-        self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path)
+        self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path, self.text_language)
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
         if self.device.type == "cuda":  # the GPU copy of the weights, refused in one line when it cannot fit

@@ -132,6 +132,9 @@ precision = None
 # "torch", or "onnxruntime": on the CPU in fp32 the towers run in onnxruntime from an ONNX export made on first use
 # and cached per weights (faster where onnxruntime's matmuls beat oneDNN's, as on AVX2 CPUs; --mode fps tells).
 runtime = "torch"
+# NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", "deu_Latn", "zho_Hans", ...), each caption's first
+# token; "" = the tokenizer's default, eng_Latn. Other models take none.
+text_language = ""
 
 def main(config: dict, explicit: dict) -> None:
     from utils.predict.settings import check_settings

@@ -29,6 +29,9 @@ phi = "openai/VIT-B-32"
 bert_path = "model_data/bert-base-chinese"
 # WordPiece vocabulary of the Chinese BERT text towers.
 bert_vocab_path = "model_data/bert-base-chinese-vocab.txt"
+# NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", "deu_Latn", "zho_Hans", ...), each caption's first
+# token; "" = the tokenizer's default, eng_Latn. Other models take none.
+text_language = ""
 # "softmax" (CLIP's contrastive loss) or "sigmoid" (SigLIP's: each image-caption pair scored on its own, with a
 # learned logit_bias; a model without one gets scale 10 and bias -10 to start); "" = what the weights were trained
 # with: sigmoid for a model with a logit_bias, else softmax (from scratch too).

@@ -252,6 +252,60 @@ def test_tokenizer_ids_equal_open_clips_hf_tokenizer_on_the_same_files(tokenizer
     assert (ours[:, 0] == first).all() and first == (0 if kind == "bpe" else tokenizer.vocab_size - 1)
 
 
+@pytest.fixture(scope="module")
+def nllb_folder(tmp_path_factory):
+    """transformers' own NllbTokenizer (FLORES-200's language codes as its special tokens) over a small vocabulary,
+    saved as a weights repo holds it."""
+    from transformers import NllbTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate("▁ a p h o t ▁a ▁photo ▁of ▁dog ▁une ▁d'un ▁chat".split())})
+    folder = tmp_path_factory.mktemp("nllb")
+    NllbTokenizer(vocab=vocab, merges=[]).save_pretrained(str(folder))
+    return folder
+
+
+def test_text_language_is_each_captions_first_token_as_transformers_src_lang_gives_it(nllb_folder):
+    from transformers import AutoTokenizer
+
+    default = HubTokenizer(_NLLB_600M, nllb_folder, 16)(["a photo of a dog", "une photo d'un chat"])
+    french = HubTokenizer(_NLLB_600M, nllb_folder, 16, language="fra_Latn")
+    theirs = AutoTokenizer.from_pretrained(str(nllb_folder), src_lang="fra_Latn")
+    ids = french(["a photo of a dog", "une photo d'un chat"])
+    want = theirs(["a photo of a dog", "une photo d'un chat"], max_length=16, truncation=True, padding="max_length")
+    assert ids.tolist() == want["input_ids"]
+    assert (ids[:, 0] == theirs.convert_tokens_to_ids("fra_Latn")).all()
+    assert (default[:, 0] == theirs.convert_tokens_to_ids("eng_Latn")).all() and torch.equal(default[:, 1:], ids[:, 1:])
+    french(["again"])  # the setting holds from call to call
+    assert french(["une photo d'un chat"])[0, 0] == ids[1, 0]
+
+
+def test_a_text_language_that_cannot_apply_is_one_line_naming_it(nllb_folder, tokenizers_made):
+    from nets import get_config
+    from utils.errors import UserError
+    from utils.tokenizer import text_tokenizer
+
+    with pytest.raises(UserError, match="'fr' is not one of .* language codes: FLORES-200 codes such as eng_Latn"):
+        HubTokenizer(_NLLB_600M, nllb_folder, 16, language="fr")
+    with pytest.raises(UserError, match="roberta-base's tokenizer has no source language"):
+        HubTokenizer("roberta-base", tokenizers_made["bpe"], 16, language="fra_Latn")
+    with pytest.raises(UserError, match="only NLLB text towers take a source language; this model's tokenizer is "
+                                        "openai's"):
+        text_tokenizer(get_config("tiny/VIT-T-8").text, None, language="fra_Latn")
+
+
+def test_clip_and_the_scripts_pass_text_language_to_the_tokenizer(capsys):
+    from clip import CLIP
+    from tests.conftest import run_script
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="text_language 'fra_Latn': only NLLB"):
+        CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, text_language="fra_Latn")
+    for script in ("predict.py", "eval.py", "train.py"):
+        result = run_script(script, "--help", capsys=capsys)
+        assert "text_language" in result.stdout, script
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(HF_ROWS))
 def test_every_real_architecture_has_open_clips_parameter_names_and_shapes(monkeypatch, name):

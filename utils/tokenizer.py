@@ -319,7 +319,8 @@ class HubTokenizer(_PaddedTransformersTokenizer):
     lowercased: the tokenizer does what it was built to), cut and padded to the context, and with
     `strip_sep_token` the [SEP] id replaced by 0, since CLIPA was trained without it."""
 
-    def __init__(self, name: str, folder: str | Path | None, context_length: int, strip_sep_token: bool = False):
+    def __init__(self, name: str, folder: str | Path | None, context_length: int, strip_sep_token: bool = False,
+                 language: str | None = None):
         self.context_length = _check_context_length(context_length)
         source = _hub_tokenizer_folder(name, Path(folder) if folder else None)
         from transformers import AutoTokenizer  # only these runs pay for importing transformers
@@ -331,6 +332,21 @@ class HubTokenizer(_PaddedTransformersTokenizer):
         self.name, self.folder, self.strip_sep_token = name, source, strip_sep_token
         self.vocab_size = len(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
+        if language:
+            self.set_language(language)
+
+    def set_language(self, language: str) -> None:
+        """NLLB's source-language code (FLORES-200: "eng_Latn", the default, "fra_Latn", "zho_Hans", ...), the first
+        token of every caption: what open_clip's `HFTokenizer.set_language` means to set. Set through the tokenizer's
+        `src_lang`, which every later call reads: under transformers 5, open_clip's call (the tokenizer's
+        `set_src_lang_special_tokens`) is undone at the next call, which puts `src_lang`'s code back."""
+        if not hasattr(self.tokenizer, "src_lang"):
+            raise UserError(f"text_language {language!r}: {self.name}'s tokenizer has no source language (NLLB's has); "
+                            "leave text_language empty for this model")
+        if language not in self.tokenizer.get_vocab():
+            raise UserError(f"text_language {language!r} is not one of {self.name}'s language codes: FLORES-200 codes "
+                            "such as eng_Latn, fra_Latn, deu_Latn, spa_Latn, zho_Hans, jpn_Jpan, arb_Arab")
+        self.tokenizer.src_lang = language
 
     def clean(self, text: str) -> str:
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
@@ -365,15 +381,20 @@ def copy_tokenizer_files(source: Path | None, target: Path) -> None:
             atomic_write_bytes((source / name).read_bytes(), target / name)
 
 
-def text_tokenizer(text: "TextConfig", weights: str | Path | None, bert_vocab_path: str | Path | None = None):
+def text_tokenizer(text: "TextConfig", weights: str | Path | None, bert_vocab_path: str | Path | None = None,
+                   language: str | None = None):
     """The tokenizer a text tower's weights were trained with: the Hugging Face one its config names, else its
-    kind's (OpenAI's BPE, BERT's vocab at `bert_vocab_path`, SigLIP's files beside `weights`)."""
+    kind's (OpenAI's BPE, BERT's vocab at `bert_vocab_path`, SigLIP's files beside `weights`). `language`: NLLB's
+    source-language code for the captions (`HubTokenizer.set_language`); None keeps the tokenizer's own."""
     from nets.open_clip_configs import HF_TOKENIZERS
 
     if text.tokenizer:
         return HubTokenizer(text.tokenizer, files_beside(weights), text.context_length,
-                            **HF_TOKENIZERS[text.tokenizer])
+                            **HF_TOKENIZERS[text.tokenizer], language=language)
     kind = tokenizer_kind(text.kind)
+    if language:
+        raise UserError(f"text_language {language!r}: only NLLB text towers take a source language; this model's "
+                        f"tokenizer is {kind}'s, so leave text_language empty")
     return build_tokenizer(kind, text.context_length, {"bert": bert_vocab_path, "siglip": files_beside(weights)}.get(kind))
 
 

@@ -167,7 +167,8 @@ class _Run:
     def build_data(self, augment: str) -> None:
         cfg, info, device, config = self.cfg, self.info, self.device, self.config
         self.tokenizer_folder = self._tokenizer_folder() if reads_files_beside(config.text) else None
-        self.tokenizer = text_tokenizer(config.text, self.tokenizer_folder, cfg["bert_vocab_path"])
+        self.tokenizer = text_tokenizer(config.text, self.tokenizer_folder, cfg["bert_vocab_path"],
+                                        cfg["text_language"])
         self.root = root = Path(cfg["datasets_path"])
         columns = (cfg["csv_image_column"], cfg["csv_caption_column"])
         self.val_entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
