@@ -1,6 +1,7 @@
 """CoCa captions on the CPU: the decoder's key-value cache against running the whole prefix at every token.
 
     python benchmarks/bench_generate.py [--phi coca_ViT-B-32] [--images 1 4] [--reps 3] [--threads N]
+                                        [--device cpu|cuda] [--precision fp32|fp16|bf16]
 
 Same seeded random weights everywhere; the end token is banned until the last position (min_seq_len = seq_len - 1),
 so every caption runs its full 30 tokens and each path does the same number of steps. Side by side in one process,
@@ -14,8 +15,9 @@ each repetition running every path in turn:
   `torch.inference_mode()`. open_clip 3.3's `generate` itself cannot import with transformers 5, so its loop is
   written out here around its own forward.
 
-Greedy and beam search (open_clip's default: 6 beams in 3 identical groups, 2 searched); every path's tokens are
-checked equal before timing.
+Greedy and beam search (open_clip's default: 6 beams in 3 identical groups, 2 searched). Every path's tokens are
+compared before timing: equal in fp32 on the CPU (the run stops otherwise); elsewhere (TF32, fp16, bf16) rounding may
+flip a near tie, so the captions that differ are counted and said. open_clip runs in fp32, on the same device.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from utils.predict.generate import Generation, generate  # noqa: E402
 def open_clip_greedy(model, pixels: torch.Tensor, sot: int, eot: int, settings: Generation) -> torch.Tensor:
     """open_clip 3.3's `_generate` loop for generation_type="greedy" (argmax of the processed logits), written out."""
     image_latent, image_embs = model._encode_image(pixels)
-    out = torch.full((pixels.shape[0], 1), sot, dtype=torch.long)
+    out = torch.full((pixels.shape[0], 1), sot, dtype=torch.long, device=pixels.device)
     while out.shape[1] < settings.seq_len:
         logits = model(pixels, out[:, -settings.max_seq_len:], image_latent=image_latent, image_embs=image_embs,
                        output_labels=False)["logits"][:, -1]
@@ -52,11 +54,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="0: PyTorch's default (all cores)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = CLIP(model_path="", phi=args.phi, cuda=False, precision="fp32")
+    model = CLIP(model_path="", phi=args.phi, cuda=args.device == "cuda", precision=args.precision)
+    exact = args.device == "cpu" and args.precision == "fp32"
     net, tokenizer = model.net, model.tokenizer
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
     peer = None
@@ -64,16 +69,19 @@ def main() -> None:
         import open_clip
 
         peer = open_clip.create_model(args.phi, pretrained=None).eval()
-        peer.load_state_dict(net.state_dict(), strict=True)
+        peer.load_state_dict({k: v.float() for k, v in net.state_dict().items()}, strict=True)
+        peer = peer.to(args.device)
     except ImportError:
         print("open_clip is not installed: its column is left out")
     uncached = type(net).caption_steps
-    print(f"{args.phi}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps}")
+    where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{args.phi}, {args.precision} on {args.device} ({where}), torch {torch.__version__}, median of {args.reps}")
     print("| images | search | cached | whole prefix | open_clip | whole prefix / cached | open_clip / cached |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n in args.images:
-        pixels = torch.randn(n, 3, net.config.vision.image_size, net.config.vision.image_size,
-                             generator=torch.Generator().manual_seed(n))
+        size = net.config.vision.image_size
+        pixels = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
+        pixels = pixels.to(args.device, net.visual.conv1.weight.dtype)
         for search in ("greedy", "beam_search"):
             settings = Generation(generation=search, seq_len=30, min_seq_len=29)
 
@@ -89,16 +97,24 @@ def main() -> None:
 
             paths = {"cached": cached, "whole prefix": whole_prefix}
             if peer is not None and search == "greedy":
-                paths["open_clip"] = lambda: open_clip_greedy(peer, pixels, sot, eot, settings)
+                paths["open_clip"] = lambda: open_clip_greedy(peer, pixels.float(), sot, eot, settings)
             with torch.inference_mode():
                 outputs = {name: run() for name, run in paths.items()}  # also the warm-up
                 first = outputs["cached"]
-                assert all(torch.equal(o, first) for o in outputs.values()), f"{search}: the paths' tokens differ"
+                for name, o in outputs.items():
+                    differ = n if o.shape != first.shape else int((o != first).any(dim=1).sum())
+                    if differ and exact:
+                        raise SystemExit(f"{search}: {name}'s tokens differ from the cached path's")
+                    if differ:
+                        print(f"{search}, {n} images: {differ} of {n} captions of {name} differ from cached's "
+                              f"({args.precision} on {args.device}: rounding)")
                 times = {name: [] for name in paths}
                 for _ in range(args.reps):
                     for name, run in paths.items():
                         start = time.perf_counter()
                         run()
+                        if args.device == "cuda":
+                            torch.cuda.synchronize()
                         times[name].append(time.perf_counter() - start)
             ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
             theirs = f"{ms['open_clip']:.0f} ms" if "open_clip" in ms else "-"

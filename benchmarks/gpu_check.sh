@@ -15,7 +15,8 @@
 # on the GPU machine's CPU (another vendor's CPU, maybe with AMX: oneDNN's path against MKL, onnxruntime and
 # open_clip, and the bf16 ratio against that CPU's own matmul ratio) at all cores, then at 1 thread. "lora" trains
 # the toy set with LoRA adapters on CUDA in bf16 and in fp16 with accum_freq 2 (AMP, accumulation and LoRA on the
-# GPU in one run each). "inference" also times SigLIP 2 (timm image tower, SigLIP text tower) against open_clip's
+# GPU in one run each). "generate" times CoCa captions with the decoder's key-value cache against the whole prefix
+# and open_clip's loop, in fp32 and fp16 (bench_generate.py; never run on a GPU yet). "inference" also times SigLIP 2 (timm image tower, SigLIP text tower) against open_clip's
 # model of that name. "train" covers AMP/bf16 training speed (TRAIN_PRECISIONS="fp32 fp16 bf16"), "accum"
 # accumulation, "onnx" the fp16 export, "decode" nvJPEG.
 # Part durations on the H200 machine (2026-12-04, its torch 2.11, open_clip and the pinned timm/transformers carried
@@ -96,8 +97,15 @@ part_lora() {
         done; } 2>&1 | tee "$out/train_lora.txt"
 }
 
+part_generate() {
+    for precision in fp32 fp16; do
+        $py benchmarks/bench_generate.py --device cuda --precision "$precision" --images 1 16 --reps 3 2>&1 \
+            | grep --line-buffered -v WARNING | tee "$out/bench_generate_$precision.txt"
+    done
+}
+
 export -f part_tests part_inference part_train part_accum part_onnx part_demo part_decode part_embed \
-    part_index10m part_fast part_lora
+    part_index10m part_fast part_lora part_generate
 
 start=$SECONDS
 summary=()
@@ -109,7 +117,7 @@ for spec in ${PARTS:-tests inference train accum onnx demo decode}; do
     name=${spec%%:*}; limit=0; [[ $spec == *:* ]] && limit=${spec#*:}
     if ! declare -F "part_$name" > /dev/null; then
         echo "gpu_check: no part named '$name' (parts: tests inference train accum onnx demo decode embed index10m" \
-            "fast lora)"; summary+=("$name: unknown"); continue
+            "fast lora generate)"; summary+=("$name: unknown"); continue
     fi
     if [[ -n ${DEADLINE:-} ]]; then
         left=$(( DEADLINE - (SECONDS - start) ))

@@ -280,6 +280,18 @@ def test_text_language_is_each_captions_first_token_as_transformers_src_lang_giv
     assert french(["une photo d'un chat"])[0, 0] == ids[1, 0]
 
 
+def test_an_onnx_exports_tokenizer_keeps_its_text_language(nllb_folder):
+    from utils.export.onnx_predict import _tokenizer
+
+    config = {"tokenizer": "hub", "hub_tokenizer": _NLLB_600M, "context_length": 16, "strip_sep_token": False}
+    french = HubTokenizer(_NLLB_600M, nllb_folder, 16, language="fra_Latn")
+    assert french.language == "fra_Latn" and HubTokenizer(_NLLB_600M, nllb_folder, 16).language is None
+    exported = _tokenizer({**config, "text_language": french.language}, nllb_folder)
+    assert torch.equal(exported(["une photo d'un chat"]), french(["une photo d'un chat"]))
+    older = _tokenizer(config, nllb_folder)  # an export made before text_language: the default, eng_Latn
+    assert older(["a dog"])[0, 0] == older.tokenizer.convert_tokens_to_ids("eng_Latn")
+
+
 def test_a_text_language_that_cannot_apply_is_one_line_naming_it(nllb_folder, tokenizers_made):
     from nets import get_config
     from utils.errors import UserError

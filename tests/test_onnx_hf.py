@@ -104,6 +104,7 @@ def test_onnx_clip_gives_the_pytorch_models_ids_and_features_within_1e_4(exporte
     config = json.loads((folder / "config.json").read_text())
     assert (config["tokenizer"], config["hub_tokenizer"], config["pad_id"], config["trim_padding"]) == \
         ("hub", model.net.config.text.tokenizer, pad_id, trims)
+    assert config["text_language"] is None  # none set: the tokenizer's own default
     # The tokenizer files the model read, copied (CLIPA's WordPiece vocab.txt, the others' tokenizer.json).
     source = model.tokenizer.folder
     copied = {p.name for p in folder.iterdir()} - {"config.json", "image.onnx", "text.onnx"}

@@ -332,6 +332,7 @@ class HubTokenizer(_PaddedTransformersTokenizer):
         self.name, self.folder, self.strip_sep_token = name, source, strip_sep_token
         self.vocab_size = len(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.language = None
         if language:
             self.set_language(language)
 
@@ -346,7 +347,7 @@ class HubTokenizer(_PaddedTransformersTokenizer):
         if language not in self.tokenizer.get_vocab():
             raise UserError(f"text_language {language!r} is not one of {self.name}'s language codes: FLORES-200 codes "
                             "such as eng_Latn, fra_Latn, deu_Latn, spa_Latn, zho_Hans, jpn_Jpan, arb_Arab")
-        self.tokenizer.src_lang = language
+        self.tokenizer.src_lang = self.language = language
 
     def clean(self, text: str) -> str:
         text = html.unescape(html.unescape(ftfy.fix_text(text)))

@@ -86,9 +86,10 @@ def export_files(model, fp16: bool = False, log=print) -> dict[str, bytes]:
         # The vocabulary file, relative to the export folder ("." for SigLIP and "hub": the folder of its tokenizer
         # files).
         "vocab": vocab,
-        # "hub": the Hugging Face tokenizer's name and open_clip's setting of it (CLIPA's [SEP] replaced by 0).
-        **({"hub_tokenizer": model.tokenizer.name, "strip_sep_token": model.tokenizer.strip_sep_token}
-           if kind == "hub" else {}),
+        # "hub": the Hugging Face tokenizer's name and open_clip's setting of it (CLIPA's [SEP] replaced by 0), and
+        # NLLB's source-language code where one was set (text_language; null: the tokenizer's default).
+        **({"hub_tokenizer": model.tokenizer.name, "strip_sep_token": model.tokenizer.strip_sep_token,
+            "text_language": model.tokenizer.language} if kind == "hub" else {}),
         # The id captions are padded with, and whether columns of it alone may be dropped before text.onnx (exact
         # only where the tower masks the padding or never reads past the pooled token).
         "pad_id": int(model.tokenizer.pad_token_id),

@@ -44,7 +44,7 @@ def _tokenizer(config: dict, folder: Path):
 
     if config["tokenizer"] == "hub":
         return HubTokenizer(config["hub_tokenizer"], folder, config["context_length"],
-                            strip_sep_token=config["strip_sep_token"])
+                            strip_sep_token=config["strip_sep_token"], language=config.get("text_language"))
     return build_tokenizer(config["tokenizer"], config["context_length"], folder / config["vocab"])
 
 
