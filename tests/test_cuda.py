@@ -103,3 +103,29 @@ def test_amp_training_with_accumulation_and_lora(toy, tmp_path, precision):  # n
     assert all(math.isfinite(x) for x in step_losses(tmp_path))
     weights = torch.load(tmp_path / "last_epoch_weights.pth", map_location="cpu", weights_only=True)
     build_model(get_config("tiny/VIT-T-8")).load_state_dict(weights)  # merged, plain keys
+
+
+
+def test_coca_caption_steps_on_cuda_give_the_whole_prefixs_logits():
+    # The key-value cache (nets/coca.py CaptionSteps) on the GPU: fp32 within 1e-4 of the whole prefix's logits
+    # (TF32 off: parity is about the math), and in fp16 a caption of valid tokens through generate.
+    from tests.test_coca import EOT, SOT, images, ours_of, reference
+    from utils.predict.generate import Generation, generate
+
+    net = ours_of(reference()).cuda()
+    pixels = images(2).cuda()
+    tokens = torch.randint(1, SOT, (2, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens[:, 0], tokens[1, 5:] = SOT, 0
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            image_tokens = net.visual.forward_with_tokens(pixels)[1]
+            steps = net.caption_steps(image_tokens)
+            worst = max((steps.next(tokens[:, p:p + 1]) - net.caption_logits(image_tokens, tokens[:, :p + 1])[:, -1])
+                        .abs().max().item() for p in range(tokens.shape[1]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert worst < 1e-4, worst
+    half = generate(net.half(), pixels.half(), SOT, EOT, Generation(seq_len=12, min_seq_len=3))
+    assert half.shape[0] == 2 and (half[:, 0] == SOT).all() and int(half.max()) < net.config.text.vocab_size
