@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import QUICK_GELU, Attention, QuickGELU, ResidualAttentionBlock
+from .fingerprint import Fingerprint
+from .transformer import (QUICK_GELU, Attention, Packing, Pooled, QuickGELU, ResidualAttentionBlock, Transformer,
+                          attend)
 
 # oneDNN's bf16 inner product needs the CPU's bf16 units (AVX-512 BF16 / AMX): without them it cannot build a
 # primitive at all, so bf16 stays on PyTorch's own kernels there.
@@ -148,35 +150,123 @@ def _plain_timm_mlp(mlp: nn.Module) -> bool:
                                                        for d in ("drop1", "drop2")))
 
 
-def _fuse_activation(mlp: nn.Module) -> bool:
-    """An MLP as two oneDNN matmuls, its activation in the first; False for an activation oneDNN lacks."""
+def _fuse_activation(mlp: nn.Module) -> tuple[Matmul, Matmul] | None:
+    """An MLP as two oneDNN matmuls, its activation in the first (returned); None for an activation oneDNN lacks."""
     activation = mlp.gelu if hasattr(mlp, "gelu") else mlp.act
     if isinstance(activation, QuickGELU):
         up, down = Matmul("swish", weight_scale=QUICK_GELU, bias_scale=QUICK_GELU), Matmul(weight_scale=1 / QUICK_GELU)
     elif type(activation) is nn.GELU and activation.approximate in ("none", "tanh"):
         up, down = Matmul("gelu", activation.approximate), Matmul()
     else:
-        return False
+        return None
     mlp.forward = functools.partial(_mlp_forward, mlp, up, down)
-    return True
+    return up, down
+
+
+class _Flat:
+    """A Transformer's inference forward without its modules: each block's LayerNorms, packed matmuls and
+    attention called in a row, with the tensors and packed weights of its modules' oneDNN path. The same ops in
+    the same order as the modules' forward, so the same features bit for bit, minus about a thousand Python calls
+    of module dispatch and per-layer checks for one caption (each costs several times its micro-benchmark while
+    the weights stream through the caches): 4-10% of a caption's time at batch 1 in fp32, 9-18% in bf16, 2-6% of an
+    image's (benchmarks/README.md, "The flat path").
+
+    It answers while a fingerprint (nets/fingerprint.py) says the transformer holds the modules and tensors it
+    held right after a call of the modules in which every matmul had its packed copy, that is packed for those
+    very weights; otherwise the modules run (and pack, change or fall back as they do)."""
+
+    def __init__(self, transformer: nn.Module, parts: list[tuple]):
+        self.transformer, self.parts, self.seen, self.blocks = transformer, parts, None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "seen": None, "blocks": None}  # a copy starts from its modules again
+
+    def _snapshot(self) -> None:
+        """The tensors each block uses, as they are now, if its modules are still those `accelerate` found and
+        every matmul has its packed copy."""
+        matmuls = [m for _, project, out, _, up, down, _ in self.parts for m in (project, out, up, down)]
+        self.seen = self.blocks = None
+        if not self._same_modules() or any(m.packed is None for m in matmuls):
+            return
+        self.seen = Fingerprint(self.transformer)
+        self.blocks = [((ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps), (project.packed, project.bias),
+                        (out.packed, out.bias), (ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps),
+                        (up.packed, up.bias, up.attr, up.algorithm), (down.packed, down.bias), heads)
+                       for ln_1, project, out, ln_2, up, down, heads in self.parts]
+
+    def _same_modules(self) -> bool:
+        blocks = self.transformer.resblocks
+        return len(blocks) == len(self.parts) and all(
+            block.ln_1 is ln_1 and block.ln_2 is ln_2 and block.attn.__dict__.get("project") is project
+            and _rerouted(block.attn.out_proj, _linear_forward) == (out,)
+            and _rerouted(block.mlp, _mlp_forward) == (up, down)
+            for block, (ln_1, project, out, ln_2, up, down, _) in zip(blocks, self.parts))
+
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, pooled: Pooled | None = None) -> torch.Tensor:
+        transformer = self.transformer
+        if not _eligible(x, transformer.resblocks[0].attn.in_proj_weight):
+            return type(transformer).forward(transformer, x, packing, pooled)
+        if self.seen is None or not self.seen.holds(transformer):
+            out = type(transformer).forward(transformer, x, packing, pooled)
+            self._snapshot()
+            return out
+        linear, last = torch.ops.mkldnn._linear_pointwise, len(self.blocks) - 1
+        for i, (ln_1, (w_qkv, b_qkv), (w_out, b_out), ln_2, (w_up, b_up, attr, algorithm), (w_down, b_down),
+                heads) in enumerate(self.blocks):
+            rows = pooled if i == last else None
+            qkv = linear(F.layer_norm(x, *ln_1), w_qkv, b_qkv, "none", [], "")
+            attended = attend(qkv, heads, transformer.causal, packing, pooled=rows)
+            x = (x if rows is None else rows.take(x)) + linear(attended, w_out, b_out, "none", [], "")
+            x = x + linear(linear(F.layer_norm(x, *ln_2), w_up, b_up, attr, [], algorithm), w_down, b_down, "none",
+                           [], "")
+        return x
+
+
+def _rerouted(module: nn.Module, forward) -> tuple:
+    """The matmuls `accelerate` gave `module` through `forward` (its partial's arguments after the module), or ()."""
+    bound = module.__dict__.get("forward")
+    if not isinstance(bound, functools.partial) or bound.func is not forward or bound.args[:1] != (module,):
+        return ()
+    return bound.args[1:]
+
+
+def _flat_parts(transformer: nn.Module, mlps: dict, linears: dict) -> list[tuple] | None:
+    """(ln_1, QKV matmul, output matmul, ln_2, up, down, heads) per block; None unless every block is our plain
+    block on the oneDNN path (exactly these module types, its MLP fused)."""
+    parts = []
+    for block in transformer.resblocks:
+        attn = block.attn
+        if not (type(block) is ResidualAttentionBlock and type(attn) is Attention and block.mlp in mlps
+                and isinstance(attn.__dict__.get("project"), Matmul) and attn.out_proj in linears
+                and type(block.ln_1) is nn.LayerNorm and type(block.ln_2) is nn.LayerNorm):
+            return None
+        parts.append((block.ln_1, attn.project, linears[attn.out_proj], block.ln_2, *mlps[block.mlp], attn.heads))
+    return parts
 
 
 def accelerate(net: nn.Module) -> bool:
-    """Reroute `net`'s linear layers through oneDNN, in place; False (and `net` untouched) where this PyTorch
-    has no oneDNN."""
+    """Reroute `net`'s linear layers through oneDNN, in place, and run its transformers flat (`_Flat`); False (and
+    `net` untouched) where this PyTorch has no oneDNN."""
     if not available():
         return False
-    fused = set()
+    mlps, linears = {}, {}
     for module in net.modules():
         mlp = module.mlp if isinstance(module, ResidualAttentionBlock) else module if _plain_timm_mlp(module) else None
-        if mlp is not None and _fuse_activation(mlp):
-            fused.update(_mlp_linears(mlp))
+        fused = None if mlp is None else _fuse_activation(mlp)
+        if fused is not None:
+            mlps[mlp] = fused
         elif isinstance(module, Attention):
             module.project = Matmul()
         elif type(module) is nn.Conv2d and _is_patch_embedding(module):
             module.forward = functools.partial(_patch_forward, module, Matmul())
+    inside = {linear for mlp in mlps for linear in _mlp_linears(mlp)}
     for module in net.modules():
         # Exactly nn.Linear: subclasses (quantised, low-rank) may compute something else in their forward.
-        if type(module) is nn.Linear and module not in fused:
-            module.forward = functools.partial(_linear_forward, module, Matmul())
+        if type(module) is nn.Linear and module not in inside:
+            linears[module] = Matmul()
+            module.forward = functools.partial(_linear_forward, module, linears[module])
+    for module in net.modules():
+        parts = _flat_parts(module, mlps, linears) if type(module) is Transformer else None
+        if parts:
+            module.forward = _Flat(module, parts).forward
     return True

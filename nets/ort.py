@@ -33,6 +33,7 @@ from utils.errors import UserError
 from utils.ort_sessions import cpu_session
 from utils.tokenizer import trim_padding
 
+from .fingerprint import Fingerprint
 from .onnx_towers import OPSET, encoders, export_or_refuse
 
 # Bumped whenever the exported graphs change, so that older cached files are not loaded (2: the last block computes
@@ -47,59 +48,6 @@ TOLERANCE = 1e-4
 
 def _tower(net: nn.Module, name: str) -> nn.Module:
     return net.visual if name == "image" else net.text
-
-
-# Modules, parameters and buffers registered anywhere in the process since the first runtime was made (PyTorch's
-# global registration hooks): while it stands still, no tower has gained or swapped a submodule or a tensor.
-_REGISTRATIONS = [0]
-_WATCHING: list = []
-
-
-def _count_registration(*_) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-def _watch_registrations() -> None:
-    if not _WATCHING:
-        from torch.nn.modules import module
-
-        _WATCHING.extend(register(_count_registration) for register in (
-            module.register_module_module_registration_hook, module.register_module_parameter_registration_hook,
-            module.register_module_buffer_registration_hook))
-
-
-class _Fingerprint:
-    """Which modules and tensors a tower holds, where each tensor lives and how often it was written: a cast, a
-    load, an in-place update, a tensor set in its place or a submodule swapped in (LoRA's layers, say) changes it.
-    Checked at every call (0.04 ms for a ViT-B tower); the modules are walked again only after something, anywhere
-    in the process, registered a module or tensor."""
-
-    def __init__(self, tower: nn.Module):
-        _watch_registrations()
-        self.tower = tower
-        self.registrations, self.modules, self.slots = self._walk()
-        self.seen = self._now(self.slots)
-
-    def _walk(self) -> tuple[int, list, list]:
-        modules = list(self.tower.modules())
-        slots = [(m._parameters, k) for m in modules for k, t in m._parameters.items() if t is not None]
-        slots += [(m._buffers, k) for m in modules for k, t in m._buffers.items() if t is not None]
-        return _REGISTRATIONS[0], modules, slots
-
-    @staticmethod
-    def _now(slots: list) -> list:
-        return [(id(t), t.data_ptr(), t._version) for t in (holder[k] for holder, k in slots)]
-
-    def holds(self, tower: nn.Module) -> bool:
-        if tower is not self.tower:
-            return False
-        if _REGISTRATIONS[0] != self.registrations:
-            registrations, modules, slots = self._walk()
-            if len(modules) != len(self.modules) or any(a is not b for a, b in zip(modules, self.modules)) \
-                    or self._now(slots) != self.seen:
-                return False
-            self.registrations, self.slots = registrations, slots
-        return self._now(self.slots) == self.seen
 
 
 def weights_key(net: nn.Module, name: str) -> str:
@@ -140,7 +88,7 @@ class OnnxRuntime:
         self.threads = threads or torch.get_num_threads()
         self.log = log
         self._sessions: dict[str, object] = {}
-        self._fingerprints: dict[str, _Fingerprint] = {}
+        self._fingerprints: dict[str, Fingerprint] = {}
         self._refused: dict[str, str] = {}
         self._trims: dict[str, bool] = {}
         self._said: set[str] = set()
@@ -220,7 +168,7 @@ class OnnxRuntime:
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._calls[name] < LOOKUP_AFTER:
             return None
-        self._fingerprints[name] = _Fingerprint(tower)
+        self._fingerprints[name] = Fingerprint(tower)
         self._trims[name] = encoders(net)[name].trims_padding
         found: dict = {}
         thread = threading.Thread(target=self._open, args=(net, name, found), daemon=True,

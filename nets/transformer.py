@@ -77,6 +77,24 @@ class Pooled:
         return x[self.rows] if self.rows is not None else self._at(x)
 
 
+def attend(qkv: torch.Tensor, heads: int, causal: bool, packing: Packing | None = None,
+           mask: torch.Tensor | None = None, pooled: Pooled | None = None) -> torch.Tensor:
+    """Multi-head attention of the fused projection's output `qkv` (N, L, 3 x width), or (T, 3 x width) tokens that
+    `packing` kept, before the output projection: (N, L, width) or (T, width); with `pooled`, its rows alone (N,
+    width). `mask`: a boolean attention mask (True attends) instead of `causal`."""
+    if packing is not None:
+        qkv = packing.pad(qkv)
+    n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    qkv = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
+    if pooled is not None:
+        # One query per row; causal attention from a row's pooled token is its mask over the keys.
+        out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
+        return out.reshape(n, width)  # N, H, 1, hd -> N, width
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
+    out = out.transpose(1, 2).reshape(n, length, width)
+    return out if packing is None else packing.unpad(out)
+
+
 class Attention(nn.Module):
     # The QKV projection's matmul; nets/fast.py swaps in oneDNN's for CPU inference.
     project = staticmethod(F.linear)
@@ -95,17 +113,7 @@ class Attention(nn.Module):
         """`mask`: a boolean attention mask (True attends) instead of `causal` (CoCa's text tower's, nets/coca.py).
         `pooled`: the output of its rows alone, (N, width)."""
         qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
-        if packing is not None:
-            qkv = packing.pad(qkv)
-        n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
-        if pooled is not None:
-            # One query per row; causal attention from a row's pooled token is its mask over the keys.
-            out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
-            return self.out_proj(out.reshape(n, width))  # N, H, 1, hd -> N, width
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
-        out = out.transpose(1, 2).reshape(n, length, width)
-        return self.out_proj(out if packing is None else packing.unpad(out))
+        return self.out_proj(attend(qkv, self.heads, causal, packing, mask, pooled))
 
     def step(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

@@ -228,3 +228,71 @@ def test_openmp_threads_sleep_while_they_wait_unless_the_user_says_otherwise():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                           cwd=root).stdout.strip() == "ACTIVE"
+
+
+def _module_path_calls(monkeypatch) -> list:
+    """Each call of a Transformer's own forward (the modules), recorded."""
+    from nets.transformer import Transformer
+
+    calls, forward = [], Transformer.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["vit-quick_gelu", "vit-gelu"])
+def test_flat_transformers_answer_bit_for_bit_as_their_modules(monkeypatch, kind):
+    config = CONFIGS[kind]
+    fast = random_model(config)
+    accelerate(fast)
+    modules_only = copy.deepcopy(fast)
+    for t in modules_only.modules():
+        if type(t).__name__ == "Transformer":
+            del t.forward  # its own forward again: the modules, on the same oneDNN path
+    calls = _module_path_calls(monkeypatch)
+    for n in (1, 3):  # one caption (pooled by position) and three of different lengths (packed)
+        pixels, tokens = inputs(config, n)
+        for _ in range(PACK_AFTER + 1):
+            want = features(modules_only, pixels, tokens)
+            got = features(fast, pixels, tokens)
+        del calls[:]
+        got = features(fast, pixels, tokens)
+        assert not [c for c in calls if any(c is t for t in fast.modules())], "the flat path did not answer"
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), kind
+
+
+def test_the_flat_path_sees_updates_and_swapped_modules(monkeypatch):
+    fast, other = random_model(SMALL, seed=0), random_model(SMALL, seed=1)
+    accelerate(fast)
+    pixels, tokens = inputs(SMALL, 2)
+    calls = _module_path_calls(monkeypatch)
+
+    def check():
+        reference = random_model(SMALL)
+        reference.load_state_dict(fast.state_dict())
+        for g, w in zip(features(fast, pixels, tokens), features(reference, pixels, tokens)):
+            assert (g - w).abs().max() < 1e-5
+
+    def settle():  # until the flat path answers both towers
+        for _ in range(PACK_AFTER + 1):
+            features(fast, pixels, tokens)
+        del calls[:]
+        features(fast, pixels, tokens)
+        assert not [c for c in calls if any(c is t for t in fast.modules())]
+
+    settle()
+    with torch.no_grad():
+        fast.text.transformer.resblocks[0].ln_1.weight.mul_(3)  # in place: a LayerNorm no matmul holds
+    check()
+    settle()
+    block = fast.visual.transformer.resblocks[-1]
+    block.ln_2 = copy.deepcopy(other.visual.transformer.resblocks[0].ln_2)  # another module in its place
+    for _ in range(PACK_AFTER + 1):
+        check()
+    assert any(c is fast.visual.transformer for c in calls)  # the modules answer the swapped tower from now on
+    fast.load_state_dict(other.state_dict())
+    check()
