@@ -176,23 +176,25 @@ class _Flat:
     very weights; otherwise the modules run (and pack, change or fall back as they do)."""
 
     def __init__(self, transformer: nn.Module, parts: list[tuple]):
-        self.transformer, self.parts, self.seen, self.blocks = transformer, parts, None, None
+        # state: (the fingerprint, each block's tensors) in one attribute, so that a concurrent call (the web page's
+        # threads) reads both or neither.
+        self.transformer, self.parts, self.state = transformer, parts, None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "seen": None, "blocks": None}  # a copy starts from its modules again
+        return {**self.__dict__, "state": None}  # a copy starts from its modules again
 
     def _snapshot(self) -> None:
         """The tensors each block uses, as they are now, if its modules are still those `accelerate` found and
         every matmul has its packed copy."""
         matmuls = [m for _, project, out, _, up, down, _ in self.parts for m in (project, out, up, down)]
-        self.seen = self.blocks = None
+        self.state = None
         if not self._same_modules() or any(m.packed is None for m in matmuls):
             return
-        self.seen = Fingerprint(self.transformer)
-        self.blocks = [((ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps), (project.packed, project.bias),
-                        (out.packed, out.bias), (ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps),
-                        (up.packed, up.bias, up.attr, up.algorithm), (down.packed, down.bias), heads)
-                       for ln_1, project, out, ln_2, up, down, heads in self.parts]
+        blocks = [((ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps), (project.packed, project.bias),
+                   (out.packed, out.bias), (ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps),
+                   (up.packed, up.bias, up.attr, up.algorithm), (down.packed, down.bias), heads)
+                  for ln_1, project, out, ln_2, up, down, heads in self.parts]
+        self.state = Fingerprint(self.transformer), blocks
 
     def _same_modules(self) -> bool:
         blocks = self.transformer.resblocks
@@ -206,13 +208,15 @@ class _Flat:
         transformer = self.transformer
         if not _eligible(x, transformer.resblocks[0].attn.in_proj_weight):
             return type(transformer).forward(transformer, x, packing, pooled)
-        if self.seen is None or not self.seen.holds(transformer):
+        state = self.state
+        if state is None or not state[0].holds(transformer):
             out = type(transformer).forward(transformer, x, packing, pooled)
             self._snapshot()
             return out
-        linear, last = torch.ops.mkldnn._linear_pointwise, len(self.blocks) - 1
+        blocks = state[1]
+        linear, last = torch.ops.mkldnn._linear_pointwise, len(blocks) - 1
         for i, (ln_1, (w_qkv, b_qkv), (w_out, b_out), ln_2, (w_up, b_up, attr, algorithm), (w_down, b_down),
-                heads) in enumerate(self.blocks):
+                heads) in enumerate(blocks):
             rows = pooled if i == last else None
             qkv = linear(F.layer_norm(x, *ln_1), w_qkv, b_qkv, "none", [], "")
             attended = attend(qkv, heads, transformer.causal, packing, pooled=rows)
