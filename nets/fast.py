@@ -131,10 +131,12 @@ def _is_patch_embedding(conv: nn.Conv2d) -> bool:
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def _mlp_forward(mlp: nn.Module, up: Matmul, down: Matmul, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(mlp: nn.Module, up: Matmul, down: Matmul, layers: tuple, x: torch.Tensor) -> torch.Tensor:
     first, last = _mlp_linears(mlp)
-    if not _eligible(x, first.weight):
-        return type(mlp).forward(mlp, x)  # the plain path, exactly: training, other devices
+    # Its own forward, exactly: in training, on other devices, and where a layer is no longer one of the `layers`
+    # fused (a LoRA layer keeps the base `weight` but adds its own term in its forward).
+    if tuple(mlp.children()) != layers or not _eligible(x, first.weight):
+        return type(mlp).forward(mlp, x)
     return down(up(x, first.weight, first.bias), last.weight, last.bias)
 
 
@@ -159,7 +161,7 @@ def _fuse_activation(mlp: nn.Module) -> tuple[Matmul, Matmul] | None:
         up, down = Matmul("gelu", activation.approximate), Matmul()
     else:
         return None
-    mlp.forward = functools.partial(_mlp_forward, mlp, up, down)
+    mlp.forward = functools.partial(_mlp_forward, mlp, up, down, tuple(mlp.children()))
     return up, down
 
 
@@ -201,7 +203,7 @@ class _Flat:
         return len(blocks) == len(self.parts) and all(
             block.ln_1 is ln_1 and block.ln_2 is ln_2 and block.attn.__dict__.get("project") is project
             and _rerouted(block.attn.out_proj, _linear_forward) == (out,)
-            and _rerouted(block.mlp, _mlp_forward) == (up, down)
+            and _rerouted(block.mlp, _mlp_forward) == (up, down, tuple(block.mlp.children()))
             for block, (ln_1, project, out, ln_2, up, down, _) in zip(blocks, self.parts))
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, pooled: Pooled | None = None) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_weights_changed_after_packing_are_used_not_the_stale_copy():
 
 def _matmuls(model: nn.Module) -> list[Matmul]:
     found = [matmul for m in model.modules() if isinstance(m.__dict__.get("forward"), functools.partial)
-             for matmul in m.forward.args[1:]]
+             for matmul in m.forward.args[1:] if isinstance(matmul, Matmul)]
     return found + [m.project for m in model.modules() if isinstance(m.__dict__.get("project"), Matmul)]
 
 
@@ -296,3 +296,32 @@ def test_the_flat_path_sees_updates_and_swapped_modules(monkeypatch):
     assert any(c is fast.visual.transformer for c in calls)  # the modules answer the swapped tower from now on
     fast.load_state_dict(other.state_dict())
     check()
+
+
+def test_an_mlp_layer_swapped_after_accelerate_runs_its_own_forward():
+    # As LoRA wraps a layer: the base weight is still `weight`, but the forward adds the adapter's term.
+    class WithDelta(nn.Module):
+        def __init__(self, base: nn.Linear):
+            super().__init__()
+            self.base, self.delta = base, nn.Linear(base.in_features, base.out_features, bias=False)
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+
+    eager = random_model(SMALL)
+    fast = copy.deepcopy(eager)
+    accelerate(fast)
+    pixels, tokens = inputs(SMALL, 2)
+    for _ in range(PACK_AFTER + 1):
+        features(fast, pixels, tokens)
+    for model in (eager, fast):
+        mlp = model.visual.transformer.resblocks[0].mlp
+        torch.manual_seed(1)
+        mlp.c_fc = WithDelta(mlp.c_fc)
+    for _ in range(PACK_AFTER + 1):
+        for g, w in zip(features(fast, pixels, tokens), features(eager, pixels, tokens)):
+            assert (g - w).abs().max() < 1e-4
