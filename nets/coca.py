@@ -11,7 +11,7 @@ from torch import nn
 
 from .configs import DecoderConfig, TextConfig, VisionConfig
 from .text_transformer import TokenTransformer
-from .transformer import _ACTIVATIONS, Attention, ResidualAttentionBlock, Transformer
+from .transformer import _ACTIVATIONS, Attention, ResidualAttentionBlock, Transformer, split_heads
 from .vit import VisionTransformer
 
 PAD_ID = 0  # open_clip's CoCa pad_id: the tokenizer's padding, masked out of the text tower's attention
@@ -142,7 +142,7 @@ class CrossAttentionBlock(nn.Module):
         computes again for every caption, made once for a whole decoding."""
         width, heads = self.attn.embed_dim, self.attn.num_heads
         kv = F.linear(self.ln_1_kv(image), self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:])
-        return tuple(kv.view(kv.shape[0], kv.shape[1], 2, heads, width // heads).permute(2, 0, 3, 1, 4))
+        return tuple(split_heads(kv, 2, heads))
 
     def step(self, x: torch.Tensor, image_keys: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`forward` of one new position per row (R, 1, width) against `image_keys` of n images, R = n x beams rows

@@ -77,6 +77,13 @@ class Pooled:
         return x[self.rows] if self.rows is not None else self._at(x)
 
 
+def split_heads(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
+    """A fused projection's output (N, L, parts x width) as (parts, N, heads, L, head width): q, k and v (or k and
+    v), each split into its heads, the layout scaled_dot_product_attention takes."""
+    n, length, width = x.shape[0], x.shape[1], x.shape[2] // parts
+    return x.view(n, length, parts, heads, width // heads).permute(2, 0, 3, 1, 4)
+
+
 def attend(qkv: torch.Tensor, heads: int, causal: bool, packing: Packing | None = None,
            mask: torch.Tensor | None = None, pooled: Pooled | None = None) -> torch.Tensor:
     """Multi-head attention of the fused projection's output `qkv` (N, L, 3 x width), or (T, 3 x width) tokens that
@@ -85,7 +92,7 @@ def attend(qkv: torch.Tensor, heads: int, causal: bool, packing: Packing | None 
     if packing is not None:
         qkv = packing.pad(qkv)
     n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    qkv = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3, N, H, L, hd
+    qkv = split_heads(qkv, 3, heads)  # 3, N, H, L, hd
     if pooled is not None:
         # One query per row; causal attention from a row's pooled token is its mask over the keys.
         out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
@@ -123,7 +130,7 @@ class Attention(nn.Module):
         (None: all of them, which is causal attention for the newest position)."""
         qkv = self.project(x, self.in_proj_weight, self.in_proj_bias)
         n, width = qkv.shape[0], qkv.shape[2] // 3
-        q, k, v = qkv.view(n, 1, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # each N, H, 1, hd
+        q, k, v = split_heads(qkv, 3, self.heads)  # each N, H, 1, hd
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
