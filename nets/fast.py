@@ -181,6 +181,7 @@ class _Flat:
         # state: (the fingerprint, each block's tensors) in one attribute, so that a concurrent call (the web page's
         # threads) reads both or neither.
         self.transformer, self.parts, self.state = transformer, parts, None
+        self.matmuls = [m for _, project, out, _, up, down, _ in parts for m in (project, out, up, down)]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "state": None}  # a copy starts from its modules again
@@ -188,9 +189,9 @@ class _Flat:
     def _snapshot(self) -> None:
         """The tensors each block uses, as they are now, if its modules are still those `accelerate` found and
         every matmul has its packed copy."""
-        matmuls = [m for _, project, out, _, up, down, _ in self.parts for m in (project, out, up, down)]
         self.state = None
-        if not self._same_modules() or any(m.packed is None for m in matmuls):
+        # The packed copies first: cheap, and what a net of inference tensors (never packed) fails at every call.
+        if any(m.packed is None for m in self.matmuls) or not self._same_modules():
             return
         blocks = [((ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps), (project.packed, project.bias),
                    (out.packed, out.bias), (ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps),
