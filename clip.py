@@ -20,7 +20,7 @@ from utils.device import PRECISIONS, resolve_device, resolve_precision
 from utils.errors import UserError
 from utils.tokenizer import DEFAULT_BERT_VOCAB_PATH, text_tokenizer
 from utils.weights.download import cache_dir
-from utils.weights.load import load, preprocess_of
+from utils.weights.load import load, preprocess_of, recorded_language
 from utils.weights.memory import ensure_fits, parameter_count
 
 
@@ -52,7 +52,8 @@ class CLIP(object):
         # calls while its export is looked up in a thread; the first run ever exports it (tens of seconds, ViT-B).
         "runtime": "torch",
         # NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", ...), each caption's first token; "" or None =
-        # the tokenizer's default, eng_Latn. Other models take none.
+        # the one recorded with the weights (a run trained with text_language), else the tokenizer's default,
+        # eng_Latn. Other models take none.
         "text_language": None,
     }
 
@@ -102,7 +103,10 @@ class CLIP(object):
             ensure_fits(parameter_count(get_config(self.phi)) * 4, f"{self.phi}'s weights")
             self.net = build_model(get_config(self.phi))
         config = self.net.config
-        self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path, self.text_language)
+        language = self.text_language or recorded_language(self.net)
+        if language and not self.text_language:
+            print(f"text_language {language}: recorded with the weights (set text_language to ask in another)")
+        self.tokenizer = text_tokenizer(config.text, self.weights_path, self.bert_vocab_path, language)
         # The weights' record (letterbox_image=True wins over its resize mode): transform.preprocess.
         self.transform = eval_transform(config.vision.image_size, self.letterbox_image, preprocess_of(self.net))
         if self.device.type == "cuda":  # the GPU copy of the weights, refused in one line when it cannot fit

@@ -447,6 +447,48 @@ def test_train_py_fine_tunes_an_hf_text_model_with_its_tokenizer_and_saves_it_be
     assert not torch.equal(saved["text.proj.0.weight"], before["text.proj.0.weight"])
 
 
+@pytest.mark.slow
+def test_a_runs_text_language_is_saved_with_its_weights_and_asked_in_where_none_is_given(
+        small_hub, monkeypatch, nllb_folder, tmp_path, capsys):
+    from clip import CLIP
+    from tests.test_training import train, train_args
+    from utils.data.toy import make_toy_dataset
+    from utils.errors import UserError
+    from utils.train.checkpoint import newest_state
+    from utils.weights.arch import arch_path
+
+    toy = tmp_path / "toy"
+    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
+    cfg = SMALL["nllb-cls-linear"]
+    folder = _open_clip_folder(tmp_path / "hub", cfg, _reference("tiny-nllb", cfg, monkeypatch), nllb_folder)
+    first = tmp_path / "fr"
+    # Its architecture is no table row (phi "custom"): the WiSE-FT blend rebuilds the start from phi="auto" too.
+    result = train(train_args(toy, first, phi="auto", model_path=folder, Epoch=1, eval_flag="false",
+                              text_language="fra_Latn", wise_ft_alpha=0.5), capsys)
+    assert result.returncode == 0, result.stderr[-500:]
+
+    weights = first / "last_epoch_weights.pth"
+    for saved in (weights, first / "wise_ft_alpha0.5_weights.pth"):
+        assert json.loads(arch_path(saved).read_text())["text_language"] == "fra_Latn", saved.name
+    code = HubTokenizer(_NLLB_600M, nllb_folder, 16).tokenizer.convert_tokens_to_ids
+    for given in (weights, newest_state(first)):  # the record beside the weights; the training state's own
+        model = CLIP(model_path=str(given), phi="auto", cuda=False)
+        assert model.tokenizer.language == "fra_Latn" and (model.tokenize(["une photo"])[:, 0] == code("fra_Latn")).all()
+        assert "text_language fra_Latn: recorded with the weights" in capsys.readouterr().out
+    asked = CLIP(model_path=str(weights), phi="auto", cuda=False, text_language="deu_Latn")  # the setting wins
+    assert asked.tokenize(["ein Foto"])[0, 0] == code("deu_Latn")
+    record = json.loads(arch_path(weights).read_text())
+    arch_path(weights).write_text(json.dumps({**record, "text_language": 7}))
+    with pytest.raises(UserError, match="text_language 7 is not a language code like 'fra_Latn'"):
+        CLIP(model_path=str(weights), phi="auto", cuda=False)
+    arch_path(weights).write_text(json.dumps(record))
+    # Fine-tuned again without the setting: the run goes on in French, and says so.
+    again = tmp_path / "again"
+    result = train(train_args(toy, again, phi="auto", model_path=weights, Epoch=1, eval_flag="false"), capsys)
+    assert "text_language fra_Latn: recorded with the weights" in result.stdout
+    assert json.loads(arch_path(again / "last_epoch_weights.pth").read_text())["text_language"] == "fra_Latn"
+
+
 @pytest.mark.parametrize("case", ["roberta-mean-mlp-quickgelu", "nllb-cls-linear"])
 def test_gradient_checkpointing_gives_the_same_gradients(small_hub, case):
     from dataclasses import replace

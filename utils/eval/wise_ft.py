@@ -170,7 +170,7 @@ def run_sweep(cfg: dict) -> dict:
     print(format_sweep(rows, label))
     print(f"chosen alpha {chosen:g}: {RULE}")
     save_weights(interpolate(start, finetuned, chosen, names), paths["weights"], clip.net.config, clip.phi,
-                 preprocess_of(clip.net))
+                 preprocess_of(clip.net), getattr(clip.tokenizer, "language", None))
     if reads_files_beside(clip.net.config.text):  # its tokenizer files go beside it, as train.py's
         copy_tokenizer_files(files_beside(clip.weights_path), paths["weights"].parent)
     plot_sweep(rows, label, chosen, paths["plot"])

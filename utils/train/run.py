@@ -35,7 +35,7 @@ from utils.train.optim import build_optimizer, build_scheduler, scaled_lrs, scal
 from utils.train.savedir import hold_save_dir, resume_differences, unused_log_dir, warn_if_short_of_space
 from utils.train.settings import check_data_paths, check_schedule
 from utils.weights.arch import save_weights
-from utils.weights.load import init_model, preprocess_of
+from utils.weights.load import init_model, preprocess_of, recorded_language
 from utils.weights.pretrained import locate
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -137,6 +137,7 @@ class _Run:
             model = build_model(CLIPConfig.from_dict(resumed["config"]["clip"]))
             if "preprocess" in resumed["config"]:  # the record of the weights the run started from
                 model.preprocess = Preprocess.from_dict(resumed["config"]["preprocess"], str(self.resume_path))
+            model.text_language = resumed["config"].get("text_language")
             self.phi, self.sources = resumed["config"]["phi"], [f"all weights: resumed from {self.resume_path}"]
         else:
             model, self.phi, self.sources = init_model(cfg["phi"], cfg["model_path"], cfg["bert_path"])
@@ -156,6 +157,10 @@ class _Run:
         self.model = model.to(self.device)
         self.config = model.config
         self.preprocess = preprocess_of(model)  # kept in the training states and beside every weight file
+        # Also kept there: the captions' language, this run's, else the one the weights were trained with.
+        self.text_language = self.cfg["text_language"] or recorded_language(model)
+        if self.text_language and not self.cfg["text_language"]:
+            self.sources.append(f"text_language {self.text_language}: recorded with the weights")
 
     def _tokenizer_folder(self) -> Path | None:
         """Where the tokenizer files are (SigLIP's, CLIPA's): beside the weights it starts from (a name's download), else beside
@@ -167,8 +172,7 @@ class _Run:
     def build_data(self, augment: str) -> None:
         cfg, info, device, config = self.cfg, self.info, self.device, self.config
         self.tokenizer_folder = self._tokenizer_folder() if reads_files_beside(config.text) else None
-        self.tokenizer = text_tokenizer(config.text, self.tokenizer_folder, cfg["bert_vocab_path"],
-                                        cfg["text_language"])
+        self.tokenizer = text_tokenizer(config.text, self.tokenizer_folder, cfg["bert_vocab_path"], self.text_language)
         self.root = root = Path(cfg["datasets_path"])
         columns = (cfg["csv_image_column"], cfg["csv_caption_column"])
         self.val_entries = preflight(cfg["datasets_val_json_path"], root, cfg["num_workers"], cfg["skip_bad_samples"],
@@ -302,7 +306,7 @@ class _Run:
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
                      **{k: state[k] for k in ("epoch", "step", "global_step", "bad_steps", "best_val_loss", "log_dir")},
                      "config": {"clip": self.config.to_dict(), "phi": self.phi, "train": dict(self.cfg),
-                                "preprocess": self.preprocess.to_dict()}}, path)
+                                "preprocess": self.preprocess.to_dict(), "text_language": self.text_language}}, path)
         prune_states(self.save_dir, self.cfg["keep_states"])
         return path
 
@@ -375,31 +379,32 @@ class _Run:
 
     def save_weights(self, weights: dict, path: Path) -> None:
         # The architecture goes beside each file: phi='auto' then knows the activation and head counts.
-        save_weights(weights, path, self.config, self.phi, self.preprocess)
+        save_weights(weights, path, self.config, self.phi, self.preprocess, self.text_language)
 
     def finish(self) -> dict:
         if self.history is not None:
             self.history.close()
         if self.cfg["wise_ft_alpha"] is not None and self.info.is_main:
             self.summary["wise_ft"] = str(_save_wise_ft(self.cfg, self.phi, plain_state_dict(self.model),
-                                                        self.save_dir))
+                                                        self.save_dir, self.text_language))
         self.summary["bad_steps"] = self.state["bad_steps"]
         return self.summary
 
 
-def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path) -> Path:
+def _save_wise_ft(cfg: dict, phi: str, finetuned: dict, save_dir: Path, text_language: str | None) -> Path:
     """The WiSE-FT blend of the final weights with the starting ones, rebuilt as the run began them."""
     from utils.finetune.wise_ft import interpolate
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
-        start, _, _ = init_model(phi, cfg["model_path"], cfg["bert_path"])
+        # "custom" (no table row) names no architecture to build: the starting weights' own is read again.
+        start, _, _ = init_model("auto" if phi == "custom" else phi, cfg["model_path"], cfg["bert_path"])
         if loss_name(cfg.get("loss", ""), start) == "sigmoid":
             add_logit_bias(start)  # as the run added it: the blend starts from the bias it trained from
     alpha = cfg["wise_ft_alpha"]
     path = save_dir / f"wise_ft_alpha{alpha:g}_weights.pth"
     save_weights(interpolate(start.state_dict(), finetuned, alpha, (cfg["model_path"] or "random init",
                                                                      "the final weights")), path, start.config, phi,
-                 preprocess_of(start))
+                 preprocess_of(start), text_language)
     print(f"WiSE-FT: (1 - {alpha:g}) x starting weights + {alpha:g} x final weights saved to {path}")
     return path

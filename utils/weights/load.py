@@ -40,6 +40,8 @@ class Checkpoint:
     # The preprocessing recorded with the weights (this project's record, open_clip's preprocess_cfg,
     # transformers' preprocessor_config.json); None where nothing says, which is OpenAI's.
     preprocess: Preprocess | None = None
+    # The captions' language a run trained them with (text_language, NLLB-CLIP), where one was recorded.
+    text_language: str | None = None
 
 
 def _torch_load(path: Path):
@@ -57,12 +59,12 @@ def _torch_load(path: Path):
 
 
 def _read_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], tuple | None]:
-    """(the weights, (config, preprocessing, source) or None) of a folder in open_clip's or transformers' layout."""
+    """(the weights, (config, preprocessing, source, None) or None) of a folder in open_clip's or transformers' layout."""
     layout = folder_layout(folder)
     state: dict[str, torch.Tensor] = {}
     for shard in layout.weights:
         state.update(_read_file(shard))
-    return state, read_layout(layout)
+    return state, _no_language(read_layout(layout))
 
 
 def _read_file(path: Path) -> Mapping:
@@ -80,12 +82,17 @@ def _read_file(path: Path) -> Mapping:
 
 
 def _recorded_with(path: Path) -> tuple | None:
-    """(config, preprocessing, source) recorded beside a weight file: this project's record, else the config of
-    the library layout it belongs to (open_clip's hub files, a transformers folder)."""
+    """(config, preprocessing, source, captions' language) recorded beside a weight file: this project's record,
+    else the config of the library layout it belongs to (open_clip's hub files, a transformers folder), which
+    records no language."""
     if (recorded := read_arch(path)) is not None:
         return recorded
     layout = file_layout(path)
-    return read_layout(layout) if layout is not None else None
+    return _no_language(read_layout(layout)) if layout is not None else None
+
+
+def _no_language(recorded: tuple | None) -> tuple | None:
+    return None if recorded is None else (*recorded, None)
 
 
 def check_dtypes(wanted: Mapping[str, torch.Tensor], checkpoint: "Checkpoint") -> None:
@@ -120,10 +127,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if state:
         preprocess = Preprocess.from_dict(state["preprocess"], str(path)) if "preprocess" in state else None
         return Checkpoint(state_dict, layout, path, CLIPConfig.from_dict(state["clip"]), f"the training state {path}",
-                          preprocess)
+                          preprocess, state.get("text_language"))
     recorded = beside if path.is_dir() else _recorded_with(path)
-    config, preprocess, source = recorded or (None, None, "")
-    return Checkpoint(state_dict, layout, path, config, source, preprocess)
+    config, preprocess, source, language = recorded or (None, None, "", None)
+    return Checkpoint(state_dict, layout, path, config, source, preprocess, language)
 
 
 def config_of(checkpoint: Checkpoint) -> CLIPConfig:
@@ -247,6 +254,12 @@ def preprocess_of(model: CLIP) -> Preprocess:
     return getattr(model, "preprocess", OPENAI)
 
 
+def recorded_language(model: CLIP) -> str | None:
+    """The captions' language recorded with a model's weights (a run's text_language; the loads here set
+    `model.text_language`), or None: the tokenizer's default."""
+    return getattr(model, "text_language", None)
+
+
 def load_model(model_path: str | Path, phi: str) -> tuple[CLIP, str]:
     """Build the model for `phi` (or the checkpoint's own architecture for phi='auto') and load it.
 
@@ -264,7 +277,7 @@ def load(model_path: str | Path, phi: str) -> tuple[CLIP, str, Path]:
         print(line, file=sys.stderr)
     model = _built_for_loading(opened.config)
     load_into(model, opened.checkpoint, opened.phi)
-    model.preprocess = opened.preprocess
+    model.preprocess, model.text_language = opened.preprocess, opened.checkpoint.text_language
     return model.float(), opened.phi, opened.checkpoint.path
 
 
@@ -344,11 +357,12 @@ def init_model(phi: str, model_path: str | Path, bert_path: str | Path = "") -> 
     own_text = any(k.startswith("transformer.embeddings.") for k in checkpoint.state_dict)
     if not config.text.is_bert or own_text or not bert_path:
         model = _built_for_loading(config)  # the checkpoint's tensors become the weights: no random copy first
-        model.preprocess = opened.preprocess  # the record goes on with the fine-tuned weights
+        # The record goes on with the fine-tuned weights.
+        model.preprocess, model.text_language = opened.preprocess, checkpoint.text_language
         load_into(model, checkpoint, phi)
         return model.float(), phi, [f"image and text towers: {where} ({checkpoint.layout} layout)", *notes]
     model = build_model(config)
-    model.preprocess = opened.preprocess
+    model.preprocess = opened.preprocess  # its text tower is BERT's, so no language of the checkpoint's
     partial = Checkpoint({**visual, "logit_scale": checkpoint.state_dict.get("logit_scale", model.logit_scale)},
                          checkpoint.layout, checkpoint.path)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
