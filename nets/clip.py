@@ -116,10 +116,11 @@ class CLIP(nn.Module):
     def writes_captions(self) -> bool:
         return self.text_decoder is not None
 
-    def caption_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def caption_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, last: bool = False) -> torch.Tensor:
         """CoCa: (N, L, vocab) next-token logits of captions `tokens` (N, L) given `visual.forward_with_tokens`'s
-        image tokens: open_clip's `model(image, tokens, output_labels=False)["logits"]`."""
-        return self.text_decoder(image_tokens, self.text.forward_with_tokens(tokens)[1])
+        image tokens: open_clip's `model(image, tokens, output_labels=False)["logits"]`; `last`: the last
+        position's alone, (N, vocab)."""
+        return self.text_decoder(image_tokens, self.text.forward_with_tokens(tokens)[1], last)
 
     def caption_steps(self, image_tokens: torch.Tensor, beams: int = 1):
         """CoCa: `caption_logits` one token at a time with a key-value cache (nets/coca.py CaptionSteps) for `beams`

@@ -173,14 +173,15 @@ class MultimodalDecoder(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(config.width, config.vocab_size))
         nn.init.normal_(self.text_projection, std=config.width ** -0.5)
 
-    def forward(self, image_tokens: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
-        """(N, queries - 1, width) image tokens, (N, L, width) caption states -> (N, L, vocab) logits."""
+    def forward(self, image_tokens: torch.Tensor, text_states: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """(N, queries - 1, width) image tokens, (N, L, width) caption states -> (N, L, vocab) logits; `last`: the
+        last position's alone, (N, vocab), without projecting the others onto the vocabulary."""
         if text_states.shape[1] > self.context_length:
             raise ValueError(f"{text_states.shape[1]} tokens; the decoder takes at most {self.context_length}")
         x = text_states
         for block, cross in zip(self.resblocks, self.cross_attn):
             x = cross(block(x, causal=True), image_tokens)
-        return self.ln_final(x) @ self.text_projection
+        return self.ln_final(x[:, -1] if last else x) @ self.text_projection
 
     def step(self, image_keys: list, state: torch.Tensor, past: list) -> torch.Tensor:
         """(N, vocab) logits of one new caption state per row (N, 1, width), from each self-attention block's keys

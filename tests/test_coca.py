@@ -116,7 +116,9 @@ def test_caption_steps_give_the_whole_prefixs_logits_through_padding_and_beam_re
             worst = max(worst, (steps.next(tokens[:, p:p + 1]) - want).abs().max().item())
         with pytest.raises(ValueError, match="same image"):
             steps.keep(torch.tensor([3, 1, 2, 0, 4, 5]))
+        last = ours.caption_logits(repeated, seen, last=True)  # what generate's whole-prefix fallback asks
     assert worst < 1e-5 and want.abs().max() > 0.1, worst
+    assert last.shape == want.shape and (last - want).abs().max() < 1e-5
 
 
 def test_a_decoder_with_a_wrapped_block_generates_through_the_whole_prefix():

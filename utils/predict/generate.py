@@ -102,7 +102,7 @@ class _NextLogits:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.steps is not None:
             return self.steps.next(tokens[:, -1:]).float()
-        return self.net.caption_logits(self.image_tokens, tokens[:, -self.window:])[:, -1].float()
+        return self.net.caption_logits(self.image_tokens, tokens[:, -self.window:], last=True).float()
 
     def keep(self, rows: torch.Tensor) -> None:
         """The rows' new order (a beam search's sources)."""
