@@ -12,7 +12,7 @@ from PIL import Image
 
 from nets import MODEL_CONFIGS, build_model, get_config
 from nets.fast import accelerate
-from nets.ort import OnnxRuntime
+from nets.ort import OnnxRuntime, auto_runtime
 from utils.data.images import eval_transform
 from utils.data.pictures import ImagePipeline
 from utils.checks import RUNTIME_NAMES
@@ -50,6 +50,7 @@ class CLIP(object):
         # per weights and kept in the download cache (nets/ort.py); faster on CPUs where onnxruntime's matmuls beat
         # oneDNN's (AVX2; `predict.py --mode fps` says), features within 1e-4. PyTorch answers a tower's first
         # calls while its export is looked up in a thread; the first run ever exports it (tens of seconds, ViT-B).
+        # "auto": onnxruntime on an AVX2 CPU without AVX-512 in fp32, else torch (nets/ort.py auto_runtime), said.
         "runtime": "torch",
         # NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", ...), each caption's first token; "" or None =
         # the one recorded with the weights (a run trained with text_language), else the tokenizer's default,
@@ -92,6 +93,10 @@ class CLIP(object):
         self.weights_path = None  # the local file behind a weight name, for caches keyed by the weights' bytes
         self.device = resolve_device(self.cuda)
         self.precision = resolve_precision(self.precision, self.device)
+        runtime = self.runtime
+        if runtime == "auto":
+            runtime, why = auto_runtime(self.device, self.precision)
+            print(f"runtime auto: {runtime} ({why})")
         if self.device.type == "cuda" and self.phi in MODEL_CONFIGS:  # refused before the weights are read to RAM
             ensure_fits(parameter_count(get_config(self.phi)) * (torch.finfo(PRECISIONS[self.precision]).bits // 8),
                         f"{self.phi} on {self.device}", self.device)
@@ -116,7 +121,7 @@ class CLIP(object):
         self.net = self.net.to(self.device, PRECISIONS[self.precision]).eval()
         if self.onednn and self.device.type == "cpu":
             accelerate(self.net)
-        if self.runtime == "onnxruntime":
+        if runtime == "onnxruntime":
             if self.device.type == "cpu" and self.precision == "fp32":
                 self.net.runtime = OnnxRuntime(cache_dir() / "onnx", self.tokenizer.pad_token_id)
             else:

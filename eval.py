@@ -49,7 +49,8 @@ Cuda = None
 # "fp32", "fp16" (CUDA) or "bf16"; None: fp16 on CUDA, fp32 on the CPU.
 precision = None
 # "torch", or "onnxruntime": on the CPU in fp32 the towers run in onnxruntime from an ONNX export made on first use
-# and cached per weights (faster where onnxruntime's matmuls beat oneDNN's, as on AVX2 CPUs; --mode fps tells).
+# and cached per weights (faster where onnxruntime's matmuls beat oneDNN's, as on AVX2 CPUs; --mode fps tells);
+# "auto": onnxruntime on an AVX2 CPU without AVX-512 in fp32, else torch.
 runtime = "torch"
 # NLLB-CLIP: the captions' FLORES-200 language code ("fra_Latn", "deu_Latn", "zho_Hans", ...), each caption's first
 # token; "" = the tokenizer's default, eng_Latn. Other models take none.

@@ -46,6 +46,24 @@ LOOKUP_AFTER = 2
 TOLERANCE = 1e-4
 
 
+def auto_runtime(device: torch.device, precision: str) -> tuple[str, str]:
+    """runtime="auto": (the runtime, why) for this machine, by what benchmarks/bench_fast.py measured on each kind of
+    CPU: onnxruntime where the CPU has AVX2 but not AVX-512 (its MLAS matmuls beat oneDNN's there: images 1.3x,
+    captions 1.5x at batch 1); PyTorch's oneDNN path on AVX-512 CPUs, where it is the faster, and wherever it was
+    not measured."""
+    import importlib.util
+
+    if device.type != "cpu" or precision != "fp32":
+        return "torch", f"onnxruntime runs fp32 on the CPU; this is {precision} on {device}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        return "torch", (f"this CPU has {capability}, where oneDNN's matmuls are the faster" if "AVX512" in capability
+                         else f"not measured on this CPU ({capability}): PyTorch, the default")
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch", "onnxruntime would be the faster on this AVX2 CPU: pip install onnxruntime"
+    return "onnxruntime", "this CPU has AVX2 but not AVX-512, where onnxruntime's matmuls beat oneDNN's"
+
+
 def _tower(net: nn.Module, name: str) -> nn.Module:
     return net.visual if name == "image" else net.text
 

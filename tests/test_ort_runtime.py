@@ -266,3 +266,24 @@ def test_clip_and_predict_modes_run_it_by_name(tiny_weights, cache, tmp_path, mo
         assert float(a[2]) == pytest.approx(float(b[2]), abs=1e-4)
     bad = run_script("predict.py", "--runtime", "ort", capsys=capsys)
     assert bad.returncode != 0 and "runtime 'ort' is not one of torch, onnxruntime" in bad.stdout + bad.stderr
+
+
+def test_runtime_auto_picks_onnxruntime_on_an_avx2_cpu_in_fp32_alone_and_says_which(cache, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setenv("CLIP_CACHE", str(cache))
+    find_spec = importlib.util.find_spec
+    for capability, installed, precision, chosen in (("AVX2", True, "fp32", "onnxruntime"),
+                                                     ("AVX512", True, "fp32", "torch"),
+                                                     ("DEFAULT", True, "fp32", "torch"),
+                                                     ("AVX2", True, "bf16", "torch"),
+                                                     ("AVX2", False, "fp32", "torch")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, on=installed: None if name == "onnxruntime" and not on else find_spec(name, *a))
+        model = CLIP(model_path="", phi="tiny/VIT-T-8", cuda=False, precision=precision, runtime="auto")
+        case = (capability, installed, precision)
+        assert isinstance(model.net.runtime, OnnxRuntime) == (chosen == "onnxruntime"), case
+        out = capsys.readouterr().out
+        assert f"runtime auto: {chosen} (" in out, (case, out)
+    assert "pip install onnxruntime" in out

@@ -10,8 +10,8 @@ from utils.errors import UserError
 
 # utils.device.PRECISIONS' names (tests/test_start.py holds them equal); that module imports torch.
 PRECISION_NAMES = ("fp32", "fp16", "bf16")
-# What runs a model's towers at inference (clip.CLIP's runtime; nets/ort.py).
-RUNTIME_NAMES = ("torch", "onnxruntime")
+# What runs a model's towers at inference (clip.CLIP's runtime; nets/ort.py); "auto" picks one by the CPU.
+RUNTIME_NAMES = ("torch", "onnxruntime", "auto")
 
 
 def one_of(cfg: dict, name: str, choices: Sequence, also: Sequence = ()) -> None:

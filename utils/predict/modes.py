@@ -97,9 +97,10 @@ def fps(config: dict) -> None:
     from utils.predict.speed import encoding_speed, format_speeds
 
     model = _clip(config)
-    label = f"{model.phi} on {model.device} ({model.precision}, runtime {model.runtime})"
+    ran = "onnxruntime" if model.net.runtime is not None else "torch"  # what runtime "auto" chose, too
+    label = f"{model.phi} on {model.device} ({model.precision}, runtime {ran})"
     if model.device.type == "cpu":  # the other runtime may be the faster one on this CPU (clip.py, runtime)
-        label += f"; compare --runtime {'torch' if model.runtime == 'onnxruntime' else 'onnxruntime'}"
+        label += f"; compare --runtime {'torch' if ran == 'onnxruntime' else 'onnxruntime'}"
     print(format_speeds(encoding_speed(model, (1, config["batch_size"])), label))
 
 
