@@ -91,14 +91,20 @@ def attend(qkv: torch.Tensor, heads: int, causal: bool, packing: Packing | None 
     width). `mask`: a boolean attention mask (True attends) instead of `causal`."""
     if packing is not None:
         qkv = packing.pad(qkv)
+    dtype = qkv.dtype
+    if dtype == torch.bfloat16 and qkv.device.type == "cpu" and not qkv.requires_grad:
+        # PyTorch's bf16 attention kernel on the CPU is slower than its fp32 one at these sizes (in a caption's
+        # tower 41 against 23 us a call): q, k and v are attended in fp32, the result cast back (a bf16 caption 3%
+        # faster, an image 2.5%; benchmarks/README.md, "bf16 attention in fp32").
+        qkv = qkv.float()
     n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     qkv = split_heads(qkv, 3, heads)  # 3, N, H, L, hd
     if pooled is not None:
         # One query per row; causal attention from a row's pooled token is its mask over the keys.
         out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
-        return out.reshape(n, width)  # N, H, 1, hd -> N, width
+        return out.reshape(n, width).to(dtype)  # N, H, 1, hd -> N, width
     out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
-    out = out.transpose(1, 2).reshape(n, length, width)
+    out = out.transpose(1, 2).reshape(n, length, width).to(dtype)
     return out if packing is None else packing.unpad(out)
 
 

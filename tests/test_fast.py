@@ -325,3 +325,20 @@ def test_an_mlp_layer_swapped_after_accelerate_runs_its_own_forward():
     for _ in range(PACK_AFTER + 1):
         for g, w in zip(features(fast, pixels, tokens), features(eager, pixels, tokens)):
             assert (g - w).abs().max() < 1e-4
+
+
+def test_bf16_attention_on_the_cpu_runs_in_fp32_and_answers_in_bf16():
+    from nets.transformer import Packing, Pooled, attend
+
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(3, 13, 3 * 64, generator=g) * 2).bfloat16()
+    keep = torch.arange(13) <= torch.tensor([12, 5, 8])[:, None]
+    packing = Packing(keep)
+    for kwargs in ({}, {"pooled": Pooled(torch.tensor([12, 5, 8]))}):
+        out = attend(qkv, 4, True, **kwargs)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, attend(qkv.float(), 4, True, **kwargs).bfloat16())
+    packed = packing.pack(qkv)
+    assert torch.equal(attend(packed, 4, True, packing), attend(packed.float(), 4, True, packing).bfloat16())
+    trained = qkv.clone().requires_grad_()  # with autograd the op is the model's own dtype's
+    assert torch.equal(attend(trained, 4, True).detach(), torch.nn.functional.scaled_dot_product_attention(
+        *qkv.view(3, 13, 3, 4, 16).permute(2, 0, 3, 1, 4), is_causal=True).transpose(1, 2).reshape(3, 13, 64))
