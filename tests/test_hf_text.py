@@ -422,17 +422,24 @@ def test_text_locks_name_the_towers_groups(small_hub, case, last):
     assert trainable and all("LayerNorm" in n or "layer_norm" in n for n in trainable)
 
 
+def _toy_and_hub_folder(tmp_path, monkeypatch, case: str, tokenizer_folder):
+    """The toy set (8 training, 4 validation images) and an open_clip folder of SMALL[case] to fine-tune."""
+    from utils.data.toy import make_toy_dataset
+
+    toy = tmp_path / "toy"
+    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
+    cfg = SMALL[case]
+    return toy, _open_clip_folder(tmp_path / "hub", cfg, _reference(f"tiny-{case}", cfg, monkeypatch), tokenizer_folder)
+
+
 @pytest.mark.slow
 def test_train_py_fine_tunes_an_hf_text_model_with_its_tokenizer_and_saves_it_beside_the_weights(
         small_hub, monkeypatch, tokenizers_made, tmp_path, capsys):
     from clip import CLIP
     from tests.test_training import train, train_args
-    from utils.data.toy import make_toy_dataset
 
-    toy = tmp_path / "toy"
-    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
     cfg = SMALL["roberta-mean-mlp-quickgelu"]
-    folder = _open_clip_folder(tmp_path / "hub", cfg, _reference("tiny-train", cfg, monkeypatch), tokenizers_made["bpe"])
+    toy, folder = _toy_and_hub_folder(tmp_path, monkeypatch, "roberta-mean-mlp-quickgelu", tokenizers_made["bpe"])
     save_dir = tmp_path / "run"
     train(train_args(toy, save_dir, phi="auto", model_path=folder, Epoch=1, eval_flag="false",
                      lock_text=True, lock_text_unlocked_layers=1), capsys)
@@ -452,15 +459,11 @@ def test_a_runs_text_language_is_saved_with_its_weights_and_asked_in_where_none_
         small_hub, monkeypatch, nllb_folder, tmp_path, capsys):
     from clip import CLIP
     from tests.test_training import train, train_args
-    from utils.data.toy import make_toy_dataset
     from utils.errors import UserError
     from utils.train.checkpoint import newest_state
     from utils.weights.arch import arch_path
 
-    toy = tmp_path / "toy"
-    make_toy_dataset(toy, n_train=8, n_val=4, seed=1)
-    cfg = SMALL["nllb-cls-linear"]
-    folder = _open_clip_folder(tmp_path / "hub", cfg, _reference("tiny-nllb", cfg, monkeypatch), nllb_folder)
+    toy, folder = _toy_and_hub_folder(tmp_path, monkeypatch, "nllb-cls-linear", nllb_folder)
     first = tmp_path / "fr"
     # Its architecture is no table row (phi "custom"): the WiSE-FT blend rebuilds the start from phi="auto" too.
     result = train(train_args(toy, first, phi="auto", model_path=folder, Epoch=1, eval_flag="false",
