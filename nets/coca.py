@@ -11,7 +11,7 @@ from torch import nn
 
 from .configs import DecoderConfig, TextConfig, VisionConfig
 from .text_transformer import TokenTransformer
-from .transformer import _ACTIVATIONS, Attention, ResidualAttentionBlock, Transformer, split_heads
+from .transformer import _ACTIVATIONS, Attention, ResidualAttentionBlock, Transformer, sdpa, split_heads
 from .vit import VisionTransformer
 
 PAD_ID = 0  # open_clip's CoCa pad_id: the tokenizer's padding, masked out of the text tower's attention
@@ -151,7 +151,7 @@ class CrossAttentionBlock(nn.Module):
         rows, n = x.shape[0], image_keys[0].shape[0]
         q = F.linear(self.ln_1(x), self.attn.in_proj_weight[:width], self.attn.in_proj_bias[:width])
         q = q.view(n, rows // n, heads, width // heads).transpose(1, 2)  # n, H, beams, hd
-        out = F.scaled_dot_product_attention(q, *image_keys).transpose(1, 2).reshape(rows, 1, width)
+        out = sdpa(q, *image_keys).transpose(1, 2).reshape(rows, 1, width)
         x = x + self.attn.out_proj(out)
         return x + self.mlp(self.ln_2(x))
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .configs import VisionConfig
+from .transformer import sdpa
 
 # The stem halves the image twice, layers 2 to 4 once each: the attention pool sees an image_size / 32 grid.
 STRIDE = 32
@@ -72,7 +73,7 @@ class AttentionPool2d(nn.Module):
         q = self.q_proj(x[:, :1]).view(n, 1, self.heads, head_width).transpose(1, 2)  # N, H, 1, hd
         k = self.k_proj(x).view(n, length, self.heads, head_width).transpose(1, 2)  # N, H, L, hd
         v = self.v_proj(x).view(n, length, self.heads, head_width).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # N, H, 1, hd
+        out = sdpa(q, k, v)  # N, H, 1, hd
         return self.c_proj(out.reshape(n, width))
 
 

@@ -91,21 +91,27 @@ def attend(qkv: torch.Tensor, heads: int, causal: bool, packing: Packing | None 
     width). `mask`: a boolean attention mask (True attends) instead of `causal`."""
     if packing is not None:
         qkv = packing.pad(qkv)
-    dtype = qkv.dtype
-    if dtype == torch.bfloat16 and qkv.device.type == "cpu" and not qkv.requires_grad:
-        # PyTorch's bf16 attention kernel on the CPU is slower than its fp32 one at these sizes (in a caption's
-        # tower 41 against 23 us a call): q, k and v are attended in fp32, the result cast back (a bf16 caption 3%
-        # faster, an image 2.5%; benchmarks/README.md, "bf16 attention in fp32").
-        qkv = qkv.float()
     n, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     qkv = split_heads(qkv, 3, heads)  # 3, N, H, L, hd
     if pooled is not None:
         # One query per row; causal attention from a row's pooled token is its mask over the keys.
-        out = F.scaled_dot_product_attention(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
-        return out.reshape(n, width).to(dtype)  # N, H, 1, hd -> N, width
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
-    out = out.transpose(1, 2).reshape(n, length, width).to(dtype)
+        out = sdpa(pooled.queries(qkv[0]), qkv[1], qkv[2], attn_mask=pooled.mask)
+        return out.reshape(n, width)  # N, H, 1, hd -> N, width
+    out = sdpa(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal and mask is None)
+    out = out.transpose(1, 2).reshape(n, length, width)
     return out if packing is None else packing.unpad(out)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention; bf16 on the CPU without autograd attended in fp32 and cast back: PyTorch's
+    bf16 kernel there is the slower one at these sizes (in a caption's tower 41 against 23 us a call, in an image's
+    146 against 90; benchmarks/README.md, "bf16 attention in fp32"). `attn_mask`: boolean (True attends)."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not (q.requires_grad or k.requires_grad
+                                                                      or v.requires_grad):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                              is_causal=is_causal).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 class Attention(nn.Module):
@@ -139,7 +145,7 @@ class Attention(nn.Module):
         q, k, v = split_heads(qkv, 3, self.heads)  # each N, H, 1, hd
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = sdpa(q, k, v, attn_mask=mask)
         return self.out_proj(out.reshape(n, 1, width)), (k, v)  # N, H, 1, hd is N, 1, width in memory
 
 

@@ -328,7 +328,7 @@ def test_an_mlp_layer_swapped_after_accelerate_runs_its_own_forward():
 
 
 def test_bf16_attention_on_the_cpu_runs_in_fp32_and_answers_in_bf16():
-    from nets.transformer import Packing, Pooled, attend
+    from nets.transformer import Packing, Pooled, attend, sdpa
 
     g = torch.Generator().manual_seed(0)
     qkv = (torch.randn(3, 13, 3 * 64, generator=g) * 2).bfloat16()
@@ -339,6 +339,11 @@ def test_bf16_attention_on_the_cpu_runs_in_fp32_and_answers_in_bf16():
         assert out.dtype == torch.bfloat16 and torch.equal(out, attend(qkv.float(), 4, True, **kwargs).bfloat16())
     packed = packing.pack(qkv)
     assert torch.equal(attend(packed, 4, True, packing), attend(packed.float(), 4, True, packing).bfloat16())
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).bfloat16() for n in (1, 9, 9))  # a decoding step's shapes
+    mask = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    F = torch.nn.functional
+    assert torch.equal(sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask).bfloat16())
     trained = qkv.clone().requires_grad_()  # with autograd the op is the model's own dtype's
     assert torch.equal(attend(trained, 4, True).detach(), torch.nn.functional.scaled_dot_product_attention(
         *qkv.view(3, 13, 3, 4, 16).permute(2, 0, 3, 1, 4), is_causal=True).transpose(1, 2).reshape(3, 13, 64))
