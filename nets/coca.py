@@ -173,6 +173,10 @@ class MultimodalDecoder(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(config.width, config.vocab_size))
         nn.init.normal_(self.text_projection, std=config.width ** -0.5)
 
+    # x @ text_projection, the largest matmul of a decoding step (512 x 49,408 for ViT-B-32's); nets/fast.py swaps in
+    # oneDNN's for CPU inference.
+    vocabulary = staticmethod(torch.matmul)
+
     def forward(self, image_tokens: torch.Tensor, text_states: torch.Tensor, last: bool = False) -> torch.Tensor:
         """(N, queries - 1, width) image tokens, (N, L, width) caption states -> (N, L, vocab) logits; `last`: the
         last position's alone, (N, vocab), without projecting the others onto the vocabulary."""
@@ -181,7 +185,7 @@ class MultimodalDecoder(nn.Module):
         x = text_states
         for block, cross in zip(self.resblocks, self.cross_attn):
             x = cross(block(x, causal=True), image_tokens)
-        return self.ln_final(x[:, -1] if last else x) @ self.text_projection
+        return self.vocabulary(self.ln_final(x[:, -1] if last else x), self.text_projection)
 
     def step(self, image_keys: list, state: torch.Tensor, past: list) -> torch.Tensor:
         """(N, vocab) logits of one new caption state per row (N, 1, width), from each self-attention block's keys
@@ -190,7 +194,7 @@ class MultimodalDecoder(nn.Module):
         for i, (block, cross) in enumerate(zip(self.resblocks, self.cross_attn)):
             x, past[i] = block.step(x, past[i])
             x = cross.step(x, image_keys[i])
-        return (self.ln_final(x) @ self.text_projection)[:, 0]
+        return self.vocabulary(self.ln_final(x), self.text_projection)[:, 0]
 
 
 class CaptionSteps:

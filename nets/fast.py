@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .coca import MultimodalDecoder
 from .fingerprint import Fingerprint
 from .transformer import (QUICK_GELU, Attention, Packing, Pooled, QuickGELU, ResidualAttentionBlock, Transformer,
                           attend)
@@ -55,11 +56,14 @@ class Matmul:
 
     `weight_scale` and `bias_scale` multiply the weight and bias first (into the packed copy, once): QuickGELU
     is x * sigmoid(1.702 x), which is oneDNN's swish of 1.702 x over 1.702, so the layer before it is scaled
-    by 1.702 and the layer after it by 1 / 1.702.
+    by 1.702 and the layer after it by 1 / 1.702. `transposed`: the weight is (in, out), a projection parameter
+    used as `x @ weight` (CoCa's vocabulary projection), and that is what runs until its packed copy is made (a
+    copy of the transpose on every call would cost more than oneDNN saves) and where oneDNN does not.
     """
 
-    def __init__(self, attr: str = "none", algorithm: str = "", weight_scale: float = 1.0, bias_scale: float = 1.0):
-        self.attr, self.algorithm = attr, algorithm
+    def __init__(self, attr: str = "none", algorithm: str = "", weight_scale: float = 1.0, bias_scale: float = 1.0,
+                 transposed: bool = False):
+        self.attr, self.algorithm, self.transposed = attr, algorithm, transposed
         self.weight_scale, self.bias_scale = weight_scale, bias_scale
         self.calls, self.key, self.packed, self.bias, self.source = 0, None, None, None, _nothing
 
@@ -67,7 +71,7 @@ class Matmul:
         if weight.is_inference() or (bias is not None and bias.is_inference()):
             # Made inside inference mode: no version counter says when they change, so no copy is kept.
             scaled = None if bias is None else _scaled(bias, self.bias_scale)
-            return _scaled(weight.flatten(1), self.weight_scale), scaled
+            return (None if self.transposed else _scaled(weight.flatten(1), self.weight_scale)), scaled
         # The tensors themselves (a new Parameter may reuse a freed one's memory), where their data lies and
         # how often it was changed in place: any other weights, and the packed copy is made again.
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape,
@@ -77,9 +81,11 @@ class Matmul:
             self.bias = None if bias is None else _scaled(bias.detach(), self.bias_scale)
         self.calls += 1
         if self.packed is None and self.calls >= PACK_AFTER:
-            matrix = _scaled(weight.detach().flatten(1), self.weight_scale)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix, None)
-        return (_scaled(weight.flatten(1), self.weight_scale) if self.packed is None else self.packed), self.bias
+            matrix = weight.detach().t() if self.transposed else weight.detach().flatten(1)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(_scaled(matrix.contiguous(), self.weight_scale), None)
+        if self.packed is not None:
+            return self.packed, self.bias
+        return (None if self.transposed else _scaled(weight.flatten(1), self.weight_scale)), self.bias
 
     def __getstate__(self) -> dict:
         # A copy (deepcopy, pickle) starts unpacked: oneDNN's blocked tensors cannot be copied or saved.
@@ -89,11 +95,15 @@ class Matmul:
         """x @ weight.T + bias, then the post-op; a weight of more than two dimensions is taken as
         (out, the rest flattened), as a convolution's."""
         if not _eligible(x, weight):
+            if self.transposed:  # exactly the module's own op
+                return x @ weight
             bias = None if bias is None else _scaled(bias, self.bias_scale)
             y = F.linear(x, _scaled(weight.flatten(1), self.weight_scale), bias)
             return _POST_OPS[self.attr](y, self.algorithm)
-        weight, bias = self._prepared(weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, self.attr, [], self.algorithm)
+        matrix, bias = self._prepared(weight, bias)
+        if matrix is None:  # a transposed weight not packed (yet)
+            return x @ weight
+        return torch.ops.mkldnn._linear_pointwise(x, matrix, bias, self.attr, [], self.algorithm)
 
 
 def _nothing() -> None:
@@ -264,6 +274,8 @@ def accelerate(net: nn.Module) -> bool:
             mlps[mlp] = fused
         elif isinstance(module, Attention):
             module.project = Matmul()
+        elif isinstance(module, MultimodalDecoder):
+            module.vocabulary = Matmul(transposed=True)
         elif type(module) is nn.Conv2d and _is_patch_embedding(module):
             module.forward = functools.partial(_patch_forward, module, Matmul())
     inside = {linear for mlp in mlps for linear in _mlp_linears(mlp)}

@@ -88,6 +88,23 @@ def test_image_and_text_features_and_decoder_logits_within_1e_4_of_open_clip():
     assert moved > 1e-3
 
 
+def test_an_accelerated_decoders_vocabulary_projection_runs_packed_within_1e_4_of_open_clip():
+    from nets.fast import PACK_AFTER, Matmul, accelerate
+
+    ref = reference()
+    ours = ours_of(ref)
+    accelerate(ours)
+    pixels, tokens = images()[:1].expand(4, -1, -1, -1), captions_tokens()
+    with torch.no_grad():
+        theirs = ref(pixels, tokens, output_labels=False)["logits"]
+        image_tokens = ours.visual.forward_with_tokens(pixels)[1]
+        for _ in range(PACK_AFTER):
+            mine = ours.caption_logits(image_tokens, tokens)
+    vocabulary = ours.text_decoder.vocabulary
+    assert isinstance(vocabulary, Matmul) and vocabulary.packed is not None
+    assert (theirs - mine).abs().max().item() < TOL and theirs.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "onednn"])
 def test_caption_steps_give_the_whole_prefixs_logits_through_padding_and_beam_reordering(fast):
     from nets.fast import accelerate

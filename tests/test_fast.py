@@ -347,3 +347,20 @@ def test_bf16_attention_on_the_cpu_runs_in_fp32_and_answers_in_bf16():
     trained = qkv.clone().requires_grad_()  # with autograd the op is the model's own dtype's
     assert torch.equal(attend(trained, 4, True).detach(), torch.nn.functional.scaled_dot_product_attention(
         *qkv.view(3, 13, 3, 4, 16).permute(2, 0, 3, 1, 4), is_causal=True).transpose(1, 2).reshape(3, 13, 64))
+
+
+def test_a_transposed_matmul_is_x_at_the_weight_packed_and_exactly_that_op_unpacked():
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 300, generator=g))  # (in, out), as CoCa's vocabulary projection
+    x = torch.randn(3, 5, 64, generator=g)
+    matmul = Matmul(transposed=True)
+    with torch.no_grad():
+        assert torch.equal(matmul(x, weight), x @ weight) and matmul.packed is None  # not packed yet: the op itself
+        for _ in range(PACK_AFTER):
+            out = matmul(x, weight)
+        assert matmul.packed is not None and (out - x @ weight).abs().max() < 1e-5
+        weight.mul_(-2)  # an in-place update: packed again from the new values
+        for _ in range(PACK_AFTER):
+            out = matmul(x, weight)
+        assert (out - x @ weight).abs().max() < 1e-5
+    assert torch.equal(matmul(x, weight), x @ weight)  # with autograd: the op itself
