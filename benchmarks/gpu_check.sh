@@ -20,7 +20,8 @@
 # model of that name. "train" covers AMP/bf16 training speed (TRAIN_PRECISIONS="fp32 fp16 bf16"), "accum"
 # accumulation, "onnx" the fp16 export, "decode" nvJPEG.
 # Part durations on the H200 machine (2026-12-04, its torch 2.11, open_clip and the pinned timm/transformers carried
-# as wheels): tests over 130 s; inference 75 s for both phis; train about 60 s a precision; onnx 50 s; lora 60 s;
+# as wheels): tests over 130 s; inference 75 s for both phis; train about 60 s a precision; onnx 50 s (its files
+# written, it was cut at a 50 s limit: give it onnx:90); lora 60 s;
 # embed 40 s; accum over 50 s; decode over 50 s (it makes its 64 photos first); fast over 140 s (two ONNX exports
 # per thread count). A 15-minute lease holds about two full calls.
 set -uo pipefail
