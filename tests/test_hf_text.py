@@ -490,6 +490,13 @@ def test_a_runs_text_language_is_saved_with_its_weights_and_asked_in_where_none_
     result = train(train_args(toy, again, phi="auto", model_path=weights, Epoch=1, eval_flag="false"), capsys)
     assert "text_language fra_Latn: recorded with the weights" in result.stdout
     assert json.loads(arch_path(again / "last_epoch_weights.pth").read_text())["text_language"] == "fra_Latn"
+    # Resumed without the setting: the state's language goes on, and the resume does not call it a change.
+    resumed = tmp_path / "resumed"
+    common = dict(phi="auto", model_path=folder, Epoch=2, eval_flag="false")
+    train(train_args(toy, resumed, **common, text_language="fra_Latn", stop_after_steps=1), capsys)
+    result = train(train_args(toy, resumed, **common, resume="auto"), capsys)
+    assert result.returncode == 0 and "text_language:" not in result.stdout, result.stdout[-800:]
+    assert json.loads(arch_path(resumed / "last_epoch_weights.pth").read_text())["text_language"] == "fra_Latn"
 
 
 @pytest.mark.parametrize("case", ["roberta-mean-mlp-quickgelu", "nllb-cls-linear"])

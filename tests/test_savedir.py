@@ -405,3 +405,16 @@ def test_with_shards_the_worker_count_decides_the_data_order_too():
                          "resume: processes changed, so this run will not match an uninterrupted run"]
     assert resume_differences({**changed, **files, "processes": 1}, {},
                               {**saved, "train": {**saved["train"], **files}}, Path("state.pt")) == []
+
+
+def test_a_resume_without_text_language_goes_on_in_the_states_and_says_nothing_of_it():
+    from nets import get_config
+    from utils.train.savedir import resume_differences
+
+    saved = {"phi": "tiny/VIT-T-8", "clip": get_config("tiny/VIT-T-8").to_dict(),
+             "train": {"datasets_train_json_path": "train.json", "text_language": "fra_Latn"},
+             "text_language": "fra_Latn"}
+    given = {"datasets_train_json_path": "train.json"}
+    assert resume_differences({**given, "text_language": ""}, {}, saved, Path("state.pt")) == []
+    lines = resume_differences({**given, "text_language": "deu_Latn"}, {}, saved, Path("state.pt"))
+    assert "  text_language: deu_Latn (the state's run: fra_Latn)" in lines and "will not match" in lines[-1]

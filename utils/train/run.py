@@ -137,7 +137,9 @@ class _Run:
             model = build_model(CLIPConfig.from_dict(resumed["config"]["clip"]))
             if "preprocess" in resumed["config"]:  # the record of the weights the run started from
                 model.preprocess = Preprocess.from_dict(resumed["config"]["preprocess"], str(self.resume_path))
-            model.text_language = resumed["config"].get("text_language")
+            # The language the run went on in (a state saved before it was kept: the run's setting).
+            model.text_language = (resumed["config"].get("text_language")
+                                   or resumed["config"]["train"].get("text_language") or None)
             self.phi, self.sources = resumed["config"]["phi"], [f"all weights: resumed from {self.resume_path}"]
         else:
             model, self.phi, self.sources = init_model(cfg["phi"], cfg["model_path"], cfg["bert_path"])

@@ -215,6 +215,8 @@ def resume_differences(cfg: dict, explicit: dict, saved: dict, path: Path) -> li
     for key, value in cfg.items():
         if key == "phi" or key in free or key not in train or _same(value, train[key]):
             continue
+        if key == "text_language" and not value:  # none given: the state's own goes on (utils/train/run.py)
+            continue
         if key in _NOT_READ:
             lines.append(f"  {key}: {value} (not read: the state holds the weights)")
             continue
