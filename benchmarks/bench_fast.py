@@ -11,7 +11,9 @@ what `detect_image` asks of the towers, one image then two captions, in calls pe
 repetition runs every encoder in turn, so load from other processes falls on all alike; rows are medians.
 The matmul peak times one large product in each backend, before and after the workloads (the best of each
 kept); "% peak" is a workload's FLOPs (counted by
-torch.utils.flop_counter) per second over the best fp32 (or bf16) matmul rate.
+torch.utils.flop_counter) per second over the best fp32 (or bf16) matmul rate. With bf16 units, one caption's
+matmuls are also timed alone (its token count, the text tower's shapes, packed): the hardware's bf16/fp32 ratio at
+the shapes a caption at batch 1 runs, where the weights stream from memory.
 """
 from __future__ import annotations
 
@@ -64,6 +66,26 @@ def matmul_peak(reps: int) -> dict[str, float]:
             rates[f"{name} oneDNN"] = flops / _median_seconds(
                 lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), reps) / 1e9
     return rates
+
+
+def caption_matmuls(model: CLIP, reps: int) -> tuple[int, float] | None:
+    """(rows, bf16/fp32) of one batch-1 caption's matmuls alone: every text layer's QKV, output and MLP products at
+    that caption's token count, packed, in the tower's order, so its weights stream as the tower's do. The
+    hardware's ratio at the caption's own shapes, beside the large product's; None without bf16 units."""
+    if not BF16_UNITS:
+        return None
+    text = model.net.config.text
+    rows = int((model.tokenize(flickr_like_captions(1)) != model.tokenizer.pad_token_id).sum())
+    width, mlp = text.width, int(text.width * text.mlp_ratio)
+    shapes = [(3 * width, width), (width, width), (mlp, width), (width, mlp)] * text.layers
+    seconds = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(dtype), None) for n, k in shapes]
+            inputs = {k: torch.randn(rows, k).to(dtype) for k in (width, mlp)}
+            seconds[dtype] = _median_seconds(lambda: [torch.ops.mkldnn._linear_pointwise(
+                inputs[k], w, None, "none", [], "") for (_, k), w in zip(shapes, weights)], reps)
+    return rows, seconds[torch.float32] / seconds[torch.bfloat16]
 
 
 def randomised(phi: str) -> CLIP:
@@ -130,6 +152,7 @@ def main() -> None:
     peak = matmul_peak(args.reps)
     model = randomised(args.phi)
     run = encoders(model, threads)
+    caption = caption_matmuls(model, max(args.reps, 9))
     size = model.net.config.vision.image_size
     captions = flickr_like_captions(max(args.batch))
     workloads = []  # (label, batch, encode(towers) -> features)
@@ -171,6 +194,8 @@ def main() -> None:
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
     print("matmul 1600x768x3072 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items())
           + (f"; bf16/fp32 {bf16_peak / fp32_peak:.2f}x" if BF16_UNITS else ""))
+    if caption is not None:
+        print(f"one caption's {caption[0]}-row matmuls alone, packed: bf16/fp32 {caption[1]:.2f}x")
     names = list(run)
     bf16 = ["fast bf16 / fast", "% bf16 peak (fast bf16)"] if BF16_UNITS else []
     columns = (names + ["fast / onnxruntime", "runtime onnxruntime / onnxruntime"] + bf16[:1]
