@@ -67,11 +67,12 @@ class Matmul:
         self.weight_scale, self.bias_scale = weight_scale, bias_scale
         self.calls, self.key, self.packed, self.bias, self.source = 0, None, None, None, _nothing
 
-    def _prepared(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prepared(self, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the matrix oneDNN takes: packed, else unpacked, else None for the plain op; the bias)."""
         if weight.is_inference() or (bias is not None and bias.is_inference()):
             # Made inside inference mode: no version counter says when they change, so no copy is kept.
-            scaled = None if bias is None else _scaled(bias, self.bias_scale)
-            return (None if self.transposed else _scaled(weight.flatten(1), self.weight_scale)), scaled
+            return self._unpacked(weight), None if bias is None else _scaled(bias, self.bias_scale)
         # The tensors themselves (a new Parameter may reuse a freed one's memory), where their data lies and
         # how often it was changed in place: any other weights, and the packed copy is made again.
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape,
@@ -83,9 +84,11 @@ class Matmul:
         if self.packed is None and self.calls >= PACK_AFTER:
             matrix = weight.detach().t() if self.transposed else weight.detach().flatten(1)
             self.packed = torch.ops.mkldnn._reorder_linear_weight(_scaled(matrix.contiguous(), self.weight_scale), None)
-        if self.packed is not None:
-            return self.packed, self.bias
-        return (None if self.transposed else _scaled(weight.flatten(1), self.weight_scale)), self.bias
+        return (self._unpacked(weight) if self.packed is None else self.packed), self.bias
+
+    def _unpacked(self, weight: torch.Tensor) -> torch.Tensor | None:
+        # A transposed weight has none: a copy of its transpose on every call would cost more than oneDNN saves.
+        return None if self.transposed else _scaled(weight.flatten(1), self.weight_scale)
 
     def __getstate__(self) -> dict:
         # A copy (deepcopy, pickle) starts unpacked: oneDNN's blocked tensors cannot be copied or saved.
